@@ -1,0 +1,123 @@
+"""Packed blocks from a memmapped token stream, and the deterministic, resumable, rank-sharded batch sampler.
+
+Global sample order: position g = 0, 1, 2, ... of an endless stream that chains one seeded permutation per epoch
+(sample = perm_{g // N}[g % N], perm_e = default_rng([seed, e]).permutation(N)). Global batch k covers positions
+[c + k·G, c + (k+1)·G) where c = consumed_samples and G = micro_batch·world_size; rank r takes the r-th slice of b.
+So 2 ranks × micro-batch b see exactly the samples 1 rank × micro-batch 2b sees, in the same order (what DDP / FSDP
+loss comparisons need), and a sampler built at consumed_samples=c continues exactly where the old one stood.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from data_pipelines.cache import TokenSplit
+
+
+class PackedBlocks(Dataset):
+    """Non-overlapping `block_size` windows of a flat token range (labels == input_ids; the model shifts inside).
+
+    The memmap is opened lazily in each process (a DataLoader worker re-opens it instead of pickling an array).
+    """
+
+    def __init__(self, split: TokenSplit, block_size: int):
+        self.file: Path = split.file
+        self.dtype = np.dtype(split.dtype)
+        self.start = split.start
+        self.block_size = block_size
+        self.num_blocks = split.num_tokens // block_size  # the tail shorter than a block is dropped
+        self._blocks: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    @property
+    def blocks(self) -> np.ndarray:
+        if self._blocks is None:
+            mm = np.memmap(
+                self.file, dtype=self.dtype, mode="r", offset=self.start * self.dtype.itemsize,
+                shape=(self.num_blocks * self.block_size,),
+            )  # fmt: skip
+            self._blocks = mm.reshape(self.num_blocks, self.block_size)  # (N, T)
+        return self._blocks
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_blocks": None}
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([index])  # a (1, T) batch; the DataLoader uses __getitems__
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        # one fancy-index gather from the memmap -> (B, T) copy; int64 because embedding/cross-entropy want it
+        x = torch.from_numpy(self.blocks[np.asarray(indices, dtype=np.int64)].astype(np.int64))  # (B, T)
+        return {"input_ids": x, "labels": x}
+
+
+def passthrough(batch):
+    """collate_fn: `PackedBlocks.__getitems__` already returns the batch dict (module-level: workers pickle it)."""
+    return batch
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Endless rank-local micro-batches of sample indices (see the module docstring for the exact order)."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        consumed_samples: int = 0,
+        shuffle: bool = True,
+    ):
+        if num_samples < 1:
+            raise ValueError("the sampler needs at least one sample.")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}.")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.consumed_samples = consumed_samples
+        self.shuffle = shuffle
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n, b = self.num_samples, self.batch_size
+        global_batch = b * self.world_size
+        pos = self.consumed_samples + self.rank * b  # this rank's first global position
+        perms: dict[int, np.ndarray] = {}
+        while True:
+            g = np.arange(pos, pos + b)
+            epochs = g // n
+            for e in np.unique(epochs):
+                if e not in perms:
+                    perms[int(e)] = self._perm(int(e))
+            for old in [e for e in perms if e < epochs[0]]:
+                del perms[old]
+            yield [int(perms[int(e)][o]) for e, o in zip(epochs, g % n)]
+            pos += global_batch
+
+    # no __len__: the stream never ends; the trainer stops on max_steps
+
+
+def val_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
+    """Fixed-order validation shard: rank r gets samples r, r+W, ... of the first W·floor(N/W) (equal counts, so
+    no rank waits in a collective for a batch another rank does not have)."""
+    usable = (num_samples // world_size) * world_size
+    return list(range(rank, usable, world_size))
+
+
+def batched(indices: list[int], batch_size: int) -> list[list[int]]:
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]

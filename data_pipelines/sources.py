@@ -1,0 +1,188 @@
+"""Document sources: each yields batches of documents (lists of str) and has a cheap identity for cache keys.
+
+- default: the embedded CPython-documentation corpus (corpus.py).
+- text/jsonl/csv/parquet: local files through `datasets.load_dataset("text"|"json"|"csv"|"parquet", data_files=...,
+  streaming=True)`: one streaming pass straight from the files, no Arrow copy (we tokenize once and cache the tokens).
+  A text file is one document (`sample_by="document"`); a jsonl/csv/parquet row's `text_column` is one document.
+- hub: `datasets.load_dataset(name, config_name, split=split, streaming=streaming)`.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+from pathlib import Path
+
+from data_pipelines.config import FILE_BUILDERS, FILE_EXTENSIONS, DataConfig, Source
+from data_pipelines.corpus import build_corpus, corpus_fingerprint
+
+DOC_BATCH = 1024  # documents pulled from `datasets` per batch: big enough that per-batch overhead vanishes
+
+
+def resolve_files(path: str, source: str, key: str = "data.path") -> list[Path]:
+    """A file, a folder (its files with the source's extensions, recursively) or a glob -> sorted list of files."""
+    p = Path(path).expanduser()
+    if any(ch in path for ch in "*?["):
+        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+        if not files:
+            raise FileNotFoundError(f"{key}={path} matches no files; check the glob pattern.")
+        return files
+    if not p.exists():
+        raise FileNotFoundError(f"{key}={path} does not exist; point it at a {source} file, a folder or a glob.")
+    if p.is_file():
+        return [p]
+    exts = FILE_EXTENSIONS[source]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(exts))
+    if not files:
+        raise FileNotFoundError(
+            f"{key}={path} is a folder with no {'/'.join(exts)} files; point it at the {source} files."
+        )
+    return files
+
+
+def _file_identity(files: list[Path]) -> list:
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+class DocumentSource:
+    """One split of one source. `identity()` keys the cache; `batches()` yields lists of non-empty documents."""
+
+    def __init__(self, cfg: DataConfig, split: str = "train"):
+        self.cfg = cfg
+        self.split = split  # "train" or "val" (only when a val file / val split is configured)
+        src = cfg.source.value
+        self.kind = src
+        self.files: list[Path] = []
+        if src in FILE_BUILDERS:
+            path = cfg.path if split == "train" else cfg.val_path
+            key = "data.path" if split == "train" else "data.val_path"
+            self.files = resolve_files(path, src, key)
+            for f in self.files:
+                if f.stat().st_size == 0 and len(self.files) == 1:
+                    raise ValueError(f"{key}={path} is an empty file; give a file with text in it.")
+
+    def label(self) -> str:
+        if self.files:
+            return ", ".join(str(f) for f in self.files[:3]) + (" ..." if len(self.files) > 3 else "")
+        if self.kind == "hub":
+            return f"hub dataset {self.cfg.name}" + (f" ({self.cfg.config_name})" if self.cfg.config_name else "")
+        return "the embedded default corpus"
+
+    def identity(self) -> dict:
+        cfg = self.cfg
+        ident: dict = {"source": self.kind, "split": self.split, "max_documents": cfg.max_documents}
+        if self.kind == "default":
+            ident.update(corpus_fingerprint())
+        elif self.files:
+            ident["files"] = _file_identity(self.files)
+            if self.kind != "text":
+                ident["text_column"] = cfg.text_column
+        elif self.kind == "hub":
+            hub_split = cfg.split if self.split == "train" else cfg.val_split
+            ident.update(name=cfg.name, config_name=cfg.config_name, hub_split=hub_split, text_column=cfg.text_column)
+        return ident
+
+    # ------------------------------------------------------------------ reading
+    def batches(self) -> Iterator[list[str]]:
+        """Yield lists of documents; stops after `cfg.max_documents`; raises a clear error on bad data."""
+        limit = self.cfg.max_documents
+        n = 0
+        for batch in self._raw_batches():
+            docs = [d for d in batch if d]
+            if limit is not None and n + len(docs) >= limit:
+                docs = docs[: limit - n]
+                if docs:
+                    yield docs
+                return
+            n += len(docs)
+            if docs:
+                yield docs
+
+    def _raw_batches(self) -> Iterator[list[str]]:
+        if self.kind == "default":
+            docs = build_corpus()
+            for i in range(0, len(docs), DOC_BATCH):
+                yield docs[i : i + DOC_BATCH]
+            return
+        yield from self._hf_batches()
+
+    def _load(self):
+        import datasets
+
+        datasets.disable_progress_bars()
+        cfg = self.cfg
+        if self.files:
+            builder = FILE_BUILDERS[self.kind]
+            kwargs = {"sample_by": "document"} if builder == "text" else {}
+            return datasets.load_dataset(
+                builder, data_files=[str(f) for f in self.files], split="train", streaming=True, **kwargs
+            )
+        split = cfg.split if self.split == "train" else cfg.val_split
+        return datasets.load_dataset(cfg.name, cfg.config_name, split=split, streaming=cfg.streaming)
+
+    def _hf_batches(self) -> Iterator[list[str]]:
+        column = "text" if self.kind == "text" else self.cfg.text_column
+        ds = self._load()
+        it = ds.iter(batch_size=DOC_BATCH)
+        first = True
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as e:
+                raise ValueError(self._decode_error_message(e)) from None
+            except Exception as e:  # datasets wraps builder errors (e.g. DatasetGenerationError)
+                cause = e.__cause__ or e.__context__
+                if isinstance(cause, UnicodeDecodeError):
+                    raise ValueError(self._decode_error_message(cause)) from None
+                raise
+            if first:
+                first = False
+                if column not in batch:
+                    key = "data.path" if self.files else "data.name"
+                    raise ValueError(
+                        f"{self.label()} has no column {column!r} (columns: {', '.join(map(str, batch)) or 'none'}); "
+                        f"set data.text_column=<one of them> (checked for {key})."
+                    )
+            col = batch[column]
+            for d in col:
+                if d is not None and not isinstance(d, str):
+                    raise ValueError(
+                        f"column {column!r} of {self.label()} holds {type(d).__name__} values, not text; "
+                        f"set data.text_column to a text column."
+                    )
+            yield col
+
+    def _decode_error_message(self, err: UnicodeDecodeError) -> str:
+        bad = None
+        for f in self.files:  # find the culprit: datasets' error does not name the file
+            try:
+                f.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad, err = f, e
+                break
+        where = str(bad) if bad else self.label()
+        byte = err.object[err.start : err.start + 1].hex() if err.object else "?"
+        return (
+            f"{where} is not valid UTF-8 (byte 0x{byte} at offset {err.start}: {err.reason}); "
+            f"re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out`."
+        )
+
+
+def iter_texts(source: DocumentSource, max_chars: int | None = None) -> Iterator[str]:
+    """Documents one by one (for BPE training), stopping after about `max_chars` characters."""
+    total = 0
+    for batch in source.batches():
+        for d in batch:
+            yield d
+            total += len(d)
+            if max_chars is not None and total >= max_chars:
+                return
+
+
+__all__ = ["DocumentSource", "resolve_files", "iter_texts", "Source"]
