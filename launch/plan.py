@@ -1,0 +1,358 @@
+"""Memory per GPU of a GPT-2 training run under each strategy, and which strategy / micro-batch / activation
+checkpointing to pick — from the config alone (the model is never built).
+
+    python launch/plan.py model=gpt2-xl gpus=8 gpu_mem_gb=80 [micro_batch=8 seq=1024 precision=bf16-mixed nodes=1
+                          attention=sdpa activation_checkpointing=auto]
+
+`gpus` is GPUs per node (like `trainer.devices`); the data-parallel world is `gpus x nodes`.
+
+The model of memory, per GPU (Ψ = parameter count, N = world size, e = bytes per activation element):
+
+* parameters / gradients / optimizer state, by strategy and precision:
+  - Lightning mixed precision (`bf16-mixed`, `16-mixed`, `32`) under `ddp` keeps fp32 weights and gradients and
+    AdamW's two fp32 moments: 4Ψ + 4Ψ + 8Ψ (plus one 4-byte `step` scalar per tensor). `bf16-true`: 2Ψ + 2Ψ + 4Ψ.
+    `gradient_as_bucket_view=True` (conf/strategy/ddp.yaml) makes DDP's all-reduce buckets views of the gradients,
+    so they cost nothing extra.
+  - `fsdp` (FSDP2 `fully_shard`, FULL_SHARD over all N ranks): the same bytes divided by N, plus the working set of
+    unsharded tensors: the root group (embeddings; not resharded after forward) and two blocks (the one computing and
+    the one prefetched) in the compute dtype, and their unsharded gradients in fp32 (reduce dtype).
+  - DeepSpeed ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
+    Models", §5 / Fig. 1): with 16-bit training 2Ψ weights + 2Ψ gradients + KΨ optimizer state, K = 12
+    (fp32 master + momentum + variance). Stage 1 partitions the KΨ, stage 2 also the gradients, stage 3 also the
+    weights: 2Ψ + 2Ψ + KΨ/N, 2Ψ + (2 + K)Ψ/N, (2 + 2 + K)Ψ/N. In fp32 there is no master copy: 4Ψ + 4Ψ + 8Ψ.
+    Buffers: stages 1/2 allocate `reduce_bucket_size` gradient elements (twice with `overlap_comm`,
+    deepspeed/runtime/zero/stage_1_and_2.py); stage 3 holds the gathered weights of the live modules
+    (the embeddings, or two blocks) and one reduce bucket.
+  - `deepspeed_zero3_offload`: ZeRO-Infinity / ZeRO-Offload — fp32 master weights, moments and gradients and the
+    16-bit weight partitions live in CPU memory (reported as host bytes); the GPU keeps the stage-3 working set.
+* activations per micro-batch (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+  Models", §4.1, Eq. 1, no tensor/sequence parallelism): per layer s·b·h·(34 + 5·a·s/h) bytes with 16-bit
+  activations — 34 = 16 two-byte tensors (2 bytes x 16 = 32) + 2 one-byte dropout masks; the 5·a·s²·b term is the
+  softmax output, its dropout mask and the dropped-out probabilities. Generalised to e bytes per element:
+  s·b·h·(16e + 2) + a·s²·b·(2e + 1). Flash / memory-efficient attention (`attention=sdpa|flash`, Dao et al. 2022)
+  never stores the s x s matrices, so the a·s² term disappears. Outside the layers: the embedding output and its
+  dropout mask, the final LayerNorm and LM-head inputs (s·b·h·(2e + 1)), and the LM loss: the fp32 log-softmax
+  output that cross-entropy saves (4·s·b·v) and, at the start of backward, its gradient and the logits' gradient
+  (s·b·v·(4 + e)). Dropout masks are counted only when the dropout probability is > 0.
+  With activation checkpointing of every block (our `gradient_checkpointing_enable`), only each block's input
+  (s·b·h·e per layer) is kept, plus one block's full activations while it is recomputed.
+
+The estimates are sums of these terms (a conservative peak: transient step-time buffers and the CUDA caching
+allocator's fragmentation are not modelled; the 10 % headroom is for them and the CUDA context).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from gpt2 import PRESETS, GPT2Config
+# DeepSpeed bucket sizes: the numbers train/deepspeed_config.py writes into the DeepSpeed JSON (a pure module: importing
+# it pulls in neither Lightning nor DeepSpeed)
+from train.deepspeed_config import REDUCE_BUCKET_SIZE
+
+GiB = 1024**3
+
+# Preference order of the recommendation: the least communication first (ddp), the most last (offload).
+STRATEGIES = ("ddp", "deepspeed_zero1", "deepspeed_zero2", "fsdp", "deepspeed_zero3", "deepspeed_zero3_offload")
+PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "bf16-true")
+ATTENTIONS = ("eager", "sdpa", "flash")
+MICRO_BATCHES = (64, 32, 16, 8, 4, 2, 1)  # powers of two tried, largest first
+
+
+# ----------------------------------------------------------------------------------------------------- counting
+def count_parameters(cfg: GPT2Config) -> dict[str, int]:
+    """Parameters of GPT2LMHeadModel by part, counted from the config (no model is built).
+
+    Embeddings V·h + P·h; per block two LayerNorms (2·2h), fused QKV (h·3h + 3h), attention output (h·h + h),
+    MLP (h·I + I + I·h + h); final LayerNorm 2h; the LM head is tied to wte (GPT-2) unless tie_word_embeddings=False.
+    """
+    h, v, p, L, inner = cfg.n_embd, cfg.vocab_size, cfg.n_positions, cfg.n_layer, cfg.inner_dim
+    block = 2 * 2 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * inner + inner) + (inner * h + h)
+    parts = {
+        "wte": v * h,
+        "wpe": p * h,
+        "blocks": L * block,
+        "ln_f": 2 * h,
+        "lm_head": 0 if cfg.tie_word_embeddings else v * h,
+    }
+    parts["block"] = block  # one block (not added to the total)
+    parts["total"] = parts["wte"] + parts["wpe"] + parts["blocks"] + parts["ln_f"] + parts["lm_head"]
+    # weights, biases of LN/attn/MLP: 12 tensors a block; wte, wpe, ln_f.{weight,bias} (+ lm_head if untied)
+    parts["tensors"] = 12 * L + 4 + (0 if cfg.tie_word_embeddings else 1)
+    return parts
+
+
+def activation_bytes(cfg: GPT2Config, micro_batch: int, seq: int, act_bytes: int, attention: str,
+                     checkpointing: bool, peak: bool = True) -> int:
+    """Activation memory of one micro-batch on one GPU (see the module docstring for the formula and sources).
+
+    peak=False: only what autograd saves during forward (measurable on CPU with saved-tensor hooks);
+    peak=True adds the backward transients: the logits' gradient and, with checkpointing, one recomputed block.
+    """
+    s, b, h, a, L, v = seq, micro_batch, cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.vocab_size
+    e = act_bytes
+    sbh = s * b * h
+    # Korthikanti Eq. 1 linear terms: 16 tensors of e bytes (2 LN inputs, QKV input, Q/K/V, attention output,
+    # MLP input, 4h pre- and post-GeLU) + the two residual-dropout masks (1 byte each) = 34·sbh at e = 2
+    per_layer = sbh * (16 * e + 2 * (cfg.resid_pdrop > 0))
+    if attention == "eager":  # the s x s probabilities are stored (+ their dropout mask and output): 5·a·s²·b at e = 2
+        per_layer += a * s * s * b * (e + (2 * e + 1 - e) * (cfg.attn_pdrop > 0))
+    # outside the blocks: ln_f and lm_head inputs, the embedding-dropout mask, cross-entropy's fp32 log-softmax
+    outside = sbh * (2 * e + (cfg.embd_pdrop > 0)) + 4 * s * b * v
+    saved = (L * sbh * e if checkpointing else L * per_layer) + outside
+    if not peak:
+        return saved
+    # backward starts with the fp32 gradient of the log-softmax and of the logits (+ its cast to the activation dtype)
+    transient = (4 + e) * s * b * v + (per_layer if checkpointing else 0)
+    return saved + transient
+
+
+# ----------------------------------------------------------------------------------------------------- results
+@dataclass
+class Estimate:
+    """Bytes per GPU of one strategy (and host bytes per GPU for CPU offload)."""
+
+    strategy: str
+    params: int
+    grads: int
+    optimizer: int
+    buffers: int
+    activations: int
+    cpu: int = 0  # host memory per GPU (offloaded state)
+    fits: bool = False
+
+    @property
+    def states(self) -> int:  # parameters + gradients + optimizer state
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.buffers + self.activations
+
+
+@dataclass
+class Recommendation:
+    strategy: str | None  # None: nothing fits, even offloaded at micro-batch 1 with checkpointing
+    micro_batch: int | None
+    activation_checkpointing: bool | None
+    reason: str
+
+
+@dataclass
+class Plan:
+    model: str
+    config: GPT2Config
+    n_params: int
+    gpus: int
+    nodes: int
+    world_size: int
+    gpu_mem_gb: float
+    micro_batch: int
+    seq: int
+    precision: str
+    attention: str
+    activation_checkpointing: bool
+    headroom: float
+    estimates: dict[str, Estimate]
+    max_micro_batch: dict[str, dict[bool, int]]  # strategy -> {checkpointing: largest power of two that fits (0: none)}
+    recommendation: Recommendation
+    budget_bytes: int = field(init=False)
+
+    def __post_init__(self):
+        self.budget_bytes = int(self.gpu_mem_gb * GiB * (1 - self.headroom))
+
+
+# ----------------------------------------------------------------------------------------------------- the model
+def _normalize_precision(precision: str) -> str:
+    p = str(precision)
+    p = {"32-true": "32", "16": "16-mixed", "bf16": "bf16-mixed"}.get(p, p)
+    if p not in ("32", "16-mixed", "bf16-mixed", "bf16-true"):
+        raise ValueError(f"precision={precision!r} is not supported by the planner; use one of {', '.join(PRECISIONS)}.")
+    return p
+
+
+def estimate(cfg: GPT2Config, strategy: str, world_size: int, micro_batch: int, seq: int, precision: str = "bf16-mixed",
+             attention: str = "sdpa", activation_checkpointing: bool = False) -> Estimate:
+    """Bytes per GPU of `strategy` for this model and run shape (no fit decision: see `plan`)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+    precision = _normalize_precision(precision)
+    counts = count_parameters(cfg)
+    P, N, n_tensors = counts["total"], world_size, counts["tensors"]
+    emb, blk = counts["wte"] + counts["wpe"] + counts["lm_head"], counts["block"]
+    act_e = 4 if precision == "32" else 2
+    acts = activation_bytes(cfg, micro_batch, seq, act_e, attention, activation_checkpointing)
+    step_scalars = 4 * n_tensors  # torch AdamW keeps a float32 `step` tensor per parameter tensor
+
+    if strategy in ("ddp", "fsdp"):
+        # Lightning's mixed precision is autocast over fp32 weights; bf16-true keeps everything in bf16
+        w = 2 if precision == "bf16-true" else 4
+        params, grads, optim = w * P, w * P, 2 * w * P + step_scalars
+        if strategy == "ddp":
+            return Estimate(strategy, params, grads, optim, 0, acts)
+        # FSDP2: shards of everything + the unsharded working set (root group + 2 blocks) in the compute dtype and
+        # their unsharded gradients in the reduce dtype (fp32 unless bf16-true)
+        compute = 4 if precision == "32" else 2
+        working = emb + 2 * blk
+        buffers = working * compute + working * w
+        return Estimate(strategy, _ceil_div(params, N), _ceil_div(grads, N), _ceil_div(optim, N), buffers, acts)
+
+    # DeepSpeed ZeRO
+    w = 4 if precision == "32" else 2  # weights and gradients in the engine's dtype
+    K = 8 if precision == "32" else 12  # optimizer bytes per parameter: (master +) momentum + variance
+    stage = 3 if strategy.startswith("deepspeed_zero3") else int(strategy[-1])
+    bucket = REDUCE_BUCKET_SIZE * w
+    gathered = max(emb, 2 * blk) * w  # stage 3: weights of the live modules, gathered from all ranks
+    if stage == 1:
+        return Estimate(strategy, w * P, w * P, _ceil_div(K * P, N), 2 * bucket, acts)
+    if stage == 2:
+        return Estimate(strategy, w * P, _ceil_div(w * P, N), _ceil_div(K * P, N), 2 * bucket, acts)
+    if strategy == "deepspeed_zero3":
+        return Estimate(strategy, _ceil_div(w * P, N), _ceil_div(w * P, N), _ceil_div(K * P, N),
+                        gathered + bucket, acts)
+    # zero3_offload: weights, gradients and optimizer state in host memory (fp32 gradients for the CPU Adam step)
+    cpu = _ceil_div(w * P, N) + _ceil_div(4 * P, N) + _ceil_div(K * P, N)
+    return Estimate(strategy, 0, 0, 0, gathered + bucket, acts, cpu=cpu)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def plan(model: str = "gpt2", gpus: int = 1, gpu_mem_gb: float = 80.0, micro_batch: int | None = None,
+         seq: int | None = None, precision: str = "bf16-mixed", nodes: int = 1, attention: str = "sdpa",
+         activation_checkpointing: bool | None = None, headroom: float = 0.10, **config_overrides) -> Plan:
+    """Estimate every strategy and recommend one.
+
+    model: a preset name (gpt2.PRESETS); config_overrides change its fields (e.g. vocab_size=...).
+    micro_batch: None -> the recommended (largest fitting) micro-batch is used for the table; an int fixes it.
+    activation_checkpointing: None -> decided by the recommendation; True/False fixes it.
+    """
+    if model not in PRESETS:
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(PRESETS)}.")
+    for name, val in (("gpus", gpus), ("nodes", nodes)):
+        if not (isinstance(val, int) and val >= 1):
+            raise ValueError(f"{name} must be a positive integer, got {val!r}.")
+    if not gpu_mem_gb > 0:
+        raise ValueError(f"gpu_mem_gb must be positive, got {gpu_mem_gb!r}.")
+    if micro_batch is not None and not (isinstance(micro_batch, int) and micro_batch >= 1):
+        raise ValueError(f"micro_batch must be a positive integer, got {micro_batch!r}.")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r} is unknown; choose one of {', '.join(ATTENTIONS)}.")
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom must be in [0, 1), got {headroom!r}.")
+    precision = _normalize_precision(precision)
+    cfg = GPT2Config.from_preset(model, **config_overrides)
+    seq = cfg.n_positions if seq is None else seq
+    if not (isinstance(seq, int) and 1 <= seq <= cfg.n_positions):
+        raise ValueError(f"seq must be an integer in [1, n_positions={cfg.n_positions}], got {seq!r}.")
+    world = gpus * nodes
+    budget = int(gpu_mem_gb * GiB * (1 - headroom))
+
+    def fits(strategy: str, mb: int, ckpt: bool) -> bool:
+        return estimate(cfg, strategy, world, mb, seq, precision, attention, ckpt).total <= budget
+
+    ckpt_choices = (False, True) if activation_checkpointing is None else (activation_checkpointing,)
+    sizes = MICRO_BATCHES if micro_batch is None else (micro_batch,)
+    max_mb = {s: {c: next((mb for mb in MICRO_BATCHES if fits(s, mb, c)), 0) for c in (False, True)}
+              for s in STRATEGIES}
+
+    rec = Recommendation(None, None, None,
+                         f"nothing fits in {gpu_mem_gb:g} GB per GPU with {headroom:.0%} headroom, even offloaded; "
+                         f"use more GPUs, a shorter seq, or a smaller model.")
+    for s in STRATEGIES if world > 1 else ("ddp", "deepspeed_zero3_offload"):  # sharding needs >1 rank to help
+        for ckpt in ckpt_choices:
+            mb = next((m for m in sizes if fits(s, m, ckpt)), None)
+            if mb is not None:
+                why = "the cheapest strategy (least communication) that fits"
+                if ckpt:
+                    why += "; activations only fit when every block is recomputed in backward"
+                rec = Recommendation(s, mb, ckpt, why)
+                break
+        if rec.strategy is not None:
+            break
+
+    shown_ckpt = rec.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
+    shown_ckpt = bool(shown_ckpt)
+    shown_mb = micro_batch or rec.micro_batch or 1
+    ests = {s: estimate(cfg, s, world, shown_mb, seq, precision, attention, shown_ckpt) for s in STRATEGIES}
+    for e in ests.values():
+        e.fits = e.total <= budget
+    return Plan(model, cfg, count_parameters(cfg)["total"], gpus, nodes, world, gpu_mem_gb, shown_mb, seq, precision,
+                attention, shown_ckpt, headroom, ests, max_mb, rec)
+
+
+# ----------------------------------------------------------------------------------------------------- printing
+def format_plan(p: Plan) -> str:
+    g = lambda b: f"{b / GiB:8.2f}"  # noqa: E731
+    lines = [
+        f"{p.model}: {p.n_params / 1e6:,.1f}M parameters (n_layer={p.config.n_layer}, n_embd={p.config.n_embd}, "
+        f"n_head={p.config.n_head}, vocab={p.config.vocab_size}), {p.gpus} GPU(s) x {p.nodes} node(s) = "
+        f"{p.world_size} rank(s), {p.gpu_mem_gb:g} GB each (budget {p.budget_bytes / GiB:.1f} GiB after "
+        f"{p.headroom:.0%} headroom)",
+        f"precision={p.precision} attention={p.attention} seq={p.seq} micro_batch={p.micro_batch} "
+        f"activation_checkpointing={p.activation_checkpointing}   (GiB per GPU)",
+        "",
+        f"{'strategy':<25}{'params':>8}{'grads':>9}{'optim':>9}{'buffers':>9}{'activ.':>9}{'total':>9}"
+        f"{'host':>9}  fits  max micro-batch (no ckpt / ckpt)",
+    ]
+    for s, e in p.estimates.items():
+        mm = p.max_micro_batch[s]
+        lines.append(f"{s:<25}{g(e.params)}{g(e.grads):>9}{g(e.optimizer):>9}{g(e.buffers):>9}{g(e.activations):>9}"
+                     f"{g(e.total):>9}{g(e.cpu):>9}  {'yes ' if e.fits else 'no  '}  "
+                     f"{mm[False] or '-'} / {mm[True] or '-'}")
+    r = p.recommendation
+    lines.append("")
+    if r.strategy is None:
+        lines.append(f"recommendation: {r.reason}")
+    else:
+        lines.append(f"recommendation: strategy={r.strategy} data.batch_size={r.micro_batch} "
+                     f"trainer.activation_checkpointing={str(r.activation_checkpointing).lower()}  ({r.reason})")
+    return "\n".join(lines)
+
+
+_INT_KEYS = {"gpus", "nodes", "micro_batch", "seq"}
+_FLOAT_KEYS = {"gpu_mem_gb", "headroom"}
+_STR_KEYS = {"model", "precision", "attention"}
+_KEYS = _INT_KEYS | _FLOAT_KEYS | _STR_KEYS | {"activation_checkpointing"}
+
+
+def parse_args(argv: list[str]) -> dict:
+    """key=value arguments (Hydra-like) -> plan() keyword arguments; a bad one raises ValueError naming it."""
+    kw: dict = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            raise SystemExit(__doc__.split("\n\n")[1] if __doc__ else "")
+        key, sep, val = arg.partition("=")
+        if not sep or not val:
+            raise ValueError(f"argument {arg!r} is not key=value; write e.g. model=gpt2-xl gpus=8 gpu_mem_gb=80.")
+        if key not in _KEYS:
+            raise ValueError(f"unknown key {key!r}; the keys are {', '.join(sorted(_KEYS))}.")
+        try:
+            if key in _INT_KEYS:
+                kw[key] = int(val)
+            elif key in _FLOAT_KEYS:
+                kw[key] = float(val)
+            elif key == "activation_checkpointing":
+                kw[key] = {"true": True, "false": False, "auto": None}[val.lower()]
+            else:
+                kw[key] = val
+        except (ValueError, KeyError):
+            kind = "an integer" if key in _INT_KEYS else "a number" if key in _FLOAT_KEYS else "true, false or auto"
+            raise ValueError(f"{key}={val!r} is not valid; it must be {kind}.") from None
+    return kw
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        p = plan(**parse_args(sys.argv[1:] if argv is None else argv))
+    except ValueError as e:
+        print(f"plan.py: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(p))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

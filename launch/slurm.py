@@ -1,0 +1,264 @@
+"""Submit `train/run.py` to SLURM: write an sbatch script into the run directory, submit it, print the job id.
+
+    python launch/slurm.py [--nodes N] [--gpus-per-node G] [--tasks-per-node T] [--cpus-per-task C]
+                           [--partition P] [--time HH:MM:SS] [--job-name NAME] [--env-file FILE] [--dry-run]
+                           -- <train/run.py overrides>
+
+* One task per GPU (`--ntasks-per-node` = G; Lightning reads its rank, world size and the rendezvous address from
+  SLURM's variables through `SLURMEnvironment`), launched by `srun`; the overrides go through verbatim, followed by
+  `trainer.num_nodes=N trainer.devices=G` (and `trainer.accelerator=cpu` for a CPU job: `--gpus-per-node 0` with
+  `--tasks-per-node T` processes per node).
+* The run directory is the `run_dir=` override, or a fresh `outputs/slurm/<date>/<time>`; the script, Slurm's log
+  (`slurm/<jobid>.out`) and the run itself live there. The command gets `run_dir=<it> resume=auto`, so a requeued
+  job continues from the newest complete checkpoint instead of starting over.
+* Preemption: `--signal=USR1@90` asks Slurm to send SIGUSR1 to the training processes 90 s before the time limit;
+  `--requeue` lets the job be requeued; `--open-mode=append` keeps one log across restarts. The training side
+  saves a checkpoint and runs `scontrol requeue $SLURM_JOB_ID`. A USR1 sent to the batch shell only
+  (`scancel --signal=USR1 --batch <id>`) is forwarded to the srun step by the script.
+* The environment (modules, conda/venv activation, NCCL variables, ...) is set in ONE place: `launch/env.sh` if it
+  exists, or `--env-file FILE`; it is copied into the script so the job does not depend on the file staying put.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ENV_FILE = ROOT / "launch" / "env.sh"
+TIME_RE = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$|^\d+$")  # sbatch --time: MM, HH:MM:SS, D-HH:MM[:SS]
+REQUEUE_SIGNAL_LEAD_S = 90  # seconds before the time limit: enough to write a GPT-2 XL checkpoint to shared storage
+
+
+class SlurmError(ValueError):
+    """Bad launcher input; the message names the problem and the fix."""
+
+
+@dataclass
+class JobSpec:
+    overrides: list[str]
+    nodes: int = 1
+    gpus_per_node: int = 1
+    tasks_per_node: int | None = None  # None -> gpus_per_node (one task per GPU); required for CPU jobs
+    cpus_per_task: int | None = None
+    partition: str | None = None
+    time: str | None = None
+    job_name: str = "gpt2-forge"
+    env_file: Path | None = None
+    extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH" options, e.g. "--account=abc"
+    python: str = sys.executable
+    run_dir: Path = field(init=False)
+    train_overrides: list[str] = field(init=False)  # what srun passes to train/run.py (+ resume=auto, see below)
+    auto_resume: bool = field(init=False)
+
+    def __post_init__(self):
+        for name in ("nodes", "gpus_per_node"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= (1 if name == "nodes" else 0)):
+                raise SlurmError(f"--{name.replace('_', '-')} must be a {'positive' if name == 'nodes' else 'non-negative'} integer, got {v!r}.")
+        if self.tasks_per_node is None:
+            if self.gpus_per_node == 0:
+                raise SlurmError("a CPU job (--gpus-per-node 0) needs --tasks-per-node: the number of training "
+                                 "processes per node.")
+            self.tasks_per_node = self.gpus_per_node
+        if not (isinstance(self.tasks_per_node, int) and self.tasks_per_node >= 1):
+            raise SlurmError(f"--tasks-per-node must be a positive integer, got {self.tasks_per_node!r}.")
+        if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
+            raise SlurmError(f"--tasks-per-node ({self.tasks_per_node}) must equal --gpus-per-node "
+                             f"({self.gpus_per_node}): Lightning runs one process per GPU.")
+        if self.cpus_per_task is not None and not (isinstance(self.cpus_per_task, int) and self.cpus_per_task >= 1):
+            raise SlurmError(f"--cpus-per-task must be a positive integer, got {self.cpus_per_task!r}.")
+        if self.time is not None and not TIME_RE.match(self.time):
+            raise SlurmError(f"--time {self.time!r} is not a Slurm time; write HH:MM:SS (or D-HH:MM:SS).")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.job_name):
+            raise SlurmError(f"--job-name {self.job_name!r} may only contain letters, digits, '.', '_' and '-'.")
+        if self.env_file is not None and not Path(self.env_file).is_file():
+            raise SlurmError(f"--env-file {self.env_file} does not exist; point it at a shell file to source.")
+        self._resolve_overrides()
+
+    def _resolve_overrides(self) -> None:
+        keys: dict[str, str] = {}
+        for o in self.overrides:
+            if o.startswith("-"):
+                raise SlurmError(f"{o!r} is not a train/run.py override; launcher options go before '--', "
+                                 f"overrides (key=value) after it.")
+            key, sep, val = o.lstrip("+~").partition("=")
+            if sep:
+                keys[key] = val
+        if "run_dir" in keys and keys["run_dir"]:
+            run_dir = Path(keys["run_dir"]).expanduser()
+        else:
+            now = _dt.datetime.now()
+            run_dir = Path("outputs") / "slurm" / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
+        self.run_dir = run_dir if run_dir.is_absolute() else (Path.cwd() / run_dir)
+        self.run_dir = Path(os.path.normpath(self.run_dir))
+
+        # the launcher owns these: they must agree with the allocation
+        want = {"trainer.num_nodes": str(self.nodes), "trainer.devices": str(self.tasks_per_node)}
+        if self.gpus_per_node == 0:
+            want["trainer.accelerator"] = "cpu"
+        for key, val in want.items():
+            if key in keys and keys[key] != val:
+                raise SlurmError(f"{key}={keys[key]} disagrees with the allocation ({key}={val} from --nodes/"
+                                 f"--gpus-per-node/--tasks-per-node); drop the override, the launcher sets it.")
+        out = [o for o in self.overrides if not o.startswith("run_dir=")]
+        out.append(f"run_dir={self.run_dir}")
+        out += [f"{k}={v}" for k, v in want.items() if k not in keys]
+        # a requeued (or resubmitted) job must continue, not restart: the script adds resume=auto once the run dir
+        # holds a complete checkpoint (train/run.py refuses resume=auto on an empty run dir, and refuses to start
+        # fresh over existing checkpoints). An explicit resume= from the user is passed through instead.
+        self.auto_resume = "resume" not in keys
+        self.train_overrides = out
+
+    @property
+    def script_path(self) -> Path:
+        return self.run_dir / "slurm" / "job.sbatch"
+
+
+def _env_block(spec: JobSpec) -> str:
+    src = spec.env_file if spec.env_file is not None else (DEFAULT_ENV_FILE if DEFAULT_ENV_FILE.is_file() else None)
+    if src is None:
+        return ("# --- environment: none given (create launch/env.sh or pass --env-file to load modules, activate an\n"
+                "# environment, set NCCL_* variables; it is copied here) ---\n")
+    body = Path(src).read_text()
+    return f"# --- environment: copied from {src} ---\n{body.rstrip()}\n# --- end of environment ---\n"
+
+
+def render_script(spec: JobSpec) -> str:
+    """The sbatch script for `spec` (pure: writes nothing)."""
+    log = spec.run_dir / "slurm" / "%j.out"
+    d = [
+        f"--job-name={spec.job_name}",
+        f"--nodes={spec.nodes}",
+        f"--ntasks-per-node={spec.tasks_per_node}",
+    ]
+    if spec.gpus_per_node:
+        d.append(f"--gpus-per-node={spec.gpus_per_node}")
+    if spec.cpus_per_task:
+        d.append(f"--cpus-per-task={spec.cpus_per_task}")
+    if spec.time:
+        d.append(f"--time={spec.time}")
+    if spec.partition:
+        d.append(f"--partition={spec.partition}")
+    d += [
+        f"--output={log}",
+        "--open-mode=append",  # a requeued job appends to the same log
+        f"--signal=USR1@{REQUEUE_SIGNAL_LEAD_S}",  # SIGUSR1 to every task 90 s before the time limit
+        "--requeue",
+    ]
+    d += spec.extra_sbatch
+    cmd = " ".join(shlex.quote(x) for x in [spec.python, str(ROOT / "train" / "run.py"), *spec.train_overrides])
+    directives = "\n".join(f"#SBATCH {x}" for x in d)
+    resume_block = ""
+    if spec.auto_resume:
+        last = shlex.quote(str(spec.run_dir / "checkpoints" / "last"))
+        resume_block = f"""
+# a requeued or resubmitted job continues from the newest complete checkpoint of its run dir
+resume=()
+if [[ -e {last} ]]; then
+    resume=(resume=auto)
+    echo "[launch] resuming: resume=auto ($(cat {last}))"
+fi
+"""
+    return f"""#!/bin/bash
+# Written by launch/slurm.py; resubmit with: sbatch {shlex.quote(str(spec.script_path))}
+{directives}
+
+set -uo pipefail
+{_env_block(spec)}
+cd {shlex.quote(str(ROOT))}
+echo "[launch] job $SLURM_JOB_ID start (restart ${{SLURM_RESTART_COUNT:-0}}) on $(hostname) at $(date -Is)"
+{resume_block}
+# srun runs the training processes in the background so this shell can forward signals: a SIGUSR1 sent to the
+# batch shell only (scancel --signal=USR1 --batch) goes on to every task; srun relays it (srun(1), SIGNALS).
+srun --kill-on-bad-exit=1 {cmd}{' "${resume[@]}"' if spec.auto_resume else ''} &
+srun_pid=$!
+trap 'echo "[launch] forwarding SIGUSR1 to the training tasks"; kill -USR1 "$srun_pid" 2>/dev/null' USR1
+while true; do
+    wait "$srun_pid"
+    rc=$?
+    kill -0 "$srun_pid" 2>/dev/null || break  # wait returned because of a trapped signal: keep waiting
+done
+echo "[launch] job $SLURM_JOB_ID training exited with $rc at $(date -Is)"
+exit "$rc"
+"""
+
+
+def write_script(spec: JobSpec) -> Path:
+    path = spec.script_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_script(spec))
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
+    return path
+
+
+def submit(spec: JobSpec) -> str:
+    """Write the script and `sbatch --parsable` it; returns the job id."""
+    if shutil.which("sbatch") is None:
+        raise SlurmError("sbatch is not on PATH; run this on a Slurm login node (or use --dry-run to see the script).")
+    path = write_script(spec)
+    proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SlurmError(f"sbatch refused {path}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip().split(";")[0]  # "<jobid>[;<cluster>]"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/slurm.py",
+        description="Write an sbatch script for train/run.py into the run directory and submit it.",
+        epilog="Everything after '--' goes to train/run.py verbatim, e.g. -- model=gpt2 strategy=ddp data=tokens.",
+    )
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node (= tasks per node); 0 for a CPU job")
+    p.add_argument("--tasks-per-node", type=int, default=None, help="processes per node of a CPU job")
+    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--partition", default=None)
+    p.add_argument("--time", default=None, help="time limit, HH:MM:SS")
+    p.add_argument("--job-name", default="gpt2-forge")
+    p.add_argument("--env-file", type=Path, default=None, help="shell file with the job's environment "
+                                                               "(default: launch/env.sh if present)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                   help="an extra sbatch option, e.g. --sbatch=--account=abc (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        i = argv.index("--")
+        argv, overrides = argv[:i], argv[i + 1:]
+    else:
+        overrides = []
+    args = build_parser().parse_args(argv)  # unknown options: argparse prints usage and exits 2
+    try:
+        spec = JobSpec(overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                       tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+                       partition=args.partition, time=args.time, job_name=args.job_name, env_file=args.env_file,
+                       extra_sbatch=args.sbatch)
+        if args.dry_run:
+            print(render_script(spec), end="")
+            return 0
+        job_id = submit(spec)
+    except SlurmError as e:
+        print(f"launch/slurm.py: {e}", file=sys.stderr)
+        return 2
+    print(job_id)
+    print(f"submitted job {job_id}: script {spec.script_path}, log {spec.run_dir / 'slurm' / (job_id + '.out')}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
