@@ -235,6 +235,15 @@ def _resolve_dtype(dtype, config: GPT2Config, sd: dict[str, torch.Tensor]) -> to
     raise ValueError(f"dtype must be 'auto', None or a torch dtype, got {dtype!r}.")
 
 
+def _contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` as a contiguous tensor of `dtype` with at most one copy: the Conv1D transpose and a dtype change happen in
+    the same copy_; a tensor that needs neither stays the memory-mapped one safetensors returned (no copy at all).
+    (`t.to(dtype).contiguous()` copies twice; `t.to(memory_format=...)` returns a non-contiguous `t` unchanged.)"""
+    if t.dtype == dtype:
+        return t.contiguous()
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+
 def load_pretrained(cls, path, dtype="auto", **config_overrides):
     folder = resolve_model_dir(path)
     config = GPT2Config.from_pretrained(folder, **config_overrides)
@@ -258,7 +267,7 @@ def load_pretrained(cls, path, dtype="auto", **config_overrides):
     else:
         model = probe
     _check_shapes(probe, ours)
-    ours = {k: t.to(target).contiguous() for k, t in ours.items()}
+    ours = {k: _contiguous_as(t, target) for k, t in ours.items()}
     model.load_state_dict(ours, strict=False, assign=not missing)
     model.to(target)
     model.tie_weights()

@@ -58,7 +58,71 @@ ACT2FN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 # ----------------------------------------------------------------------------------------------------------------
+# KV cache for generation
+
+
+class StaticKVCache:
+    """Preallocated keys/values, (B, nh, max_len, hs) per layer, written in place as tokens arrive.
+
+    The tuple cache (`past_key_values` = ((k, v), ...)) concatenates each layer's whole past every step — O(T) copies
+    per token; this one writes only the new positions (slice assignment) and hands attention a view of the filled
+    part, like transformers' StaticCache / gpt-fast's KVCache. `length` is a Python int, so reading it never syncs
+    with the device. Indexing gives the tuple view, so code written for the tuple cache reads it unchanged:
+    `cache[i]` -> (k, v) of layer i, each (B, nh, length, hs). Pass it as `past_key_values`; the forward advances
+    `length` by the number of input tokens and returns the same object as `past_key_values`.
+    """
+
+    def __init__(self, config: GPT2Config, batch_size: int, max_len: int):
+        if max_len > config.n_positions:
+            raise ValueError(f"StaticKVCache max_len={max_len} exceeds n_positions={config.n_positions}.")
+        self.shape = (batch_size, config.n_head, max_len, config.head_dim)  # (B, nh, max_len, hs)
+        # Allocated at the first write, with that k/v's device and dtype (under autocast k/v are bf16/fp16).
+        self.keys: list[torch.Tensor | None] = [None] * config.n_layer
+        self.values: list[torch.Tensor | None] = [None] * config.n_layer
+        self.max_len, self.length = max_len, 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k, v (B, nh, T, hs) at [length, length + T); return views of positions [0, length + T)."""
+        end = self.length + k.size(-2)
+        if end > self.max_len:
+            raise ValueError(f"StaticKVCache is full: {end} positions needed, max_len={self.max_len}.")
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx] = k.new_zeros(self.shape)
+            self.values[layer_idx] = v.new_zeros(self.shape)
+        kb, vb = self.keys[layer_idx], self.values[layer_idx]
+        kb[:, :, self.length:end] = k
+        vb[:, :, self.length:end] = v
+        return kb[:, :, :end], vb[:, :, :end]  # (B, nh, T_past + T, hs)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[i] is None:
+            raise IndexError("StaticKVCache is empty until the first forward that uses it.")
+        return self.keys[i][:, :, : self.length], self.values[i][:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The transformer block
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x); during CPU generation the same product against an (in, out) copy of the weight.
+
+    gpt2/generation.py sets `layer.weight_t` (a contiguous (in, out) copy, i.e. HF's Conv1D layout) for the decode
+    loop only: at 1-3 rows the CPU GEMV streams that layout faster than nn.Linear's (out, in) (see generation.py).
+    It is None otherwise, so training and compiled forwards run plain nn.Linear.
+    """
+    w_t = layer.__dict__.get("weight_t")  # a plain attribute (not a parameter or buffer): no state_dict entry
+    if w_t is None:
+        return layer(x)
+    return torch.addmm(layer.bias, x.reshape(-1, x.size(-1)), w_t).view(*x.shape[:-1], w_t.size(1))
+
+
 
 
 class GPT2Attention(nn.Module):
@@ -82,11 +146,13 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x, mask=None, is_causal=False, layer_past=None, use_cache=False, output_attentions=False):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = _linear(self.c_attn, x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if layer_past is not None:
+        if isinstance(layer_past, StaticKVCache):
+            k, v = layer_past.update(self.layer_idx, k, v)  # written in place; views (B, nh, T_past + T, hs)
+        elif layer_past is not None:
             past_k, past_v = layer_past
             k = torch.cat((past_k, k), dim=-2)  # (B, nh, T_past + T, hs)
             v = torch.cat((past_v, v), dim=-2)
@@ -96,7 +162,7 @@ class GPT2Attention(nn.Module):
         y, att = backend(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale,
                          dropout_p=self.attn_pdrop if self.training else 0.0, upcast=self.upcast)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh, hs) -> (B, T, C): re-assemble the heads
-        y = self.resid_dropout(self.c_proj(y))
+        y = self.resid_dropout(_linear(self.c_proj, y))
         return y, present, att
 
 
@@ -109,7 +175,8 @@ class GPT2MLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        h = self.act(_linear(self.c_fc, x))  # (B, T, C) -> (B, T, 4C)
+        return self.dropout(_linear(self.c_proj, h))  # (B, T, 4C) -> (B, T, C)
 
 
 class GPT2Block(nn.Module):
@@ -337,7 +404,11 @@ class GPT2Model(GPT2PreTrainedModel):
             use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
             use_cache = False  # recomputed blocks cannot hand out their keys/values
-        past_len = past_key_values[0][0].size(-2) if past_key_values is not None and len(past_key_values) else 0
+        static = isinstance(past_key_values, StaticKVCache)
+        if static:
+            past_len = past_key_values.length
+        else:
+            past_len = past_key_values[0][0].size(-2) if past_key_values is not None and len(past_key_values) else 0
         if past_len + T > self.config.n_positions:
             raise ValueError(f"sequence of length {past_len + T} exceeds n_positions={self.config.n_positions}; "
                              f"truncate the input (or generate fewer tokens).")
@@ -372,8 +443,8 @@ class GPT2Model(GPT2PreTrainedModel):
         for i, block in enumerate(self.h):
             if output_hidden_states:
                 all_hidden.append(x)
-            layer_past = past_key_values[i] if past_len else None
-            if self.gradient_checkpointing and self.training:
+            layer_past = past_key_values if static else (past_key_values[i] if past_len else None)
+            if self.gradient_checkpointing and self.training and not static:
                 x, present, att = checkpoint(block, x, mask, is_causal, None, False, output_attentions,
                                              use_reentrant=False)
             else:
@@ -382,6 +453,9 @@ class GPT2Model(GPT2PreTrainedModel):
                 presents.append(present)
             if output_attentions:
                 all_att.append(att)
+        if static:
+            past_key_values.length += T  # every layer has written its T new positions
+            presents = past_key_values
         x = self.ln_f(x)
         out_shape = (*input_shape, x.size(-1))
         x = x.view(out_shape)
@@ -390,7 +464,7 @@ class GPT2Model(GPT2PreTrainedModel):
             all_hidden = tuple(h.view(out_shape) for h in all_hidden)
         return GPT2ModelOutput(
             last_hidden_state=x,
-            past_key_values=tuple(presents) if use_cache else None,
+            past_key_values=(presents if static else tuple(presents)) if use_cache else None,
             hidden_states=all_hidden,
             attentions=tuple(all_att) if output_attentions else None,
         )

@@ -168,3 +168,41 @@ def test_hf_page_example_tokenizer_generate_decode(hf_style_folder, tmp_path):
     ours32 = gpt2.GPT2LMHeadModel.from_pretrained(hf_style_folder, dtype=torch.float32)
     ref = theirs.generate(**dict(inputs), max_length=50, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert torch.equal(ours32.generate(**inputs, max_length=50), ref)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_static_kv_cache_equals_full_forward(backend):
+    # generate()'s preallocated cache, written in place: prefill with a padding mask, a 2-token step, then 1 at a time
+    model = randomize(gpt2.GPT2LMHeadModel(gpt2.GPT2Config(**CFG, attn_implementation=backend)))
+    ids, mask = left_padded_batch()
+    full = model(ids, attention_mask=mask).logits
+    cache = gpt2.modeling.StaticKVCache(model.config, batch_size=3, max_len=10)
+    steps = []
+    for a, b in [(0, 3), (3, 5), (5, 6), (6, 7), (7, 8)]:
+        out = model(ids[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True)
+        assert out.past_key_values is cache and cache.length == b
+        steps.append(out.logits)
+    keep = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[keep], full[keep], atol=1e-5, rtol=0)
+    assert cache[0][0].shape == (3, 5, 8, 6)  # reads like the tuple cache: (B, nh, length, hs)
+    with pytest.raises(ValueError, match="full"):
+        model(ids[:, :3], attention_mask=torch.ones(3, 11, dtype=torch.long), past_key_values=cache)
+
+
+def test_long_greedy_batch1_equals_transformers_on_decode_weight_copies(tmp_path):
+    # batch 1 and >= 32 new tokens: the CPU decode path on (in, out) weight copies (gpt2/generation.py); the copies
+    # follow in-place weight updates (an optimizer step) and do not outlive the call
+    ours = randomize(gpt2.GPT2LMHeadModel(gpt2.GPT2Config(**CFG, attn_implementation="sdpa")))
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, V, (1, 8), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=40, eos_token_id=2, pad_token_id=0)
+    ref = theirs.generate(ids, do_sample=False, **kw)
+    assert torch.equal(ours.generate(ids, **kw), ref)
+    assert all(getattr(m, "weight_t", None) is None for m in ours.modules())  # nothing kept: training uses nn.Linear
+    with torch.no_grad():
+        ours.transformer.h[0].mlp.c_fc.weight.mul_(-1.0)  # in place, like an optimizer step
+    changed = ours.generate(ids, **kw)
+    ours_plain = gpt2.GPT2LMHeadModel(ours.config).eval()
+    ours_plain.load_state_dict(ours.state_dict())
+    assert torch.equal(changed, ours_plain.generate(ids, max_new_tokens=40, eos_token_id=2, pad_token_id=0))

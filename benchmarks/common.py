@@ -1,0 +1,75 @@
+"""Shared helpers for the side-by-side benchmarks: the machine line, interleaved timing, medians.
+
+Every benchmark runs the baseline and ours in one process on the same inputs. Repeats are interleaved and the order
+flips each round (A B, B A, A B, ...) so that load from other processes on a shared machine, thermal drift or a
+warming page cache hits both sides alike; the median of the repeats is what gets reported.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """One line that says where a number came from: CPU (or GPU), cores, torch version and intra-op threads."""
+    parts = [f"cpu: {cpu_model()} ({os.cpu_count()} logical cores)", f"torch {torch.__version__}",
+             f"threads {torch.get_num_threads()}"]
+    if torch.cuda.is_available():
+        parts.insert(1, f"gpu: {torch.cuda.get_device_name()}")
+    try:
+        import transformers
+
+        parts.append(f"transformers {transformers.__version__}")
+    except ImportError:
+        pass
+    return " | ".join(parts)
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """(seconds, result) of one call."""
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, `repeats` times each, interleaved with alternating order.
+
+    `warmup` untimed rounds come first (allocator, lazy init, page cache, one-time kernels).
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            times[name].append(timed(fns[name])[0])
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: list[float]) -> str:
+    """min..max of the repeats, to show the noise next to a median."""
+    return f"[{min(xs):.3g}..{max(xs):.3g}]"
