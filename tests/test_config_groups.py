@@ -1,0 +1,170 @@
+"""Every option of every config group composes onto the typed schema and instantiates; bad overrides are named."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import OmegaConfBaseException
+
+import gpt2
+from train.config import (
+    AttentionConfig,
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    LoggerConfig,
+    ModelConfig,
+    OptimConfig,
+    StabilityConfig,
+    StrategyConfig,
+    TaskConfig,
+    TrainerConfig,
+    register_configs,
+    to_config,
+)
+from train.module import build_model_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+register_configs()
+
+SCHEMAS = {
+    "model": ModelConfig,
+    "attention": AttentionConfig,
+    "stability": StabilityConfig,
+    "task": TaskConfig,
+    "strategy": StrategyConfig,
+    "trainer": TrainerConfig,
+    "optim": OptimConfig,
+    "logger": LoggerConfig,
+    "checkpoint": CheckpointConfig,
+}
+# Presets with mandatory (???) values get them from the user; give test values.
+REQUIRED = {
+    ("experiment", "shakespeare-finetune"): ["model.init_from=/tmp/some-hf-dir", "data.path=/tmp/input.txt"],
+    **{("data", s): ["data.path=/tmp/some-data"] for s in ("text", "jsonl", "csv", "parquet", "tokens")},
+    ("data", "hub"): ["data.name=some/dataset"],
+}
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hydra():
+    """One Hydra initialisation for the whole module (composition itself is cheap)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+
+
+def _compose(overrides: list[str]):
+    return compose(config_name="config", overrides=overrides)
+
+
+ALL = [(g, o) for g in sorted(p.name for p in CONF.iterdir() if p.is_dir()) for o in _options(g)]
+
+
+def test_every_group_has_options():
+    groups = {g for g, _ in ALL}
+    assert {"model", "attention", "stability", "task", "data", "strategy", "trainer", "optim", "logger",
+            "checkpoint", "experiment", "debug"} <= groups  # fmt: skip
+    assert {"tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"} <= set(_options("model"))
+    assert {"eager", "sdpa", "flash"} <= set(_options("attention"))
+
+
+@pytest.mark.parametrize("group,option", ALL, ids=[f"{g}={o}" for g, o in ALL])
+def test_option_composes_and_instantiates(group, option):
+    cfg = to_config(_compose([f"{group}={option}", *REQUIRED.get((group, option), [])]))
+    assert isinstance(cfg, Config)
+    if group in SCHEMAS:
+        node = getattr(cfg, group)
+        assert isinstance(node, SCHEMAS[group])
+        # field for field: the YAML sets exactly the dataclass's fields (nothing silently defaulted)
+        keys = set(yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {})
+        fields = {f.name for f in dataclasses.fields(SCHEMAS[group])}
+        if group == "logger" and option != "csv":  # add-on loggers set only their own keys (they combine)
+            assert keys <= fields, f"{group}/{option}.yaml"
+        else:
+            assert keys == fields, f"{group}/{option}.yaml"
+    if group == "data":
+        keys = set(yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {})
+        assert keys == {f.name for f in dataclasses.fields(type(cfg.data))}
+    # every composed config builds a model config (cheap: no weights)
+    mc = build_model_config(cfg.model, cfg.attention, cfg.stability, vocab_size=4096, eos_token_id=0)
+    assert mc.n_layer == cfg.model.n_layer
+
+
+@pytest.mark.parametrize("size", ["tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_model_sizes_build_on_meta(size):
+    cfg = to_config(_compose([f"model={size}"]))
+    mc = build_model_config(cfg.model, cfg.attention, cfg.stability, vocab_size=50257, eos_token_id=50256)
+    with torch.device("meta"):
+        model = gpt2.GPT2LMHeadModel(mc)
+    n = sum(p.numel() for p in model.parameters())
+    expected = {"gpt2": 124.4e6, "gpt2-medium": 354.8e6, "gpt2-large": 774.0e6, "gpt2-xl": 1557.6e6}
+    if size in expected:  # the published parameter counts of the four GPT-2 sizes (tied embeddings counted once)
+        assert abs(n - expected[size]) / expected[size] < 0.01, n
+    for k, v in gpt2.PRESETS[size].items():  # conf/model/<size>.yaml agrees with the library's preset
+        assert getattr(mc, k) == v, (size, k)
+
+
+def test_default_config_is_the_cpu_demo():
+    cfg = to_config(_compose([]))
+    assert cfg.model.name == "tiny" and cfg.task.name == "lm" and cfg.strategy.name == "auto"
+    assert cfg.data.block_size <= cfg.model.n_positions
+    assert cfg.resume is None and cfg.run_dir.startswith("outputs/")
+
+
+def test_experiment_overrides_groups():
+    cfg = to_config(_compose(["experiment=gpt2-owt"]))
+    assert cfg.model.n_layer == 12 and cfg.stability.scale_attn_by_inverse_layer_idx
+    assert cfg.optim.lr == 6e-4 and cfg.optim.betas == [0.9, 0.95] and cfg.optim.weight_decay == 0.1
+    # 8 GPUs x 16 micro x 4 accumulation = 512 sequences x 1024 tokens (Mistral)
+    assert cfg.trainer.devices * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 512
+    assert cfg.data.block_size == 1024 and cfg.trainer.max_steps == 400_000
+
+
+def test_multiple_loggers_merge():
+    cfg = to_config(_compose(["logger=[wandb,tensorboard]"]))
+    assert cfg.logger.wandb and cfg.logger.tensorboard
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("trainer.max_step=5", "max_step"),  # unknown key
+        ("trainer.max_steps=abc", "max_steps"),  # wrong type
+        ("model=gpt5", "gpt5"),  # unknown group option
+        ("optim.betas=0.9", "betas"),
+    ],
+)
+def test_bad_override_named_at_composition(override, needle):
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException)) as ei:
+        _compose([override])
+    assert needle in str(ei.value) or needle in str(ei.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("model.n_head=3", "model.n_embd"),
+        ("optim.lr=-1", "optim.lr"),
+        ("trainer.precision=fp8", "trainer.precision"),
+        ("data.block_size=512", "data.block_size"),  # > tiny's n_positions=256
+        ("attention.implementation=magic", "attention.implementation"),
+        ("task.name=translate", "task.name"),
+    ],
+)
+def test_bad_value_named_at_instantiation(override, needle):
+    with pytest.raises(Exception) as ei:
+        to_config(_compose([override]))
+    msg = str(ei.value)
+    assert needle in msg, msg
+    assert isinstance(ei.value, (ConfigError, ValueError, OmegaConfBaseException))

@@ -1,0 +1,131 @@
+"""Checkpoint directories: safe loading, tied weights stored once, atomic publish, retention, the LR schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import gpt2
+from train import checkpoint as ck
+from train.config import OptimConfig
+from train.module import WarmupDecay, load_checkpoint_model, param_groups
+
+
+def tiny_model() -> gpt2.GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return gpt2.GPT2LMHeadModel(gpt2.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+
+
+def fake_lightning_checkpoint(model) -> dict:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8))).loss.backward()
+    opt.step()
+    return {
+        "epoch": 0,
+        "global_step": 7,
+        "pytorch-lightning_version": "2.6.6",
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 1}}}},
+        "optimizer_states": [opt.state_dict()],
+        "lr_schedulers": [{"last_epoch": 7, "lr_lambdas": [{"warmup_steps": 2}]}],
+        "callbacks": {"RNGState": {"torch": torch.get_rng_state(), "python": [3, list(range(5)), None]}},
+        "LMDataModule": {"consumed_samples": 56},
+        ck.MODEL_CONFIG_KEY: model.config.to_dict(),
+        ck.META_KEY: {"tokenizer_dir": "../../tokenizer"},
+    }
+
+
+def test_roundtrip_is_safe_and_exact(tmp_path):
+    model = tiny_model()
+    io = ck.DirCheckpointIO()
+    path = tmp_path / "checkpoints" / "step-7"
+    io.save_checkpoint(fake_lightning_checkpoint(model), path)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "meta.json", "model.safetensors",
+                                                       "training_state.pt"]  # fmt: skip
+    # the tied lm_head is stored once and restored as an alias
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys
+    # the training state loads with weights_only=True: no code runs
+    state = torch.load(path / "training_state.pt", weights_only=True)
+    assert state["LMDataModule"] == {"consumed_samples": 56} and "state_dict" not in state
+    back = io.load_checkpoint(path)
+    assert back["global_step"] == 7
+    for k, v in model.state_dict().items():
+        assert torch.equal(back["state_dict"][f"model.{k}"], v), k
+    loaded = load_checkpoint_model(path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    ids = torch.randint(0, 64, (1, 8))
+    assert torch.equal(loaded.eval()(ids).logits, model.eval()(ids).logits)
+
+
+def test_unsafe_objects_are_refused_at_save(tmp_path):
+    ckpt = fake_lightning_checkpoint(tiny_model())
+    ckpt["callbacks"]["Bad"] = {"fn": object()}
+    with pytest.raises(TypeError, match="Bad"):
+        ck.DirCheckpointIO().save_checkpoint(ckpt, tmp_path / "step-1")
+    assert not list(tmp_path.iterdir())  # nothing half-written is left
+
+
+def test_partial_checkpoints_are_never_picked(tmp_path):
+    io = ck.DirCheckpointIO()
+    model = tiny_model()
+    for step in (2, 4):
+        io.save_checkpoint(fake_lightning_checkpoint(model), ck.step_dir(tmp_path, step))
+        ck.write_last(tmp_path, ck.step_dir(tmp_path, step))
+    # a crash mid-save leaves a tmp folder; one without meta.json is incomplete too
+    (tmp_path / "checkpoints" / f"step-6.tmp-{os.getpid() + 1}").mkdir()
+    (tmp_path / "checkpoints" / "step-8").mkdir()
+    assert ck.latest_checkpoint(tmp_path).name == "step-4"
+    assert ck.resolve_checkpoint(tmp_path).name == "step-4"
+    ck.clean_partial(tmp_path)
+    assert not (tmp_path / "checkpoints" / f"step-6.tmp-{os.getpid() + 1}").exists()
+
+
+def test_corrupt_and_foreign_checkpoints_give_clear_errors(tmp_path):
+    io = ck.DirCheckpointIO()
+    path = ck.step_dir(tmp_path, 3)
+    io.save_checkpoint(fake_lightning_checkpoint(tiny_model()), path)
+    (path / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(ck.CheckpointError, match="corrupt"):
+        io.load_checkpoint(path)
+    other = tmp_path / "not-a-checkpoint"
+    other.mkdir()
+    with pytest.raises(ck.CheckpointError, match="no complete checkpoint"):
+        ck.resolve_checkpoint(other)
+    (other / "meta.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ck.CheckpointError, match="not a gpt2-forge checkpoint"):
+        ck.resolve_checkpoint(other)
+
+
+def test_retention_keeps_newest_and_the_protected(tmp_path):
+    io = ck.DirCheckpointIO()
+    model = tiny_model()
+    for step in (1, 2, 3, 4, 5):
+        io.save_checkpoint(fake_lightning_checkpoint(model), ck.step_dir(tmp_path, step))
+    ck.retain(tmp_path, keep_last=2, protect=(ck.step_dir(tmp_path, 1),))
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step-1", "step-4", "step-5"]
+
+
+def test_schedule_warmup_then_cosine_to_min():
+    f = WarmupDecay(warmup_steps=10, decay_steps=110, min_ratio=0.1)
+    assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55)
+    assert f(110) == pytest.approx(0.1) and f(10_000) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 200))
+
+
+def test_no_decay_on_biases_layernorm_embeddings():
+    model = tiny_model()
+    groups = param_groups(model, OptimConfig().weight_decay)
+    decayed = {id(p) for p in groups[0]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert names and all(n.endswith(".weight") and ".ln_" not in n and "wte" not in n and "wpe" not in n
+                         for n in names)  # fmt: skip
+    assert groups[1]["weight_decay"] == 0.0
+    n_params = sum(p.numel() for g in groups for p in g["params"])
+    assert n_params == sum(p.numel() for p in model.parameters())  # each parameter once (tied lm_head included)

@@ -1,0 +1,192 @@
+"""train(cfg) end to end on a shrunken default run: the run directory, the loss, the HF export, the CLIs, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from train.callbacks import read_metrics
+from train.config import ConfigError, register_configs, to_config
+from train.run import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+register_configs()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """120 kB of real text (tiny Shakespeare when present, else the README-sized fallback repeated)."""
+    d = tmp_path_factory.mktemp("corpus")
+    text = SHAKESPEARE.read_text()[:120_000] if SHAKESPEARE.is_file() else ("To be, or not to be. " * 6000)
+    (d / "input.txt").write_text(text)
+    return d / "input.txt"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def small(corpus: Path, cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """The default run shrunk to seconds: 2 layers x 64 wide, block 32, batch 8, BPE of 512 tokens."""
+    return [
+        "data=text", f"data.path={corpus}", f"data.cache_dir={cache_dir}", "data.vocab_size=512",
+        "data.block_size=32", "data.batch_size=8", "data.val_fraction=0.1",
+        "model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.n_positions=64",
+        "trainer.max_steps=40", "trainer.val_check_interval=20", "trainer.limit_val_batches=4",
+        "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false",
+        "checkpoint.every_n_steps=20", "optim.lr=3e-3", "optim.warmup_steps=5",
+        "sample.max_new_tokens=8", f"run_dir={run_dir}", *extra,
+    ]  # fmt: skip
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=overrides))
+
+
+def run_cli(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, cache_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    summary = train(compose_cfg(small(corpus, cache_dir, run_dir)))
+    return run_dir, summary
+
+
+def test_run_dir_has_everything_interface_lists(trained):
+    run_dir, summary = trained
+    for name in ("config.yaml", "metrics.csv", "checkpoints/last", "hf/config.json", "hf/model.safetensors",
+                 "hf/tokenizer.json", "hf/generation_config.json", "samples.txt", "plots/loss.png"):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "checkpoints" / "last").read_text().strip() == "step-40"
+    step = run_dir / "checkpoints" / "step-40"
+    assert {p.name for p in step.iterdir()} >= {"model.safetensors", "config.json", "training_state.pt"}
+    assert (run_dir / "samples.txt").read_text().strip()
+    assert "max_steps: 40" in (run_dir / "config.yaml").read_text()
+
+
+def test_loss_falls_and_metrics_are_step_indexed(trained):
+    run_dir, summary = trained
+    rows = read_metrics(run_dir / "metrics.csv")
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:7] == ["step", "train/loss", "val/loss", "val/ppl", "lr", "tokens_per_sec", "mfu"]
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(set(steps)) and steps[-1] == 40
+    train_loss = [r["train/loss"] for r in rows if r["train/loss"] is not None]
+    assert train_loss[-1] < 0.85 * train_loss[0], train_loss  # 40 steps of a 2x64 model: >= 15 % drop
+    vals = [r for r in rows if r["val/loss"] is not None]
+    assert [int(r["step"]) for r in vals] == [20, 40]
+    assert abs(vals[-1]["val/ppl"] - torch.tensor(vals[-1]["val/loss"]).exp().item()) < 1e-3 * vals[-1]["val/ppl"]
+    assert all(r["tokens_per_sec"] > 0 for r in rows if r["tokens_per_sec"] is not None)
+    assert all(r["mfu"] is None for r in rows)  # CPU: no peak FLOP/s to compare with
+
+
+def test_hf_export_matches_transformers(trained):
+    transformers = pytest.importorskip("transformers")
+    import gpt2
+    from train.module import load_checkpoint_model
+
+    run_dir, _ = trained
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(run_dir / "hf")).eval()
+    ours = load_checkpoint_model(run_dir / "checkpoints" / "step-40").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(run_dir / "hf"))
+    ids = torch.tensor([tok.encode("To be, or not to be: that is the question")[:32]])
+    with torch.no_grad():
+        diff = (theirs(ids).logits - ours(ids).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+    assert gpt2.GPT2TokenizerFast.from_pretrained(str(run_dir / "hf")).encode("To be") == tok.encode("To be")
+    gen = json.loads((run_dir / "hf" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == ours.config.eos_token_id == tok.eos_token_id
+
+
+def test_export_and_generate_cli(trained, tmp_path):
+    run_dir, _ = trained
+    out = tmp_path / "export"
+    r = run_cli("train/export.py", str(run_dir), str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    # refuses to overwrite a folder that is not an export
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    r = run_cli("train/export.py", str(run_dir), str(other))
+    assert r.returncode == 1 and "--force" in r.stderr and "Traceback" not in r.stderr
+    assert (other / "notes.txt").read_text() == "keep me"
+    for src in (out, run_dir / "checkpoints" / "step-40"):
+        r = run_cli("train/generate.py", str(src), "--prompt", "To be", "--max-new-tokens", "5", "--greedy")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("To be") and len(r.stdout) > len("To be\n")  # prompt + new tokens
+    r = run_cli("train/generate.py", str(tmp_path / "nope"), "--prompt", "x")
+    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_auto_without_checkpoint_is_a_clear_error(corpus, cache_dir, tmp_path):
+    with pytest.raises(ConfigError, match="resume=auto found no complete checkpoint"):
+        train(compose_cfg(small(corpus, cache_dir, tmp_path / "empty", "resume=auto")))
+
+
+def test_fresh_run_refuses_a_run_dir_with_checkpoints(trained, corpus, cache_dir):
+    run_dir, _ = trained
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(compose_cfg(small(corpus, cache_dir, run_dir)))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_init_from_export_fine_tunes(trained, corpus, cache_dir, tmp_path):
+    """model.init_from=<hf dir>: starts from those weights (first loss far below a random init's ln V)."""
+    run_dir, summary = trained
+    s = train(compose_cfg(small(corpus, cache_dir, tmp_path / "ft", f"model.init_from={run_dir / 'hf'}",
+                                "trainer.max_steps=5", "checkpoint.every_n_steps=5")))  # fmt: skip
+    assert s["first_train_loss"] < summary["first_train_loss"] - 1.0
+
+
+@pytest.mark.parametrize("preset", ["fast_dev_run", "overfit_batch", "profile"])
+def test_debug_presets_run_on_tiny(preset, corpus, cache_dir, tmp_path):
+    extra = [f"debug={preset}"]
+    if preset == "overfit_batch":
+        extra += ["trainer.max_steps=30", "trainer.val_check_interval=30", "trainer.log_every_n_steps=5"]
+    if preset == "profile":
+        extra += ["trainer.max_steps=6", "trainer.val_check_interval=6"]
+    args = small(corpus, cache_dir, tmp_path / "run", *extra)
+    # the preset's own step counts apply unless overridden above
+    args = [a for a in args if not (a.startswith("trainer.max_steps=40") or a.startswith("trainer.val_check_interval=20"))]
+    s = train(compose_cfg(args))
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    if preset == "fast_dev_run":
+        assert s["global_step"] == 1 and not (tmp_path / "run" / "checkpoints").exists()
+    if preset == "overfit_batch":
+        losses = [r["train/loss"] for r in rows if r["train/loss"] is not None]
+        assert losses[-1] < 0.5 * losses[0], losses  # one batch is memorised
+    if preset == "profile":
+        report = tmp_path / "run" / "fit-profile.txt"
+        assert report.is_file() and "training_step" in report.read_text()
+
+
+def test_cli_bad_inputs_exit_cleanly(tmp_path):
+    cases = [
+        (["trainer.max_step=5"], "max_step"),
+        (["trainer.max_steps=abc"], "max_steps"),
+        (["model=gpt5"], "gpt5"),
+        (["trainer.max_steps=-3"], "trainer.max_steps"),
+        ([f"run_dir={tmp_path / 'r'}", "resume=auto"], "resume=auto"),
+    ]
+    for overrides, needle in cases:
+        r = run_cli("train/run.py", f"run_dir={tmp_path / 'x'}", *overrides, timeout=120)
+        assert r.returncode == 1, (overrides, r.stderr)
+        assert needle in r.stderr, (overrides, r.stderr)
+        assert "Traceback" not in r.stderr, (overrides, r.stderr)

@@ -1,0 +1,316 @@
+"""Typed configuration of a training run: one dataclass per component, one YAML group per dataclass.
+
+`conf/config.yaml` starts its defaults list with `config_schema` (the root `Config` below, registered in Hydra's
+ConfigStore by `register_configs`), so every `conf/<group>/<option>.yaml` merges onto a typed node: an unknown key
+(`trainer.max_step=5`) or a badly typed value (`trainer.max_steps=abc`) fails at composition time with Hydra's
+message naming the key. What types alone cannot express (ranges, combinations) is checked in `__post_init__`,
+which runs when `train/run.py` turns the composed `DictConfig` into these objects (`OmegaConf.to_object`), before
+anything is built. Every error names the key and the fix (lightning-hydra-template layout, litgpt-style dataclasses).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from data_pipelines.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the fix."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+# ----------------------------------------------------------------------------------------------------- model
+MODEL_PRESETS = ("tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+@dataclass
+class ModelConfig:
+    """The network's shape (conf/model/<size>.yaml). vocab_size=None: take it from the tokenizer."""
+
+    name: str = "tiny"
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    n_positions: int = 256
+    n_inner: Optional[int] = None  # None -> 4 * n_embd (GPT-2 paper)
+    activation_function: str = "gelu_new"
+    vocab_size: Optional[int] = None  # None -> len(tokenizer)
+    dropout: float = 0.0  # resid/embd/attn dropout; nanoGPT: 0 for pre-training, 0.1+ for fine-tuning
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    # An HF folder (config.json + model.safetensors), one of our checkpoints (checkpoints/step-N) or a run dir:
+    # start from those weights instead of a random init (the shape fields above are then taken from it).
+    init_from: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "n_positions"):
+            _check(getattr(self, key) > 0, f"model.{key}={getattr(self, key)} must be positive.")
+        _check(
+            self.n_embd % self.n_head == 0,
+            f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}.",
+        )
+        _check(self.n_inner is None or self.n_inner > 0, f"model.n_inner={self.n_inner} must be positive or null.")
+        _check(self.vocab_size is None or self.vocab_size > 0, f"model.vocab_size={self.vocab_size} must be > 0.")
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1).")
+
+
+@dataclass
+class AttentionConfig:
+    """Which attention kernel runs (conf/attention/*.yaml); a registry entry in gpt2, so any checkpoint runs on any."""
+
+    implementation: str = "sdpa"  # eager | sdpa | flash
+
+    def __post_init__(self) -> None:
+        _check(
+            self.implementation in ("eager", "sdpa", "flash"),
+            f"attention.implementation={self.implementation!r} is unknown; use eager, sdpa or flash.",
+        )
+
+
+@dataclass
+class StabilityConfig:
+    """Mistral's two GPT-2 stability flags (conf/stability/*.yaml; Stanford CRFM Mistral, 2021)."""
+
+    scale_attn_by_inverse_layer_idx: bool = False  # scale attention logits by 1/(layer_idx+1)
+    reorder_and_upcast_attn: bool = False  # compute q·k in fp32 (avoids fp16/bf16 overflow in deep models)
+
+
+# ----------------------------------------------------------------------------------------------------- task
+TASKS = ("lm",)  # cls / token_cls / qa / mc arrive with the fine-tuning issue
+
+
+@dataclass
+class TaskConfig:
+    """What the model learns (conf/task/*.yaml): a head + loss + metrics, looked up by name in train/module.py."""
+
+    name: str = "lm"
+
+    def __post_init__(self) -> None:
+        _check(self.name in TASKS, f"task.name={self.name!r} is not available; use one of {', '.join(TASKS)}.")
+
+
+# ----------------------------------------------------------------------------------------------------- strategy
+STRATEGIES = ("auto", "ddp")  # fsdp / deepspeed_zero* arrive with the scale-out issue
+
+
+@dataclass
+class StrategyConfig:
+    """How the model is spread over devices (conf/strategy/*.yaml)."""
+
+    name: str = "auto"
+    # DDP: buckets of gradients are views into the all-reduce buffer (saves one copy of the grads; torch DDP docs)
+    gradient_as_bucket_view: bool = True
+    find_unused_parameters: bool = False
+    process_group_backend: Optional[str] = None  # None -> nccl on CUDA, gloo on CPU
+    timeout_minutes: int = 30
+
+    def __post_init__(self) -> None:
+        _check(
+            self.name in STRATEGIES,
+            f"strategy.name={self.name!r} is not available; use one of {', '.join(STRATEGIES)}.",
+        )
+        _check(self.timeout_minutes > 0, f"strategy.timeout_minutes={self.timeout_minutes} must be positive.")
+
+
+# ----------------------------------------------------------------------------------------------------- trainer
+PRECISIONS = ("auto", "32", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64", "64-true")
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of lightning.Trainer plus our switches (conf/trainer/default.yaml)."""
+
+    max_steps: int = 400  # optimizer steps
+    accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps
+    devices: Any = "auto"  # "auto" | int | list of device ids
+    num_nodes: int = 1
+    precision: str = "auto"  # auto: bf16-mixed on a CUDA device with bf16, else 32-true
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = 1.0  # global-norm clip (GPT-3 paper §B, nanoGPT)
+    val_check_interval: int = 100  # optimizer steps between validations
+    limit_val_batches: int = 20  # batches per validation
+    log_every_n_steps: int = 10  # optimizer steps between metric rows (and the only host syncs of the loss)
+    compile: bool = False  # torch.compile the model (nn.Module.compile: state-dict keys unchanged)
+    activation_checkpointing: bool = False  # recompute block activations in backward (saves memory, ~30% slower)
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+    enable_progress_bar: bool = True
+    num_sanity_val_steps: int = 0
+    fast_dev_run: bool = False  # one step of train + val, no checkpoints/export (a smoke test)
+    overfit_batches: int = 0  # > 0: train and validate on the same first N batches
+    profiler: Optional[str] = None  # None | simple | advanced | pytorch
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps > 0, f"trainer.max_steps={self.max_steps} must be positive.")
+        _check(self.num_nodes > 0, f"trainer.num_nodes={self.num_nodes} must be positive.")
+        _check(
+            self.accumulate_grad_batches > 0,
+            f"trainer.accumulate_grad_batches={self.accumulate_grad_batches} must be positive.",
+        )
+        self.precision = str(self.precision)
+        _check(
+            self.precision in PRECISIONS,
+            f"trainer.precision={self.precision!r} is unknown; use one of {', '.join(PRECISIONS)}.",
+        )
+        _check(
+            self.gradient_clip_val is None or self.gradient_clip_val > 0,
+            f"trainer.gradient_clip_val={self.gradient_clip_val} must be positive or null (no clipping).",
+        )
+        _check(self.val_check_interval > 0, f"trainer.val_check_interval={self.val_check_interval} must be > 0.")
+        _check(self.limit_val_batches >= 0, f"trainer.limit_val_batches={self.limit_val_batches} must be >= 0.")
+        _check(self.log_every_n_steps > 0, f"trainer.log_every_n_steps={self.log_every_n_steps} must be > 0.")
+        _check(self.overfit_batches >= 0, f"trainer.overfit_batches={self.overfit_batches} must be >= 0.")
+        _check(
+            self.profiler in (None, "simple", "advanced", "pytorch"),
+            f"trainer.profiler={self.profiler!r} is unknown; use simple, advanced, pytorch or null.",
+        )
+        if isinstance(self.devices, str) and self.devices != "auto":
+            _check(self.devices.lstrip("-").isdigit(), f"trainer.devices={self.devices!r}: use auto, N or a list.")
+            self.devices = int(self.devices)
+        if isinstance(self.devices, int):
+            _check(self.devices > 0 or self.devices == -1, f"trainer.devices={self.devices} must be >0 or -1.")
+
+
+# ----------------------------------------------------------------------------------------------------- optim
+@dataclass
+class OptimConfig:
+    """AdamW + warm-up + decay (conf/optim/adamw.yaml)."""
+
+    name: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 40
+    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    decay_steps: Optional[int] = None  # None -> trainer.max_steps: reach min_lr at the last step
+    min_lr_ratio: float = 0.1  # min_lr = lr * ratio (Chinchilla / nanoGPT: ~lr/10)
+    fused: Optional[bool] = None  # None -> fused kernel when the parameters are on CUDA
+
+    def __post_init__(self) -> None:
+        _check(self.name == "adamw", f"optim.name={self.name!r} is unknown; use adamw.")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"optim.lr={self.lr} must be a positive number.")
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0.")
+        _check(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9,0.95].",
+        )
+        self.betas = [float(b) for b in self.betas]
+        _check(self.eps > 0, f"optim.eps={self.eps} must be positive.")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0.")
+        _check(
+            self.schedule in ("cosine", "linear", "constant"),
+            f"optim.schedule={self.schedule!r} is unknown; use cosine, linear or constant.",
+        )
+        _check(self.decay_steps is None or self.decay_steps > 0, f"optim.decay_steps={self.decay_steps} must be >0.")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
+
+
+# ----------------------------------------------------------------------------------------------------- logging
+@dataclass
+class LoggerConfig:
+    """Where metrics go besides run_dir/metrics.csv, which is always written (conf/logger/*.yaml)."""
+
+    wandb: bool = False
+    # W&B mode: None -> "online" when a key is configured (WANDB_API_KEY or ~/.netrc), else "offline".
+    # The key is read by wandb itself from the environment / netrc; it is never part of this config.
+    wandb_mode: Optional[str] = None
+    wandb_project: str = "gpt2-forge"
+    wandb_entity: Optional[str] = None
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        _check(
+            self.wandb_mode in (None, "online", "offline", "disabled"),
+            f"logger.wandb_mode={self.wandb_mode!r} is unknown; use online, offline, disabled or null.",
+        )
+
+
+@dataclass
+class CheckpointConfig:
+    """checkpoints/step-N/ cadence and retention (conf/checkpoint/default.yaml)."""
+
+    every_n_steps: int = 100
+    keep_last: int = 3  # keep the newest N step dirs (0 = keep all); the one resumed from is never deleted
+    save_final: bool = True  # also save at the last step
+
+    def __post_init__(self) -> None:
+        _check(self.every_n_steps > 0, f"checkpoint.every_n_steps={self.every_n_steps} must be positive.")
+        _check(self.keep_last >= 0, f"checkpoint.keep_last={self.keep_last} must be >= 0 (0 keeps all).")
+
+
+@dataclass
+class SampleConfig:
+    """What samples.txt shows at the end of an LM run."""
+
+    prompts: List[str] = field(default_factory=lambda: ["Return the", "This module", "If the"])
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_k: Optional[int] = 50
+    top_p: Optional[float] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 0, f"sample.max_new_tokens={self.max_new_tokens} must be >= 0.")
+        _check(self.temperature > 0, f"sample.temperature={self.temperature} must be positive.")
+        _check(self.top_k is None or self.top_k > 0, f"sample.top_k={self.top_k} must be positive or null.")
+        _check(self.top_p is None or 0 < self.top_p <= 1, f"sample.top_p={self.top_p} must be in (0, 1].")
+
+
+# ----------------------------------------------------------------------------------------------------- root
+@dataclass
+class Config:
+    """The whole run. Groups are sub-configs; components receive only their own."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    seed: int = 1337
+    run_dir: str = "outputs/run"
+    resume: Optional[str] = None  # null | auto (newest complete checkpoint in run_dir) | <step dir or run dir>
+
+    def __post_init__(self) -> None:
+        _check(bool(self.run_dir), "run_dir is empty; set run_dir=<folder>.")
+        _check(self.resume is None or bool(self.resume), "resume is empty; use resume=auto or resume=<checkpoint>.")
+        # The model must see every position the data produces (INTERFACE.md: "a sequence longer than n_positions").
+        # With model.init_from the size comes from those weights; train/run.py checks it once they are loaded.
+        _check(
+            self.model.init_from is not None or self.data.block_size <= self.model.n_positions,
+            f"data.block_size={self.data.block_size} exceeds model.n_positions={self.model.n_positions}; "
+            f"lower data.block_size or raise model.n_positions.",
+        )
+
+
+def register_configs() -> None:
+    """Register the schemas: `config_schema` is the first entry of conf/config.yaml's defaults list."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+def to_config(node: Any) -> Config:
+    """A composed DictConfig -> validated `Config` (runs every __post_init__). Used only by train/run.py and tests."""
+    from omegaconf import OmegaConf
+
+    if isinstance(node, Config):
+        return node
+    obj = OmegaConf.to_object(node)
+    if not isinstance(obj, Config):
+        raise ConfigError("the composed config is not a train Config; compose conf/config.yaml (config_name=config).")
+    return obj

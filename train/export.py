@@ -1,0 +1,116 @@
+"""Export a checkpoint (or a run's newest one) as a Hugging Face GPT-2 folder.
+
+    python train/export.py <checkpoint-or-run-dir> <out-dir> [--force]
+
+The folder holds config.json, model.safetensors (HF key names and Conv1D layout, via gpt2's save_pretrained),
+the tokenizer files and generation_config.json, and loads in `transformers.AutoModelForCausalLM`. It is written into
+a temporary folder next to <out-dir> and renamed into place, so an interrupted export leaves no half folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+HF_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+def generation_config(model_config: Any, tokenizer: Any = None) -> dict[str, Any]:
+    """generation_config.json: the ids `generate` needs (GPT-2 pads with <|endoftext|>, as the HF docs advise)."""
+    eos = model_config.eos_token_id
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    return {
+        "bos_token_id": model_config.bos_token_id,
+        "eos_token_id": eos,
+        "pad_token_id": pad if pad is not None else eos,
+        "max_length": model_config.n_positions,
+        "do_sample": False,
+        "_from_model_config": False,
+    }
+
+
+def _is_hf_export(d: Path) -> bool:
+    return (d / "config.json").is_file() and any((d / m).is_file() for m in HF_MARKERS[1:])
+
+
+def export_hf(model: Any, tokenizer: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `model` (+ tokenizer) as an HF folder at out_dir, atomically (tmp folder + rename).
+
+    An existing out_dir is replaced only when it is an earlier HF export (or empty), or with overwrite=True.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is a file; choose another output folder.")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or _is_hf_export(out)):
+        raise FileExistsError(
+            f"{out} is not empty and holds no earlier export; choose an empty folder or pass --force to replace it."
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        was_training = model.training
+        model.eval()
+        model.save_pretrained(str(tmp))
+        model.train(was_training)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / "generation_config.json").write_text(
+            json.dumps(generation_config(model.config, tokenizer), indent=2) + "\n"
+        )
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_for_export(src: str | os.PathLike):
+    """(model, tokenizer, step_dir) from a checkpoint step dir or a run dir (-> its newest complete checkpoint)."""
+    from gpt2 import GPT2TokenizerFast
+
+    from train.checkpoint import CheckpointError, resolve_checkpoint, tokenizer_dir_for
+    from train.module import load_checkpoint_model
+
+    step = resolve_checkpoint(src)
+    model = load_checkpoint_model(step)
+    tok_dir: Optional[Path] = tokenizer_dir_for(step)
+    if tok_dir is None:
+        raise CheckpointError(
+            f"no tokenizer found for {step} (looked in its run dir's tokenizer/ folder); copy the run's tokenizer/ "
+            f"folder next to checkpoints/."
+        )
+    return model, GPT2TokenizerFast.from_pretrained(str(tok_dir)), step
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="a checkpoints/step-N folder, or a run dir (its newest complete checkpoint)")
+    p.add_argument("out", help="the HF folder to write")
+    p.add_argument("--force", action="store_true", help="replace a non-empty out folder that is not an export")
+    args = p.parse_args(argv)
+    try:
+        model, tok, step = load_for_export(args.src)
+        out = export_hf(model, tok, args.out, overwrite=args.force)
+    except (ValueError, OSError, KeyError) as e:
+        if os.environ.get("GPT2_FORGE_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        return 1
+    print(f"exported {step} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The LightningModule: a plain `gpt2` model + AdamW + warm-up/decay schedule + LM loss and metrics.
+
+The network is built outside (`build_model`) and passed in, so the module owns no model-construction logic and the
+same `nn.Module` can be wrapped by any strategy (lightning-hydra-template: "the LightningModule wraps a plain
+nn.Module"). Nothing here calls `.item()` in the step: the loss is synced to the host only at logging intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch import nn
+
+import gpt2
+from gpt2 import GPT2Config
+
+from train.checkpoint import META_KEY, MODEL_CONFIG_KEY, CheckpointError, load_model_config_dict, load_weights
+from train.checkpoint import resolve_checkpoint
+from train.config import AttentionConfig, ConfigError, ModelConfig, OptimConfig, StabilityConfig, TaskConfig
+
+# task name -> model class; the fine-tuning issue adds cls/token_cls/qa/mc heads here.
+TASK_MODELS: dict[str, type] = {"lm": gpt2.GPT2LMHeadModel}
+
+
+# ------------------------------------------------------------------------------------------------ model building
+def build_model_config(
+    model_cfg: ModelConfig,
+    attention_cfg: AttentionConfig,
+    stability_cfg: StabilityConfig,
+    vocab_size: int,
+    eos_token_id: Optional[int],
+) -> GPT2Config:
+    """GPT2Config from the model/attention/stability groups and the tokenizer (its size and <|endoftext|> id)."""
+    if model_cfg.vocab_size is not None and model_cfg.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
+            f"set model.vocab_size=null (use the tokenizer's size) or >= {vocab_size}."
+        )
+    return GPT2Config(
+        vocab_size=model_cfg.vocab_size or vocab_size,
+        n_positions=model_cfg.n_positions,
+        n_embd=model_cfg.n_embd,
+        n_layer=model_cfg.n_layer,
+        n_head=model_cfg.n_head,
+        n_inner=model_cfg.n_inner,
+        activation_function=model_cfg.activation_function,
+        resid_pdrop=model_cfg.dropout,
+        embd_pdrop=model_cfg.dropout,
+        attn_pdrop=model_cfg.dropout,
+        layer_norm_epsilon=model_cfg.layer_norm_epsilon,
+        initializer_range=model_cfg.initializer_range,
+        tie_word_embeddings=model_cfg.tie_word_embeddings,
+        bos_token_id=eos_token_id,  # GPT-2 uses <|endoftext|> as both (HF config)
+        eos_token_id=eos_token_id,
+        scale_attn_by_inverse_layer_idx=stability_cfg.scale_attn_by_inverse_layer_idx,
+        reorder_and_upcast_attn=stability_cfg.reorder_and_upcast_attn,
+        attn_implementation=attention_cfg.implementation,
+    )
+
+
+def _runtime_overrides(model_cfg, attention_cfg, stability_cfg) -> dict[str, Any]:
+    """Config fields a run may change on pretrained weights: they own no parameters."""
+    return dict(
+        attn_implementation=attention_cfg.implementation,
+        resid_pdrop=model_cfg.dropout,
+        embd_pdrop=model_cfg.dropout,
+        attn_pdrop=model_cfg.dropout,
+        scale_attn_by_inverse_layer_idx=stability_cfg.scale_attn_by_inverse_layer_idx,
+        reorder_and_upcast_attn=stability_cfg.reorder_and_upcast_attn,
+    )
+
+
+def build_model(
+    task_cfg: TaskConfig,
+    model_cfg: ModelConfig,
+    attention_cfg: AttentionConfig,
+    stability_cfg: StabilityConfig,
+    vocab_size: int,
+    eos_token_id: Optional[int],
+) -> nn.Module:
+    """A fresh model, or the weights of `model.init_from` (an HF folder, one of our checkpoints, or a run dir)."""
+    cls = TASK_MODELS[task_cfg.name]
+    if model_cfg.init_from is None:
+        return cls(build_model_config(model_cfg, attention_cfg, stability_cfg, vocab_size, eos_token_id))
+    src = Path(model_cfg.init_from).expanduser()
+    overrides = _runtime_overrides(model_cfg, attention_cfg, stability_cfg)
+    if (src / "config.json").is_file() and not (src / "meta.json").is_file():  # an HF folder
+        model = cls.from_pretrained(str(src), dtype=torch.float32, **overrides)
+    elif src.exists():
+        model = load_checkpoint_model(resolve_checkpoint(src), cls, **overrides)
+    else:
+        raise FileNotFoundError(
+            f"model.init_from={model_cfg.init_from} does not exist; give an HF folder, a checkpoint or a run dir."
+        )
+    model.train()  # from_pretrained returns eval mode (HF convention); training needs dropout back on
+    if model.config.vocab_size < vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {vocab_size} tokens but model.init_from={model_cfg.init_from} has only "
+            f"{model.config.vocab_size} embeddings; use the tokenizer that came with that model (data.tokenizer=null)."
+        )
+    return model
+
+
+def load_checkpoint_model(step_path: Path, cls: type = gpt2.GPT2LMHeadModel, **overrides) -> nn.Module:
+    """The model stored in one of our checkpoints (`checkpoints/step-N`), weights loaded strictly."""
+    config = GPT2Config.from_dict(load_model_config_dict(step_path), **overrides)
+    model = cls(config)
+    sd = load_weights(Path(step_path) / "model.safetensors")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{step_path} does not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            f"it was written by another model."
+        )
+    if config.tie_word_embeddings and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+class WarmupDecay:
+    """LR multiplier: linear warm-up to 1, then cosine/linear decay to min_ratio at decay_steps, then min_ratio.
+
+    A callable object (not a lambda), so LambdaLR's state_dict stores its fields and a resumed run continues the
+    same schedule. Step s is the number of optimizer steps already taken (LambdaLR's last_epoch).
+    """
+
+    def __init__(self, warmup_steps: int, decay_steps: int, min_ratio: float, schedule: str = "cosine"):
+        self.warmup_steps = warmup_steps
+        self.decay_steps = decay_steps
+        self.min_ratio = min_ratio
+        self.schedule = schedule
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:  # nanoGPT: lr * (it + 1) / (warmup + 1), never exactly 0
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.schedule == "constant":
+            return 1.0
+        if step >= self.decay_steps:
+            return self.min_ratio
+        progress = (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps)
+        if self.schedule == "linear":
+            decay = 1.0 - progress
+        else:  # cosine (Loshchilov & Hutter 2017; GPT-3 appendix B)
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_ratio + (1.0 - self.min_ratio) * decay
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay the weights of Linear layers only; biases, LayerNorm and embeddings (and the tied lm_head) are not
+    decayed (minGPT's configure_optimizers; Mistral / HF Trainer exclude bias and LayerNorm)."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(module, nn.Linear) and pname == "weight":
+                decay.append(p)
+            else:
+                no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+# ------------------------------------------------------------------------------------------------ the module
+class GPT2LitModule(L.LightningModule):
+    """Causal LM training of a `gpt2` model.
+
+    Args:
+        model: the network (built by `build_model`).
+        optim: the optim group.
+        max_steps: trainer.max_steps (the schedule's default decay horizon).
+        log_every_n_steps: optimizer steps between logged rows (the loss is synced to the host only then).
+        compile / activation_checkpointing: trainer switches applied to the network in `configure_model`.
+        overfit_batches: > 0 -> train and validate on the first N micro-batches only (debug/overfit_batch).
+        meta: extra fields stored in each checkpoint's meta.json (e.g. where the tokenizer lives).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optim: OptimConfig,
+        max_steps: int,
+        log_every_n_steps: int = 10,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+        overfit_batches: int = 0,
+        meta: Optional[dict[str, Any]] = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.optim_cfg = optim
+        self.max_steps = max_steps
+        self.log_every_n_steps = log_every_n_steps
+        self.compile_model = compile
+        self.activation_checkpointing = activation_checkpointing
+        self.overfit_batches = overfit_batches
+        self.meta = dict(meta or {})
+        self._overfit_cache: list[dict[str, torch.Tensor]] = []
+        self._loss_sum: Optional[torch.Tensor] = None
+        self._loss_n = 0
+        self._last_step = -1
+        self._val_sum: Optional[torch.Tensor] = None
+        self._val_n: Optional[torch.Tensor] = None
+        self.last_logged: dict[str, float] = {}
+
+    # -- setup
+    def configure_model(self) -> None:
+        if self.activation_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        if self.compile_model and not getattr(self, "_compiled", False):
+            self.model.compile()  # nn.Module.compile: compiles in place, state-dict keys stay the same
+            self._compiled = True
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        on_cuda = next(self.model.parameters()).is_cuda
+        fused = on_cuda if cfg.fused is None else cfg.fused
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused
+        )
+        decay_steps = cfg.decay_steps or self.max_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, WarmupDecay(cfg.warmup_steps, decay_steps, cfg.min_lr_ratio, cfg.schedule)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # -- batches
+    def _maybe_overfit(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        if not self.overfit_batches:
+            return batch
+        if len(self._overfit_cache) < self.overfit_batches:
+            self._overfit_cache.append({k: v.detach().clone() for k, v in batch.items()})
+        return self._overfit_cache[batch_idx % len(self._overfit_cache)]
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        return self.model(input_ids=input_ids, labels=labels)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        n_samples = batch["input_ids"].shape[0]
+        batch = self._maybe_overfit(batch, batch_idx)
+        loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        # The mean over the micro-batches of one optimizer step, kept on the device (no host sync here).
+        self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
+        self._loss_n += 1
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "consumed_samples"):
+            # contract with data_pipelines: the GLOBAL sample count, checkpointed with the datamodule state
+            dm.consumed_samples += n_samples * self.trainer.world_size
+        return loss
+
+    def on_train_start(self) -> None:
+        self._last_step = self.trainer.global_step
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self.trainer.global_step
+        if step == self._last_step:  # inside an accumulation window
+            return
+        self._last_step = step
+        loss_sum, n = self._loss_sum, self._loss_n
+        self._loss_sum, self._loss_n = None, 0
+        if not self._should_log(step) or loss_sum is None:
+            return
+        loss = (loss_sum / n).item()  # the only host sync of the training loss
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.emit_metrics({"train/loss": loss, "lr": lr}, step)
+        self._flush_logs()  # the row is complete (throughput was logged before this hook)
+        self.log("loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        self.log("lr", lr, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    def _should_log(self, step: int) -> bool:
+        return step % self.log_every_n_steps == 0 or step == 1 or step >= self.trainer.max_steps
+
+    def emit_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """One row of metrics at optimizer step `step`, to every logger (metrics.csv, W&B, TensorBoard)."""
+        self.last_logged.update(metrics)
+        if self.trainer.sanity_checking:
+            return
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def _flush_logs(self) -> None:
+        for logger in self.trainer.loggers:
+            if hasattr(logger, "flush"):
+                logger.flush()
+
+    # -- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_n = torch.zeros((), device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if self.overfit_batches and self._overfit_cache:
+            batch = self._overfit_cache[batch_idx % len(self._overfit_cache)]
+        loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        self._val_sum += loss.detach().double()
+        self._val_n += 1
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._val_n, reduce_op="sum")
+        if count.item() == 0:
+            return
+        val_loss = (total / count).item()
+        metrics = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 700.0))}
+        self.emit_metrics(metrics, self.trainer.global_step)
+        self._flush_logs()
+        self.log("val_loss", val_loss, prog_bar=True, logger=False, on_epoch=True)
+
+    # -- checkpoints: the GPT2Config and our meta travel with every checkpoint (config.json / meta.json)
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cfg = self.model.config
+        checkpoint[MODEL_CONFIG_KEY] = cfg.to_dict()
+        checkpoint[META_KEY] = dict(self.meta, task=type(self.model).__name__)
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """trainer.precision=auto -> bf16-mixed on a bf16-capable CUDA device, else 32-true."""
+    if precision != "auto":
+        return {"32": "32-true", "64": "64-true"}.get(precision, precision)
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+__all__ = [
+    "GPT2LitModule",
+    "TASK_MODELS",
+    "WarmupDecay",
+    "build_model",
+    "build_model_config",
+    "load_checkpoint_model",
+    "param_groups",
+    "resolve_precision",
+]
