@@ -183,9 +183,6 @@ def test_two_task_cpu_ddp_job_trains_to_completion(tmp_path):
 @needs_slurm
 @pytest.mark.slow
 @pytest.mark.skipif(not CORPUS.is_file(), reason="needs the shared tinyshakespeare corpus")
-@pytest.mark.xfail(strict=False, reason="train/ does not yet turn SIGUSR1 into a checkpoints/step-N save + "
-                                        "`scontrol requeue` at a step boundary (Lightning's default handler saves "
-                                        "hpc_ckpt_N.ckpt inside the signal handler, which can deadlock under DDP)")
 def test_usr1_requeues_and_the_job_resumes_to_the_final_step(tmp_path):
     run_dir = tmp_path / "run"
     max_steps = 400

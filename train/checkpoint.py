@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import json
 import os
 import re
@@ -126,10 +127,14 @@ class DirCheckpointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        # storage_options={"tmp_dir": d}: `d` (a step-N.tmp-* folder) already holds more files to publish with this
+        # checkpoint, e.g. FSDP's sharded/ DCP folder (train/strategies.py); it is renamed into place with the rest
+        prepared = storage_options.get("tmp_dir") if isinstance(storage_options, dict) else None
+        tmp = Path(prepared) if prepared else path.parent / f"{path.name}.tmp-{os.getpid()}"
+        if not prepared:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
         ckpt = dict(checkpoint)
         state_dict = ckpt.pop("state_dict")
         model_config = ckpt.pop(MODEL_CONFIG_KEY, None)
@@ -159,6 +164,17 @@ class DirCheckpointIO(CheckpointIO):
             else:
                 os.rename(tmp, path)
             _fsync_dir(path.parent)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                prev = latest_checkpoint(path.parent.parent)
+                raise CheckpointError(
+                    f"no space left on the device writing checkpoint {path} ({e.strerror}); "
+                    f"{'the previous checkpoint ' + str(prev) + ' is intact' if prev else 'no earlier checkpoint exists'}"
+                    f" - free disk space (or raise the quota, or lower checkpoint.keep_last), then continue with "
+                    f"resume=auto."
+                ) from e
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

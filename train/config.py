@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from data_pipelines.config import DataConfig
+from data_pipelines.tasks.config import TaskDataConfig
 
 
 class ConfigError(ValueError):
@@ -84,26 +85,50 @@ class StabilityConfig:
 
 
 # ----------------------------------------------------------------------------------------------------- task
-TASKS = ("lm",)  # cls / token_cls / qa / mc arrive with the fine-tuning issue
+TASKS = ("lm", "cls", "token_cls", "qa", "mc")  # fine-tuning tasks: train/tasks.py
+MONITOR_MODES = ("max", "min")
 
 
 @dataclass
 class TaskConfig:
-    """What the model learns (conf/task/*.yaml): a head + loss + metrics, looked up by name in train/module.py."""
+    """What the model learns (conf/task/*.yaml): a head + loss + metrics, looked up by name in train/module.py.
+
+    The fine-tuning tasks (cls, token_cls, qa, mc) read their examples from `task.data` (data_pipelines.tasks'
+    TaskDataConfig: the offline demo set by default, or local jsonl/csv/parquet / hub datasets); the top-level `data`
+    group stays the LM data (and, with no model.init_from, names the corpus the BPE tokenizer is trained on).
+    """
 
     name: str = "lm"
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)  # unused by task=lm
+    lm_coef: float = 0.5  # mc: loss = lm_coef * LM loss + multiple-choice loss (HF run_openai_gpt.py: lm_coef 0.9)
+    # the validation metric that picks checkpoints/best and the export; null -> the task's default
+    # (cls: val/accuracy max, or val/mse min for regression; token_cls and qa: val/f1 max; mc: val/accuracy max)
+    monitor: Optional[str] = None
+    monitor_mode: Optional[str] = None  # max | min; null -> the default for `monitor`
 
     def __post_init__(self) -> None:
         _check(self.name in TASKS, f"task.name={self.name!r} is not available; use one of {', '.join(TASKS)}.")
+        _check(self.lm_coef >= 0, f"task.lm_coef={self.lm_coef} must be >= 0.")
+        _check(
+            self.monitor_mode is None or self.monitor_mode in MONITOR_MODES,
+            f"task.monitor_mode={self.monitor_mode!r} is unknown; use max, min or null.",
+        )
+        _check(
+            self.monitor is None or self.monitor.startswith("val/"),
+            f"task.monitor={self.monitor!r} must name a validation metric, e.g. val/f1 or val/accuracy.",
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- strategy
-STRATEGIES = ("auto", "ddp")  # fsdp / deepspeed_zero* arrive with the scale-out issue
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
 
 
 @dataclass
 class StrategyConfig:
-    """How the model is spread over devices (conf/strategy/*.yaml)."""
+    """How the model is spread over devices (conf/strategy/*.yaml); built by train/strategies.py:build_strategy.
+
+    Every option's YAML sets every field; fields a strategy does not use keep their defaults there.
+    """
 
     name: str = "auto"
     # DDP: buckets of gradients are views into the all-reduce buffer (saves one copy of the grads; torch DDP docs)
@@ -111,6 +136,12 @@ class StrategyConfig:
     find_unused_parameters: bool = False
     process_group_backend: Optional[str] = None  # None -> nccl on CUDA, gloo on CPU
     timeout_minutes: int = 30
+    # FSDP2 (fully_shard): the block class sharded one unit per instance, from outside the model (torchtitan)
+    wrap_class: Optional[str] = None  # "gpt2.modeling.GPT2Block"; None -> only the root is one FSDP unit
+    reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3-like); false = ZeRO-2-like
+    # fsdp: parameters, gradients and optimizer state in CPU memory (CPUOffloadPolicy);
+    # deepspeed_*: ZeRO-Offload (optimizer state; + parameters at stage 3) - deepspeed_zero3_offload sets it
+    offload: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -118,6 +149,15 @@ class StrategyConfig:
             f"strategy.name={self.name!r} is not available; use one of {', '.join(STRATEGIES)}.",
         )
         _check(self.timeout_minutes > 0, f"strategy.timeout_minutes={self.timeout_minutes} must be positive.")
+        _check(
+            self.wrap_class is None or "." in self.wrap_class,
+            f"strategy.wrap_class={self.wrap_class!r} must be a dotted class path, e.g. gpt2.modeling.GPT2Block.",
+        )
+        _check(
+            not self.offload or self.name in ("fsdp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3",
+                                              "deepspeed_zero3_offload"),
+            f"strategy.offload=true needs strategy=fsdp or a deepspeed_* strategy, not {self.name}.",
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- trainer
@@ -247,6 +287,26 @@ class CheckpointConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The loss-spike / NaN guard (conf/guard/*.yaml; train/guard.py): skip non-finite updates, roll back spikes."""
+
+    enabled: bool = True
+    spike_factor: Optional[float] = 3.0  # loss > factor x running average -> roll back; null: no spike check
+    warmup_steps: int = 100  # optimizer steps before spikes are checked (the loss falls fast at first)
+    ema_decay: float = 0.99  # running average's decay per step (~100 steps of memory)
+    max_events: int = 5  # skipped + rolled-back steps after which the run stops
+
+    def __post_init__(self) -> None:
+        _check(
+            self.spike_factor is None or self.spike_factor > 1.0,
+            f"guard.spike_factor={self.spike_factor} must be > 1 or null (no spike check).",
+        )
+        _check(self.warmup_steps >= 0, f"guard.warmup_steps={self.warmup_steps} must be >= 0.")
+        _check(0.0 < self.ema_decay < 1.0, f"guard.ema_decay={self.ema_decay} must be in (0, 1).")
+        _check(self.max_events > 0, f"guard.max_events={self.max_events} must be positive.")
+
+
+@dataclass
 class SampleConfig:
     """What samples.txt shows at the end of an LM run."""
 
@@ -279,6 +339,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     seed: int = 1337
     run_dir: str = "outputs/run"

@@ -51,6 +51,7 @@ def export_hf(model: Any, tokenizer: Any, out_dir: str | os.PathLike, overwrite:
             f"{out} is not empty and holds no earlier export; choose an empty folder or pass --force to replace it."
         )
     out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -74,6 +75,26 @@ def export_hf(model: Any, tokenizer: Any, out_dir: str | os.PathLike, overwrite:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove `.<out>.tmp-<pid>` / `.old-<pid>` folders an export killed mid-write left (their process is gone)."""
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = p.name[len(out.name) + 2:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and p.is_dir() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_for_export(src: str | os.PathLike):

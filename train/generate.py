@@ -28,7 +28,10 @@ def load_model_and_tokenizer(src: str | os.PathLike):
         return GPT2LMHeadModel.from_pretrained(str(p), dtype=torch.float32), GPT2TokenizerFast.from_pretrained(str(p))
     from train.export import load_for_export
 
-    model, tok, _ = load_for_export(p)
+    model, tok, step = load_for_export(p)
+    if not isinstance(model, GPT2LMHeadModel):
+        raise ValueError(f"{step} holds a {type(model).__name__} (a fine-tuned task head), which does not generate "
+                         f"text; sample from an LM run or checkpoint instead.")
     return model, tok
 
 

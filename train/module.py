@@ -22,8 +22,14 @@ from train.checkpoint import META_KEY, MODEL_CONFIG_KEY, CheckpointError, load_m
 from train.checkpoint import resolve_checkpoint
 from train.config import AttentionConfig, ConfigError, ModelConfig, OptimConfig, StabilityConfig, TaskConfig
 
-# task name -> model class; the fine-tuning issue adds cls/token_cls/qa/mc heads here.
-TASK_MODELS: dict[str, type] = {"lm": gpt2.GPT2LMHeadModel}
+# task name -> model class (the fine-tuning tasks' loss, metrics and head init live in train/tasks.py)
+TASK_MODELS: dict[str, type] = {
+    "lm": gpt2.GPT2LMHeadModel,
+    "cls": gpt2.GPT2ForSequenceClassification,
+    "token_cls": gpt2.GPT2ForTokenClassification,
+    "qa": gpt2.GPT2ForQuestionAnswering,
+    "mc": gpt2.GPT2DoubleHeadsModel,
+}
 
 
 # ------------------------------------------------------------------------------------------------ model building
@@ -105,8 +111,19 @@ def build_model(
     return model
 
 
-def load_checkpoint_model(step_path: Path, cls: type = gpt2.GPT2LMHeadModel, **overrides) -> nn.Module:
-    """The model stored in one of our checkpoints (`checkpoints/step-N`), weights loaded strictly."""
+def load_checkpoint_model(step_path: Path, cls: Optional[type] = None, **overrides) -> nn.Module:
+    """The model stored in one of our checkpoints (`checkpoints/step-N`), weights loaded strictly.
+
+    `cls=None` builds the class the checkpoint records (meta.json "task": GPT2LMHeadModel, a head class, ...).
+    """
+    if cls is None:
+        from train.checkpoint import read_meta
+
+        saved = read_meta(Path(step_path)).get("task") or "GPT2LMHeadModel"
+        by_name = {c.__name__: c for c in TASK_MODELS.values()}
+        if saved not in by_name:
+            raise CheckpointError(f"{step_path} holds a {saved}, which is not one of {sorted(by_name)}.")
+        cls = by_name[saved]
     config = GPT2Config.from_dict(load_model_config_dict(step_path), **overrides)
     model = cls(config)
     sd = load_weights(Path(step_path) / "model.safetensors")
@@ -268,7 +285,9 @@ class GPT2LitModule(L.LightningModule):
         self._loss_sum, self._loss_n = None, 0
         if not self._should_log(step) or loss_sum is None:
             return
-        loss = (loss_sum / n).item()  # the only host sync of the training loss
+        # the mean over all ranks (one collective, at logging steps only): the number 1 process with the whole
+        # global batch would log; the only host sync of the training loss
+        loss = self.trainer.strategy.reduce(loss_sum / n, reduce_op="mean").item()
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.emit_metrics({"train/loss": loss, "lr": lr}, step)
         self._flush_logs()  # the row is complete (throughput was logged before this hook)

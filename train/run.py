@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,20 +30,12 @@ except ImportError:  # pragma: no cover
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
-def build_strategy(strategy_cfg, accelerator: str):
-    """`strategy` group -> a Lightning strategy object or name."""
-    if strategy_cfg.name == "auto":
-        return "auto"
-    if strategy_cfg.name == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
+def build_strategy(strategy_cfg, trainer_cfg, micro_batch_size: int = 1):
+    """`strategy` group -> a Lightning strategy object or name (train/strategies.py; refused up front if this
+    machine cannot run it)."""
+    from train.strategies import build_strategy as _build
 
-        return DDPStrategy(
-            find_unused_parameters=strategy_cfg.find_unused_parameters,
-            gradient_as_bucket_view=strategy_cfg.gradient_as_bucket_view,
-            process_group_backend=strategy_cfg.process_group_backend,
-            timeout=timedelta(minutes=strategy_cfg.timeout_minutes),
-        )
-    raise ConfigError(f"strategy.name={strategy_cfg.name!r} is not available.")
+    return _build(strategy_cfg, trainer_cfg, micro_batch_size)
 
 
 def wandb_mode(logger_cfg) -> str:
@@ -130,11 +121,24 @@ def _resolve_resume(cfg: Config, run_dir: Path) -> Optional[Path]:
     return ck.resolve_checkpoint(cfg.resume)
 
 
-def _check_compatible(step_path: Path, model_config) -> None:
-    """A checkpoint of another model size fails here with the differing field named, not deep in load_state_dict."""
-    from train.checkpoint import load_model_config_dict
+def _check_compatible(step_path: Path, model_config, model_class: Optional[str] = None) -> None:
+    """A checkpoint of another model size or task head fails here with the difference named, not deep in
+    load_state_dict."""
+    from train.checkpoint import load_model_config_dict, read_meta
 
+    saved_task = read_meta(step_path).get("task")
+    if model_class and saved_task and saved_task != model_class:
+        raise ConfigError(
+            f"checkpoint {step_path} holds a {saved_task} (another task head), but this run builds a {model_class}; "
+            f"resume with the task it was trained with, or start a new run_dir with model.init_from={step_path}."
+        )
     saved = load_model_config_dict(step_path)
+    n_saved = saved.get("num_labels", len(saved["id2label"]) if isinstance(saved.get("id2label"), dict) else None)
+    if n_saved is not None and n_saved != getattr(model_config, "num_labels", n_saved):
+        raise ConfigError(
+            f"checkpoint {step_path} has a head of num_labels={n_saved}, but this run builds "
+            f"num_labels={model_config.num_labels}; resume with the same task settings."
+        )
     for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "tie_word_embeddings"):
         if key in saved and saved[key] != getattr(model_config, key):
             raise ConfigError(
@@ -170,13 +174,18 @@ def build_trainer(cfg: Config, run_dir: Path, loggers: list, extra_callbacks: li
     from train.callbacks import RNGState, StepProgressBar, StepSeed, Throughput
     from train.checkpoint import DirCheckpointIO
     from train.module import resolve_precision
+    from train.strategies import build_plugins
 
     tcfg = cfg.trainer
     fast = tcfg.fast_dev_run
     max_steps = 1 if fast else tcfg.max_steps
     val_every = 1 if fast else tcfg.val_check_interval
     limit_val = min(1, tcfg.limit_val_batches) if fast else tcfg.limit_val_batches
-    callbacks: list = [StepSeed(cfg.seed), RNGState(), Throughput(tcfg.log_every_n_steps), *extra_callbacks]
+    from train.guard import build_guard
+
+    # the guard runs before StepCheckpoint: a rolled-back state, not the spiking one, is what a step-N save holds
+    callbacks: list = [StepSeed(cfg.seed), RNGState(), Throughput(tcfg.log_every_n_steps),
+                       *build_guard(cfg.guard, run_dir), *extra_callbacks]  # fmt: skip
     if tcfg.enable_progress_bar:
         # the bar's numbers change only at logging steps; redrawing it every batch costs ~1 ms a step
         callbacks.append(StepProgressBar(refresh_rate=tcfg.log_every_n_steps))
@@ -184,7 +193,7 @@ def build_trainer(cfg: Config, run_dir: Path, loggers: list, extra_callbacks: li
         accelerator=tcfg.accelerator,
         devices=tcfg.devices,
         num_nodes=tcfg.num_nodes,
-        strategy=build_strategy(cfg.strategy, tcfg.accelerator),
+        strategy=build_strategy(cfg.strategy, tcfg, cfg.data.batch_size),
         precision=resolve_precision(tcfg.precision, tcfg.accelerator),
         max_steps=max_steps,
         max_epochs=-1,
@@ -202,7 +211,7 @@ def build_trainer(cfg: Config, run_dir: Path, loggers: list, extra_callbacks: li
         enable_checkpointing=False,  # StepCheckpoint owns checkpoints/
         enable_progress_bar=tcfg.enable_progress_bar,
         enable_model_summary=tcfg.enable_progress_bar,
-        plugins=[DirCheckpointIO()],
+        plugins=[DirCheckpointIO(), *build_plugins()],  # + SLURMEnvironment(auto_requeue=False) under SLURM
         deterministic=tcfg.deterministic or None,
         profiler=build_profiler(tcfg.profiler, run_dir),
         default_root_dir=str(run_dir),
@@ -223,10 +232,21 @@ def train(cfg: Config) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     cfg = to_config(cfg)
+    if cfg.task.name != "lm":  # fine-tuning tasks (cls, token_cls, qa, mc): head + task data + metrics
+        from train.tasks import train_task
+
+        return train_task(cfg)
     tcfg = cfg.trainer
     run_dir = Path(cfg.run_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
+    from train.strategies import check_hardware
+
+    check_hardware(cfg.strategy, tcfg, cfg.attention.implementation)  # up front: before any data is prepared
     resume_from = _resolve_resume(cfg, run_dir)
+    if resume_from is not None:
+        from train.strategies import check_resume
+
+        check_resume(resume_from, cfg.strategy)  # FSDP / ZeRO / full training state resume only under their own kind
     resume_step = ck.read_meta(resume_from)["global_step"] if resume_from else None
     fast = tcfg.fast_dev_run
 
@@ -250,7 +270,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     model = build_model(cfg.task, cfg.model, cfg.attention, cfg.stability, vocab, dm.eos_token_id)
     if resume_from is not None:
-        _check_compatible(resume_from, model.config)
+        _check_compatible(resume_from, model.config, type(model).__name__)
     if cfg.data.block_size > model.config.n_positions:
         raise ConfigError(
             f"data.block_size={cfg.data.block_size} exceeds the model's n_positions={model.config.n_positions}; "
@@ -272,12 +292,20 @@ def train(cfg: Config) -> dict[str, Any]:
     ckpt_cb = StepCheckpoint(run_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
                              save_final=cfg.checkpoint.save_final, protect=protect)  # fmt: skip
     loggers = build_loggers(cfg, run_dir, resume_step)
-    trainer = build_trainer(cfg, run_dir, loggers, extra_callbacks=[] if fast else [ckpt_cb])
+    from train.preemption import Preemption
+
+    preempt = Preemption(ckpt_cb)  # SIGUSR1/SIGTERM -> checkpoint at a step boundary, stop (+ SLURM requeue)
+    trainer = build_trainer(cfg, run_dir, loggers, extra_callbacks=[] if fast else [ckpt_cb, preempt])
     val_every = 1 if fast else tcfg.val_check_interval
     limit_val = trainer.limit_val_batches
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
     if trainer.interrupted:
         raise KeyboardInterrupt(f"interrupted at step {trainer.global_step}; continue with resume=auto run_dir={run_dir}")
+    if preempt.stopped:  # not done: no final validation / export / samples; the next job continues
+        for lg in loggers:
+            lg.save()
+        return {"run_dir": str(run_dir), "global_step": trainer.global_step, "preempted": preempt.signal_name,
+                "requeued": preempt.requeued, "checkpoint": str(ckpt_cb.saved[-1]) if ckpt_cb.saved else None}
     # a final validation unless the last step already had one
     if limit_val > 0 and trainer.global_step % val_every != 0 and dm.val_dataset is not None:
         trainer.validate(module, datamodule=dm, verbose=False)
@@ -290,6 +318,9 @@ def train(cfg: Config) -> dict[str, Any]:
         "checkpoint": str(ckpt_cb.saved[-1]) if ckpt_cb.saved else None,
         "train_seconds": time.perf_counter() - t_start,
     }
+    from train.strategies import model_for_export
+
+    export_net = model_for_export(trainer, module) if not fast and tokenizer is not None else None  # every rank
     if trainer.is_global_zero:
         from train.callbacks import read_metrics
 
@@ -307,7 +338,7 @@ def train(cfg: Config) -> dict[str, Any]:
             from train.export import export_hf
             from train.generate import write_samples
 
-            net = module.model
+            net = export_net if export_net is not None else module.model
             summary["hf_dir"] = str(export_hf(net, tokenizer, run_dir / "hf", overwrite=True))
             summary["samples"] = str(write_samples(net, tokenizer, cfg.sample, run_dir / "samples.txt"))
         summary["seconds"] = time.perf_counter() - t_start
@@ -325,10 +356,19 @@ def _write_config(cfg: Config, run_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from omegaconf.errors import OmegaConfBaseException
 
-    return (ValueError, OSError, KeyError, MisconfigurationException, OmegaConfBaseException)
+    errors: tuple = (ValueError, OSError, KeyError, OmegaConfBaseException)
+    # only from modules already imported: a config error must not pay for importing torch + Lightning (~5 s)
+    if "lightning.fabric" in sys.modules:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        errors += (MisconfigurationException,)
+    if "train.guard" in sys.modules:
+        from train.guard import GuardError
+
+        errors += (GuardError,)
+    return errors
 
 
 def _debug() -> bool:
@@ -355,11 +395,12 @@ def _route_lightning_logs() -> None:
 def main(dcfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    _route_lightning_logs()
     try:
         # run_dir is hydra's output dir: equal to ${run_dir} in a single run, the job's folder under -m
         dcfg.run_dir = HydraConfig.get().runtime.output_dir
-        summary = train(to_config(dcfg))
+        cfg = to_config(dcfg)  # a bad value fails here, before torch and Lightning are imported
+        _route_lightning_logs()
+        summary = train(cfg)
     except _expected_errors() as e:
         if _debug():
             raise
@@ -371,11 +412,22 @@ def main(dcfg: DictConfig) -> None:
     except KeyboardInterrupt as e:
         print(f"stopped: {e or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
+    if summary.get("preempted"):
+        requeued = " and requeued the SLURM job" if summary.get("requeued") else ""
+        print(f"stopped: {summary['preempted']} at step {summary['global_step']}; saved {summary['checkpoint']}"
+              f"{requeued}; continue with resume=auto run_dir={summary['run_dir']}", file=sys.stderr)
+        # a requeued job's exit does not matter; a SIGTERM stop is 128+15, as if the signal had ended it
+        sys.exit(0 if summary["preempted"] == "SIGUSR1" else 143)
     if summary.get("first_train_loss") is not None:
         print(
             f"done: {summary['global_step']} steps in {summary['seconds']:.0f}s, train loss "
             f"{summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}; run dir {summary['run_dir']}"
         )
+    best = summary.get("best")
+    if best:  # a fine-tuning task: the monitored metric of the exported (best) model
+        print(f"best {best['metric']}={best['value']:.4f} at step {best['step']}; export {summary.get('hf_dir')}")
+    # the value a sweeper optimises (hydra/sweeper=optuna_lr): the task's best metric, else the LM's val loss
+    return best["value"] if best else summary.get("last_val_loss")
 
 
 if __name__ == "__main__":

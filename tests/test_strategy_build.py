@@ -1,0 +1,293 @@
+"""train/strategies.py and train/preemption.py without launching processes: what each `strategy=` option builds,
+what this machine refuses up front (one sentence), the DeepSpeed JSON that reaches Lightning, the ZeRO checkpoint
+publishing path, and the preemption callback's decisions (save, stop, requeue only on SIGUSR1 under SLURM)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from train import checkpoint as ck
+from train.config import ConfigError, register_configs, to_config
+from train.preemption import Preemption, requeue, slurm_job_id
+from train.strategies import (
+    FSDP2Strategy,
+    apply_fsdp,
+    build_plugins,
+    build_strategy,
+    check_hardware,
+    check_resume,
+    finalize_zero_checkpoint,
+    import_class,
+    mixed_precision_policy,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+register_configs()
+
+
+def cfg_for(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=list(overrides)))
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+@pytest.fixture
+def eight_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+
+
+# ------------------------------------------------------------------------------------------ refused up front
+@pytest.mark.parametrize("name", ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"])
+def test_deepspeed_is_refused_without_cuda(no_cuda, name):
+    cfg = cfg_for(f"strategy={name}")
+    with pytest.raises(ConfigError) as e:
+        check_hardware(cfg.strategy, cfg.trainer)
+    assert str(e.value) == (f"strategy={name} needs CUDA GPUs (Lightning's DeepSpeed strategy refuses the CPU) and "
+                            f"this is a machine without CUDA; use strategy=ddp or strategy=fsdp on CPU.")  # fmt: skip
+
+
+def test_deepspeed_is_refused_on_cpu_accelerator_even_with_gpus(eight_gpus):
+    cfg = cfg_for("strategy=deepspeed_zero2", "trainer.accelerator=cpu")
+    with pytest.raises(ConfigError, match="needs CUDA GPUs .* trainer.accelerator=cpu"):
+        check_hardware(cfg.strategy, cfg.trainer)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["trainer.accelerator=gpu"], "no CUDA GPU is visible; use trainer.accelerator=cpu"),
+        (["attention=flash"], "attention=flash needs a CUDA GPU"),
+        ([f"trainer.devices={(os.cpu_count() or 1) + 1}", "trainer.accelerator=cpu"], "CPU cores; set trainer.devices"),
+    ],
+)
+def test_what_this_cpu_machine_cannot_run_is_named(no_cuda, overrides, match):
+    cfg = cfg_for(*overrides)
+    with pytest.raises(ConfigError, match=match):
+        check_hardware(cfg.strategy, cfg.trainer, cfg.attention.implementation)
+
+
+def test_more_devices_than_gpus_is_refused(eight_gpus):
+    cfg = cfg_for("trainer.devices=16", "strategy=fsdp")
+    with pytest.raises(ConfigError, match="trainer.devices=16 but this node has 8 CUDA GPU"):
+        check_hardware(cfg.strategy, cfg.trainer)
+
+
+def test_cli_refuses_deepspeed_on_cpu_in_one_sentence(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    r = subprocess.run([sys.executable, str(ROOT / "train/run.py"), "strategy=deepspeed_zero2",
+                        f"run_dir={tmp_path}/run"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.strip() == ("error: strategy=deepspeed_zero2 needs CUDA GPUs (Lightning's DeepSpeed strategy "
+                                "refuses the CPU) and this is a machine without CUDA; use strategy=ddp or strategy=fsdp "
+                                "on CPU.")  # fmt: skip
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything was prepared
+
+
+# ------------------------------------------------------------------------------------------ what gets built
+def test_ddp_and_fsdp_build_from_their_yaml(no_cuda):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = cfg_for("strategy=ddp", "trainer.accelerator=cpu")
+    assert isinstance(build_strategy(cfg.strategy, cfg.trainer), DDPStrategy)
+    cfg = cfg_for("strategy=fsdp", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed")
+    s = build_strategy(cfg.strategy, cfg.trainer)
+    assert isinstance(s, FSDP2Strategy)
+    assert s.wrap_class == "gpt2.modeling.GPT2Block" and s.reshard_after_forward and not s.offload
+    assert s.param_precision == "bf16-mixed"
+    assert build_strategy(cfg_for().strategy, cfg_for().trainer) == "auto"
+
+
+def test_mixed_precision_policy_follows_trainer_precision():
+    assert mixed_precision_policy("bf16-mixed").param_dtype == torch.bfloat16
+    assert mixed_precision_policy("bf16-mixed").reduce_dtype == torch.float32  # gradients reduced in fp32
+    assert mixed_precision_policy("16-mixed").param_dtype == torch.float16
+    assert mixed_precision_policy("32-true").param_dtype is None
+
+
+def test_wrap_class_errors_name_the_key():
+    import gpt2
+
+    assert import_class("gpt2.modeling.GPT2Block") is gpt2.modeling.GPT2Block
+    with pytest.raises(ConfigError, match="strategy.wrap_class=gpt2.modeling.NoSuchBlock cannot be imported"):
+        import_class("gpt2.modeling.NoSuchBlock")
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match="matches no module of Sequential"):
+        apply_fsdp(model, mesh=None, wrap_class="gpt2.modeling.GPT2Block")
+    with pytest.raises(ConfigError, match="dotted class path"):
+        cfg_for("strategy=fsdp", "strategy.wrap_class=GPT2Block")
+
+
+@pytest.mark.parametrize(
+    "name,stage,offload", [("deepspeed_zero1", 1, False), ("deepspeed_zero2", 2, False),
+                           ("deepspeed_zero3", 3, False), ("deepspeed_zero3_offload", 3, True)],
+)  # fmt: skip
+def test_deepspeed_config_comes_from_our_values(eight_gpus, name, stage, offload):
+    pytest.importorskip("deepspeed")
+    cfg = cfg_for(f"strategy={name}", "data.batch_size=6", "trainer.accumulate_grad_batches=4",
+                  "trainer.gradient_clip_val=0.5", "trainer.precision=bf16-mixed")  # fmt: skip
+    s = build_strategy(cfg.strategy, cfg.trainer, micro_batch_size=cfg.data.batch_size)
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    assert isinstance(s, DeepSpeedStrategy)
+    c = s.config
+    assert c["train_micro_batch_size_per_gpu"] == 6  # data.batch_size
+    assert "gradient_accumulation_steps" not in c  # Lightning fills it from trainer.accumulate_grad_batches
+    assert c["gradient_clipping"] == 0.5 and c["bf16"] == {"enabled": True}
+    assert c["zero_optimization"]["stage"] == stage
+    assert ("offload_optimizer" in c["zero_optimization"]) == offload
+    assert ("offload_param" in c["zero_optimization"]) == offload
+    assert c.get("zero_force_ds_cpu_optimizer", True) == (not offload)  # torch AdamW under offload is allowed
+
+
+# ------------------------------------------------------------------------------------------ ZeRO -> our step dir
+def _fake_zero_dir(tmp: Path) -> None:
+    (tmp / "checkpoint").mkdir(parents=True)
+    (tmp / "latest").write_text("checkpoint")
+    (tmp / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"shard")
+
+
+def _fake_convert(weights: dict):
+    def convert(src, out):
+        assert (Path(src) / "latest").is_file() and Path(out).parent == Path(src)
+        ck.save_weights(weights, Path(out))
+
+    return convert
+
+
+def test_zero_checkpoint_is_published_as_our_step_dir(tmp_path):
+    import gpt2
+    from train.module import load_checkpoint_model
+
+    model = gpt2.GPT2LMHeadModel(gpt2.GPT2Config.from_preset("tiny", vocab_size=300, n_positions=32))
+    sd = {k: v for k, v in model.state_dict().items()}
+    run = tmp_path / "run"
+    path = ck.step_dir(run, 20)
+    tmp = path.parent / "step-20.tmp-123"
+    _fake_zero_dir(tmp)
+    out = finalize_zero_checkpoint(tmp, path, model.config.to_dict(), {"task": "GPT2LMHeadModel"}, 20,
+                                   convert=_fake_convert(sd))  # fmt: skip
+    assert out == path and not tmp.exists()
+    assert ck.latest_checkpoint(run) == path  # a complete checkpoint resume=auto and export find
+    meta = ck.read_meta(path)
+    assert meta["global_step"] == 20 and meta["strategy"] == "deepspeed" and meta["task"] == "GPT2LMHeadModel"
+    assert (path / "checkpoint" / "mp_rank_00_model_states.pt").is_file()  # DeepSpeed's own shards stay for resume
+    loaded = load_checkpoint_model(path)
+    torch.testing.assert_close(loaded.transformer.wte.weight, model.transformer.wte.weight)
+    # a re-save of the same step replaces the old dir as a whole
+    _fake_zero_dir(tmp)
+    finalize_zero_checkpoint(tmp, path, model.config.to_dict(), {}, 20, convert=_fake_convert(sd))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["step-20"]
+
+
+def test_unfinished_zero_save_is_not_published(tmp_path):
+    tmp = tmp_path / "checkpoints" / "step-5.tmp-1"
+    tmp.mkdir(parents=True)
+    with pytest.raises(ck.CheckpointError, match="'latest' missing"):
+        finalize_zero_checkpoint(tmp, tmp_path / "checkpoints" / "step-5", None, {}, 5, convert=_fake_convert({}))
+    assert ck.list_checkpoints(tmp_path) == []
+
+
+def test_resume_across_strategy_families_is_refused(tmp_path):
+    step = tmp_path / "step-8"
+    step.mkdir()
+    (step / "meta.json").write_text(json.dumps({"format": ck.FORMAT, "global_step": 8, "strategy": "fsdp"}))
+    check_resume(step, cfg_for("strategy=fsdp").strategy)
+    with pytest.raises(ConfigError, match=r"holds fsdp training state .* cannot be resumed with strategy=ddp"):
+        check_resume(step, cfg_for("strategy=ddp").strategy)
+    (step / "meta.json").write_text(json.dumps({"format": ck.FORMAT, "global_step": 8}))
+    check_resume(step, cfg_for("strategy=ddp").strategy)
+    with pytest.raises(ConfigError, match="model.init_from="):
+        check_resume(step, cfg_for("strategy=deepspeed_zero2").strategy)
+
+
+# ------------------------------------------------------------------------------------------ cluster environment
+def test_slurm_environment_without_lightnings_requeue(monkeypatch):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    for k in list(os.environ):
+        if k.startswith("SLURM_"):
+            monkeypatch.delenv(k)
+    assert build_plugins() == []
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "gpt2-forge")
+    (env,) = build_plugins()
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False
+
+
+def test_slurm_job_id_and_requeue_command():
+    assert slurm_job_id({"SLURM_JOB_ID": "42"}) == "42"
+    assert slurm_job_id({"SLURM_JOB_ID": "43", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "3"}) == "40_3"
+    assert slurm_job_id({}) is None
+    calls = []
+    assert requeue("40_3", runner=lambda cmd, **kw: calls.append(cmd) or SimpleNamespace(returncode=0))
+    assert calls == [["scontrol", "requeue", "40_3"]]
+    with pytest.warns(UserWarning, match="Invalid job id"):
+        assert not requeue("1", runner=lambda cmd, **kw: SimpleNamespace(returncode=1, stderr="Invalid job id", stdout=""))
+
+
+class _Ckpt:
+    def __init__(self):
+        self.saved = []
+
+    def save(self, trainer):
+        self.saved.append(trainer.global_step)
+        return Path(f"/run/checkpoints/step-{trainer.global_step}")
+
+
+def _trainer(step: int):
+    return SimpleNamespace(global_step=step, world_size=1, is_global_zero=True, should_stop=False,
+                           strategy=SimpleNamespace(root_device=torch.device("cpu")))  # fmt: skip
+
+
+@pytest.mark.parametrize("sig,in_slurm,requeued", [(signal.SIGUSR1, True, True), (signal.SIGTERM, True, False),
+                                                   (signal.SIGUSR1, False, False)])  # fmt: skip
+def test_preemption_saves_stops_and_requeues_only_usr1_under_slurm(monkeypatch, sig, in_slurm, requeued):
+    import train.preemption as pre
+
+    for k in list(os.environ):
+        if k.startswith("SLURM_"):
+            monkeypatch.delenv(k)
+    if in_slurm:
+        monkeypatch.setenv("SLURM_JOB_ID", "77")
+    calls = []
+    monkeypatch.setattr(pre, "requeue", lambda job: calls.append(job) or True)
+    seen_by_previous = []
+    old = signal.signal(sig, lambda s, f: seen_by_previous.append(s))  # a user's handler: still called
+    try:
+        cb, ckpt = None, _Ckpt()
+        cb = Preemption(ckpt)
+        trainer = _trainer(10)
+        cb.on_train_start(trainer, None)
+        trainer.global_step = 11
+        cb.on_train_batch_end(trainer, None, None, None, 0)
+        assert ckpt.saved == [] and not trainer.should_stop  # no signal: nothing happens
+        os.kill(os.getpid(), sig)  # the handler only sets a flag...
+        assert ckpt.saved == [] and seen_by_previous == [sig]
+        trainer.global_step = 12
+        cb.on_train_batch_end(trainer, None, None, None, 0)  # ...the step boundary saves and stops
+        assert ckpt.saved == [12] and trainer.should_stop and cb.stopped
+        assert cb.signal_name == signal.Signals(sig).name
+        assert calls == (["77"] if requeued else []) and cb.requeued == requeued
+        cb.on_train_end(trainer, None)
+        assert signal.getsignal(sig) is not cb._handle  # handlers restored
+    finally:
+        signal.signal(sig, old)
