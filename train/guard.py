@@ -1,0 +1,203 @@
+"""The loss-spike / NaN guard: a Lightning callback that keeps one bad batch from ruining a run.
+
+Per optimizer step it looks at two numbers, the step's mean loss and whether any gradient is non-finite:
+
+- a non-finite loss or gradient: the update is skipped. Every `.grad` is set to None before the optimizer runs, and
+  torch optimizers skip parameters without a gradient, so the weights, AdamW's moments and its step count all stay
+  as they were (zeroing the gradients would not do: AdamW would still move the weights by its momentum and weight
+  decay). The LR schedule and the data position still advance, as with GradScaler's skipped steps.
+- a finite loss above `spike_factor` x its running average (an EMA, checked after `warmup_steps`): the update is
+  skipped too, and the model, optimizer and LR schedule are reloaded from `checkpoints/last`. The data are not
+  rewound: the samples drawn between that checkpoint and the spike are skipped (PaLM §5.1 restarts ~100 steps before
+  a spike and skips ~200-500 batches). The step counter keeps counting, so metrics.csv rows and step-N checkpoint
+  names stay monotonic and no earlier checkpoint is overwritten.
+
+After `max_events` skips + rollbacks together the run stops with `GuardError`, naming the steps. The counts are
+logged to metrics.csv as guard/skipped and guard/rollbacks, and the guard's state (running average, events) is
+saved in every checkpoint so a resumed run continues it exactly.
+
+Cost: one host sync per optimizer step (a 3-element tensor: loss, non-finite flag, grad norm) in
+`on_before_optimizer_step`, before the optimizer runs; guard.enabled=false removes it. The loss of every micro-batch
+is summed on the device (`on_before_backward`), so accumulation adds no syncs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.distributed.tensor import DTensor
+from lightning.pytorch.callbacks import Callback
+
+from train import checkpoint as ckpt_io
+
+
+class GuardError(RuntimeError):
+    """The run diverged: too many non-finite / spiking steps. The message names the steps and what to try."""
+
+
+class LossGuard(Callback):
+    """Skip non-finite updates, roll back loss spikes to the last checkpoint, stop after `max_events`.
+
+    Args:
+        run_dir: the run directory (its checkpoints/last is the rollback target).
+        spike_factor: a loss above spike_factor x running average is a spike; None: no spike detection.
+        warmup_steps: optimizer steps before spikes are checked (the loss falls fast at first).
+        ema_decay: the running average's decay per optimizer step (0.99: ~100 steps of memory).
+        max_events: skips + rollbacks after which the run stops.
+    """
+
+    def __init__(self, run_dir: str | Path, spike_factor: Optional[float] = 3.0, warmup_steps: int = 100,
+                 ema_decay: float = 0.99, max_events: int = 5):  # fmt: skip
+        self.run_dir = Path(run_dir)
+        self.spike_factor = spike_factor
+        self.warmup_steps = warmup_steps
+        self.ema_decay = ema_decay
+        self.max_events = max_events
+        # state saved in checkpoints (plain numbers: weights_only-loadable)
+        self.ema: Optional[float] = None
+        self.n_good = 0  # finite, non-spiking steps seen (the warm-up counter)
+        self.skipped = 0
+        self.rollbacks = 0
+        self.events: list[list] = []  # [step, "nan" | "spike", loss, rolled back to step or -1]
+        # per-step scratch
+        self._loss_sum: Optional[torch.Tensor] = None
+        self._rollback_pending = False
+
+    # -- the step's loss, summed on the device over its micro-batches (Lightning divides each by the accumulation)
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        loss_sum, self._loss_sum = self._loss_sum, None
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        dev = pl_module.device
+        if grads:
+            # one fused norm kernel per dtype/device group; a NaN/Inf anywhere makes the total non-finite
+            norms = torch._foreach_norm(grads)
+            # FSDP2: per-shard norms come back as DTensors (a pending sum over ranks); full_tensor() reduces each
+            # to the whole parameter's norm, so every rank sees the true global norm
+            norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+            gnorm = torch.linalg.vector_norm(torch.stack([n.float().to(dev) for n in norms]))
+        else:  # sharded engines (DeepSpeed) keep gradients elsewhere: only the loss is checked
+            gnorm = torch.zeros((), device=dev)
+        loss = loss_sum if loss_sum is not None else torch.zeros((), device=dev)
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            # fp16 + GradScaler: overflowing gradients are routine and the scaler already skips those steps
+            bad = (~torch.isfinite(loss)).float()
+        else:
+            bad = (~torch.isfinite(loss) | ~torch.isfinite(gnorm)).float()
+        stats = torch.stack([loss.to(dev), bad, gnorm])
+        if trainer.world_size > 1:  # every rank must take the same decision
+            stats = trainer.strategy.reduce(stats, reduce_op="mean")
+        loss_v, bad_v, _ = stats.tolist()  # the guard's one host sync per optimizer step
+        step = trainer.global_step + 1  # the step this update would complete
+        if bad_v > 0 or not math.isfinite(loss_v):
+            self._drop_update(pl_module)
+            self.skipped += 1
+            self._record(trainer, step, "nan", loss_v, -1)
+            return
+        if self._is_spike(loss_v):
+            self._drop_update(pl_module)
+            self._rollback_pending = True
+            self.events.append([step, "spike", loss_v, -1])  # the target is filled in by the rollback
+            return
+        self.ema = loss_v if self.ema is None else self.ema_decay * self.ema + (1 - self.ema_decay) * loss_v
+        self.n_good += 1
+
+    def _is_spike(self, loss: float) -> bool:
+        return (
+            self.spike_factor is not None
+            and self.ema is not None
+            and self.n_good >= self.warmup_steps
+            and loss > self.spike_factor * self.ema
+        )
+
+    @staticmethod
+    def _drop_update(pl_module) -> None:
+        for p in pl_module.parameters():
+            p.grad = None  # optimizers skip parameters without a gradient: no update, no moment / step change
+
+    # -- after the (skipped) optimizer step: roll back, log, stop
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self._rollback_pending:
+            self._rollback_pending = False
+            self.rollbacks += 1
+            target = self.rollback(trainer, pl_module)
+            self.events[-1][3] = target
+            self._record(trainer, step, None, None, target)
+            return
+        if self._should_log(trainer, pl_module, step):
+            self._log(pl_module, step)
+
+    def _record(self, trainer, step: int, kind: Optional[str], loss: Optional[float], target: int) -> None:
+        if kind is not None:
+            self.events.append([step, kind, loss, target])
+        self._log(trainer.lightning_module, step)
+        if len(self.events) >= self.max_events:
+            raise GuardError(self._stop_message())
+
+    def _log(self, pl_module, step: int) -> None:
+        metrics = {"guard/skipped": float(self.skipped), "guard/rollbacks": float(self.rollbacks)}
+        if hasattr(pl_module, "emit_metrics"):
+            pl_module.emit_metrics(metrics, step)
+        elif pl_module.logger is not None:
+            pl_module.logger.log_metrics(metrics, step=step)
+
+    @staticmethod
+    def _should_log(trainer, pl_module, step: int) -> bool:
+        if hasattr(pl_module, "_should_log"):
+            return pl_module._should_log(step)
+        return step % max(1, trainer.log_every_n_steps) == 0 or step >= trainer.max_steps
+
+    def _stop_message(self) -> str:
+        parts = []
+        for step, kind, loss, target in self.events:
+            what = f"step {step}: non-finite loss/gradient" if kind == "nan" else f"step {step}: loss {loss:.4g} spike"
+            if kind == "spike":
+                what += f" (rolled back to step {target})" if target >= 0 else " (no checkpoint to roll back to)"
+            parts.append(what)
+        return (
+            f"the loss guard stopped the run after {len(self.events)} bad steps (guard.max_events="
+            f"{self.max_events}): {'; '.join(parts)}. Lower optim.lr or check the data around those steps, then "
+            f"continue with resume=auto (or raise guard.max_events / guard.spike_factor)."
+        )
+
+    def rollback(self, trainer, pl_module) -> int:
+        """Reload model, optimizer and LR schedule from checkpoints/last; the step it came from, or -1 if none."""
+        target = ckpt_io.latest_checkpoint(self.run_dir)
+        if target is None:
+            return -1
+        ckpt = ckpt_io.DirCheckpointIO().load_checkpoint(target, map_location=pl_module.device)
+        trainer.strategy.load_model_state_dict(ckpt, strict=True)
+        trainer.strategy.load_optimizer_state_dict(ckpt)
+        for cfg, state in zip(trainer.lr_scheduler_configs, ckpt.get("lr_schedulers", [])):
+            cfg.scheduler.load_state_dict(state)
+        return int(ckpt.get("global_step", -1))
+
+    # -- checkpointed state
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema, "n_good": self.n_good, "skipped": self.skipped, "rollbacks": self.rollbacks,
+                "events": [list(e) for e in self.events]}  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.ema = state_dict.get("ema")
+        self.n_good = int(state_dict.get("n_good", 0))
+        self.skipped = int(state_dict.get("skipped", 0))
+        self.rollbacks = int(state_dict.get("rollbacks", 0))
+        self.events = [list(e) for e in state_dict.get("events", [])]
+
+
+def build_guard(guard_cfg, run_dir: str | Path) -> list[Callback]:
+    """The `guard` group -> [LossGuard] (or [] when guard.enabled=false)."""
+    if not guard_cfg.enabled:
+        return []
+    return [LossGuard(run_dir, spike_factor=guard_cfg.spike_factor, warmup_steps=guard_cfg.warmup_steps,
+                      ema_decay=guard_cfg.ema_decay, max_events=guard_cfg.max_events)]  # fmt: skip
+
+
+__all__ = ["GuardError", "LossGuard", "build_guard"]
