@@ -29,7 +29,7 @@ from train.module import GPT2LitModule, WarmupDecay, param_groups
 from train.run import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path("/work/shared/data/tinyshakespeare.txt")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH = 4, 4, 128, 64, 12  # nanoGPT config/train_shakespeare_char.py, CPU variant
 
 

@@ -13,7 +13,7 @@ import pytest
 from launch.slurm import JobSpec, SlurmError, main, render_script, write_script
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = Path("/work/shared/data/tinyshakespeare.txt")
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 
 
 def _dry_run(capsys, *argv) -> str:

@@ -27,7 +27,7 @@ from train.config import register_configs, to_config
 from train.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 MAX_STEPS = 24
 register_configs()
 

@@ -24,7 +24,7 @@ from train.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 register_configs()
 
 

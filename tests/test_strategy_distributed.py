@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from train.callbacks import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 N = 8  # steps before the stop; the runs continue to 2N
 RTOL, ATOL_W = 1e-4, 1e-5
 

@@ -15,10 +15,7 @@ from data_pipelines.tasks.qa import window_starts
 from gpt2.tokenizer import GPT2TokenizerFast, train_tokenizer
 from train.metrics import postprocess_qa, squad_metrics
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
-_local = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-if _local.exists():
-    SHAKESPEARE = _local
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,7 @@ from gpt2.tokenizer import BatchEncoding, GPT2Tokenizer, GPT2TokenizerFast, trai
 
 transformers = pytest.importorskip("transformers")
 
-DATA = Path("/work/shared/data/tinyshakespeare.txt")
-if not DATA.is_file():  # a clean clone elsewhere: fall back to the repo copy if one exists
-    DATA = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 
 # accents, CJK, emoji (4-byte UTF-8, ZWJ sequence), tabs, runs of spaces, CRLF/newlines, <|endoftext|> mid-text
 UNICODE_TEXT = (

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from train.callbacks import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 MAX_STEPS = 60
 
 
