@@ -156,13 +156,7 @@ class DirCheckpointIO(CheckpointIO):
             )
             (tmp / META_NAME).write_text(json.dumps(to_plain(meta), indent=2, sort_keys=True) + "\n")
             _fsync_dir(tmp)
-            if path.exists():  # re-saving the same step (e.g. final == periodic): replace it as a whole
-                old = path.parent / f"{path.name}.old-{os.getpid()}"
-                os.rename(path, old)
-                os.rename(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, path)
+            publish_dir(tmp, path)  # re-saving the same step (e.g. final == periodic) replaces it as a whole
             _fsync_dir(path.parent)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -202,6 +196,23 @@ class DirCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: Any) -> None:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, path: Path) -> Path:
+    """Move a fully written folder `tmp` to `path` by rename, replacing an existing `path` as a whole.
+
+    Readers see the old folder or the new one, never a mix: checkpoints, `checkpoints/best` and HF exports are all
+    written into a temporary sibling first and published here.
+    """
+    tmp, path = Path(tmp), Path(path)
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+    return path
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,7 +11,6 @@ Field meanings: https://www.deepspeed.ai/docs/config-json/ (and deepspeed/runtim
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -201,24 +200,13 @@ def zero_checkpoint_to_safetensors(checkpoint_dir: str | os.PathLike, out_file: 
     Tied weights (lm_head.weight = transformer.wte.weight) are stored once and listed as aliases in the metadata,
     the same file format as train/checkpoint.py writes (safetensors refuses tensors that share memory).
     """
-    from safetensors.torch import save_file
+    from train.checkpoint import save_weights  # lazily: importing this module must not pull in Lightning
 
     sd = zero_checkpoint_to_state_dict(checkpoint_dir, tag)
-    tensors: dict[str, Any] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, t in sd.items():
-        t = t.detach()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if t.numel() > 0 and key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = t.contiguous().cpu()
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + f".tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    save_weights(sd, tmp)
     os.replace(tmp, out_file)  # atomic: a crash never leaves a half-written model.safetensors
     return sd
 

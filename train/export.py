@@ -52,6 +52,8 @@ def export_hf(model: Any, tokenizer: Any, out_dir: str | os.PathLike, overwrite:
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
+    from train.checkpoint import publish_dir
+
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -64,13 +66,7 @@ def export_hf(model: Any, tokenizer: Any, out_dir: str | os.PathLike, overwrite:
         (tmp / "generation_config.json").write_text(
             json.dumps(generation_config(model.config, tokenizer), indent=2) + "\n"
         )
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

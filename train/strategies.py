@@ -343,14 +343,7 @@ def finalize_zero_checkpoint(tmp: Path, path: Path, model_config: Optional[dict]
     meta.update(format=ck.FORMAT, format_version=ck.FORMAT_VERSION, global_step=int(global_step),
                 module_prefix=ck.MODULE_PREFIX, strategy="deepspeed")  # fmt: skip
     (tmp / ck.META_NAME).write_text(json.dumps(ck.to_plain(meta), indent=2, sort_keys=True) + "\n")
-    if path.exists():
-        old = path.parent / f"{path.name}.old-{os.getpid()}"
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
-    return path
+    return ck.publish_dir(tmp, path)
 
 
 _ZERO_CLASS: Optional[type] = None

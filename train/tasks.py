@@ -35,7 +35,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-import gpt2
 from gpt2 import GPT2Config
 
 from train import checkpoint as ck
@@ -266,13 +265,7 @@ def save_model_dir(model: nn.Module, out: Path, meta: dict[str, Any]) -> Path:
         (tmp / ck.CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
         meta = dict(meta, format=ck.FORMAT, format_version=ck.FORMAT_VERSION, module_prefix="")
         (tmp / ck.META_NAME).write_text(json.dumps(ck.to_plain(meta), indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            old = out.parent / f"{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        ck.publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
