@@ -1,0 +1,253 @@
+"""Training step, CPU: tokens/s of our model under train/run.py's path vs a bare loop vs transformers in that loop.
+
+Three sides, one process, the same batches in the same order:
+  (a) gpt2.GPT2LMHeadModel trained by `train.run.build_trainer` + `train.module.GPT2LitModule`, built exactly as
+      benchmarks/overhead.py builds them (callbacks, progress bar, metrics.csv logger, AdamW groups, warm-up+cosine);
+  (b) the same model in overhead.py's hand-written loop (forward, backward, clip 1.0, AdamW, schedule, a host sync
+      every log interval);
+  (c) transformers.GPT2LMHeadModel (attn_implementation="sdpa", our initial weights via save_pretrained /
+      from_pretrained) in that same loop.
+The Lightning run drives; after every chunk of steps a callback runs the same batches through (b) and (c), flipping
+their order each chunk (benchmarks/common.py), so machine load hits all three alike. Dropout is off everywhere.
+Reported: the median over chunks of tokens/s per side and of the per-chunk ratios a/c (target >= 1.10) and a/b
+(target >= 0.95, issue 6), for two configs:
+  nanogpt-char  4 layers, 4 heads, 128 wide, block 64, batch 12, char vocab of tinyshakespeare (nanoGPT
+                config/train_shakespeare_char.py, CPU variant; overhead.py's config)
+  gpt2-width    2 layers, 12 heads, 768 wide, block 128, batch 4, vocab 50257 (GPT-2's width and vocabulary, few
+                layers; the ids are tinyshakespeare's bytes: the token values do not change the compute)
+
+    python benchmarks/train_step.py [--quick] [--threads N] [--config nanogpt-char|gpt2-width] [--profile]
+
+Run time on the 2-core dev box with --threads 1: default ~3 min, --quick ~70 s. With 2 threads while other
+processes load the cores, the threads oversubscribe and everything runs ~3x slower (--quick took ~4 min): on a
+shared machine use --threads 1 and say so next to the numbers.
+--profile skips the timing and prints torch.profiler's top operators for one training step of (b) and (c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+import gpt2
+from common import machine_line  # benchmarks/common.py and overhead.py (run as a script, like the others)
+from overhead import DATA, ROOT, BareLoop, Interleave, _Loader, char_batches
+from train.config import register_configs, to_config
+from train.module import GPT2LitModule, WarmupDecay, param_groups
+from train.run import build_trainer
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block: int
+    batch: int
+    vocab: int | None  # None: the character vocabulary of the corpus
+    chunks: int  # default timing: interleaved chunks x steps per chunk (each side)
+    chunk: int
+    quick_chunks: int
+    quick_chunk: int
+
+
+# step times on the 2-core dev box (--threads 1) sized these: the default run ~3 min, --quick ~70 s
+SPECS = {
+    "nanogpt-char": Spec("nanogpt-char", 4, 4, 128, 64, 12, None, 20, 10, 8, 5),
+    "gpt2-width": Spec("gpt2-width", 2, 12, 768, 128, 4, 50257, 6, 2, 3, 1),
+}
+WARMUP = 3
+
+
+def batches_for(spec: Spec, n: int, seed: int = 0) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """`n` batches {input_ids, labels} of random windows of tinyshakespeare, and the vocabulary size."""
+    if spec.vocab is None:
+        import overhead as oh
+
+        assert (oh.BLOCK, oh.BATCH) == (spec.block, spec.batch), "nanogpt-char must match overhead.py's dims"
+        return char_batches(n, seed)
+    raw = DATA.read_bytes() if DATA.is_file() else b"To be, or not to be, that is the question. " * 30000
+    data = torch.frombuffer(bytearray(raw[:200_000]), dtype=torch.uint8).long()
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ix = torch.randint(len(data) - spec.block, (spec.batch,), generator=g)
+        x = torch.stack([data[i : i + spec.block] for i in ix])  # (B, T)
+        out.append({"input_ids": x, "labels": x})
+    return out, spec.vocab
+
+
+def make_ours(spec: Spec, vocab: int) -> gpt2.GPT2LMHeadModel:
+    torch.manual_seed(0)  # (a), (b) and, through save_pretrained, (c) start from these same weights
+    cfg = gpt2.GPT2Config(vocab_size=vocab, n_positions=spec.block, n_embd=spec.n_embd, n_layer=spec.n_layer,
+                          n_head=spec.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                          eos_token_id=0, attn_implementation="sdpa")  # fmt: skip
+    return gpt2.GPT2LMHeadModel(cfg)
+
+
+def make_theirs(ours: gpt2.GPT2LMHeadModel):
+    import transformers
+
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        return transformers.GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
+
+
+class Loop(BareLoop):
+    """overhead.py's bare loop (its `step` unchanged) around a given model, e.g. transformers'."""
+
+    def __init__(self, model: torch.nn.Module, optim_cfg, total_steps: int, log_every: int):
+        self.model = model.train()
+        self.opt = torch.optim.AdamW(param_groups(self.model, optim_cfg.weight_decay), lr=optim_cfg.lr,
+                                     betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=False)  # fmt: skip
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, WarmupDecay(optim_cfg.warmup_steps, total_steps, optim_cfg.min_lr_ratio)
+        )
+        self.log_every, self.i = log_every, 0
+
+
+class Interleave3(Interleave):
+    """overhead.py's Interleave (Lightning chunk, then the bare loop on the same batches) plus a third side run on
+    the same batches, before the bare loop on odd chunks and after it on even ones; its time is kept out of the
+    Lightning chunk's wall time."""
+
+    def __init__(self, bare: BareLoop, third: BareLoop, batches, warmup: int, chunk: int):
+        super().__init__(bare, batches, warmup, chunk)
+        self.third = third
+        self.third_s: list[float] = []
+
+    def _run_third(self, done: int) -> float:
+        t0 = time.perf_counter()
+        for b in self.batches[done - self.chunk : done]:
+            self.third.step(b)
+        dt = time.perf_counter() - t0
+        self.third_s.append(dt)
+        return dt
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        done = batch_idx + 1
+        if done == self.warmup:
+            for b in self.batches[: self.warmup]:
+                self.third.step(b)
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # starts the clock
+        boundary = done > self.warmup and (done - self.warmup) % self.chunk == 0
+        first = boundary and len(self.third_s) % 2 == 1
+        if first:
+            self.mark += self._run_third(done)  # not Lightning's time
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if boundary and not first:
+            self._run_third(done)
+            self.mark = time.perf_counter()
+
+
+def compose_cfg(run_dir: Path, spec: Spec, steps: int):
+    """The run config as train/run.py composes it, with overhead.py's overrides (no validation, log every 10)."""
+    overrides = [f"run_dir={run_dir}", f"trainer.max_steps={steps}", "trainer.val_check_interval=1000000",
+                 "trainer.limit_val_batches=0", "trainer.log_every_n_steps=10", "trainer.accelerator=cpu",
+                 "trainer.devices=1", f"data.block_size={spec.block}", f"data.batch_size={spec.batch}",
+                 "optim.warmup_steps=10"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=overrides))
+
+
+def run_config(spec: Spec, chunks: int, chunk: int) -> dict[str, float]:
+    from train.callbacks import MetricsCSV
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"train-step-{spec.name}-"))
+    steps = WARMUP + chunks * chunk
+    cfg = compose_cfg(tmp, spec, steps)
+    batches, vocab = batches_for(spec, steps)
+    ours_bare = make_ours(spec, vocab)
+    theirs = make_theirs(ours_bare)
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():  # same weights -> same loss: the three sides really compute the same thing
+        lo, lt = ours_bare(input_ids=ids, labels=ids).loss.item(), theirs(input_ids=ids, labels=ids).loss.item()
+    assert abs(lo - lt) < 1e-4, f"ours and transformers disagree on the first loss: {lo} vs {lt}"
+
+    log_every = cfg.trainer.log_every_n_steps
+    inter = Interleave3(Loop(ours_bare, cfg.optim, steps, log_every), Loop(theirs, cfg.optim, steps, log_every),
+                        batches, WARMUP, chunk)  # fmt: skip
+    module = GPT2LitModule(make_ours(spec, vocab), cfg.optim, max_steps=steps, log_every_n_steps=log_every)
+    trainer = build_trainer(cfg, tmp, [MetricsCSV(tmp)], extra_callbacks=[inter])
+    print(f"[{spec.name}] {spec.n_layer}x{spec.n_embd} ({spec.n_head} heads), block {spec.block}, batch "
+          f"{spec.batch}, vocab {vocab}; {chunks} interleaved chunks of {chunk} steps ({WARMUP} warm-up)",
+          file=sys.stderr, flush=True)  # fmt: skip
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Loader(batches), batch_size=None))
+
+    tokens = chunk * spec.batch * spec.block
+    a, b, c = inter.light_s, inter.bare_s, inter.third_s
+    assert len(a) == len(b) == len(c) == chunks, (len(a), len(b), len(c))
+    return {
+        "a": statistics.median(tokens / t for t in a),
+        "b": statistics.median(tokens / t for t in b),
+        "c": statistics.median(tokens / t for t in c),
+        "a/c": statistics.median(tc / ta for ta, tc in zip(a, c)),  # tokens/s ratio = time ratio inverted
+        "a/b": statistics.median(tb / ta for ta, tb in zip(a, b)),
+        "a/c range": f"{min(tc / ta for ta, tc in zip(a, c)):.2f}..{max(tc / ta for ta, tc in zip(a, c)):.2f}",
+    }
+
+
+def profile(spec: Spec, top: int) -> None:
+    """torch.profiler's operator table for one step of (b) and of (c), after two warm-up steps each."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    register_configs()
+    cfg = compose_cfg(Path(tempfile.mkdtemp(prefix="train-step-prof-")), spec, 10)
+    batches, vocab = batches_for(spec, 3)
+    ours = make_ours(spec, vocab)
+    theirs = make_theirs(ours)
+    for name, model in (("gpt2-forge", ours), ("transformers", theirs)):
+        loop = Loop(model, cfg.optim, 10, 10)
+        loop.step(batches[0]), loop.step(batches[1])
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            loop.step(batches[2])
+        print(f"\n=== {spec.name}: {name}, one training step ===")
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="few chunks (~70 s with --threads 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--config", choices=list(SPECS), action="append", help="run only these (repeatable)")
+    p.add_argument("--chunks", type=int, default=None, help="override the config's number of chunks")
+    p.add_argument("--profile", action="store_true", help="print profiler tables for one step instead of timing")
+    p.add_argument("--top", type=int, default=15, help="rows of the profiler table")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = [SPECS[n] for n in (args.config or SPECS)]
+    if args.profile:
+        for spec in specs:
+            profile(spec, args.top)
+        return 0
+    register_configs()
+    print(machine_line())
+    rows = []
+    t0 = time.perf_counter()
+    for spec in specs:
+        chunks = args.chunks or (spec.quick_chunks if args.quick else spec.chunks)
+        r = run_config(spec, chunks, spec.quick_chunk if args.quick else spec.chunk)
+        rows.append(f"| {spec.name} | {r['a']:,.0f} | {r['b']:,.0f} | {r['c']:,.0f} | {r['a/c']:.3f} "
+                    f"({r['a/c range']}) | {r['a/b']:.3f} |")  # fmt: skip
+        print(rows[-1], file=sys.stderr, flush=True)
+    print(f"\n{time.perf_counter() - t0:.0f} s; tokens/s and ratios are medians over interleaved chunks\n")
+    print("| config | (a) ours, train/run.py path tok/s | (b) ours, bare loop tok/s | (c) transformers, bare "
+          "loop tok/s | a/c (target >= 1.10; chunk range) | a/b (target >= 0.95) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
