@@ -133,22 +133,27 @@ def register_configs() -> None:
     cs.store(name="prepare_schema", node=PrepareConfig)
 
 
-def to_data_config(node) -> DataConfig:
-    """DictConfig / dict / DataConfig -> a validated DataConfig (the only place a DictConfig is unwrapped)."""
-    if isinstance(node, DataConfig):
+def to_dataclass(cls: type, node, what: str):
+    """DictConfig / dict / `cls` instance -> a validated `cls` (its __post_init__ runs); unknown keys are named."""
+    if isinstance(node, cls):
         return node
     try:
         from omegaconf import DictConfig, OmegaConf
 
         if isinstance(node, DictConfig):
-            obj = OmegaConf.to_object(node)
-            if isinstance(obj, DataConfig):
+            obj = OmegaConf.to_object(node)  # a typed node comes back as `cls` itself, an untyped one as a dict
+            if isinstance(obj, cls):
                 return obj
             node = obj
     except ImportError:  # pragma: no cover - omegaconf is a dependency
         pass
-    known = DataConfig.__dataclass_fields__
+    known = cls.__dataclass_fields__
     unknown = sorted(set(node) - set(known))
     if unknown:
-        raise ValueError(f"unknown data config key(s) {unknown}; valid keys are {sorted(known)}.")
-    return DataConfig(**dict(node))
+        raise ValueError(f"unknown {what} key(s) {unknown}; valid keys are {sorted(known)}.")
+    return cls(**dict(node))
+
+
+def to_data_config(node) -> DataConfig:
+    """DictConfig / dict / DataConfig -> a validated DataConfig (the only place a DictConfig is unwrapped)."""
+    return to_dataclass(DataConfig, node, "data config")

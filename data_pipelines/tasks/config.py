@@ -21,10 +21,11 @@ Default columns per task (local jsonl/csv/parquet and hub alike):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from data_pipelines.config import default_cache_dir, to_dataclass
 
 TASKS = ("cls", "token_cls", "qa", "mc")
 TASK_SOURCES = ("demo", "jsonl", "csv", "parquet", "hub")
@@ -65,7 +66,6 @@ COLUMN_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "endings_column": (("mc", "endings"),),
 }
 
-CACHE_ENV = "GPT2_FORGE_CACHE"  # same cache root as the LM pipeline (data_pipelines/config.py)
 
 
 @dataclass
@@ -181,9 +181,7 @@ class TaskDataConfig:
 
     @property
     def cache_root(self) -> Path:
-        if self.cache_dir:
-            return Path(self.cache_dir).expanduser()
-        return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gpt2-forge").expanduser()
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()  # the LM pipeline's root
 
     def column_candidates(self, task: str) -> dict[str, tuple[str, ...]]:
         """Logical column -> names to try, for `task`: the explicit override alone, else the task's defaults."""
@@ -205,20 +203,7 @@ class TaskDataConfig:
 
 def to_task_data_config(node) -> TaskDataConfig:
     """DictConfig / dict / TaskDataConfig -> a validated TaskDataConfig (unknown keys are named in the error)."""
-    if isinstance(node, TaskDataConfig):
-        return node
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(node, DictConfig):
-            node = OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    known = TaskDataConfig.__dataclass_fields__
-    unknown = sorted(set(node) - set(known))
-    if unknown:
-        raise ValueError(f"unknown task data config key(s) {unknown}; valid keys are {sorted(known)}.")
-    return TaskDataConfig(**dict(node))
+    return to_dataclass(TaskDataConfig, node, "task data config")
 
 
 def register_configs() -> None:
