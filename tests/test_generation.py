@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from helpers import randomize
 
 import gpt2
 
@@ -14,15 +15,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: 1 thread i
 V = 97
 CFG = dict(vocab_size=V, n_positions=64, n_embd=30, n_layer=3, n_head=5, bos_token_id=1, eos_token_id=2,
            pad_token_id=0)
-
-
-@torch.no_grad()
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g) * 0.15
-        p.copy_(1.0 + noise if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else noise * 2)
-    return model.eval()
 
 
 def left_padded_batch(seed=0):

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from helpers import randomize
 
 import gpt2
 from gpt2.hf_io import hf_key
@@ -32,16 +33,6 @@ def tiny_kwargs(mistral: bool, **kw):
     return dict(vocab_size=V, n_positions=24, n_embd=30, n_layer=3, n_head=5, n_inner=50,
                 bos_token_id=1, eos_token_id=2, pad_token_id=PAD, num_labels=3,
                 scale_attn_by_inverse_layer_idx=mistral, reorder_and_upcast_attn=mistral, **kw)
-
-
-@torch.no_grad()
-def randomize(model, seed=0):
-    """Weights large enough that attention is not uniform and every parameter matters (init std 0.02 is too flat)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g) * 0.15
-        p.copy_(1.0 + noise if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else noise * 2)
-    return model
 
 
 def batch(cls_name, padded: bool, seed=0):

@@ -1,0 +1,17 @@
+"""Plain helpers shared by test modules (fixtures live in conftest.py). Import as `from helpers import ...`:
+pytest puts tests/ on sys.path (rootdir-relative "prepend" import mode)."""
+
+import torch
+
+
+@torch.no_grad()
+def randomize(model, seed=0):
+    """Weights large enough that attention is not uniform and every parameter matters (init std 0.02 is too flat).
+
+    Returns the model in eval mode; a test that needs dropout calls .train() itself.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g) * 0.15
+        p.copy_(1.0 + noise if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else noise * 2)
+    return model.eval()
