@@ -293,17 +293,24 @@ class StepSeed(Callback):
 class StepCheckpoint(Callback):
     """checkpoints/step-N every `every_n_steps` optimizer steps and at the end; `last` pointer; keep-last-k.
 
+    A checkpoint is published only after everything the run logs for its step: the module's train row is written
+    first, and at a step that also validates (`val_every_n_steps`) the save waits for the end of that validation
+    (so a run killed right after step-N is published, then resumed, still has row N with its val metrics, and
+    BestCheckpoint's state in the checkpoint includes step N). If that validation does not happen after all (no
+    validation data), the save happens before the next batch.
     `protect`: the checkpoint this run resumed from, never deleted by retention.
     """
 
     def __init__(self, run_dir: str | os.PathLike, every_n_steps: int, keep_last: int, save_final: bool = True,
-                 protect: Optional[Path] = None):
+                 protect: Optional[Path] = None, val_every_n_steps: Optional[int] = None):
         self.run_dir = Path(run_dir)
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
         self.save_final = save_final
         self.protect = protect
+        self.val_every_n_steps = val_every_n_steps
         self._last_step = -1
+        self._due: Optional[int] = None  # a save waiting for this step's validation
         self.saved: list[Path] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -315,16 +322,31 @@ class StepCheckpoint(Callback):
             return
         self._last_step = step
         if step % self.every_n_steps == 0:
+            if self.val_every_n_steps and step % self.val_every_n_steps == 0:
+                self._due = step
+            else:
+                self.save(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._due == trainer.global_step and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.save(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._due is not None and self._due == trainer.global_step:  # no validation ran after all
             self.save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.save_final and trainer.global_step > 0:
+        if (self.save_final and trainer.global_step > 0) or self._due == trainer.global_step:
             self.save(trainer)
 
     def save(self, trainer: L.Trainer) -> Path:
+        self._due = None
         path = ckpt_io.step_dir(self.run_dir, trainer.global_step)
         if self.saved and self.saved[-1] == path:
             return path
+        log_train_step = getattr(trainer.lightning_module, "log_train_step", None)
+        if log_train_step is not None:
+            log_train_step()  # row N reaches metrics.csv before step-N is published
         trainer.save_checkpoint(path, weights_only=False)  # -> DirCheckpointIO (rank 0 writes for single-device/DDP)
         if trainer.is_global_zero:
             ckpt_io.write_last(self.run_dir, path)

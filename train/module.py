@@ -277,8 +277,13 @@ class GPT2LitModule(L.LightningModule):
         self._last_step = self.trainer.global_step
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log_train_step()
+
+    def log_train_step(self) -> None:
+        """Write the train row of the optimizer step just taken, once (a no-op inside an accumulation window or when
+        already written). StepCheckpoint calls it before it saves, so checkpoint step-N never exists without row N."""
         step = self.trainer.global_step
-        if step == self._last_step:  # inside an accumulation window
+        if step == self._last_step:
             return
         self._last_step = step
         loss_sum, n = self._loss_sum, self._loss_n

@@ -290,7 +290,8 @@ def train(cfg: Config) -> dict[str, Any]:
 
     protect = resume_from if resume_from is not None and resume_from.parent.parent.resolve() == run_dir.resolve() else None
     ckpt_cb = StepCheckpoint(run_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
-                             save_final=cfg.checkpoint.save_final, protect=protect)  # fmt: skip
+                             save_final=cfg.checkpoint.save_final, protect=protect,
+                             val_every_n_steps=tcfg.val_check_interval if tcfg.limit_val_batches else None)  # fmt: skip
     loggers = build_loggers(cfg, run_dir, resume_step)
     from train.preemption import Preemption
 
