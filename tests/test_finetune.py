@@ -4,7 +4,8 @@ with equal logits. Plus: string labels -> id2label in the export, a mismatched l
 notice, and the best checkpoint is what gets exported.
 
 Chance levels (data_pipelines/tasks/demo.py): cls 0.50 accuracy (2 balanced classes), token_cls entity F1 ~0
-(all-"O" scores 0), qa F1 0.13 / EM 0.035 (a random 3-word span), mc 0.25 accuracy (4 choices).
+(all-"O" scores 0), qa F1 of a random span of 1, 2 or 3 context words (the best of the three, computed here from the
+validation set: about 0.08), mc 0.25 accuracy (4 choices).
 """
 
 from __future__ import annotations
@@ -26,14 +27,13 @@ register_configs()
 
 BASE = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=20", "guard=off", "sample.max_new_tokens=4"]
 # task -> (steps, extra overrides, metric, chance, margin): the held-out metric must reach chance + margin.
-# qa and mc have no margin yet (None): at this test scale (2-layer model, 150-step LM pre-train) they do not learn
-# their demo sets clearly (measured: qa F1 0.09 after 250 steps, mc accuracy 0.32 after 100), so for them this test
-# checks the wiring and the export only, on a short run, until the demo recipes/test scale are reworked (issue 4).
+# qa's chance is computed from its validation set below (the best random-span baseline); measured on the 2-core CPU
+# (seed 1337): cls 0.62 after 120 steps, token_cls F1 0.45 after 100, qa F1 0.44 (EM 0.37) after 300 steps, mc 0.41 after 150 steps.
 TASKS = {
     "cls": (120, ["task.data.demo_train_size=1600", "task.data.demo_val_size=300"], "val/accuracy", 0.50, 0.08),
     "token_cls": (100, ["task.data.demo_train_size=1200", "task.data.demo_val_size=200"], "val/f1", 0.0, 0.30),
-    "qa": (20, ["task.data.demo_train_size=200", "task.data.demo_val_size=60"], "val/f1", 0.13, None),
-    "mc": (20, ["task.data.demo_train_size=200", "task.data.demo_val_size=60"], "val/accuracy", 0.25, None),
+    "qa": (300, [], "val/f1", None, 0.15),
+    "mc": (150, ["task.data.demo_train_size=1200", "task.data.demo_val_size=200"], "val/accuracy", 0.25, 0.08),
 }
 HF_CLASS = {"cls": "AutoModelForSequenceClassification", "token_cls": "AutoModelForTokenClassification",
             "qa": "AutoModelForQuestionAnswering", "mc": "GPT2DoubleHeadsModel"}  # fmt: skip
@@ -70,6 +70,25 @@ def finetune(task: str, run_dir: Path, init_from: Path, cache: Path, steps: int,
     ]))  # fmt: skip
 
 
+def random_span_f1(examples: list[dict], seed: int = 0, draws: int = 20) -> float:
+    """The qa chance level: SQuAD F1 of uniformly random spans of n context words, the best n in 1..3."""
+    import random
+
+    from train.metrics import squad_metrics
+
+    rng, best = random.Random(seed), 0.0
+    for n in (1, 2, 3):
+        preds, refs = [], []
+        for _ in range(draws):
+            for ex in examples:
+                words = ex["context"].split()
+                k = rng.randrange(max(1, len(words) - n + 1))
+                preds.append(" ".join(words[k : k + n]))
+                refs.append(ex["answers"]["text"])
+        best = max(best, squad_metrics(preds, refs)["f1"])
+    return best
+
+
 def _val_batch(task: str, run_dir: Path, cache: Path, extra: list[str]):
     """A validation batch of the task data, encoded with the run's tokenizer (what the logits are compared on)."""
     from data_pipelines.tasks import TaskDataModule
@@ -92,6 +111,11 @@ def _val_batch(task: str, run_dir: Path, cache: Path, extra: list[str]):
 def test_finetune_from_lm_export_learns_and_export_matches_transformers(task, lm_export, cache, tmp_path, caplog):
     transformers = pytest.importorskip("transformers")
     steps, extra, metric, chance, margin = TASKS[task]
+    if chance is None:  # qa
+        from data_pipelines.tasks.demo import build_demo
+
+        chance = random_span_f1(build_demo("qa")["validation"])
+        assert 0.0 < chance < 0.2
     run_dir = tmp_path / task
     with caplog.at_level(logging.INFO, logger="train.tasks"):
         s = finetune(task, run_dir, lm_export, cache, steps, *extra)
@@ -103,8 +127,7 @@ def test_finetune_from_lm_export_learns_and_export_matches_transformers(task, lm
     best = s["best"]
     assert best["metric"] == metric
     print(f"{task}: held-out {metric}={best['value']:.3f} (chance {chance}); final {s['final_metrics']}")
-    if margin is not None:
-        assert best["value"] > chance + margin, (task, s["final_metrics"], best)
+    assert best["value"] > chance + margin, (task, chance, s["final_metrics"], best)
     # metrics.csv has the task's metrics as val/<name>
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert metric in header and "val/loss" in header

@@ -312,10 +312,18 @@ def test_demo_sets_are_deterministic_and_shaped(demos):
         assert len(e["tokens"]) == len(e["tags"]) and set(e["tags"]) <= {"O", "B-CODE", "I-CODE", "B-NUM"}
         assert any(t != "O" for t in e["tags"])
     assert any("B-NUM" in e["tags"] for e in demos["token_cls"]["train"])
+    from data_pipelines.tasks.demo import QA_QUESTIONS, bio_tags
+
+    kinds = {q: k for k, q in QA_QUESTIONS.items()}
     for e in demos["qa"]["train"]:
         a, s = e["answers"]["text"][0], e["answers"]["answer_start"][0]
         assert e["context"][s : s + len(a)] == a and e["context"].count(a) == 1
-        assert e["question"] == f"Where does the text say {a} ?" and len(a.split()) == 3
+        # the answer is the one entity of the asked kind, without the punctuation around it
+        kind = kinds[e["question"]]
+        tags = bio_tags(e["context"].split())
+        assert sum(t == f"B-{kind}" for t in tags) == 1
+        assert a[0] not in ",;:.!?\"" and a[-1] not in ",;:.!?\"" and a.count("(") == a.count(")")
+    assert {e["question"] for e in demos["qa"]["train"]} == set(QA_QUESTIONS.values())
     labels = [e["label"] for e in demos["mc"]["train"]]
     assert set(labels) == {0, 1, 2, 3} and all(len(e["endings"]) == 4 for e in demos["mc"]["train"])
     assert all(len(set(e["endings"])) == 4 for e in demos["mc"]["train"])
