@@ -253,7 +253,9 @@ def test_mc_sequences_summary_tokens_lm_labels_and_swag_columns(tok, tmp_path):
         assert f["input_ids"][k] == seq and f["mc_token_ids"][k] == len(seq) - 1
     batch = next(iter(dm.train_dataloader()))
     B, C, T = batch["input_ids"].shape
-    assert (B, C) == (1, 4) and batch["mc_token_ids"].shape == (1, 4) and batch["mc_labels"].tolist() == [1]
+    # the training stream is endless: a full batch of the one example, repeated (a new shuffle each pass)
+    assert C == 4 and batch["mc_token_ids"].shape == (B, 4) and batch["mc_labels"].tolist() == [1] * B
+    assert (batch["input_ids"] == batch["input_ids"][:1]).all()
     ids, lab = batch["input_ids"][0], batch["labels"][0]
     for k in range(4):
         n = f["mc_token_ids"][k] + 1

@@ -267,11 +267,15 @@ class GPT2LitModule(L.LightningModule):
         # The mean over the micro-batches of one optimizer step, kept on the device (no host sync here).
         self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
         self._loss_n += 1
+        self.count_samples(n_samples)
+        return loss
+
+    def count_samples(self, n_samples: int) -> None:
+        """Advance the datamodule's `consumed_samples` (contract with data_pipelines: the GLOBAL sample count,
+        checkpointed with the datamodule state, where a resumed run's sampler starts)."""
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "consumed_samples"):
-            # contract with data_pipelines: the GLOBAL sample count, checkpointed with the datamodule state
             dm.consumed_samples += n_samples * self.trainer.world_size
-        return loss
 
     def on_train_start(self) -> None:
         self._last_step = self.trainer.global_step

@@ -182,6 +182,7 @@ class TaskLitModule(GPT2LitModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         _, loss = self._forward(batch)
+        self.count_samples(batch["input_ids"].shape[0])
         # the mean over the micro-batches of one optimizer step, kept on the device (synced at logging steps only)
         self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
         self._loss_n += 1

@@ -18,8 +18,9 @@ Batches (right-padded with `pad_token_id` = the tokenizer's pad token, else eos 
 `model_inputs(batch)` keeps the keys the matching gpt2 head's forward takes (`MODEL_KEYS[task]`). Validation for qa:
 `val_features[feature_index]` holds the window's `offsets` and `example_index`, `val_examples[example_index]` the
 context and gold answers — what train/metrics.py `postprocess_qa` + `squad_metrics` need (`qa_eval_data()` bundles
-them). The training order is a seeded shuffle (rank-sharded by a DistributedSampler under DDP); validation is the
-full set in fixed order on every rank, so qa post-processing sees every window. Build the Trainer with
+them). Training batches come from the LM data's ResumableBatchSampler: an endless seeded shuffle, a new permutation each
+pass, rank-sharded, resuming after `consumed_samples` (part of every checkpoint); validation is the full set in
+fixed order on every rank, so qa post-processing sees every window. Build the Trainer with
 `use_distributed_sampler=False` (as for the LM stream) so Lightning keeps these samplers.
 """
 
@@ -29,7 +30,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler
+
+from data_pipelines.sampler import ResumableBatchSampler
 
 from data_pipelines.tasks import cls as cls_task
 from data_pipelines.tasks import mc as mc_task
@@ -111,6 +114,8 @@ class TaskDataModule(L.LightningDataModule):
         self.train_features: list[dict] | None = None
         self.val_features: list[dict] | None = None
         self._files: tuple[str | None, str | None] = (None, None)
+        # training samples consumed by all ranks together (the training step adds to it; saved in checkpoints)
+        self.consumed_samples = 0
 
     # ------------------------------------------------------------------ lifecycle
     def prepare_data(self) -> None:
@@ -215,27 +220,34 @@ class TaskDataModule(L.LightningDataModule):
         regression = bool(self.label_map and self.label_map.regression)
         return TaskCollator(self.task, self.pad_token_id, regression)
 
-    def _loader(self, feats: list[dict], sampler, batch_size: int) -> DataLoader:
+    def _loader(self, feats: list[dict], batch_sampler: Sampler[list[int]]) -> DataLoader:
         cfg = self.cfg
-        return DataLoader(feats, batch_size=batch_size, sampler=sampler, collate_fn=self.collator,
-                          num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=cfg.num_workers > 0)  # fmt: skip
+        return DataLoader(feats, batch_sampler=batch_sampler, collate_fn=self.collator, num_workers=cfg.num_workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
+        """Endless seeded batches, a fresh shuffle each pass, sharded across ranks, starting after `consumed_samples`
+        (ResumableBatchSampler, the LM data's sampler): a resumed run sees exactly the batches the uninterrupted run
+        would have seen. The trainer stops on max_steps."""
         self._require_setup()
         trainer = getattr(self, "trainer", None)
-        world = trainer.world_size if trainer is not None else 1
-        if world > 1:  # Lightning calls sampler.set_epoch each epoch, so the shuffle changes per epoch
-            sampler = DistributedSampler(self.train_features, num_replicas=world, rank=trainer.global_rank,
-                                         shuffle=True, seed=self.cfg.seed)  # fmt: skip
-        else:
-            sampler = RandomSampler(self.train_features, generator=torch.Generator().manual_seed(self.cfg.seed))
-        return self._loader(self.train_features, sampler, self.cfg.batch_size)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ResumableBatchSampler(len(self.train_features), self.cfg.batch_size, rank=rank, world_size=world,
+                                        seed=self.cfg.seed, consumed_samples=self.consumed_samples)  # fmt: skip
+        return self._loader(self.train_features, sampler)
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()
-        return self._loader(self.val_features, SequentialSampler(self.val_features),
-                            self.cfg.eval_batch_size or self.cfg.batch_size)  # fmt: skip
+        batches = BatchSampler(SequentialSampler(self.val_features), self.cfg.eval_batch_size or self.cfg.batch_size,
+                               drop_last=False)  # fmt: skip
+        return self._loader(self.val_features, batches)
+
+    # ------------------------------------------------------------------ state (saved in Lightning checkpoints)
+    def state_dict(self) -> dict:
+        return {"consumed_samples": int(self.consumed_samples)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.consumed_samples = int(state_dict.get("consumed_samples", 0))
 
     def summary(self) -> str:
         """One line for the run log: examples, features (qa windows), labels."""
