@@ -213,3 +213,31 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(setup):
     assert step >= 3 and "SIGTERM" in err and f"step {step}" in err
     assert not (run_dir / "hf").exists()  # not done: no export
     assert max(losses(run_dir)) == step
+
+
+def test_fsdp_task_best_checkpoint_holds_the_full_model(setup, tmp_path):
+    """A fine-tuning run under FSDP2: checkpoints/best gathers the shards, so it holds every weight at full shape,
+    equal to the consolidated step checkpoint of the step it was taken at."""
+    import json
+
+    import gpt2
+
+    d, corpus, cache, _ = setup
+    run_dir = tmp_path / "cls"
+    run(["task=cls", "strategy=fsdp", "trainer.devices=2", "trainer.accelerator=cpu", f"run_dir={run_dir}",
+         "data=text", f"data.path={corpus}", f"data.cache_dir={cache}", "data.vocab_size=320",
+         f"task.data.cache_dir={cache}", "task.data.demo_train_size=64", "task.data.demo_val_size=16",
+         "task.data.batch_size=8", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "trainer.max_steps=6",
+         "trainer.val_check_interval=3", "checkpoint.every_n_steps=3", "checkpoint.keep_last=0",
+         "trainer.enable_progress_bar=false", "guard=off"])  # fmt: skip
+    best_dir = run_dir / "checkpoints" / "best"
+    meta = json.loads((best_dir / "meta.json").read_text())
+    assert meta["task"] == "GPT2ForSequenceClassification" and meta["global_step"] in (3, 6)
+    best = load_file(str(best_dir / "model.safetensors"))
+    config = gpt2.GPT2Config.from_dict(json.loads((best_dir / "config.json").read_text()))
+    want = {k: tuple(v.shape) for k, v in gpt2.GPT2ForSequenceClassification(config).state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in best.items()} == {k: s for k, s in want.items() if k in best}
+    assert "score.weight" in best and "transformer.wte.weight" in best
+    step = load_file(str(run_dir / "checkpoints" / f"step-{meta['global_step']}" / "model.safetensors"))
+    for k, v in best.items():
+        torch.testing.assert_close(v, step[k], rtol=0, atol=0, msg=k)

@@ -271,7 +271,7 @@ class FSDP2Strategy(_model_parallel_base()):
                 meta = checkpoint[ck.META_KEY] = dict(checkpoint.get(ck.META_KEY) or {}, strategy="fsdp")
                 net = self.lightning_module.model
                 if meta.get("task") == type(net).__name__:  # the model's class, not fully_shard's FSDP<class>
-                    meta["task"] = _plain_class(net).__name__
+                    meta["task"] = plain_class(net).__name__
                 # DirCheckpointIO writes the rest into the same tmp dir and publishes it with one rename
                 ck.DirCheckpointIO().save_checkpoint(checkpoint, path, storage_options={"tmp_dir": tmp})
         except BaseException:
@@ -376,6 +376,31 @@ def zero_strategy_class() -> type:
 
 
 # ------------------------------------------------------------------------------------------------ after fit
+def full_state_dict(trainer, module) -> Optional[dict[str, torch.Tensor]]:
+    """The full (unsharded) weights of `module.model` as of now, on rank 0; None on the other ranks.
+
+    Call on EVERY rank: FSDP2 gathers its DTensor shards (to CPU) and ZeRO-3 its partitioned parameters with a
+    collective. Other strategies hold a full replica: rank 0's own state dict (no copy).
+    """
+    if isinstance(trainer.strategy, FSDP2Strategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return full if trainer.is_global_zero else None
+    if _is_zero3(trainer.strategy):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.model.parameters()), modifier_rank=None):
+            if not trainer.is_global_zero:
+                return None
+            return {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
+    return module.model.state_dict() if trainer.is_global_zero else None
+
+
+def _is_zero3(strategy) -> bool:
+    return type(strategy).__name__ == "ZeroStrategy" and strategy.zero_stage_3
+
+
 def model_for_export(trainer, module) -> Optional[nn.Module]:
     """A plain (unsharded) copy of the trained network on rank 0 for the HF export and samples; None elsewhere.
 
@@ -383,27 +408,25 @@ def model_for_export(trainer, module) -> Optional[nn.Module]:
     replica on every rank (DeepSpeed ZeRO-3 exports from the consolidated checkpoint instead).
     """
     if isinstance(trainer.strategy, FSDP2Strategy):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not trainer.is_global_zero:
+        full = full_state_dict(trainer, module)
+        if full is None:
             return None
-        net = _plain_class(module.model)(module.model.config)
+        net = plain_class(module.model)(module.model.config)
         net.load_state_dict(full, strict=False)
         if getattr(net.config, "tie_word_embeddings", False) and hasattr(net, "tie_weights"):
             net.tie_weights()
         return net
-    if type(trainer.strategy).__name__ == "ZeroStrategy" and trainer.strategy.zero_stage_3:
+    if _is_zero3(trainer.strategy):
         saved = ck.latest_checkpoint(trainer.default_root_dir)
         if not trainer.is_global_zero or saved is None:
             return None
         from train.module import load_checkpoint_model
 
-        return load_checkpoint_model(saved, _plain_class(module.model))
+        return load_checkpoint_model(saved, plain_class(module.model))
     return module.model if trainer.is_global_zero else None
 
 
-def _plain_class(net: nn.Module) -> type:
+def plain_class(net: nn.Module) -> type:
     """fully_shard swaps a module's class for a dynamic `FSDP<cls>` subclass; the model's own class is its base."""
     from torch.distributed.fsdp import FSDPModule
 
@@ -424,6 +447,8 @@ __all__ = [
     "checkpoint_family",
     "finalize_zero_checkpoint",
     "mixed_precision_policy",
+    "full_state_dict",
+    "plain_class",
     "model_for_export",
     "zero_strategy_class",
 ]

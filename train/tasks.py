@@ -255,15 +255,15 @@ def best_dir(run_dir: str | os.PathLike) -> Path:
     return ck.checkpoints_dir(Path(run_dir)) / BEST_NAME
 
 
-def save_model_dir(model: nn.Module, out: Path, meta: dict[str, Any]) -> Path:
+def save_model_dir(state_dict: dict[str, torch.Tensor], config, out: Path, meta: dict[str, Any]) -> Path:
     """Weights + config.json + meta.json in our checkpoint layout (no training state), atomically (tmp + rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        ck.save_weights(model.state_dict(), tmp / ck.WEIGHTS_NAME)
-        (tmp / ck.CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
+        ck.save_weights(state_dict, tmp / ck.WEIGHTS_NAME)
+        (tmp / ck.CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
         meta = dict(meta, format=ck.FORMAT, format_version=ck.FORMAT_VERSION, module_prefix="")
         (tmp / ck.META_NAME).write_text(json.dumps(ck.to_plain(meta), indent=2, sort_keys=True) + "\n")
         ck.publish_dir(tmp, out)
@@ -304,10 +304,13 @@ class BestCheckpoint(Callback):
         if not self._better(v):
             return
         self.best, self.best_step = v, trainer.global_step
+        from train.strategies import plain_class, full_state_dict
+
+        state = full_state_dict(trainer, pl_module)  # every rank: FSDP / ZeRO-3 gather their shards
         if trainer.is_global_zero:
-            meta = dict(self.meta, global_step=trainer.global_step, task=type(pl_module.model).__name__,
+            meta = dict(self.meta, global_step=trainer.global_step, task=plain_class(pl_module.model).__name__,
                         monitor=self.monitor, mode=self.mode, value=v, metrics=dict(metrics))  # fmt: skip
-            save_model_dir(pl_module.model, self.path, meta)
+            save_model_dir(state, pl_module.model.config, self.path, meta)
         trainer.strategy.barrier("BestCheckpoint.save")
 
     # the best value travels with every step checkpoint, so a resumed run compares against it
