@@ -1,5 +1,6 @@
 """launch/slurm.py: the sbatch script it writes (everywhere), and real jobs on the local Slurm cluster that
-.ci/slurm-up.sh starts (skipped where there is no Slurm): a 2-task CPU DDP run, and preemption -> requeue -> resume."""
+.ci/slurm-up.sh starts (skipped where there is no Slurm): a 2-task CPU DDP run, preemption -> requeue -> resume, and
+a Hydra sweep sent to Slurm with hydra/launcher=slurm (submitit)."""
 
 import re
 import shutil
@@ -209,3 +210,30 @@ def test_usr1_requeues_and_the_job_resumes_to_the_final_step(tmp_path):
     rows = _read_metrics(run_dir / "metrics.csv")
     steps = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert max(steps) == max_steps and len(steps) == len(set(steps))  # every logged step once: no restart from 0
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_hydra_sweep_with_the_slurm_launcher_runs_each_job_on_slurm(tmp_path):
+    """`-m hydra/launcher=slurm`: each combination is a SLURM job (submitit) with the same overrides; the launching
+    process waits for them and writes the sweep summary."""
+    sweep = tmp_path / "sweep"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "train" / "run.py"), "-m", "hydra/launcher=slurm", "task=cls",
+         "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+         "hydra.launcher.timeout_min=10", "hydra.launcher.setup=['export OMP_NUM_THREADS=1']",
+         f"hydra.sweep.dir={sweep}", f"data.cache_dir={tmp_path / 'cache'}", f"task.data.cache_dir={tmp_path / 'cache'}",
+         "task.data.demo_train_size=64", "task.data.demo_val_size=16", "task.data.batch_size=8",
+         "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+         "optim.lr=1e-3,2e-3"],
+        capture_output=True, text=True, timeout=400, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    # two SLURM jobs (an array: <id>_0, <id>_1), each with its log and result written by submitit on the node
+    results = sorted(p.parent.name for p in (sweep / ".submitit").glob("*/*_result.pkl"))
+    assert len(results) == 2 and all(re.fullmatch(r"\d+_[01]", n) for n in results), results
+    for job in ("0", "1"):
+        assert (sweep / job / "hf" / "model.safetensors").is_file() and (sweep / job / "metrics.csv").is_file()
+    rows = _read_metrics(sweep / "summary.csv")
+    assert [(r["optim.lr"], r["status"], r["global_step"]) for r in rows] == [
+        ("0.001", "COMPLETED", "4"), ("0.002", "COMPLETED", "4")]
