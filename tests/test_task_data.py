@@ -241,6 +241,41 @@ def test_qa_squad_shaped_and_flat_columns(tok, tmp_path):
     assert dm.val_examples[0]["answers"]["text"] == ["the mat", "mat"]
 
 
+# ------------------------------------------------------------------------------------------------ hub
+def test_hub_source_glue_classlabel_and_squad_shapes(tok, tmp_path):
+    """source=hub goes through load_dataset(name, config_name, split=...); a local dataset folder stands in for the
+    hub repo (parquet files keep the features: SST-2's ClassLabel names become id2label; SQuAD's answers struct)."""
+    import datasets
+
+    sst2 = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"]),
+                              "idx": datasets.Value("int32")})  # fmt: skip
+    repo = tmp_path / "sst2"
+    repo.mkdir()
+    for split, n in (("train", 12), ("validation", 4)):
+        rows = {"sentence": [f"a {'fine' if i % 2 else 'dull'} film {i}" for i in range(n)],
+                "label": [i % 2 for i in range(n)], "idx": list(range(n))}  # fmt: skip
+        datasets.Dataset.from_dict(rows, features=sst2).to_parquet(str(repo / f"{split}.parquet"))
+    dm = TaskDataModule("cls", TaskDataConfig(source="hub", name=str(repo), cache_dir=str(tmp_path / "c")), tok)
+    dm.prepare_data()
+    dm.setup()
+    # the label NAMES come from the ClassLabel feature (1 -> "positive"), not from the sorted ids
+    assert dm.id2label == {0: "negative", 1: "positive"} and len(dm.val_examples) == 4
+    assert [f["labels"] for f in dm.train_features[:4]] == [0, 1, 0, 1]
+
+    squad = tmp_path / "squad"
+    squad.mkdir()
+    ctx = "The cat sat on the mat."
+    for split in ("train", "validation"):
+        datasets.Dataset.from_list([{"id": "q1", "title": "T", "context": ctx, "question": "Where did the cat sit?",
+                                     "answers": {"text": ["the mat"], "answer_start": [15]}}]
+                                   ).to_parquet(str(squad / f"{split}.parquet"))  # fmt: skip
+    qa = TaskDataModule("qa", TaskDataConfig(source="hub", name=str(squad), cache_dir=str(tmp_path / "c")), tok)
+    qa.setup()
+    f = qa.train_features[0]
+    answer = tok.decode(f["input_ids"][f["start_positions"] : f["end_positions"] + 1])
+    assert answer.strip() == "the mat"
+
+
 # ------------------------------------------------------------------------------------------------ mc
 def test_mc_sequences_summary_tokens_lm_labels_and_swag_columns(tok, tmp_path):
     rows = [{"sent1": "The king enters.", "sent2": "He", "ending0": "sings.", "ending1": "weeps bitterly now.",

@@ -446,9 +446,9 @@ __all__ = [
     "check_resume",
     "checkpoint_family",
     "finalize_zero_checkpoint",
-    "mixed_precision_policy",
     "full_state_dict",
-    "plain_class",
+    "mixed_precision_policy",
     "model_for_export",
+    "plain_class",
     "zero_strategy_class",
 ]

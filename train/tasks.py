@@ -304,7 +304,7 @@ class BestCheckpoint(Callback):
         if not self._better(v):
             return
         self.best, self.best_step = v, trainer.global_step
-        from train.strategies import plain_class, full_state_dict
+        from train.strategies import full_state_dict, plain_class
 
         state = full_state_dict(trainer, pl_module)  # every rank: FSDP / ZeRO-3 gather their shards
         if trainer.is_global_zero:
