@@ -2,7 +2,7 @@
 
 Same model (gpt2.GPT2LMHeadModel at nanoGPT's CPU shakespeare-char dims: 4 layers, 4 heads, 128 wide, block 64,
 batch 12, dropout 0), same char-level batches of tiny Shakespeare, same AdamW groups / warm-up+cosine schedule /
-grad clipping 1.0 / loss synced to the host every 10 steps. The Lightning side is `train.run.build_trainer` +
+grad clipping 1.0 / fused AdamW / loss synced to the host every 10 steps. The Lightning side is `train.run.build_trainer` +
 `train.module.GPT2LitModule`, exactly as `train/run.py` builds them (progress bar, throughput, RNG, seed callbacks,
 metrics.csv logger). Both run in one process and are interleaved in chunks of 10 steps (a callback runs the bare
 loop on the same batches after each Lightning chunk), so machine noise hits both alike; warm-up steps are not timed.
@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 
 import gpt2
 from train.config import register_configs, to_config
-from train.module import GPT2LitModule, WarmupDecay, param_groups
+from train.module import GPT2LitModule, WarmupDecay, build_optimizer
 from train.run import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +58,7 @@ class BareLoop:
 
     def __init__(self, vocab: int, optim_cfg, total_steps: int, log_every: int):
         self.model = make_model(vocab).train()
-        self.opt = torch.optim.AdamW(param_groups(self.model, optim_cfg.weight_decay), lr=optim_cfg.lr,
-                                     betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=False)  # fmt: skip
+        self.opt = build_optimizer(self.model, optim_cfg)  # the very optimizer GPT2LitModule builds
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, WarmupDecay(optim_cfg.warmup_steps, total_steps, optim_cfg.min_lr_ratio)
         )

@@ -1,16 +1,20 @@
 """Training step, CPU: tokens/s of our model under train/run.py's path vs a bare loop vs transformers in that loop.
 
-Three sides, one process, the same batches in the same order:
+Four sides, one process, the same batches in the same order:
   (a) gpt2.GPT2LMHeadModel trained by `train.run.build_trainer` + `train.module.GPT2LitModule`, built exactly as
       benchmarks/overhead.py builds them (callbacks, progress bar, metrics.csv logger, AdamW groups, warm-up+cosine);
   (b) the same model in overhead.py's hand-written loop (forward, backward, clip 1.0, AdamW, schedule, a host sync
-      every log interval);
+      every log interval) with the optimizer (a) builds (`train.module.build_optimizer`: fused AdamW);
   (c) transformers.GPT2LMHeadModel (attn_implementation="sdpa", our initial weights via save_pretrained /
-      from_pretrained) in that same loop.
-The Lightning run drives; after every chunk of steps a callback runs the same batches through (b) and (c), flipping
-their order each chunk (benchmarks/common.py), so machine load hits all three alike. Dropout is off everywhere.
-Reported: the median over chunks of tokens/s per side and of the per-chunk ratios a/c (target >= 1.10) and a/b
-(target >= 0.95, issue 6), for two configs:
+      from_pretrained) in that loop with `torch.optim.AdamW` as a hand-written loop gets it (no `fused` argument:
+      torch's default, the foreach implementation);
+  (d) transformers' model in (b)'s loop exactly, fused AdamW included: the model-only comparison.
+The Lightning run drives; after every chunk of steps a callback runs the same batches through (b), (c) and (d),
+rotating their order each chunk (benchmarks/common.py), so machine load hits all sides alike. Dropout is off
+everywhere. Reported: the median over chunks of tokens/s per side and of the per-chunk ratios a/c (what training
+with gpt2-forge gains over transformers' model in a plain PyTorch loop; target >= 1.10, issue 6), a/d (the same
+optimizer on both sides: what the model alone gains; no target) and a/b (Lightning's overhead; target >= 0.95),
+for two configs:
   nanogpt-char  4 layers, 4 heads, 128 wide, block 64, batch 12, char vocab of tinyshakespeare (nanoGPT
                 config/train_shakespeare_char.py, CPU variant; overhead.py's config)
   gpt2-width    2 layers, 12 heads, 768 wide, block 128, batch 4, vocab 50257 (GPT-2's width and vocabulary, few
@@ -18,9 +22,9 @@ Reported: the median over chunks of tokens/s per side and of the per-chunk ratio
 
     python benchmarks/train_step.py [--quick] [--threads N] [--config nanogpt-char|gpt2-width] [--profile]
 
-Run time on the 2-core dev box with --threads 1: default ~3 min, --quick ~70 s. With 2 threads while other
-processes load the cores, the threads oversubscribe and everything runs ~3x slower (--quick took ~4 min): on a
-shared machine use --threads 1 and say so next to the numbers.
+Run time on the 2-core dev box with --threads 1: default ~4 min, --quick ~90 s. With 2 threads while other
+processes load the cores, the threads oversubscribe and everything runs ~3x slower: on a shared machine use
+--threads 1 and say so next to the numbers.
 --profile skips the timing and prints torch.profiler's top operators for one training step of (b) and (c).
 """
 
@@ -34,14 +38,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 
 import gpt2
 from common import machine_line  # benchmarks/common.py and overhead.py (run as a script, like the others)
-from overhead import DATA, ROOT, BareLoop, Interleave, _Loader, char_batches
+from overhead import DATA, ROOT, BareLoop, _Loader, char_batches
 from train.config import register_configs, to_config
-from train.module import GPT2LitModule, WarmupDecay, param_groups
+from train.module import GPT2LitModule, WarmupDecay, build_optimizer, param_groups
 from train.run import build_trainer
 
 
@@ -103,50 +108,59 @@ def make_theirs(ours: gpt2.GPT2LMHeadModel):
 
 
 class Loop(BareLoop):
-    """overhead.py's bare loop (its `step` unchanged) around a given model, e.g. transformers'."""
+    """overhead.py's bare loop (its `step` unchanged) around a given model, e.g. transformers'.
 
-    def __init__(self, model: torch.nn.Module, optim_cfg, total_steps: int, log_every: int):
+    framework_optimizer: the AdamW GPT2LitModule builds (fused); else `torch.optim.AdamW` with torch's defaults, as a
+    hand-written loop has it."""
+
+    def __init__(self, model: torch.nn.Module, optim_cfg, total_steps: int, log_every: int,
+                 framework_optimizer: bool = True):  # fmt: skip
         self.model = model.train()
-        self.opt = torch.optim.AdamW(param_groups(self.model, optim_cfg.weight_decay), lr=optim_cfg.lr,
-                                     betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=False)  # fmt: skip
+        if framework_optimizer:
+            self.opt = build_optimizer(self.model, optim_cfg)
+        else:
+            self.opt = torch.optim.AdamW(param_groups(self.model, optim_cfg.weight_decay), lr=optim_cfg.lr,
+                                         betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)  # fmt: skip
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, WarmupDecay(optim_cfg.warmup_steps, total_steps, optim_cfg.min_lr_ratio)
         )
         self.log_every, self.i = log_every, 0
 
 
-class Interleave3(Interleave):
-    """overhead.py's Interleave (Lightning chunk, then the bare loop on the same batches) plus a third side run on
-    the same batches, before the bare loop on odd chunks and after it on even ones; its time is kept out of the
-    Lightning chunk's wall time."""
+class InterleaveN(L.Callback):
+    """overhead.py's Interleave for several hand-written sides: after every `chunk` Lightning steps, run the same
+    `chunk` batches through each side, rotating the order of the sides by one each chunk, timing each.
 
-    def __init__(self, bare: BareLoop, third: BareLoop, batches, warmup: int, chunk: int):
-        super().__init__(bare, batches, warmup, chunk)
-        self.third = third
-        self.third_s: list[float] = []
+    Lightning time of a chunk = wall time from the end of the previous chunk's last side to the end of this chunk's
+    last Lightning step (hooks, progress bar, logging included)."""
 
-    def _run_third(self, done: int) -> float:
-        t0 = time.perf_counter()
-        for b in self.batches[done - self.chunk : done]:
-            self.third.step(b)
-        dt = time.perf_counter() - t0
-        self.third_s.append(dt)
-        return dt
+    def __init__(self, sides: list[BareLoop], batches, warmup: int, chunk: int):
+        self.sides, self.batches, self.warmup, self.chunk = sides, batches, warmup, chunk
+        self.mark = 0.0
+        self.light_s: list[float] = []
+        self.side_s: list[list[float]] = [[] for _ in sides]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         done = batch_idx + 1
-        if done == self.warmup:
-            for b in self.batches[: self.warmup]:
-                self.third.step(b)
-            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # starts the clock
-        boundary = done > self.warmup and (done - self.warmup) % self.chunk == 0
-        first = boundary and len(self.third_s) % 2 == 1
-        if first:
-            self.mark += self._run_third(done)  # not Lightning's time
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if boundary and not first:
-            self._run_third(done)
+        if done < self.warmup:
+            return
+        if done == self.warmup:  # warm every side up on the same batches, then start the clock
+            for side in self.sides:
+                for b in self.batches[: self.warmup]:
+                    side.step(b)
             self.mark = time.perf_counter()
+            return
+        if (done - self.warmup) % self.chunk:
+            return
+        self.light_s.append(time.perf_counter() - self.mark)
+        r = (len(self.light_s) - 1) % len(self.sides)
+        order = list(range(len(self.sides)))
+        for i in order[r:] + order[:r]:
+            t0 = time.perf_counter()
+            for b in self.batches[done - self.chunk : done]:
+                self.sides[i].step(b)
+            self.side_s[i].append(time.perf_counter() - t0)
+        self.mark = time.perf_counter()
 
 
 def compose_cfg(run_dir: Path, spec: Spec, steps: int):
@@ -169,13 +183,16 @@ def run_config(spec: Spec, chunks: int, chunk: int) -> dict[str, float]:
     ours_bare = make_ours(spec, vocab)
     theirs = make_theirs(ours_bare)
     ids = batches[0]["input_ids"]
-    with torch.no_grad():  # same weights -> same loss: the three sides really compute the same thing
+    with torch.no_grad():  # same weights -> same loss: the sides really compute the same thing
         lo, lt = ours_bare(input_ids=ids, labels=ids).loss.item(), theirs(input_ids=ids, labels=ids).loss.item()
     assert abs(lo - lt) < 1e-4, f"ours and transformers disagree on the first loss: {lo} vs {lt}"
 
     log_every = cfg.trainer.log_every_n_steps
-    inter = Interleave3(Loop(ours_bare, cfg.optim, steps, log_every), Loop(theirs, cfg.optim, steps, log_every),
-                        batches, WARMUP, chunk)  # fmt: skip
+    theirs_fused = make_theirs(ours_bare)
+    sides = [Loop(ours_bare, cfg.optim, steps, log_every),  # (b)
+             Loop(theirs, cfg.optim, steps, log_every, framework_optimizer=False),  # (c)
+             Loop(theirs_fused, cfg.optim, steps, log_every)]  # (d): (b)'s loop exactly  # fmt: skip
+    inter = InterleaveN(sides, batches, WARMUP, chunk)
     module = GPT2LitModule(make_ours(spec, vocab), cfg.optim, max_steps=steps, log_every_n_steps=log_every)
     trainer = build_trainer(cfg, tmp, [MetricsCSV(tmp)], extra_callbacks=[inter])
     print(f"[{spec.name}] {spec.n_layer}x{spec.n_embd} ({spec.n_head} heads), block {spec.block}, batch "
@@ -184,16 +201,17 @@ def run_config(spec: Spec, chunks: int, chunk: int) -> dict[str, float]:
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Loader(batches), batch_size=None))
 
     tokens = chunk * spec.batch * spec.block
-    a, b, c = inter.light_s, inter.bare_s, inter.third_s
-    assert len(a) == len(b) == len(c) == chunks, (len(a), len(b), len(c))
-    return {
-        "a": statistics.median(tokens / t for t in a),
-        "b": statistics.median(tokens / t for t in b),
-        "c": statistics.median(tokens / t for t in c),
-        "a/c": statistics.median(tc / ta for ta, tc in zip(a, c)),  # tokens/s ratio = time ratio inverted
-        "a/b": statistics.median(tb / ta for ta, tb in zip(a, b)),
-        "a/c range": f"{min(tc / ta for ta, tc in zip(a, c)):.2f}..{max(tc / ta for ta, tc in zip(a, c)):.2f}",
-    }
+    a, (b, c, d) = inter.light_s, inter.side_s
+    assert len(a) == len(b) == len(c) == len(d) == chunks, (len(a), len(b), len(c), len(d))
+
+    def ratio(num, den):  # tokens/s ratio num/den per chunk = time ratio den/num
+        rs = [td / tn for tn, td in zip(num, den)]
+        return statistics.median(rs), f"{min(rs):.2f}..{max(rs):.2f}"
+
+    out = {k: statistics.median(tokens / t for t in v) for k, v in (("a", a), ("b", b), ("c", c), ("d", d))}
+    (out["a/c"], out["a/c range"]), (out["a/d"], out["a/d range"]) = ratio(a, c), ratio(a, d)
+    out["a/b"] = ratio(a, b)[0]
+    return out
 
 
 def profile(spec: Spec, top: int) -> None:
@@ -238,13 +256,14 @@ def main(argv=None) -> int:
     for spec in specs:
         chunks = args.chunks or (spec.quick_chunks if args.quick else spec.chunks)
         r = run_config(spec, chunks, spec.quick_chunk if args.quick else spec.chunk)
-        rows.append(f"| {spec.name} | {r['a']:,.0f} | {r['b']:,.0f} | {r['c']:,.0f} | {r['a/c']:.3f} "
-                    f"({r['a/c range']}) | {r['a/b']:.3f} |")  # fmt: skip
+        rows.append(f"| {spec.name} | {r['a']:,.0f} | {r['b']:,.0f} | {r['c']:,.0f} | {r['d']:,.0f} | {r['a/c']:.3f} "
+                    f"({r['a/c range']}) | {r['a/d']:.3f} ({r['a/d range']}) | {r['a/b']:.3f} |")  # fmt: skip
         print(rows[-1], file=sys.stderr, flush=True)
     print(f"\n{time.perf_counter() - t0:.0f} s; tokens/s and ratios are medians over interleaved chunks\n")
-    print("| config | (a) ours, train/run.py path tok/s | (b) ours, bare loop tok/s | (c) transformers, bare "
-          "loop tok/s | a/c (target >= 1.10; chunk range) | a/b (target >= 0.95) |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| config | (a) ours, train/run.py tok/s | (b) ours, bare loop tok/s | (c) transformers, bare loop, "
+          "torch's default AdamW tok/s | (d) transformers, (b)'s loop tok/s | a/c (target >= 1.10; chunk range) | "
+          "a/d (model only) | a/b (target >= 0.95) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     return 0
 

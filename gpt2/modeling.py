@@ -510,6 +510,8 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
                 output_hidden_states=False, logits_to_keep: int = 0) -> CausalLMOutput:
+        if labels is not None and input_ids is not None and inputs_embeds is None and self._sparse_embedding_grad():
+            inputs_embeds, input_ids = F.embedding(input_ids, self.lm_head.weight, sparse=True), None
         out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
                                inputs_embeds, use_cache, output_attentions, output_hidden_states)
         h = out.last_hidden_state
@@ -518,6 +520,20 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         logits = self.lm_head(h)  # (B, T, V)
         loss = _lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+
+    def _sparse_embedding_grad(self) -> bool:
+        """Whether the token lookup of a training forward may hand autograd a sparse gradient.
+
+        With tied embeddings the loss always reaches the (V, C) table through the lm_head, whose gradient is dense.
+        Autograd sums the two gradients of the one parameter before accumulating it, so a sparse lookup gradient is
+        added as B*T rows into the lm_head's, instead of being built as a second dense (V, C) tensor (a 154 MB
+        zero-fill plus a 154 MB add for GPT-2's vocabulary) — and `.grad` stays dense, as optimizers and DDP need.
+        Only for a plain tied Parameter in eager mode: FSDP2's DTensors, DeepSpeed ZeRO-3's partitioned parameters and
+        torch.compile keep the dense path.
+        """
+        w = self.lm_head.weight
+        return (w is self.transformer.wte.weight and type(w) is nn.Parameter and w.requires_grad
+                and torch.is_grad_enabled() and not hasattr(w, "ds_id") and not torch.compiler.is_compiling())
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, do_sample=False,
                  temperature=1.0, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, generator=None):

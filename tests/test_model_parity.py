@@ -333,3 +333,26 @@ def test_gradient_checkpointing_same_gradients():
     b(ids, labels=ids).loss.backward()
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=0, msg=lambda m: n + m)
+
+
+def test_tied_token_lookup_gradient_is_dense_and_equals_the_dense_path(monkeypatch):
+    """A training forward of the LM looks tokens up with a sparse gradient (tied wte = lm_head): autograd sums it
+    into the lm_head's dense gradient, so `.grad` stays dense (optimizers and DDP need that) and equals the dense
+    lookup's. Untied weights, no labels or no grad mode keep the dense path."""
+    torch.manual_seed(0)
+    ours = gpt2.GPT2LMHeadModel(gpt2.GPT2Config(**tiny_kwargs(False))).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 12))
+    assert ours._sparse_embedding_grad()
+    ours(input_ids=ids, labels=ids).loss.backward()
+    sparse_path = ours.transformer.wte.weight.grad
+    assert sparse_path.layout == torch.strided
+    ours.zero_grad()
+    monkeypatch.setattr(gpt2.GPT2LMHeadModel, "_sparse_embedding_grad", lambda self: False)
+    ours(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(sparse_path, ours.transformer.wte.weight.grad, atol=1e-6, rtol=0)
+    monkeypatch.undo()
+    torch.optim.AdamW(ours.parameters(), fused=True).step()  # a sparse .grad would be refused here
+    with torch.no_grad():
+        assert not ours._sparse_embedding_grad()
+    untied = gpt2.GPT2LMHeadModel(gpt2.GPT2Config(**tiny_kwargs(False), tie_word_embeddings=False))
+    assert not untied._sparse_embedding_grad()

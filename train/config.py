@@ -232,7 +232,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
     decay_steps: Optional[int] = None  # None -> trainer.max_steps: reach min_lr at the last step
     min_lr_ratio: float = 0.1  # min_lr = lr * ratio (Chinchilla / nanoGPT: ~lr/10)
-    fused: Optional[bool] = None  # None -> fused kernel when the parameters are on CUDA
+    fused: Optional[bool] = None  # None -> torch's fused AdamW kernel where it exists (CUDA, CPU)
 
     def __post_init__(self) -> None:
         _check(self.name == "adamw", f"optim.name={self.name!r} is unknown; use adamw.")

@@ -187,6 +187,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ the module
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model)` with the run's hyper-parameters (conf/optim/adamw.yaml).
+
+    fused=null: torch's single-kernel AdamW wherever it exists (CUDA and CPU): one pass over each parameter instead
+    of foreach's ~10 (2-core dev box, 53 M parameters: 31 ms a step instead of 261 ms).
+    """
+    fused = cfg.fused
+    if fused is None:
+        fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in model.parameters())
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=fused)  # fmt: skip
+
+
 class GPT2LitModule(L.LightningModule):
     """Causal LM training of a `gpt2` model.
 
@@ -238,11 +251,7 @@ class GPT2LitModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        on_cuda = next(self.model.parameters()).is_cuda
-        fused = on_cuda if cfg.fused is None else cfg.fused
-        optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused
-        )
+        optimizer = build_optimizer(self.model, cfg)
         decay_steps = cfg.decay_steps or self.max_steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             optimizer, WarmupDecay(cfg.warmup_steps, decay_steps, cfg.min_lr_ratio, cfg.schedule)
@@ -363,6 +372,7 @@ __all__ = [
     "TASK_MODELS",
     "WarmupDecay",
     "build_model",
+    "build_optimizer",
     "build_model_config",
     "load_checkpoint_model",
     "param_groups",
