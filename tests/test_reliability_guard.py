@@ -15,6 +15,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
+from helpers import shakespeare
 from train import checkpoint as ck
 from train.callbacks import read_metrics
 from train.config import GuardConfig, register_configs, to_config
@@ -24,14 +25,13 @@ from train.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 register_configs()
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("corpus")
-    text = SHAKESPEARE.read_text()[:60_000] if SHAKESPEARE.is_file() else ("To be, or not to be. " * 3000)
+    text = shakespeare(60_000)
     (d / "input.txt").write_text(text)
     return d / "input.txt"
 
@@ -162,10 +162,12 @@ def test_too_many_bad_steps_stop_the_run_naming_them(monkeypatch, corpus, cache_
 
 
 def test_guard_off_applies_the_nan(monkeypatch, corpus, cache_dir, tmp_path):
-    """The control: without the guard the same NaN step poisons the weights."""
+    """The control: without the guard the same NaN step poisons the weights; the run then refuses to export or sample
+    them with one clear sentence (not a traceback from the sampler)."""
     run_dir = tmp_path / "run"
     inject(monkeypatch, {3: float("nan")})
-    train(cfg_for(corpus, cache_dir, run_dir, "guard=off", "trainer.max_steps=4", "checkpoint.every_n_steps=4",
-                      "sample.max_new_tokens=0"))
+    with pytest.raises(GuardError, match=r"weights hold NaN/Inf .* at step 4: .*guard=off"):
+        train(cfg_for(corpus, cache_dir, run_dir, "guard=off", "trainer.max_steps=4", "checkpoint.every_n_steps=4"))
+    assert not (run_dir / "hf").exists() and not (run_dir / "samples.txt").exists()
     final = ck.load_weights(run_dir / "checkpoints" / "step-4" / ck.WEIGHTS_NAME)
     assert not all(torch.isfinite(t).all() for t in final.values())

@@ -28,10 +28,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import shakespeare
 from train.callbacks import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 N = 8  # steps before the stop; the runs continue to 2N
 RTOL, ATOL_W = 1e-4, 1e-5
 
@@ -61,8 +61,9 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(args: list[str], timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), *args], cwd=ROOT, capture_output=True,
+def run(args: list[str], timeout: int = 240, script: Path = ROOT / "train" / "run.py", **env: str
+        ) -> subprocess.CompletedProcess:  # fmt: skip
+    r = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True,
                        text=True, timeout=timeout, env=_env(**env))  # fmt: skip
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return r
@@ -97,7 +98,7 @@ def setup(tmp_path_factory):
     """The corpus, and the 1-process reference run of 2N steps (which also fills the token cache)."""
     d = tmp_path_factory.mktemp("dist")
     corpus = d / "input.txt"
-    corpus.write_text(SHAKESPEARE.read_text()[:60_000] if SHAKESPEARE.is_file() else "To be, or not to be. " * 3000)
+    corpus.write_text(shakespeare(60_000))
     cache, ref = d / "cache", d / "ref"
     run(overrides(corpus, cache, ref, 8, 2 * N))
     return d, corpus, cache, ref
@@ -241,3 +242,38 @@ def test_fsdp_task_best_checkpoint_holds_the_full_model(setup, tmp_path):
     step = load_file(str(run_dir / "checkpoints" / f"step-{meta['global_step']}" / "model.safetensors"))
     for k, v in best.items():
         torch.testing.assert_close(v, step[k], rtol=0, atol=0, msg=k)
+
+
+# train/run.py with the loss of one optimizer step multiplied (a test wrapper, not product code). It keeps
+# sys.argv[0], so the second rank that Lightning launches with the same command line gets the fault too.
+SPIKE_WRAPPER = r'''
+import os, runpy, sys
+from train.module import GPT2LitModule
+at, factor = int(os.environ["SPIKE_AT"]), float(os.environ["SPIKE_FACTOR"])
+orig = GPT2LitModule.training_step
+
+def training_step(self, batch, batch_idx):
+    loss = orig(self, batch, batch_idx)
+    return loss * factor if self.trainer.global_step + 1 == at else loss
+
+GPT2LitModule.training_step = training_step
+runpy.run_path(os.path.join(os.environ["FORGE_ROOT"], "train", "run.py"), run_name="__main__")
+'''
+
+
+def test_fsdp_spike_rollback_matches_one_process(setup, tmp_path):
+    """A loss spike at step 12 rolls back to checkpoints/step-8 under FSDP2 exactly as in one process: the model and
+    optimizer shards are reloaded (not just the LR schedule), so every later loss matches the 1-process run."""
+    d, corpus, cache, _ = setup
+    wrapper = tmp_path / "spiking_run.py"
+    wrapper.write_text(SPIKE_WRAPPER)
+    env = {"SPIKE_AT": "12", "SPIKE_FACTOR": "10", "FORGE_ROOT": str(ROOT)}
+    guard = ["guard.warmup_steps=4", "guard.spike_factor=3.0"]
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    run(overrides(corpus, cache, one, 8, 2 * N, *guard), script=wrapper, **env)
+    run(overrides(corpus, cache, two, 4, 2 * N, *guard, "trainer.devices=2", "strategy=fsdp"), script=wrapper, **env)
+    for run_dir in (one, two):
+        rows = read_metrics(run_dir / "metrics.csv")
+        assert next(r for r in rows if r["step"] == 12)["guard/rollbacks"] == 1, run_dir
+    assert_losses_match(losses(two), losses(one), range(1, 2 * N + 1))
+    assert_weights_match(two / "checkpoints" / f"step-{2 * N}", one / "checkpoints" / f"step-{2 * N}")

@@ -172,7 +172,10 @@ class LossGuard(Callback):
         target = ckpt_io.latest_checkpoint(self.run_dir)
         if target is None:
             return -1
-        ckpt = ckpt_io.DirCheckpointIO().load_checkpoint(target, map_location=pl_module.device)
+        # through the strategy, as a resume loads: FSDP2 (and DeepSpeed) load their sharded model and optimizer
+        # state in place here, and their load_*_state_dict below are no-ops; single-device / DDP get the full dict
+        # from DirCheckpointIO and load it below
+        ckpt = trainer.strategy.load_checkpoint(target)
         trainer.strategy.load_model_state_dict(ckpt, strict=True)
         trainer.strategy.load_optimizer_state_dict(ckpt)
         for cfg, state in zip(trainer.lr_scheduler_configs, ckpt.get("lr_schedulers", [])):
@@ -200,4 +203,16 @@ def build_guard(guard_cfg, run_dir: str | Path) -> list[Callback]:
                       ema_decay=guard_cfg.ema_decay, max_events=guard_cfg.max_events)]  # fmt: skip
 
 
-__all__ = ["GuardError", "LossGuard", "build_guard"]
+def check_finite_weights(model: torch.nn.Module, step: int) -> None:
+    """Refuse to export or sample a model whose weights hold NaN/Inf (only possible with guard=off)."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise GuardError(
+            f"the trained weights hold NaN/Inf ({bad[0]}{more}) at step {step}: a non-finite update went through with "
+            f"guard=off, so no export or samples were written; train again with the default guard, which skips such "
+            f"steps."
+        )
+
+
+__all__ = ["GuardError", "LossGuard", "build_guard", "check_finite_weights"]

@@ -338,8 +338,10 @@ def train(cfg: Config) -> dict[str, Any]:
         if not fast and tokenizer is not None:
             from train.export import export_hf
             from train.generate import write_samples
+            from train.guard import check_finite_weights
 
             net = export_net if export_net is not None else module.model
+            check_finite_weights(net, trainer.global_step)
             summary["hf_dir"] = str(export_hf(net, tokenizer, run_dir / "hf", overwrite=True))
             summary["samples"] = str(write_samples(net, tokenizer, cfg.sample, run_dir / "samples.txt"))
         summary["seconds"] = time.perf_counter() - t_start
