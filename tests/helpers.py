@@ -1,7 +1,19 @@
 """Plain helpers shared by test modules (fixtures live in conftest.py). Import as `from helpers import ...`:
 pytest puts tests/ on sys.path (rootdir-relative "prepend" import mode)."""
 
+from pathlib import Path
+
 import torch
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
+
+
+def shakespeare(n_chars: int) -> str:
+    """The first `n_chars` of tiny Shakespeare (../shared/data), or one of its lines repeated where shared/ is absent."""
+    if SHAKESPEARE.is_file():
+        return SHAKESPEARE.read_text(encoding="utf-8")[:n_chars]
+    line = "To be, or not to be, that is the question. "
+    return (line * (n_chars // len(line) + 1))[:n_chars]
 
 
 @torch.no_grad()

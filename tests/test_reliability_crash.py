@@ -21,13 +21,13 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from test_train_resume import launch, overrides
 
+from helpers import shakespeare
 from train import checkpoint as ck
 from train.callbacks import read_metrics
 from train.config import register_configs, to_config
 from train.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 MAX_STEPS = 24
 register_configs()
 
@@ -92,7 +92,7 @@ def run_plain(run_args: list[str]) -> subprocess.CompletedProcess:
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     f = tmp_path / "input.txt"
-    f.write_text(SHAKESPEARE.read_text()[:120_000] if SHAKESPEARE.is_file() else "To be, or not to be. " * 6000)
+    f.write_text(shakespeare(120_000))
     return f
 
 

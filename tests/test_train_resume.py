@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import shakespeare
 from train.callbacks import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 MAX_STEPS = 60
 
 
@@ -54,7 +54,7 @@ def last_step(run_dir: Path) -> int:
 @pytest.mark.slow
 def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path):
     corpus = tmp_path / "input.txt"
-    corpus.write_text(SHAKESPEARE.read_text()[:120_000] if SHAKESPEARE.is_file() else "To be, or not to be. " * 6000)
+    corpus.write_text(shakespeare(120_000))
     cache = tmp_path / "cache"
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "victim"
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from helpers import shakespeare
 from train.callbacks import read_metrics
 from train.config import ConfigError, register_configs, to_config
 from train.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 register_configs()
 
 
@@ -26,7 +26,7 @@ register_configs()
 def corpus(tmp_path_factory) -> Path:
     """120 kB of real text (tiny Shakespeare when present, else the README-sized fallback repeated)."""
     d = tmp_path_factory.mktemp("corpus")
-    text = SHAKESPEARE.read_text()[:120_000] if SHAKESPEARE.is_file() else ("To be, or not to be. " * 6000)
+    text = shakespeare(120_000)
     (d / "input.txt").write_text(text)
     return d / "input.txt"
 
