@@ -1,7 +1,12 @@
 """Plain helpers shared by test modules (fixtures live in conftest.py). Import as `from helpers import ...`:
 pytest puts tests/ on sys.path (rootdir-relative "prepend" import mode)."""
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -27,3 +32,19 @@ def randomize(model, seed=0):
         noise = torch.randn(p.shape, generator=g) * 0.15
         p.copy_(1.0 + noise if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else noise * 2)
     return model.eval()
+
+
+def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], log: Path, what: str, timeout: float = 240) -> None:
+    """Poll `ready()` while `proc` (logging to `log`) runs, then SIGKILL it and reap it. Fails with the log's tail if
+    the process exits first, or when `what` has not happened within `timeout` seconds; never leaves it running."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{what} did not happen within {timeout:.0f} s"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from test_train_resume import launch, overrides
 
-from helpers import shakespeare
+from helpers import shakespeare, sigkill_when
 from train import checkpoint as ck
 from train.callbacks import read_metrics
 from train.config import register_configs, to_config
@@ -76,14 +74,6 @@ def launch_paused(tmp_path: Path, run_args: list[str], pause_at: str, log: Path)
     return proc, marker
 
 
-def wait_for(marker: Path, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not marker.exists():
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"{marker.name} not reached in {timeout} s"
-        time.sleep(0.05)
-
-
 def run_plain(run_args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), *run_args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -108,16 +98,13 @@ def test_sigkill_during_checkpoint_write_and_export_then_resume_matches(tmp_path
     ref = launch(args(corpus, cache, ref_dir), tmp_path / "ref.log")
     victim, marker = launch_paused(tmp_path, args(corpus, cache, run_dir), "12", tmp_path / "victim.log")
     try:
-        wait_for(marker, victim, tmp_path / "victim.log")
-        partial = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-12.tmp-")]
-        assert partial and (partial[0] / ck.WEIGHTS_NAME).is_file()  # killed in the middle of the write
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait()
+        sigkill_when(victim, marker.exists, tmp_path / "victim.log", "the paused step-12 write")
         assert ref.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-3000:]
     finally:
-        for p in (ref, victim):
-            if p.poll() is None:
-                p.kill()
+        if ref.poll() is None:
+            ref.kill()
+    partial = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-12.tmp-")]
+    assert partial and (partial[0] / ck.WEIGHTS_NAME).is_file()  # killed in the middle of the write
     # the partial folder is never taken: the newest complete checkpoint is step-8, and it loads
     assert ck.latest_checkpoint(run_dir).name == "step-8"
     assert (run_dir / "checkpoints" / "last").read_text().strip() == "step-8"
@@ -126,13 +113,7 @@ def test_sigkill_during_checkpoint_write_and_export_then_resume_matches(tmp_path
     # resume=auto continues from step-8; this time it is killed in the middle of the final export
     resumed, marker = launch_paused(tmp_path, args(corpus, cache, run_dir, "resume=auto"), "export",
                                     tmp_path / "resume1.log")  # fmt: skip
-    try:
-        wait_for(marker, resumed, tmp_path / "resume1.log")
-        os.kill(resumed.pid, signal.SIGKILL)
-        resumed.wait()
-    finally:
-        if resumed.poll() is None:
-            resumed.kill()
+    sigkill_when(resumed, marker.exists, tmp_path / "resume1.log", "the paused export")
     log1 = (tmp_path / "resume1.log").read_text()
     assert "step-8" in log1  # "Restoring states from .../step-8"
     assert not any(".tmp-" in p.name for p in (run_dir / "checkpoints").iterdir())  # the partial step-12 is gone

@@ -8,18 +8,15 @@ to be equal; the final weights are compared with torch.equal.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import shakespeare
+from helpers import shakespeare, sigkill_when
 from train.callbacks import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,20 +69,13 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path):
     ref = launch(overrides(corpus, cache, ref_dir), tmp_path / "ref.log")
     victim = launch(overrides(corpus, cache, run_dir), tmp_path / "victim.log")
     try:
-        deadline = time.monotonic() + 240
         # step 20 both checkpoints (every 4) and validates (every 10): step-20 is published only after its train row
         # and its val row are on disk, so a kill the instant it appears loses neither
-        while last_step(run_dir) < 20:
-            assert victim.poll() is None, (tmp_path / "victim.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no step-20 checkpoint within 240 s"
-            time.sleep(0.01)
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait()
+        sigkill_when(victim, lambda: last_step(run_dir) >= 20, tmp_path / "victim.log", "a step-20 checkpoint")
         assert ref.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-3000:]
     finally:
-        for p in (ref, victim):
-            if p.poll() is None:
-                p.kill()
+        if ref.poll() is None:
+            ref.kill()
     killed_at = last_step(run_dir)
     assert 20 <= killed_at < MAX_STEPS, "the victim must die mid-run"
     assert not (run_dir / "hf").exists()
