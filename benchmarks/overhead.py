@@ -77,35 +77,39 @@ class BareLoop:
 
 
 class Interleave(L.Callback):
-    """After every `chunk` Lightning steps, run the same `chunk` batches through the bare loop, timing both.
+    """After every `chunk` Lightning steps, run the same `chunk` batches through each hand-written side (e.g. the
+    bare loop), rotating the order of the sides by one each chunk, timing each.
 
-    Lightning time of a chunk = wall time from the end of the previous bare chunk to the end of this chunk's last
-    Lightning step (hooks, progress bar, logging included); both sides of a chunk see the same machine load.
+    Lightning time of a chunk = wall time from the end of the previous chunk's last side to the end of this chunk's
+    last Lightning step (hooks, progress bar, logging included); all sides of a chunk see the same machine load.
     """
 
-    def __init__(self, bare: BareLoop, batches, warmup: int, chunk: int):
-        self.bare, self.batches, self.warmup, self.chunk = bare, batches, warmup, chunk
-        self.mark = None
+    def __init__(self, sides: list[BareLoop], batches, warmup: int, chunk: int):
+        self.sides, self.batches, self.warmup, self.chunk = sides, batches, warmup, chunk
+        self.mark = 0.0
         self.light_s: list[float] = []
-        self.bare_s: list[float] = []
+        self.side_s: list[list[float]] = [[] for _ in sides]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         done = batch_idx + 1
         if done < self.warmup:
             return
-        if done == self.warmup:
-            for b in self.batches[: self.warmup]:  # warm the bare loop up too
-                self.bare.step(b)
+        if done == self.warmup:  # warm every side up on the same batches, then start the clock
+            for side in self.sides:
+                for b in self.batches[: self.warmup]:
+                    side.step(b)
             self.mark = time.perf_counter()
             return
         if (done - self.warmup) % self.chunk:
             return
-        now = time.perf_counter()
-        self.light_s.append(now - self.mark)
-        t0 = time.perf_counter()
-        for b in self.batches[done - self.chunk : done]:
-            self.bare.step(b)
-        self.bare_s.append(time.perf_counter() - t0)
+        self.light_s.append(time.perf_counter() - self.mark)
+        r = (len(self.light_s) - 1) % len(self.sides)
+        order = list(range(len(self.sides)))
+        for i in order[r:] + order[:r]:
+            t0 = time.perf_counter()
+            for b in self.batches[done - self.chunk : done]:
+                self.sides[i].step(b)
+            self.side_s[i].append(time.perf_counter() - t0)
         self.mark = time.perf_counter()
 
 
@@ -144,18 +148,18 @@ def main() -> int:
     from train.callbacks import MetricsCSV
 
     bare = BareLoop(vocab, cfg.optim, steps, cfg.trainer.log_every_n_steps)
-    inter = Interleave(bare, batches, args.warmup, args.chunk)
+    inter = Interleave([bare], batches, args.warmup, args.chunk)
     module = GPT2LitModule(make_model(vocab), cfg.optim, max_steps=steps,
                            log_every_n_steps=cfg.trainer.log_every_n_steps)  # fmt: skip
     trainer = build_trainer(cfg, tmp, [MetricsCSV(tmp)], extra_callbacks=[inter])
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Loader(batches), batch_size=None))
 
     tokens = args.chunk * BATCH * BLOCK
-    ratios = [b / lt for lt, b in zip(inter.light_s, inter.bare_s)]  # tokens/s ratio = time ratio inverted
-    for i, (lt, b) in enumerate(zip(inter.light_s, inter.bare_s)):
+    ratios = [b / lt for lt, b in zip(inter.light_s, inter.side_s[0])]  # tokens/s ratio = time ratio inverted
+    for i, (lt, b) in enumerate(zip(inter.light_s, inter.side_s[0])):
         print(f"chunk {i + 1:2d}: bare {tokens / b:8.0f} tok/s   train/run.py path {tokens / lt:8.0f} tok/s   "
               f"ratio {b / lt:.3f}", file=sys.stderr)  # fmt: skip
-    tb, tl = sum(inter.bare_s), sum(inter.light_s)
+    tb, tl = sum(inter.side_s[0]), sum(inter.light_s)
     n = len(ratios) * tokens
     print(f"bare PyTorch loop : {n / tb:9.0f} tokens/s")
     print(f"train/run.py path : {n / tl:9.0f} tokens/s")

@@ -38,13 +38,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 
 import gpt2
 from common import machine_line  # benchmarks/common.py and overhead.py (run as a script, like the others)
-from overhead import DATA, ROOT, BareLoop, _Loader, char_batches
+from overhead import DATA, ROOT, BareLoop, Interleave, _Loader, char_batches
 from train.config import register_configs, to_config
 from train.module import GPT2LitModule, WarmupDecay, build_optimizer, param_groups
 from train.run import build_trainer
@@ -127,42 +126,6 @@ class Loop(BareLoop):
         self.log_every, self.i = log_every, 0
 
 
-class InterleaveN(L.Callback):
-    """overhead.py's Interleave for several hand-written sides: after every `chunk` Lightning steps, run the same
-    `chunk` batches through each side, rotating the order of the sides by one each chunk, timing each.
-
-    Lightning time of a chunk = wall time from the end of the previous chunk's last side to the end of this chunk's
-    last Lightning step (hooks, progress bar, logging included)."""
-
-    def __init__(self, sides: list[BareLoop], batches, warmup: int, chunk: int):
-        self.sides, self.batches, self.warmup, self.chunk = sides, batches, warmup, chunk
-        self.mark = 0.0
-        self.light_s: list[float] = []
-        self.side_s: list[list[float]] = [[] for _ in sides]
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        done = batch_idx + 1
-        if done < self.warmup:
-            return
-        if done == self.warmup:  # warm every side up on the same batches, then start the clock
-            for side in self.sides:
-                for b in self.batches[: self.warmup]:
-                    side.step(b)
-            self.mark = time.perf_counter()
-            return
-        if (done - self.warmup) % self.chunk:
-            return
-        self.light_s.append(time.perf_counter() - self.mark)
-        r = (len(self.light_s) - 1) % len(self.sides)
-        order = list(range(len(self.sides)))
-        for i in order[r:] + order[:r]:
-            t0 = time.perf_counter()
-            for b in self.batches[done - self.chunk : done]:
-                self.sides[i].step(b)
-            self.side_s[i].append(time.perf_counter() - t0)
-        self.mark = time.perf_counter()
-
-
 def compose_cfg(run_dir: Path, spec: Spec, steps: int):
     """The run config as train/run.py composes it, with overhead.py's overrides (no validation, log every 10)."""
     overrides = [f"run_dir={run_dir}", f"trainer.max_steps={steps}", "trainer.val_check_interval=1000000",
@@ -192,7 +155,7 @@ def run_config(spec: Spec, chunks: int, chunk: int) -> dict[str, float]:
     sides = [Loop(ours_bare, cfg.optim, steps, log_every),  # (b)
              Loop(theirs, cfg.optim, steps, log_every, framework_optimizer=False),  # (c)
              Loop(theirs_fused, cfg.optim, steps, log_every)]  # (d): (b)'s loop exactly  # fmt: skip
-    inter = InterleaveN(sides, batches, WARMUP, chunk)
+    inter = Interleave(sides, batches, WARMUP, chunk)
     module = GPT2LitModule(make_ours(spec, vocab), cfg.optim, max_steps=steps, log_every_n_steps=log_every)
     trainer = build_trainer(cfg, tmp, [MetricsCSV(tmp)], extra_callbacks=[inter])
     print(f"[{spec.name}] {spec.n_layer}x{spec.n_embd} ({spec.n_head} heads), block {spec.block}, batch "
