@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .hub import resolve_model_dir
+
 # Activation names a GPT-2 config may carry; the same keys as transformers' ACT2FN (activations.py).
 # The functions themselves live in modeling.py; the names are here so the config can be validated without torch work.
 ACTIVATION_NAMES = (
@@ -197,8 +199,6 @@ class GPT2Config:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "GPT2Config":
         """Read config.json from a folder (or a hub id, via huggingface_hub), a path to the file itself."""
-        from .hf_io import resolve_model_dir  # local import: hf_io imports this module
-
         if str(path).endswith(".json") and os.path.isfile(path):
             file = str(path)
         else:

@@ -5,7 +5,7 @@ Follows transformers' GenerationMixin where it matters for equal results: positi
 top-k -> top-p, finished rows continue with pad_token_id.
 
 What makes it fast (benchmarks/generation.py measures it against transformers' generate):
-  * a preallocated KV cache (modeling.StaticKVCache) written in place — no torch.cat of the whole past per token;
+  * a preallocated KV cache (cache.StaticKVCache) written in place — no torch.cat of the whole past per token;
   * the output ids and the attention mask are preallocated too; position ids advance by one per step instead of a
     cumsum over the whole mask; with no padding at all there is no mask (SDPA runs mask-free);
   * logits for the last position only (the trunk's last hidden state -> lm_head), under torch.inference_mode;
@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .modeling import StaticKVCache
+from .cache import StaticKVCache
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

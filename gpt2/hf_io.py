@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import GPT2Config
+from .hub import resolve_model_dir
 
 # ours -> HF, trunk-relative ("{i}" = block index). The names are identical by design (we kept transformers' names);
 # the map is explicit so that renaming a module is a one-line change here and nowhere else.
@@ -169,25 +170,10 @@ def _check_shapes(model, ours: dict[str, torch.Tensor]) -> None:
 # folders
 
 
-def resolve_model_dir(path: str | os.PathLike) -> str:
-    """A local folder as is; otherwise a hub id fetched with huggingface_hub.snapshot_download (safetensors + json)."""
-    path = str(path)
-    if os.path.isdir(path):
-        return path
-    if path.startswith((".", "/", "~")) or os.sep + os.sep in path or path.count("/") > 1:
-        raise FileNotFoundError(f"model folder {path!r} does not exist; check the path.")
-    try:
-        from huggingface_hub import snapshot_download  # optional dependency, only for hub ids
-    except ImportError:
-        raise FileNotFoundError(f"{path!r} is not a local folder, and huggingface_hub (needed to download a hub id) "
-                                f"is not installed; pip install huggingface_hub or pass a local folder.") from None
-    try:
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-    except Exception as e:
-        raise FileNotFoundError(f"{path!r} is neither a local folder nor a downloadable hub model ({e}).") from None
+def weight_files(folder: str) -> list[str]:
+    """The safetensors files of an HF folder: model.safetensors, or every shard its index lists.
 
-
-def _weight_files(folder: str) -> list[str]:
+    Raises FileNotFoundError (no weights, or a shard missing) and ValueError (pickle-only weights, never loaded)."""
     index = os.path.join(folder, SAFE_INDEX)
     single = os.path.join(folder, SAFE_WEIGHTS)
     if os.path.isfile(single):
@@ -207,7 +193,8 @@ def _weight_files(folder: str) -> list[str]:
     raise FileNotFoundError(f"no {SAFE_WEIGHTS} or {SAFE_INDEX} in {folder}.")
 
 
-def _read_weights(files: list[str]) -> dict[str, torch.Tensor]:
+def read_weights(files: list[str]) -> dict[str, torch.Tensor]:
+    """All tensors of `files` under their HF key names (memory-mapped by safetensors); ValueError if one is corrupt."""
     sd = {}
     for file in files:
         try:
@@ -247,16 +234,16 @@ def _contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def load_pretrained(cls, path, dtype="auto", **config_overrides):
     folder = resolve_model_dir(path)
     config = GPT2Config.from_pretrained(folder, **config_overrides)
-    files = _weight_files(folder)
-    hf_sd = _read_weights(files)
+    files = weight_files(folder)
+    hf_sd = read_weights(files)
     target = _resolve_dtype(dtype, config, hf_sd)
-    ours, unexpected = convert_hf_state_dict(hf_sd, with_trunk_prefix=cls is not _bare_trunk_class())
-    del hf_sd
-
     # Build on the meta device (no memory, no init) and assign the loaded tensors; only a head the folder lacks
     # (a classifier loaded from an LM folder) needs a real build + init.
     with torch.device("meta"):
         probe = cls(config)
+    ours, unexpected = convert_hf_state_dict(hf_sd, with_trunk_prefix=_has_trunk_prefix(probe))
+    del hf_sd
+
     expected = set(probe.state_dict().keys())
     tied = "lm_head.weight" if probe.config.tie_word_embeddings else None
     missing = sorted(expected - set(ours) - {tied})
@@ -277,12 +264,6 @@ def load_pretrained(cls, path, dtype="auto", **config_overrides):
     if skipped:
         warnings.warn(f"{cls.__name__}: ignored {len(skipped)} unknown tensors in {path!s}: {skipped[:5]}", stacklevel=3)
     return model.eval()  # like transformers: loaded models start in eval mode (dropout off)
-
-
-def _bare_trunk_class():
-    from .modeling import GPT2Model
-
-    return GPT2Model
 
 
 def _parse_size(size: int | str) -> int:

@@ -18,7 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import generation, hf_io
 from .attention import ATTENTION_BACKENDS
+from .cache import StaticKVCache
 from .config import GPT2Config
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,55 +58,6 @@ ACT2FN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
     "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
 }
-
-# ----------------------------------------------------------------------------------------------------------------
-# KV cache for generation
-
-
-class StaticKVCache:
-    """Preallocated keys/values, (B, nh, max_len, hs) per layer, written in place as tokens arrive.
-
-    The tuple cache (`past_key_values` = ((k, v), ...)) concatenates each layer's whole past every step — O(T) copies
-    per token; this one writes only the new positions (slice assignment) and hands attention a view of the filled
-    part, like transformers' StaticCache / gpt-fast's KVCache. `length` is a Python int, so reading it never syncs
-    with the device. Indexing gives the tuple view, so code written for the tuple cache reads it unchanged:
-    `cache[i]` -> (k, v) of layer i, each (B, nh, length, hs). Pass it as `past_key_values`; the forward advances
-    `length` by the number of input tokens and returns the same object as `past_key_values`.
-    """
-
-    def __init__(self, config: GPT2Config, batch_size: int, max_len: int):
-        if max_len > config.n_positions:
-            raise ValueError(f"StaticKVCache max_len={max_len} exceeds n_positions={config.n_positions}.")
-        self.shape = (batch_size, config.n_head, max_len, config.head_dim)  # (B, nh, max_len, hs)
-        # Allocated at the first write, with that k/v's device and dtype (under autocast k/v are bf16/fp16).
-        self.keys: list[torch.Tensor | None] = [None] * config.n_layer
-        self.values: list[torch.Tensor | None] = [None] * config.n_layer
-        self.max_len, self.length = max_len, 0
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's k, v (B, nh, T, hs) at [length, length + T); return views of positions [0, length + T)."""
-        end = self.length + k.size(-2)
-        if end > self.max_len:
-            raise ValueError(f"StaticKVCache is full: {end} positions needed, max_len={self.max_len}.")
-        if self.keys[layer_idx] is None:
-            self.keys[layer_idx] = k.new_zeros(self.shape)
-            self.values[layer_idx] = v.new_zeros(self.shape)
-        kb, vb = self.keys[layer_idx], self.values[layer_idx]
-        kb[:, :, self.length:end] = k
-        vb[:, :, self.length:end] = v
-        return kb[:, :, :end], vb[:, :, :end]  # (B, nh, T_past + T, hs)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[i] is None:
-            raise IndexError("StaticKVCache is empty until the first forward that uses it.")
-        return self.keys[i][:, :, : self.length], self.values[i][:, :, : self.length]
-
-    def get_seq_length(self) -> int:
-        return self.length
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # The transformer block
@@ -340,18 +293,14 @@ class GPT2PreTrainedModel(nn.Module):
         dtype: "auto" keeps the dtype the folder was saved in; a torch.dtype converts; None -> float32.
         Extra keyword arguments override config fields (e.g. attn_implementation="eager", num_labels=3).
         """
-        from .hf_io import load_pretrained
-
         if "torch_dtype" in config_overrides:  # the transformers < 4.56 spelling
             dtype = config_overrides.pop("torch_dtype")
-        return load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, **config_overrides)
+        return hf_io.load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, **config_overrides)
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         max_shard_size: int | str = "5GB") -> None:
         """Write an HF GPT-2 folder that transformers.GPT2*.from_pretrained loads with identical outputs."""
-        from .hf_io import save_pretrained
-
-        save_pretrained(self, save_directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
+        hf_io.save_pretrained(self, save_directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -538,9 +487,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
     def generate(self, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, do_sample=False,
                  temperature=1.0, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, generator=None):
         """Prompt + new tokens (B, T + n), with a KV cache; see gpt2/generation.py."""
-        from .generation import generate
-
-        return generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+        return generation.generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                         max_length=max_length, do_sample=do_sample, temperature=temperature, top_k=top_k,
                         top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
 

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from .hub import resolve_model_dir
 from .modeling import GPT2LMHeadModel
 
 # transformers' TextGenerationPipeline defaults (pipelines/text_generation.py, _default_generation_config);
@@ -69,8 +70,6 @@ def pipeline(task: str, model, tokenizer=None, dtype="auto", device=None, **mode
         raise ValueError(f"gpt2.pipeline supports only task='text-generation', got {task!r}.")
     defaults = {}
     if isinstance(model, (str, os.PathLike)):
-        from .hf_io import resolve_model_dir
-
         folder = resolve_model_dir(model)
         gen_file = os.path.join(folder, "generation_config.json")
         if os.path.isfile(gen_file):

@@ -75,7 +75,7 @@ def _source_weights(src: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor],
 
         folder = hf_io.resolve_model_dir(str(src))
         config = GPT2Config.from_pretrained(folder).to_dict()
-        sd, _ = hf_io.convert_hf_state_dict(hf_io._read_weights(hf_io._weight_files(folder)), with_trunk_prefix=True)
+        sd, _ = hf_io.convert_hf_state_dict(hf_io.read_weights(hf_io.weight_files(folder)), with_trunk_prefix=True)
         return config, sd, f"HF folder {src}"
     step = ck.resolve_checkpoint(src)
     return ck.load_model_config_dict(step), ck.load_weights(step / ck.WEIGHTS_NAME), f"checkpoint {step}"
