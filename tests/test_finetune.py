@@ -230,7 +230,7 @@ def test_task_resume_continues_the_data_order_exactly(lm_export, cache, tmp_path
     run(tmp_path / "parts", 6)
     s = run(tmp_path / "parts", 12, "resume=auto")
     assert s["global_step"] == 12
-    from train.callbacks import read_metrics
+    from train.loggers import read_metrics
 
     def losses(d: Path) -> dict:
         return {int(r["step"]): r["train/loss"] for r in read_metrics(d / "metrics.csv") if r["train/loss"] is not None}

@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir
 
 from helpers import shakespeare
 from train import checkpoint as ck
-from train.callbacks import read_metrics
+from train.loggers import read_metrics
 from train.config import GuardConfig, register_configs, to_config
-from train.guard import GuardError, LossGuard
+from train.callbacks.guard import GuardError, LossGuard
 from train.module import GPT2LitModule
 from train.run import train
 

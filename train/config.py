@@ -11,7 +11,9 @@ anything is built. Every error names the key and the fix (lightning-hydra-templa
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 from data_pipelines.config import DataConfig
@@ -125,7 +127,7 @@ STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero2", "deep
 
 @dataclass
 class StrategyConfig:
-    """How the model is spread over devices (conf/strategy/*.yaml); built by train/strategies.py:build_strategy.
+    """How the model is spread over devices (conf/strategy/*.yaml); built by train/strategies/:build_strategy.
 
     Every option's YAML sets every field; fields a strategy does not use keep their defaults there.
     """
@@ -288,7 +290,7 @@ class CheckpointConfig:
 
 @dataclass
 class GuardConfig:
-    """The loss-spike / NaN guard (conf/guard/*.yaml; train/guard.py): skip non-finite updates, roll back spikes."""
+    """The loss-spike / NaN guard (conf/guard/*.yaml; train/callbacks/guard.py): skip non-finite updates, roll back spikes."""
 
     enabled: bool = True
     spike_factor: Optional[float] = 3.0  # loss > factor x running average -> roll back; null: no spike check
@@ -363,6 +365,16 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+
+
+def write_config(cfg: Config, run_dir: Path) -> None:
+    """run_dir/config.yaml: the fully resolved config, written before anything runs (tmp + replace)."""
+    from omegaconf import OmegaConf
+
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+    tmp = run_dir / f"config.yaml.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, run_dir / "config.yaml")
 
 
 def to_config(node: Any) -> Config:

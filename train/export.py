@@ -98,7 +98,7 @@ def load_for_export(src: str | os.PathLike):
     from gpt2 import GPT2TokenizerFast
 
     from train.checkpoint import CheckpointError, resolve_checkpoint, tokenizer_dir_for
-    from train.module import load_checkpoint_model
+    from train.model import load_checkpoint_model
 
     step = resolve_checkpoint(src)
     model = load_checkpoint_model(step)

@@ -21,26 +21,26 @@ blocks (resume, loggers, Trainer with the guard / RNG / throughput callbacks, St
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from gpt2 import GPT2Config
 
 from train import checkpoint as ck
 from train import metrics as M
-from train.config import Config, ConfigError, ModelConfig, TaskConfig
-from train.module import TASK_MODELS, GPT2LitModule, _runtime_overrides, build_model_config
+from train.callbacks import BestCheckpoint
+from train.checkpoint import best_dir, load_best_into
+from train.config import Config, ConfigError, ModelConfig, TaskConfig, write_config
+from train.model import TASK_MODELS, build_model_config, runtime_overrides, tokenizer_source
+from train.module import GPT2LitModule
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ DEFAULT_MONITOR = {"cls": ("val/accuracy", "max"), "token_cls": ("val/f1", "max"
 # which transformers class loads each task's export (documentation and tests)
 HF_CLASSES = {"cls": "AutoModelForSequenceClassification", "token_cls": "AutoModelForTokenClassification",
               "qa": "AutoModelForQuestionAnswering", "mc": "GPT2DoubleHeadsModel"}  # fmt: skip
-BEST_NAME = "best"
 
 
 def monitor_for(task_cfg: TaskConfig, regression: bool = False) -> tuple[str, str]:
@@ -109,7 +108,7 @@ def build_task_model(
             f"model.init_from={model_cfg.init_from} does not exist; give an HF folder, a checkpoint or a run dir."
         )
     saved, sd, where = _source_weights(src)
-    config = GPT2Config.from_dict(saved, **_runtime_overrides(model_cfg, attention_cfg, stability_cfg), **head)
+    config = GPT2Config.from_dict(saved, **runtime_overrides(model_cfg, attention_cfg, stability_cfg), **head)
     model = cls(config)  # every tensor initialised (GPT-2 init); the matching ones are overwritten below
     target = model.state_dict()
     tied = "lm_head.weight" if config.tie_word_embeddings else None
@@ -250,101 +249,15 @@ class TaskLitModule(GPT2LitModule):
         self.log("val_loss", val_loss, prog_bar=True, logger=False, on_epoch=True)
 
 
-# ------------------------------------------------------------------------------------------------ best checkpoint
-def best_dir(run_dir: str | os.PathLike) -> Path:
-    return ck.checkpoints_dir(Path(run_dir)) / BEST_NAME
-
-
-def save_model_dir(state_dict: dict[str, torch.Tensor], config, out: Path, meta: dict[str, Any]) -> Path:
-    """Weights + config.json + meta.json in our checkpoint layout (no training state), atomically (tmp + rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        ck.save_weights(state_dict, tmp / ck.WEIGHTS_NAME)
-        (tmp / ck.CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-        meta = dict(meta, format=ck.FORMAT, format_version=ck.FORMAT_VERSION, module_prefix="")
-        (tmp / ck.META_NAME).write_text(json.dumps(ck.to_plain(meta), indent=2, sort_keys=True) + "\n")
-        ck.publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-class BestCheckpoint(Callback):
-    """checkpoints/best/: the model at the best value of `monitor` seen at a validation (ties keep the earlier)."""
-
-    def __init__(self, run_dir: str | os.PathLike, monitor: str, mode: str = "max", meta: Optional[dict] = None):
-        self.path = best_dir(run_dir)
-        self.monitor, self.mode = monitor, mode
-        self.meta = dict(meta or {})
-        self.best: Optional[float] = None
-        self.best_step: Optional[int] = None
-
-    def _better(self, v: float) -> bool:
-        if not math.isfinite(v):
-            return False
-        if self.best is None:
-            return True
-        return v > self.best if self.mode == "max" else v < self.best
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
-        metrics = getattr(pl_module, "last_val_metrics", {})
-        if not metrics:
-            return
-        if self.monitor not in metrics:
-            raise ConfigError(
-                f"task.monitor={self.monitor} is not a metric of this task; use one of {', '.join(sorted(metrics))}."
-            )
-        v = float(metrics[self.monitor])
-        if not self._better(v):
-            return
-        self.best, self.best_step = v, trainer.global_step
-        from train.strategies import full_state_dict, plain_class
-
-        state = full_state_dict(trainer, pl_module)  # every rank: FSDP / ZeRO-3 gather their shards
-        if trainer.is_global_zero:
-            meta = dict(self.meta, global_step=trainer.global_step, task=plain_class(pl_module.model).__name__,
-                        monitor=self.monitor, mode=self.mode, value=v, metrics=dict(metrics))  # fmt: skip
-            save_model_dir(state, pl_module.model.config, self.path, meta)
-        trainer.strategy.barrier("BestCheckpoint.save")
-
-    # the best value travels with every step checkpoint, so a resumed run compares against it
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step, "monitor": self.monitor}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("monitor") == self.monitor:
-            self.best, self.best_step = state.get("best"), state.get("best_step")
-
-
-def load_best_into(model: nn.Module, run_dir: Path) -> Optional[dict[str, Any]]:
-    """Copy checkpoints/best's weights into `model` (in place); returns its meta, or None when there is none."""
-    d = best_dir(run_dir)
-    if not (d / ck.META_NAME).is_file():
-        return None
-    sd = ck.load_weights(d / ck.WEIGHTS_NAME)
-    model.load_state_dict(sd, strict=False)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return ck.read_meta(d)
-
-
 # ------------------------------------------------------------------------------------------------ train_task()
 def _task_tokenizer(cfg: Config, resume_from: Optional[Path], run_dir: Path):
     """The tokenizer of model.init_from (its ids index that embedding table), a resumed run's own, data.tokenizer,
     or else the byte-level BPE trained (and cached) on the LM data source, as an LM run would."""
     from gpt2 import GPT2TokenizerFast
 
-    from train.run import _tokenizer_source
-
     if resume_from is not None and (run_dir / "tokenizer" / "tokenizer.json").is_file():
         return GPT2TokenizerFast.from_pretrained(str(run_dir / "tokenizer"))
-    src = _tokenizer_source(cfg, resume_from)
+    src = tokenizer_source(cfg.data.tokenizer, cfg.model.init_from, resume_from)
     if src:
         cfg.data.tokenizer = src
     if cfg.model.init_from and not src:
@@ -364,10 +277,10 @@ def train_task(cfg: Config) -> dict[str, Any]:
     Returns (and writes to run_dir/summary.json) the paths, step count, the final and best validation metrics."""
     from data_pipelines.tasks import MODEL_KEYS, TaskDataModule
 
-    from train.callbacks import StepCheckpoint, plot_losses, read_metrics
-    from train.preemption import Preemption
-    from train.run import _check_compatible, _resolve_resume, _write_config, build_loggers, build_trainer
+    from train.callbacks import Preemption, StepCheckpoint
+    from train.loggers import build_loggers, plot_losses, read_metrics
     from train.strategies import check_hardware, model_for_export
+    from train.trainer import build_trainer
 
     t_start = time.perf_counter()
     task, tcfg = cfg.task.name, cfg.trainer
@@ -376,12 +289,12 @@ def train_task(cfg: Config) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
     check_hardware(cfg.strategy, tcfg, cfg.attention.implementation)
-    resume_from = _resolve_resume(cfg, run_dir)
+    resume_from = ck.resolve_resume(cfg.resume, run_dir)
     resume_step = ck.read_meta(resume_from)["global_step"] if resume_from else None
     fast = tcfg.fast_dev_run
 
     tokenizer = _task_tokenizer(cfg, resume_from, run_dir)
-    _write_config(cfg, run_dir)
+    write_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -402,7 +315,7 @@ def train_task(cfg: Config) -> dict[str, Any]:
     model, report = build_task_model(cfg.task, cfg.model, cfg.attention, cfg.stability, len(tokenizer),
                                      tokenizer.eos_token_id, head)  # fmt: skip
     if resume_from is not None:
-        _check_compatible(resume_from, model.config, type(model).__name__)
+        ck.check_compatible(resume_from, model.config, type(model).__name__)
     if cfg.task.data.max_length > model.config.n_positions:
         raise ConfigError(
             f"task.data.max_length={cfg.task.data.max_length} exceeds the model's n_positions="
@@ -428,7 +341,7 @@ def train_task(cfg: Config) -> dict[str, Any]:
                              val_every_n_steps=tcfg.val_check_interval if tcfg.limit_val_batches else None)  # fmt: skip
     best_cb = BestCheckpoint(run_dir, monitor, mode, meta=meta)
     preempt = Preemption(ckpt_cb)
-    loggers = build_loggers(cfg, run_dir, resume_step)
+    loggers = build_loggers(cfg.logger, run_dir, resume_step, dataclasses.asdict(cfg))
     # the task metrics need the whole validation set (every qa window of an example): no limit_val_batches here
     tcfg.limit_val_batches = 1.0 if tcfg.limit_val_batches > 0 else 0
     extra = [] if fast else [best_cb, ckpt_cb, preempt]
@@ -482,15 +395,11 @@ def train_task(cfg: Config) -> dict[str, Any]:
 
 
 __all__ = [
-    "BestCheckpoint",
     "DEFAULT_MONITOR",
     "FINETUNE_TASKS",
     "HF_CLASSES",
     "TaskLitModule",
-    "best_dir",
     "build_task_model",
-    "load_best_into",
     "monitor_for",
-    "save_model_dir",
     "train_task",
 ]
