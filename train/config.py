@@ -19,6 +19,8 @@ from typing import Any, List, Optional
 from data_pipelines.config import DataConfig
 from data_pipelines.tasks.config import TaskDataConfig
 
+from train.tasks import task_names
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key and the fix."""
@@ -87,13 +89,13 @@ class StabilityConfig:
 
 
 # ----------------------------------------------------------------------------------------------------- task
-TASKS = ("lm", "cls", "token_cls", "qa", "mc")  # fine-tuning tasks: train/tasks.py
 MONITOR_MODES = ("max", "min")
 
 
 @dataclass
 class TaskConfig:
-    """What the model learns (conf/task/*.yaml): a head + loss + metrics, looked up by name in train/module.py.
+    """What the model learns (conf/task/*.yaml): `name` picks the task module train/tasks/<name>.py (head, loss,
+    metrics, best checkpoint); the allowed names are those modules.
 
     The fine-tuning tasks (cls, token_cls, qa, mc) read their examples from `task.data` (data_pipelines.tasks'
     TaskDataConfig: the offline demo set by default, or local jsonl/csv/parquet / hub datasets); the top-level `data`
@@ -109,7 +111,8 @@ class TaskConfig:
     monitor_mode: Optional[str] = None  # max | min; null -> the default for `monitor`
 
     def __post_init__(self) -> None:
-        _check(self.name in TASKS, f"task.name={self.name!r} is not available; use one of {', '.join(TASKS)}.")
+        names = task_names()
+        _check(self.name in names, f"task.name={self.name!r} is not available; use one of {', '.join(names)}.")
         _check(self.lm_coef >= 0, f"task.lm_coef={self.lm_coef} must be >= 0.")
         _check(
             self.monitor_mode is None or self.monitor_mode in MONITOR_MODES,
@@ -351,7 +354,7 @@ class Config:
         _check(bool(self.run_dir), "run_dir is empty; set run_dir=<folder>.")
         _check(self.resume is None or bool(self.resume), "resume is empty; use resume=auto or resume=<checkpoint>.")
         # The model must see every position the data produces (INTERFACE.md: "a sequence longer than n_positions").
-        # With model.init_from the size comes from those weights; train/run.py checks it once they are loaded.
+        # With model.init_from the size comes from those weights; train/job.py checks it once they are loaded.
         _check(
             self.model.init_from is not None or self.data.block_size <= self.model.n_positions,
             f"data.block_size={self.data.block_size} exceeds model.n_positions={self.model.n_positions}; "

@@ -17,6 +17,8 @@ import gpt2
 from gpt2 import GPT2Config
 
 from train.checkpoint import (
+    META_NAME,
+    WEIGHTS_NAME,
     CheckpointError,
     load_model_config_dict,
     load_weights,
@@ -24,15 +26,14 @@ from train.checkpoint import (
     resolve_checkpoint,
     tokenizer_dir_for,
 )
-from train.config import AttentionConfig, ConfigError, ModelConfig, StabilityConfig, TaskConfig
+from train.config import AttentionConfig, ConfigError, ModelConfig, StabilityConfig
 
-TASK_MODELS: dict[str, type] = {
-    "lm": gpt2.GPT2LMHeadModel,
-    "cls": gpt2.GPT2ForSequenceClassification,
-    "token_cls": gpt2.GPT2ForTokenClassification,
-    "qa": gpt2.GPT2ForQuestionAnswering,
-    "mc": gpt2.GPT2DoubleHeadsModel,
-}
+# The head classes gpt2 exports, by name: a checkpoint's meta.json "task" names the one it holds.
+HEAD_MODELS: dict[str, type] = {
+    name: obj for name in gpt2.__all__
+    if isinstance(obj := getattr(gpt2, name), type) and issubclass(obj, gpt2.GPT2PreTrainedModel)
+    and obj not in (gpt2.GPT2PreTrainedModel, gpt2.GPT2Model)
+}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ model building
@@ -83,35 +84,111 @@ def runtime_overrides(model_cfg, attention_cfg, stability_cfg) -> dict[str, Any]
     )
 
 
+def init_source(init_from: str) -> Path:
+    """The path `model.init_from` names; FileNotFoundError (naming what it may be) when it does not exist."""
+    src = Path(init_from).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"model.init_from={init_from} does not exist; give an HF folder, a checkpoint or a run dir.")
+    return src
+
+
+def is_hf_folder(src: Path) -> bool:
+    """An HF model folder (config.json, no meta.json) rather than one of our checkpoints or run dirs."""
+    return (src / "config.json").is_file() and not (src / META_NAME).is_file()
+
+
+def check_vocab(model: nn.Module, vocab_size: int, init_from: str) -> None:
+    """Refuse a tokenizer with more tokens than the loaded weights have embeddings (its ids would be out of range)."""
+    if model.config.vocab_size < vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {vocab_size} tokens but model.init_from={init_from} has only "
+            f"{model.config.vocab_size} embeddings; use the tokenizer that came with that model (data.tokenizer=null)."
+        )
+
+
 def build_model(
-    task_cfg: TaskConfig,
+    cls: type,
     model_cfg: ModelConfig,
     attention_cfg: AttentionConfig,
     stability_cfg: StabilityConfig,
     vocab_size: int,
     eos_token_id: Optional[int],
 ) -> nn.Module:
-    """A fresh model, or the weights of `model.init_from` (an HF folder, one of our checkpoints, or a run dir)."""
-    cls = TASK_MODELS[task_cfg.name]
+    """A fresh `cls` (a gpt2 model class), or the weights of `model.init_from` (an HF folder, one of our checkpoints,
+    or a run dir) loaded strictly. Raises FileNotFoundError / ConfigError / CheckpointError naming the fix."""
     if model_cfg.init_from is None:
         return cls(build_model_config(model_cfg, attention_cfg, stability_cfg, vocab_size, eos_token_id))
-    src = Path(model_cfg.init_from).expanduser()
+    src = init_source(model_cfg.init_from)
     overrides = runtime_overrides(model_cfg, attention_cfg, stability_cfg)
-    if (src / "config.json").is_file() and not (src / "meta.json").is_file():  # an HF folder
+    if is_hf_folder(src):
         model = cls.from_pretrained(str(src), dtype=torch.float32, **overrides)
-    elif src.exists():
-        model = load_checkpoint_model(resolve_checkpoint(src), cls, **overrides)
     else:
-        raise FileNotFoundError(
-            f"model.init_from={model_cfg.init_from} does not exist; give an HF folder, a checkpoint or a run dir."
-        )
+        model = load_checkpoint_model(resolve_checkpoint(src), cls, **overrides)
     model.train()  # from_pretrained returns eval mode (HF convention); training needs dropout back on
-    if model.config.vocab_size < vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {vocab_size} tokens but model.init_from={model_cfg.init_from} has only "
-            f"{model.config.vocab_size} embeddings; use the tokenizer that came with that model (data.tokenizer=null)."
-        )
+    check_vocab(model, vocab_size, model_cfg.init_from)
     return model
+
+
+def _source_weights(src: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """(config dict, state dict under OUR key names, description) of an HF folder or one of our checkpoints."""
+    if is_hf_folder(src):
+        from gpt2 import hf_io
+
+        folder = hf_io.resolve_model_dir(str(src))
+        config = GPT2Config.from_pretrained(folder).to_dict()
+        sd, _ = hf_io.convert_hf_state_dict(hf_io.read_weights(hf_io.weight_files(folder)), with_trunk_prefix=True)
+        return config, sd, f"HF folder {src}"
+    step = resolve_checkpoint(src)
+    return load_model_config_dict(step), load_weights(step / WEIGHTS_NAME), f"checkpoint {step}"
+
+
+def build_head_model(
+    cls: type,
+    model_cfg: ModelConfig,
+    attention_cfg: AttentionConfig,
+    stability_cfg: StabilityConfig,
+    vocab_size: int,
+    eos_token_id: Optional[int],
+    head: dict[str, Any],
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A fine-tuning head model `cls` and a report {"source", "new": [...], "reinitialized": [...]}.
+
+    head: the GPT2Config fields of the head, from the data (num_labels, id2label, label2id, problem_type,
+    pad_token_id). With model.init_from every tensor whose name and shape match is loaded (the trunk; a head of the
+    same shape too, so a fine-tuned model can be fine-tuned further); the rest keeps its fresh GPT-2 init and is
+    reported: "new" (the source lacks it, e.g. an LM's trunk into a classifier) or "reinitialized" ("<name> <old
+    shape> -> <new shape>": another label count). Raises ConfigError when the source holds no GPT-2 trunk.
+    """
+    head = {k: v for k, v in head.items() if v is not None or k == "problem_type"}
+    if model_cfg.init_from is None:
+        config = build_model_config(model_cfg, attention_cfg, stability_cfg, vocab_size, eos_token_id)
+        model = cls(GPT2Config.from_dict(config.to_dict(), **head))
+        return model, {"source": None, "new": sorted(model.state_dict()), "reinitialized": []}
+    saved, sd, where = _source_weights(init_source(model_cfg.init_from))
+    config = GPT2Config.from_dict(saved, **runtime_overrides(model_cfg, attention_cfg, stability_cfg), **head)
+    model = cls(config)  # every tensor initialised (GPT-2 init); the matching ones are overwritten below
+    target = model.state_dict()
+    tied = "lm_head.weight" if config.tie_word_embeddings else None
+    load, reinit = {}, []
+    for k, t in sd.items():
+        if k not in target:
+            continue  # another head's weights (an LM checkpoint's lm_head into a classifier)
+        if tuple(t.shape) != tuple(target[k].shape):
+            reinit.append(f"{k} {tuple(t.shape)} -> {tuple(target[k].shape)}")
+        else:
+            load[k] = t
+    model.load_state_dict(load, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    new = sorted(k for k in target if k not in load and k != tied and not any(r.startswith(k + " ") for r in reinit))
+    if not any(k.startswith("transformer.") for k in load):
+        raise ConfigError(
+            f"model.init_from={model_cfg.init_from} ({where}) holds no GPT-2 trunk weights; point it to a GPT-2 HF "
+            f"folder, one of our checkpoints or a run dir."
+        )
+    model.train()
+    check_vocab(model, vocab_size, model_cfg.init_from)
+    return model, {"source": where, "new": new, "reinitialized": reinit}
 
 
 def load_checkpoint_model(step_path: Path, cls: Optional[type] = None, **overrides) -> nn.Module:
@@ -121,13 +198,12 @@ def load_checkpoint_model(step_path: Path, cls: Optional[type] = None, **overrid
     """
     if cls is None:
         saved = read_meta(Path(step_path)).get("task") or "GPT2LMHeadModel"
-        by_name = {c.__name__: c for c in TASK_MODELS.values()}
-        if saved not in by_name:
-            raise CheckpointError(f"{step_path} holds a {saved}, which is not one of {sorted(by_name)}.")
-        cls = by_name[saved]
+        if saved not in HEAD_MODELS:
+            raise CheckpointError(f"{step_path} holds a {saved}, which is not one of {sorted(HEAD_MODELS)}.")
+        cls = HEAD_MODELS[saved]
     config = GPT2Config.from_dict(load_model_config_dict(step_path), **overrides)
     model = cls(config)
-    sd = load_weights(Path(step_path) / "model.safetensors")
+    sd = load_weights(Path(step_path) / WEIGHTS_NAME)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or unexpected:
@@ -160,9 +236,13 @@ def tokenizer_source(tokenizer: Optional[str], init_from: Optional[str], resume_
 
 
 __all__ = [
-    "TASK_MODELS",
+    "HEAD_MODELS",
+    "build_head_model",
     "build_model",
     "build_model_config",
+    "check_vocab",
+    "init_source",
+    "is_hf_folder",
     "load_checkpoint_model",
     "runtime_overrides",
     "tokenizer_source",

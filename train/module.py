@@ -1,8 +1,12 @@
-"""The LightningModule: a plain `gpt2` model + AdamW + warm-up/decay schedule + LM loss and metrics.
+"""The LightningModule: a plain `gpt2` model + AdamW + warm-up/decay schedule + step-wise metric rows + validation.
 
 The network is built outside (train/model.py) and passed in, so the module owns no model-construction logic and the
 same `nn.Module` can be wrapped by any strategy (lightning-hydra-template: "the LightningModule wraps a plain
 nn.Module"). Nothing here calls `.item()` in the step: the loss is synced to the host only at logging intervals.
+
+`GPT2LitModule` trains the causal LM as it is; a fine-tuning task (train/tasks/) subclasses it and overrides three
+hooks: `step` (forward + loss of a batch), `collect` (what validation keeps of a batch) and `val_metrics` (the
+task's scores at the end of a validation).
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
 
 
 class GPT2LitModule(L.LightningModule):
-    """Causal LM training of a `gpt2` model.
+    """Training of a `gpt2` model; the causal LM unless a subclass overrides `step` / `collect` / `val_metrics`.
 
     Args:
         model: the network (built by train/model.py).
@@ -119,6 +123,7 @@ class GPT2LitModule(L.LightningModule):
         self._val_sum: Optional[torch.Tensor] = None
         self._val_n: Optional[torch.Tensor] = None
         self.last_logged: dict[str, float] = {}
+        self.last_val_metrics: dict[str, float] = {}  # the latest validation's row (BestCheckpoint reads it)
 
     # -- setup
     def configure_model(self) -> None:
@@ -148,10 +153,15 @@ class GPT2LitModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
         return self.model(input_ids=input_ids, labels=labels)
 
+    def step(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """(model outputs, loss) of one batch: next-token cross-entropy (labels shifted inside the model)."""
+        out = self.model(input_ids=batch["input_ids"], labels=batch["labels"])
+        return out, out.loss
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         n_samples = batch["input_ids"].shape[0]
         batch = self._maybe_overfit(batch, batch_idx)
-        loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        _, loss = self.step(batch)
         # The mean over the micro-batches of one optimizer step, kept on the device (no host sync here).
         self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
         self._loss_n += 1
@@ -180,7 +190,7 @@ class GPT2LitModule(L.LightningModule):
         self._last_step = step
         loss_sum, n = self._loss_sum, self._loss_n
         self._loss_sum, self._loss_n = None, 0
-        if not self._should_log(step) or loss_sum is None:
+        if not self.should_log(step) or loss_sum is None:
             return
         # the mean over all ranks (one collective, at logging steps only): the number 1 process with the whole
         # global batch would log; the only host sync of the training loss
@@ -191,7 +201,8 @@ class GPT2LitModule(L.LightningModule):
         self.log("loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False)
         self.log("lr", lr, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
-    def _should_log(self, step: int) -> bool:
+    def should_log(self, step: int) -> bool:
+        """Whether optimizer step `step` gets a metrics row: every log_every_n_steps, the first and the last."""
         return step % self.log_every_n_steps == 0 or step == 1 or step >= self.trainer.max_steps
 
     def emit_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -215,17 +226,27 @@ class GPT2LitModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         if self.overfit_batches and self._overfit_cache:
             batch = self._overfit_cache[batch_idx % len(self._overfit_cache)]
-        loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        out, loss = self.step(batch)
         self._val_sum += loss.detach().double()
         self._val_n += 1
+        self.collect(out, batch)
+
+    def collect(self, outputs: Any, batch: dict[str, torch.Tensor]) -> None:
+        """Keep what `val_metrics` needs of one validation batch; the LM needs nothing besides the loss."""
+
+    def val_metrics(self, val_loss: float) -> dict[str, float]:
+        """The scores of the validation just finished, besides val/loss; the LM's: its perplexity."""
+        return {"val/ppl": math.exp(min(val_loss, 700.0))}
 
     def on_validation_epoch_end(self) -> None:
+        # the mean over every rank's batches (the LM's validation stream is sharded by rank)
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         count = self.trainer.strategy.reduce(self._val_n, reduce_op="sum")
         if count.item() == 0:
             return
         val_loss = (total / count).item()
-        metrics = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 700.0))}
+        metrics = {"val/loss": val_loss, **self.val_metrics(val_loss)}
+        self.last_val_metrics = metrics
         self.emit_metrics(metrics, self.trainer.global_step)
         self._flush_logs()
         self.log("val_loss", val_loss, prog_bar=True, logger=False, on_epoch=True)

@@ -150,8 +150,8 @@ class LossGuard(Callback):
 
     @staticmethod
     def _should_log(trainer, pl_module, step: int) -> bool:
-        if hasattr(pl_module, "_should_log"):
-            return pl_module._should_log(step)
+        if hasattr(pl_module, "should_log"):
+            return pl_module.should_log(step)
         return step % max(1, trainer.log_every_n_steps) == 0 or step >= trainer.max_steps
 
     def _stop_message(self) -> str:
