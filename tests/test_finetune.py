@@ -74,7 +74,7 @@ def random_span_f1(examples: list[dict], seed: int = 0, draws: int = 20) -> floa
     """The qa chance level: SQuAD F1 of uniformly random spans of n context words, the best n in 1..3."""
     import random
 
-    from train.metrics import squad_metrics
+    from train.tasks.qa import squad_metrics
 
     rng, best = random.Random(seed), 0.0
     for n in (1, 2, 3):

@@ -137,7 +137,8 @@ class FineTuneTask(Task):
         if init_from and not data_cfg.tokenizer:
             raise ConfigError(
                 f"model.init_from={init_from} has no tokenizer next to it (tokenizer.json / vocab.json, or the "
-                f"run's tokenizer/ folder); set data.tokenizer=<the folder of the tokenizer that model was trained with>."
+                f"run's tokenizer/ folder); set data.tokenizer=<the folder of the tokenizer that model was trained "
+                f"with>."
             )
         from data_pipelines.sources import DocumentSource
         from data_pipelines.tokenizing import get_tokenizer
@@ -152,6 +153,12 @@ class FineTuneTask(Task):
     def head_config(self, dm) -> dict[str, Any]:
         """The GPT2Config fields of the head, from the data; GPT-2 has no pad token: fine-tuning pads with eos."""
         return {"pad_token_id": dm.pad_token_id}
+
+    @staticmethod
+    def label_config(dm) -> dict[str, Any]:
+        """A classifier head's label fields (they reach the export's config.json: transformers' pipelines name the
+        labels with them)."""
+        return {"num_labels": dm.num_labels, "id2label": dm.id2label, "label2id": dm.label2id}
 
     def build_model(self, model_cfg, attention_cfg, stability_cfg, dm) -> tuple[nn.Module, Optional[dict[str, Any]]]:
         """The head model (train.model.build_head_model); the log names every parameter that did not come from

@@ -9,11 +9,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchmetrics.functional.classification import multiclass_accuracy
 
 import gpt2
 
-from train import metrics as M
 from train.tasks.base import FineTuneTask, TaskModule
+
+
+def multiple_choice_accuracy(mc_logits: Any, mc_labels: Any) -> float:
+    """Accuracy of the argmax choice of (N, num_choices) logits against (N,) right-choice indices (torchmetrics)."""
+    mc_logits, mc_labels = torch.as_tensor(mc_logits), torch.as_tensor(mc_labels)
+    return float(multiclass_accuracy(mc_logits, mc_labels, num_classes=mc_logits.shape[-1], average="micro"))
 
 
 class MCModule(TaskModule):
@@ -31,7 +37,7 @@ class MCModule(TaskModule):
     def score(self, kept: list[tuple]) -> dict[str, float]:
         logits = torch.cat([k[0] for k in kept])
         labels = torch.cat([k[1] for k in kept])
-        return {"val/accuracy": M.multiple_choice_accuracy(logits, labels)}
+        return {"val/accuracy": multiple_choice_accuracy(logits, labels)}
 
 
 class MCTask(FineTuneTask):
