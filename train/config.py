@@ -293,7 +293,8 @@ class CheckpointConfig:
 
 @dataclass
 class GuardConfig:
-    """The loss-spike / NaN guard (conf/guard/*.yaml; train/callbacks/guard.py): skip non-finite updates, roll back spikes."""
+    """The loss-spike / NaN guard (conf/guard/*.yaml; train/callbacks/guard.py): skip non-finite updates, roll back
+    spikes."""
 
     enabled: bool = True
     spike_factor: Optional[float] = 3.0  # loss > factor x running average -> roll back; null: no spike check

@@ -85,7 +85,8 @@ def train(cfg: Config) -> dict[str, Any]:
     module = task.module(model, dm, cfg.task, tcfg, cfg.optim, meta)
 
     # -- callbacks, loggers, Trainer
-    protect = resume_from if resume_from is not None and resume_from.parent.parent.resolve() == run_dir.resolve() else None
+    own = resume_from is not None and resume_from.parent.parent.resolve() == run_dir.resolve()
+    protect = resume_from if own else None  # retention never deletes the checkpoint this run resumed from
     ckpt_cb = StepCheckpoint(run_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
                              save_final=cfg.checkpoint.save_final, protect=protect,
                              val_every_n_steps=tcfg.val_check_interval if tcfg.limit_val_batches else None)  # fmt: skip
@@ -102,7 +103,9 @@ def train(cfg: Config) -> dict[str, Any]:
     # -- fit
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
     if trainer.interrupted:
-        raise KeyboardInterrupt(f"interrupted at step {trainer.global_step}; continue with resume=auto run_dir={run_dir}")
+        raise KeyboardInterrupt(
+            f"interrupted at step {trainer.global_step}; continue with resume=auto run_dir={run_dir}"
+        )
     if preempt.stopped:  # not done: no final validation / export / samples; the next job continues
         for lg in loggers:
             lg.save()
@@ -136,7 +139,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 summary["best"] = {"metric": monitor[0], "mode": monitor[1], "value": best["value"],
                                    "step": best["global_step"], "metrics": best.get("metrics", {}),
                                    "path": str(best_cb.path)}  # fmt: skip
-                log.info("best %s=%.4f at step %d -> %s", monitor[0], best["value"], best["global_step"], run_dir / "hf")
+                log.info("best %s=%.4f at step %d -> %s", monitor[0], best["value"], best["global_step"],
+                         run_dir / "hf")  # fmt: skip
             check_finite_weights(export_net, trainer.global_step)
             summary["hf_dir"] = str(export_hf(export_net, tokenizer, run_dir / "hf", overwrite=True))
             log.info("exported %s (loads in transformers.%s)", summary["hf_dir"], task.hf_class)

@@ -88,7 +88,9 @@ def init_source(init_from: str) -> Path:
     """The path `model.init_from` names; FileNotFoundError (naming what it may be) when it does not exist."""
     src = Path(init_from).expanduser()
     if not src.exists():
-        raise FileNotFoundError(f"model.init_from={init_from} does not exist; give an HF folder, a checkpoint or a run dir.")
+        raise FileNotFoundError(
+            f"model.init_from={init_from} does not exist; give an HF folder, a checkpoint or a run dir."
+        )
     return src
 
 

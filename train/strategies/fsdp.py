@@ -188,4 +188,12 @@ def plain_class(net: nn.Module) -> type:
     return cls
 
 
-__all__ = ["FSDP2Strategy", "SHARDED_DIR", "apply_fsdp", "import_class", "mixed_precision_policy", "plain_class", "retie"]
+__all__ = [
+    "FSDP2Strategy",
+    "SHARDED_DIR",
+    "apply_fsdp",
+    "import_class",
+    "mixed_precision_policy",
+    "plain_class",
+    "retie",
+]
