@@ -1,18 +1,7 @@
-"""What a task is: the `Task` interface the training job (train/job.py) calls, and what the fine-tuning tasks (cls,
-token_cls, qa, mc) share: `FineTuneTask` and their LightningModule, `TaskModule`.
-
-A task says (torchtitan's TrainSpec; each hook gets only the config groups it reads):
-
-    tokenizer(...)        the tokenizer its data is encoded with, or None when its data module makes one (lm)
-    datamodule(...)       its LightningDataModule
-    build_model(...)      its model, fresh or from model.init_from, and a report of what was loaded (or None)
-    sequence_length(...)  the config key that bounds a sequence and its value, checked against n_positions
-    module(...)           its LightningModule: the loss and the validation metrics
-    monitor(...)          (metric, mode) that picks checkpoints/best and the export, or None: the final model
-    summary(...)          what it adds to summary.json
-    after_export(...)     what it writes next to the export (lm: samples.txt)
-    model_class           the gpt2 class it trains;  hf_class: the transformers class that loads its export
-    full_validation       validation scores every example (trainer.limit_val_batches is not applied)
+"""What a task is: the `Task` interface the training job (train/job.py) calls — torchtitan's TrainSpec: its data
+module, model, LightningModule (loss + validation metrics), best checkpoint, export class, summary fields; each hook
+gets only the config groups it reads — and what the fine-tuning tasks (cls, token_cls, qa, mc) share:
+`FineTuneTask` and their LightningModule `TaskModule`.
 """
 
 from __future__ import annotations
@@ -35,10 +24,10 @@ class Task:
     """One task of the training job; a task module's `TASK` is an instance. The hooks' defaults are the LM's where
     that is the natural one (no tokenizer before the data, no best checkpoint, nothing extra in the summary)."""
 
-    name: str = ""
-    model_class: type = nn.Module
-    hf_class: str = ""
-    full_validation: bool = False
+    name: str = ""  # = its module's name = task.name = conf/task/<name>.yaml
+    model_class: type = nn.Module  # the gpt2 class it trains
+    hf_class: str = ""  # the transformers class that loads its export
+    full_validation: bool = False  # validation scores every example (trainer.limit_val_batches is not applied)
 
     def tokenizer(self, data_cfg, init_from: Optional[str], resume_from: Optional[Path], run_dir: Path):
         """The tokenizer the data module encodes with, or None when the data module builds it itself."""
