@@ -186,7 +186,7 @@ class DocumentSource:
                 buf = ""
                 while chunk := f.read(piece_chars):
                     buf += chunk
-                    while len(buf) > 2 * piece_chars and (m := SAFE_CUT.search(buf, piece_chars)):
+                    while len(buf) > piece_chars and (m := SAFE_CUT.search(buf, piece_chars)):
                         yield buf[: m.start()], False
                         buf = buf[m.start() :]
                 if buf:
