@@ -137,7 +137,8 @@ def prepare_tokens(
     summary = prepare_shards(job, train_src, val_src, task_index=task_index, num_tasks=num_tasks)
     if verbose:
         print(f"  {summary['parts_written']} shard(s), {summary['tokens_written']:,} tokens written by this run "
-              f"({encoder.engine}, {cfg.num_proc} process(es)) in {summary['seconds']:.1f} s")  # fmt: skip
+              f"({encoder.engine}, {cfg.num_proc} process(es)) in {summary['seconds']:.1f} s; peak RSS "
+              f"{summary['peak_rss_mb']:.0f} MB (largest worker {summary['peak_worker_rss_mb']:.0f} MB)")  # fmt: skip
     if num_tasks == 1:
         write_index(cfg, out, tok, train_src, val_src, encoder.engine, summary["units"], time.perf_counter() - t0)
     return out

@@ -32,6 +32,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,8 +216,19 @@ def prepare_shards(
     parts, tokens = run_items(job, todo, job.cfg.num_proc)
     return {
         "units": units, "items": len(mine), "items_run": len(todo), "parts_written": parts,
-        "tokens_written": tokens, "seconds": time.perf_counter() - t0,
+        "tokens_written": tokens, "seconds": time.perf_counter() - t0, **peak_rss_mb(),
     }  # fmt: skip
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory of this process and of the largest finished child process (the workers), in MB."""
+    import resource
+
+    kb = 1024 if sys.platform != "darwin" else 1024 * 1024  # ru_maxrss: KiB on Linux, bytes on macOS
+    return {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kb / 1e6,
+        "peak_worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kb / 1e6,
+    }
 
 
 def split_shards(root: Path, split: str, num_units: int) -> list[tuple[str, int]]:
