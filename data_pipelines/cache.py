@@ -251,10 +251,14 @@ def _read_index(cfg: DataConfig, root: Path, own: bool) -> TokenData:
         for rel, n in spec["shards"]:
             f = root / rel
             if not f.is_file():
-                raise FileNotFoundError(f"{f} is missing from the token folder {root}; re-run prepare.py to rebuild it.")
+                raise FileNotFoundError(
+                    f"{f} is missing from the token folder {root}; delete {root / INDEX} and re-run prepare.py "
+                    f"(it encodes only the missing shards)."
+                )
             if f.stat().st_size != n * dtype.itemsize:
                 raise ValueError(
-                    f"{f} has {f.stat().st_size} bytes, but the index says {n} {dtype.name} tokens; re-run prepare.py."
+                    f"{f} has {f.stat().st_size} bytes, but the index says {n} {dtype.name} tokens; delete it and "
+                    f"{root / INDEX}, then re-run prepare.py (it encodes only the missing shards)."
                 )
             shards.append((f, int(n)))
         if not shards:

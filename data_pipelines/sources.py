@@ -167,8 +167,8 @@ class DocumentSource:
             ds = self._load(files=[self.files[unit]])
         else:
             ds = self._load()
-            n = self.num_units() if not self.cfg.streaming else max(1, ds.num_shards)
-            ds = ds.shard(num_shards=n, index=unit, contiguous=True)
+            n = max(1, ds.num_shards if self.cfg.streaming else math.ceil(len(ds) / HUB_ROWS_PER_UNIT))
+            ds = ds.shard(num_shards=n, index=unit, contiguous=True)  # contiguous: unit order = stream order
         for batch in self._hf_batches(ds):
             for doc in batch:
                 if doc:
