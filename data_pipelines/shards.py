@@ -143,31 +143,31 @@ def run_item(job: ShardJob, item: WorkItem) -> tuple[int, int]:
     source = DocumentSource(job.cfg, item.split)
     part, chars, written, tokens = 0, 0, 0, 0
     writer: _PartWriter | None = None
-    owns = lambda p: p % item.stripes == item.stripe  # noqa: E731
-    started = False  # a part is open (pieces of it were seen)
+    started = False  # pieces of part `part` were seen
+
+    def finish_part() -> None:
+        nonlocal writer, written, tokens, part, chars, started
+        if writer is not None:
+            writer.close()
+            written, tokens, writer = written + 1, tokens + writer.tokens, None
+        part, chars, started = part + 1, 0, False
+
     try:
         for piece, last in source.unit_pieces(item.unit, cut_text=job.cut_text):
             if not started:
                 started = True
                 final = part_path(job.root, item.split, item.unit, part)
-                writer = _PartWriter(job, final) if owns(part) and not final.exists() else None
+                mine = part % item.stripes == item.stripe
+                writer = _PartWriter(job, final) if mine and not final.exists() else None  # else: read past it
             if writer is not None:
                 writer.add(piece, last)
             chars += len(piece)
             if chars >= job.shard_chars:
-                if writer is not None:
-                    writer.close()
-                    written, tokens = written + 1, tokens + writer.tokens
-                    writer = None
-                part, chars, started = part + 1, 0, False
+                finish_part()
         if started:
-            if writer is not None:
-                writer.close()
-                written, tokens = written + 1, tokens + writer.tokens
-                writer = None
-            part += 1
+            finish_part()
     finally:
-        if writer is not None:
+        if writer is not None:  # an error mid-part: leave no temp file behind
             writer.abort()
     write_json_atomic(manifest_path(job.root, item.split, item.unit), {"parts": part})
     return written, tokens
