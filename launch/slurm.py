@@ -55,6 +55,43 @@ class SlurmError(ValueError):
     """Bad launcher input; the message names the problem and the fix."""
 
 
+def _check_job_options(spec) -> None:
+    """The sbatch options a training job and a preparation array share."""
+    if spec.cpus_per_task is not None and not (isinstance(spec.cpus_per_task, int) and spec.cpus_per_task >= 1):
+        raise SlurmError(f"--cpus-per-task must be a positive integer, got {spec.cpus_per_task!r}.")
+    if spec.time is not None and not TIME_RE.match(spec.time):
+        raise SlurmError(f"--time {spec.time!r} is not a Slurm time; write HH:MM:SS (or D-HH:MM:SS).")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", spec.job_name):
+        raise SlurmError(f"--job-name {spec.job_name!r} may only contain letters, digits, '.', '_' and '-'.")
+    if spec.env_file is not None and not Path(spec.env_file).is_file():
+        raise SlurmError(f"--env-file {spec.env_file} does not exist; point it at a shell file to source.")
+
+
+def _resource_directives(spec) -> list[str]:
+    """--cpus-per-task / --time / --partition, where given."""
+    d = []
+    if spec.cpus_per_task:
+        d.append(f"--cpus-per-task={spec.cpus_per_task}")
+    if spec.time:
+        d.append(f"--time={spec.time}")
+    if spec.partition:
+        d.append(f"--partition={spec.partition}")
+    return d
+
+
+def _override_keys(overrides: list[str], program: str) -> dict[str, str]:
+    """{key: value} of `key=value` overrides (Hydra's +/~ prefixes dropped); an option after '--' is refused."""
+    keys: dict[str, str] = {}
+    for o in overrides:
+        if o.startswith("-"):
+            raise SlurmError(f"{o!r} is not a {program} override; launcher options go before '--', "
+                             f"overrides (key=value) after it.")
+        key, sep, val = o.lstrip("+~").partition("=")
+        if sep:
+            keys[key] = val
+    return keys
+
+
 @dataclass
 class JobSpec:
     overrides: list[str]
@@ -87,25 +124,11 @@ class JobSpec:
         if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
             raise SlurmError(f"--tasks-per-node ({self.tasks_per_node}) must equal --gpus-per-node "
                              f"({self.gpus_per_node}): Lightning runs one process per GPU.")
-        if self.cpus_per_task is not None and not (isinstance(self.cpus_per_task, int) and self.cpus_per_task >= 1):
-            raise SlurmError(f"--cpus-per-task must be a positive integer, got {self.cpus_per_task!r}.")
-        if self.time is not None and not TIME_RE.match(self.time):
-            raise SlurmError(f"--time {self.time!r} is not a Slurm time; write HH:MM:SS (or D-HH:MM:SS).")
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.job_name):
-            raise SlurmError(f"--job-name {self.job_name!r} may only contain letters, digits, '.', '_' and '-'.")
-        if self.env_file is not None and not Path(self.env_file).is_file():
-            raise SlurmError(f"--env-file {self.env_file} does not exist; point it at a shell file to source.")
+        _check_job_options(self)
         self._resolve_overrides()
 
     def _resolve_overrides(self) -> None:
-        keys: dict[str, str] = {}
-        for o in self.overrides:
-            if o.startswith("-"):
-                raise SlurmError(f"{o!r} is not a train/run.py override; launcher options go before '--', "
-                                 f"overrides (key=value) after it.")
-            key, sep, val = o.lstrip("+~").partition("=")
-            if sep:
-                keys[key] = val
+        keys = _override_keys(self.overrides, "train/run.py")
         if "run_dir" in keys and keys["run_dir"]:
             run_dir = Path(keys["run_dir"]).expanduser()
         else:
@@ -155,12 +178,7 @@ def render_script(spec: JobSpec) -> str:
     ]
     if spec.gpus_per_node:
         d.append(f"--gpus-per-node={spec.gpus_per_node}")
-    if spec.cpus_per_task:
-        d.append(f"--cpus-per-task={spec.cpus_per_task}")
-    if spec.time:
-        d.append(f"--time={spec.time}")
-    if spec.partition:
-        d.append(f"--partition={spec.partition}")
+    d += _resource_directives(spec)
     d += [
         f"--output={log}",
         "--open-mode=append",  # a requeued job appends to the same log
@@ -205,25 +223,31 @@ exit "$rc"
 """
 
 
-def write_script(spec: JobSpec) -> Path:
-    path = spec.script_path
+def _write_executable(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_script(spec))
+    tmp.write_text(text)
     tmp.chmod(0o755)
     os.replace(tmp, path)
     return path
+
+
+def write_script(spec: JobSpec) -> Path:
+    return _write_executable(spec.script_path, render_script(spec))
+
+
+def _sbatch(path: Path, *options: str) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", *options, str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SlurmError(f"sbatch refused {path}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip().split(";")[0]  # "<jobid>[;<cluster>]"
 
 
 def submit(spec: JobSpec) -> str:
     """Write the script and `sbatch --parsable` it; returns the job id."""
     if shutil.which("sbatch") is None:
         raise SlurmError("sbatch is not on PATH; run this on a Slurm login node (or use --dry-run to see the script).")
-    path = write_script(spec)
-    proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SlurmError(f"sbatch refused {path}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout.strip().split(";")[0]  # "<jobid>[;<cluster>]"
+    return _sbatch(write_script(spec))
 
 
 @dataclass
@@ -245,22 +269,8 @@ class PrepareSpec:
     def __post_init__(self):
         if not (isinstance(self.array, int) and self.array >= 1):
             raise SlurmError(f"--array must be a positive number of tasks, got {self.array!r}.")
-        if self.cpus_per_task is not None and not (isinstance(self.cpus_per_task, int) and self.cpus_per_task >= 1):
-            raise SlurmError(f"--cpus-per-task must be a positive integer, got {self.cpus_per_task!r}.")
-        if self.time is not None and not TIME_RE.match(self.time):
-            raise SlurmError(f"--time {self.time!r} is not a Slurm time; write HH:MM:SS (or D-HH:MM:SS).")
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.job_name):
-            raise SlurmError(f"--job-name {self.job_name!r} may only contain letters, digits, '.', '_' and '-'.")
-        if self.env_file is not None and not Path(self.env_file).is_file():
-            raise SlurmError(f"--env-file {self.env_file} does not exist; point it at a shell file to source.")
-        keys: dict[str, str] = {}
-        for o in self.overrides:
-            if o.startswith("-"):
-                raise SlurmError(f"{o!r} is not a prepare.py override; launcher options go before '--', "
-                                 f"overrides (key=value) after it.")
-            key, sep, val = o.lstrip("+~").partition("=")
-            if sep:
-                keys[key] = val
+        _check_job_options(self)
+        keys = _override_keys(self.overrides, "prepare.py")
         for owned in ("num_tasks", "task_index"):
             if owned in keys:
                 raise SlurmError(f"{owned}= is set by the launcher (one value per array task); drop the override.")
@@ -285,14 +295,7 @@ def render_prepare_scripts(spec: PrepareSpec) -> tuple[str, str]:
     """(array script, index script) for `spec` (pure: writes nothing). The index script gets its dependency on
     the array job from `sbatch --dependency` at submission."""
     logs = spec.run_dir / "slurm"
-    common = []
-    if spec.cpus_per_task:
-        common.append(f"--cpus-per-task={spec.cpus_per_task}")
-    if spec.time:
-        common.append(f"--time={spec.time}")
-    if spec.partition:
-        common.append(f"--partition={spec.partition}")
-    common += spec.extra_sbatch
+    common = _resource_directives(spec) + spec.extra_sbatch
     prepare = " ".join(shlex.quote(x) for x in [spec.python, str(ROOT / "data_pipelines" / "prepare.py"), *spec.overrides])
     # every task encodes with all the CPUs Slurm gave it, unless the user fixed data.num_proc
     num_proc = "" if spec.num_proc_given else ' "data.num_proc=${SLURM_CPUS_PER_TASK:-1}"'
@@ -324,24 +327,13 @@ cd {shlex.quote(str(spec.workdir))}
     return array, index
 
 
-def _sbatch(path: Path, *options: str) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", *options, str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SlurmError(f"sbatch refused {path}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout.strip().split(";")[0]  # "<jobid>[;<cluster>]"
-
-
 def submit_prepare(spec: PrepareSpec) -> tuple[str, str]:
     """Write both scripts, submit the array, then the index job after it; returns (array job id, index job id)."""
     if shutil.which("sbatch") is None:
         raise SlurmError("sbatch is not on PATH; run this on a Slurm login node (or use --dry-run to see the scripts).")
     paths = spec.script_paths
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
     for path, text in zip(paths, render_prepare_scripts(spec)):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.chmod(0o755)
-        os.replace(tmp, path)
+        _write_executable(path, text)
     array_id = _sbatch(paths[0])
     # afterany, not afterok: the index step also finishes the shards of a task that failed (preparation resumes)
     return array_id, _sbatch(paths[1], f"--dependency=afterany:{array_id}")
