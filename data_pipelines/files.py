@@ -16,6 +16,7 @@ import numpy as np
 
 
 def sha256_json(obj) -> str:
+    """Hex sha256 of `obj` as canonical JSON (sorted keys): the cache keys."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -48,6 +49,7 @@ def temp_path(final: Path) -> Path:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write `obj` as JSON to a temp file next to `path`, then rename it over `path`: readers never see half a file."""
     tmp = temp_path(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)

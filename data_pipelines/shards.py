@@ -76,10 +76,12 @@ class ShardJob:
 
 
 def part_path(root: Path, split: str, unit: int, part: int) -> Path:
+    """The token file of part `part` of unit `unit` of `split` (names sort in stream order)."""
     return root / SHARDS / f"{split}-{unit:05d}-{part:05d}.bin"
 
 
 def manifest_path(root: Path, split: str, unit: int) -> Path:
+    """The unit manifest ({"parts": n}), written once the unit has been read to its end."""
     return root / SHARDS / f"{split}-{unit:05d}.json"
 
 
@@ -91,6 +93,7 @@ def plan(units: dict[str, int], lanes: int) -> list[WorkItem]:
 
 
 def item_done(root: Path, item: WorkItem) -> bool:
+    """True when the unit's manifest and every part this item owns exist (then a run skips it without reading)."""
     man = manifest_path(root, item.split, item.unit)
     if not man.exists():
         return False
