@@ -261,6 +261,89 @@ class GPT2PreTrainedModel(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self._trunk().wte
 
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self._trunk().wte = value
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        """The lm_head (LM and double-heads models), None for the trunk and the classification heads."""
+        return getattr(self, "lm_head", None)
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Resize the token embedding (V, C) -> (new_num_tokens, C), e.g. to len(tokenizer) after adding tokens.
+
+        transformers 5.24's PreTrainedModel.resize_token_embeddings, step for step and with the same random draws, so
+        a fixed seed gives the same new rows: rows [0, min(V, new)) are kept; new rows come, with mean_resizing=True
+        (the default), from a normal with the old rows' mean and 1e-9 x their covariance (Hewitt 2021,
+        https://nlp.stanford.edu/~johnhew/vocab-expansion.html: new tokens start near the average token, so the LM's
+        next-token distribution barely moves; the mean itself when that covariance is not positive definite), else
+        from N(0, initializer_range). pad_to_multiple_of rounds the size up (Tensor Cores like multiples of 64).
+        A tied lm_head follows (it is the same tensor); an untied one is resized the same way. config.vocab_size is
+        updated. new_num_tokens=None and pad_to_multiple_of=None: nothing changes. Returns the input embedding.
+        Call it before wrapping the model for FSDP / DeepSpeed (it resizes plain tensors).
+        """
+        old = self.get_input_embeddings()
+        if pad_to_multiple_of is not None:
+            if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+                raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+            if new_num_tokens is None:
+                new_num_tokens = old.weight.shape[0]
+            new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        if new_num_tokens is None:
+            return old
+        if isinstance(new_num_tokens, bool) or not isinstance(new_num_tokens, int) or new_num_tokens < 1:
+            raise ValueError(f"new_num_tokens must be a positive int (e.g. len(tokenizer)), got {new_num_tokens!r}")
+        old_n = old.weight.shape[0]
+        if new_num_tokens != old_n:
+            # As transformers: a new nn.Embedding (its own default init draws from the RNG too), new rows initialised,
+            # old rows copied, and the data swapped into the existing Parameter, so a tied lm_head (the same
+            # Parameter) has the new rows as well.
+            new = nn.Embedding(new_num_tokens, old.weight.shape[1], device=old.weight.device, dtype=old.weight.dtype)
+            self._init_new_rows(old.weight, new.weight, mean_resizing)
+            n = min(old_n, new_num_tokens)
+            new.weight.data[:n] = old.weight.data[:n]
+            old.weight.data = new.weight.data
+            old.num_embeddings = new_num_tokens
+        head = self.get_output_embeddings()
+        if head is not None:
+            if head.weight.shape[0] != new_num_tokens:  # untied: a new Linear, initialised like the embedding
+                new_head = nn.Linear(head.in_features, new_num_tokens, bias=head.bias is not None,
+                                     device=head.weight.device, dtype=head.weight.dtype)
+                self._init_new_rows(head.weight, new_head.weight, mean_resizing)
+                n = min(head.weight.shape[0], new_num_tokens)
+                new_head.weight.data[:n] = head.weight.data[:n]
+                new_head.requires_grad_(head.weight.requires_grad)
+                self.set_output_embeddings(new_head)
+            else:
+                head.out_features = new_num_tokens
+        self.config.vocab_size = new_num_tokens
+        self.tie_weights()
+        return self.get_input_embeddings()
+
+    def _init_new_rows(self, old_weight: torch.Tensor, new_weight: torch.Tensor, mean_resizing: bool) -> None:
+        """The rows of new_weight past old_weight's: transformers' _init_added_embeddings_weights_with_mean, or
+        _init_weights' N(0, initializer_range) over the whole new tensor (the kept rows are copied over after)."""
+        old_n, added = old_weight.shape[0], new_weight.shape[0] - old_weight.shape[0]
+        if added <= 0:
+            return
+        if not mean_resizing:
+            nn.init.normal_(new_weight, mean=0.0, std=self.config.initializer_range)
+            return
+        w = old_weight.data.to(torch.float32)
+        mean = w.mean(dim=0)
+        centered = w - mean
+        covariance = centered.T @ centered / old_n  # (C, C)
+        epsilon = 1e-9
+        if torch.distributions.constraints.positive_definite.check(epsilon * covariance).all():
+            dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=epsilon * covariance)
+            new_weight.data[-added:] = dist.sample(sample_shape=(added,)).to(old_weight.dtype)
+        else:
+            new_weight.data[-added:] = mean[None, :].repeat(added, 1).to(old_weight.dtype)
+
     # --- convenience like transformers ---
     @property
     def device(self) -> torch.device:
@@ -346,6 +429,12 @@ class GPT2Model(GPT2PreTrainedModel):
             token_type_ids = token_type_ids.reshape(-1, T)
         if position_ids is not None:
             position_ids = position_ids.reshape(-1, T)
+        if input_ids is not None and inputs_embeds is None:
+            _check_ids(input_ids, "input_ids", self.wte.num_embeddings, "tokens")
+        if token_type_ids is not None:
+            _check_ids(token_type_ids, "token_type_ids", self.wte.num_embeddings, "tokens")
+        if position_ids is not None:
+            _check_ids(position_ids, "position_ids", self.config.n_positions, "positions")
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds.reshape(-1, T, inputs_embeds.size(-1))
         B = x.size(0)
 
@@ -419,6 +508,23 @@ class GPT2Model(GPT2PreTrainedModel):
         )
 
 
+def _check_ids(ids: torch.Tensor, name: str, size: int, what: str) -> None:
+    """One sentence naming an id outside [0, size) instead of the embedding's bare "IndexError: index out of range".
+
+    Only for CPU tensors, where min/max is a cheap host computation: on an accelerator reading the result back would
+    stall the launch queue every step (a host sync), so there the embedding's own device-side assert reports it.
+    """
+    if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = torch.aminmax(ids)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= size:
+        bad = hi if hi >= size else lo
+        fix = ("resize the model with model.resize_token_embeddings(len(tokenizer)) after adding tokens, or use the "
+               "tokenizer the model was trained with") if what == "tokens" else "keep positions below n_positions"
+        raise ValueError(f"{name} holds the id {bad}, but the model has {size} {what} (ids 0 to {size - 1}); {fix}.")
+
+
 def _padding_causal_mask(attention_mask, T, past_len, device=None):
     """Bool mask (B or 1, 1, T, T_past + T), True = may attend: causal (with the cache offset) and not a pad key.
 
@@ -460,6 +566,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
                 position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
                 output_hidden_states=False, logits_to_keep: int = 0) -> CausalLMOutput:
         if labels is not None and input_ids is not None and inputs_embeds is None and self._sparse_embedding_grad():
+            _check_ids(input_ids, "input_ids", self.lm_head.weight.shape[0], "tokens")
             inputs_embeds, input_ids = F.embedding(input_ids, self.lm_head.weight, sparse=True), None
         out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
                                inputs_embeds, use_cache, output_attentions, output_hidden_states)
