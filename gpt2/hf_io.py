@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import GPT2Config
+from .generation import GenerationConfig
 from .hub import resolve_model_dir
 
 # ours -> HF, trunk-relative ("{i}" = block index). The names are identical by design (we kept transformers' names);
@@ -259,6 +260,8 @@ def load_pretrained(cls, path, dtype="auto", **config_overrides):
     model.to(target)
     model.tie_weights()
     model.config.dtype = str(target).replace("torch.", "")
+    if hasattr(model, "generation_config") and os.path.isfile(os.path.join(folder, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(folder)  # generate()'s defaults, as transformers
     skipped = [k for k in unexpected if not k.startswith(("lm_head.", "score.", "classifier.", "qa_outputs.",
                                                            "multiple_choice_head."))]
     if skipped:

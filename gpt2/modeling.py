@@ -561,6 +561,8 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         self.transformer = GPT2Model(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.init_weights()  # also ties lm_head to wte (GPT-2 shares input and output embeddings)
+        # generate()'s defaults; from_pretrained replaces it with the folder's generation_config.json when present
+        self.generation_config = generation.GenerationConfig.from_model_config(config)
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
@@ -591,12 +593,12 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         return (w is self.transformer.wte.weight and type(w) is nn.Parameter and w.requires_grad
                 and torch.is_grad_enabled() and not hasattr(w, "ds_id") and not torch.compiler.is_compiling())
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, do_sample=False,
-                 temperature=1.0, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, generator=None):
-        """Prompt + new tokens (B, T + n), with a KV cache; see gpt2/generation.py."""
-        return generation.generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                        max_length=max_length, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                        top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
+    def generate(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                 generation_config=None, generator: torch.Generator | None = None, **kwargs):
+        """Prompt + new tokens (B, T + n) with a KV cache, taking transformers 5.24's generate arguments
+        (max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, ...) with
+        its defaults and results; see gpt2/generation.py for the full list and what raises."""
+        return generation.generate(self, input_ids, attention_mask, generation_config, generator, **kwargs)
 
 
 class GPT2SequenceSummary(nn.Module):
