@@ -153,7 +153,30 @@ class GPT2Block(nn.Module):
 # Outputs: dataclasses with HF's field names; `out["logits"]` and `out[0]` work like transformers' ModelOutput.
 
 
+def _past(past_key_values, cache):
+    """transformers 5.24 names the forward's cache argument `cache` (past_key_values is its deprecated alias): take
+    either. Only caches this model made are understood (a tuple of (k, v) per layer, or generate's StaticKVCache)."""
+    if cache is not None:
+        if past_key_values is not None:
+            raise ValueError("pass the cache once: cache or past_key_values, not both.")
+        past_key_values = cache
+    if past_key_values is not None and not isinstance(past_key_values, (tuple, list, StaticKVCache)):
+        raise ValueError(f"past_key_values/cache must be the .past_key_values an earlier forward of this model "
+                         f"returned (a tuple of (key, value) per layer), got {type(past_key_values).__name__}.")
+    return past_key_values
+
+
+def _returned(out: "ModelOutput", return_dict: bool | None):
+    """return_dict=False gives the tuple of the set fields, as in transformers."""
+    return out.to_tuple() if return_dict is False else out
+
+
 class ModelOutput:
+    @property
+    def cache(self):
+        """transformers 5.24's name for past_key_values."""
+        return getattr(self, "past_key_values", None)
+
     def to_tuple(self) -> tuple:
         return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
 
@@ -417,7 +440,16 @@ class GPT2Model(GPT2PreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        *,
+        cache: tuple | list | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
     ) -> GPT2ModelOutput:
+        past_key_values = _past(past_key_values, cache)
+        if encoder_hidden_states is not None or encoder_attention_mask is not None:
+            raise ValueError("encoder_hidden_states / encoder_attention_mask feed cross-attention (add_cross_attention"
+                             "=True), which gpt2-forge's GPT-2 does not have; drop them.")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds.")
         # Inputs may have extra leading dims (GPT2DoubleHeadsModel: (B, n_choices, T)); flatten them into the batch.
@@ -500,12 +532,12 @@ class GPT2Model(GPT2PreTrainedModel):
         if output_hidden_states:
             all_hidden.append(x)  # the last entry is the final LayerNorm output, like transformers
             all_hidden = tuple(h.view(out_shape) for h in all_hidden)
-        return GPT2ModelOutput(
+        return _returned(GPT2ModelOutput(
             last_hidden_state=x,
             past_key_values=(presents if static else tuple(presents)) if use_cache else None,
             hidden_states=all_hidden,
             attentions=tuple(all_att) if output_attentions else None,
-        )
+        ), return_dict)
 
 
 def _check_ids(ids: torch.Tensor, name: str, size: int, what: str) -> None:
@@ -547,12 +579,15 @@ def _padding_causal_mask(attention_mask, T, past_len, device=None):
 # Heads: each is the trunk plus one small module, sharing base_model_prefix="transformer".
 
 
-def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
     # Shift the labels left (pad with -100) rather than slicing the logits: same loss, no copy of the (B, T, V) logits
-    # (transformers' ForCausalLMLoss). Loss in fp32 even when the logits are bf16.
+    # (transformers' ForCausalLMLoss). Loss in fp32 even when the logits are bf16. With num_items_in_batch (gradient
+    # accumulation over uneven batches), the sum over tokens divided by it, as there.
     shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), shift_labels.reshape(-1).to(logits.device),
-                           ignore_index=-100)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), shift_labels.reshape(-1).to(logits.device),
+                           ignore_index=-100, reduction=reduction)
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
 
 
 class GPT2LMHeadModel(GPT2PreTrainedModel):
@@ -566,18 +601,29 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                output_hidden_states=False, logits_to_keep: int = 0) -> CausalLMOutput:
+                output_hidden_states=False, logits_to_keep: int | torch.Tensor = 0, *, cache=None,
+                encoder_hidden_states=None, encoder_attention_mask=None, num_items_in_batch=None,
+                return_dict=None) -> CausalLMOutput:
+        """Logits (B, T, V) and, with labels (B, T), the next-token cross-entropy (labels shifted inside, -100
+        ignored; mean over tokens, or summed / num_items_in_batch as transformers' ForCausalLMLoss). logits_to_keep:
+        an int keeps the last n positions (0 = all), a 1-D tensor the positions it lists."""
+        past_key_values = _past(past_key_values, cache)
         if labels is not None and input_ids is not None and inputs_embeds is None and self._sparse_embedding_grad():
             _check_ids(input_ids, "input_ids", self.lm_head.weight.shape[0], "tokens")
             inputs_embeds, input_ids = F.embedding(input_ids, self.lm_head.weight, sparse=True), None
         out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
-                               inputs_embeds, use_cache, output_attentions, output_hidden_states)
+                               inputs_embeds, use_cache, output_attentions, output_hidden_states,
+                               encoder_hidden_states=encoder_hidden_states,
+                               encoder_attention_mask=encoder_attention_mask)
         h = out.last_hidden_state
-        if logits_to_keep:  # generation only needs the last position's logits
+        if isinstance(logits_to_keep, torch.Tensor):
+            h = h[:, logits_to_keep]
+        elif logits_to_keep:  # generation only needs the last position's logits
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)  # (B, T, V)
-        loss = _lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+        loss = _lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        return _returned(CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions),
+                         return_dict)
 
     def _sparse_embedding_grad(self) -> bool:
         """Whether the token lookup of a training forward may hand autograd a sparse gradient.
@@ -645,7 +691,9 @@ class GPT2DoubleHeadsModel(GPT2PreTrainedModel):
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, mc_token_ids=None, labels=None, mc_labels=None,
-                use_cache=None, output_attentions=False, output_hidden_states=False) -> GPT2DoubleHeadsModelOutput:
+                use_cache=None, output_attentions=False, output_hidden_states=False, *, cache=None,
+                return_dict=None) -> GPT2DoubleHeadsModelOutput:
+        past_key_values = _past(past_key_values, cache)
         out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
                                inputs_embeds, use_cache, output_attentions, output_hidden_states)
         h = out.last_hidden_state  # (B, n_choices, T, C)
@@ -655,8 +703,8 @@ class GPT2DoubleHeadsModel(GPT2PreTrainedModel):
         if mc_labels is not None:
             mc_loss = F.cross_entropy(mc_logits.view(-1, mc_logits.size(-1)), mc_labels.view(-1))
         lm_loss = _lm_loss(lm_logits, labels) if labels is not None else None
-        return GPT2DoubleHeadsModelOutput(lm_loss, mc_loss, lm_logits, mc_logits, out.past_key_values,
-                                          out.hidden_states, out.attentions)
+        return _returned(GPT2DoubleHeadsModelOutput(lm_loss, mc_loss, lm_logits, mc_logits, out.past_key_values,
+                                                    out.hidden_states, out.attentions), return_dict)
 
 
 class GPT2ForSequenceClassification(GPT2PreTrainedModel):
@@ -671,7 +719,8 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                output_hidden_states=False) -> SequenceClassifierOutput:
+                output_hidden_states=False, *, cache=None, return_dict=None) -> SequenceClassifierOutput:
+        past_key_values = _past(past_key_values, cache)
         out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
                                inputs_embeds, use_cache, output_attentions, output_hidden_states)
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
@@ -707,7 +756,8 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
                 loss = F.cross_entropy(pooled.view(-1, self.num_labels), labels.view(-1))
             else:
                 loss = F.binary_cross_entropy_with_logits(pooled, labels)
-        return SequenceClassifierOutput(loss, pooled, out.past_key_values, out.hidden_states, out.attentions)
+        return _returned(SequenceClassifierOutput(loss, pooled, out.past_key_values, out.hidden_states,
+                                                  out.attentions), return_dict)
 
 
 class GPT2ForTokenClassification(GPT2PreTrainedModel):
@@ -721,12 +771,13 @@ class GPT2ForTokenClassification(GPT2PreTrainedModel):
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                output_hidden_states=False) -> TokenClassifierOutput:
+                output_hidden_states=False, *, cache=None, return_dict=None) -> TokenClassifierOutput:
+        past_key_values = _past(past_key_values, cache)
         out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
                                inputs_embeds, use_cache, output_attentions, output_hidden_states)
         logits = self.classifier(self.dropout(out.last_hidden_state))  # (B, T, num_labels)
         loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1)) if labels is not None else None
-        return TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+        return _returned(TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
 
 
 class GPT2ForQuestionAnswering(GPT2PreTrainedModel):
@@ -740,7 +791,7 @@ class GPT2ForQuestionAnswering(GPT2PreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=False,
-                output_hidden_states=False) -> QuestionAnsweringModelOutput:
+                output_hidden_states=False, *, return_dict=None) -> QuestionAnsweringModelOutput:
         out = self.transformer(input_ids, None, attention_mask, token_type_ids, position_ids, inputs_embeds,
                                False, output_attentions, output_hidden_states)
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)  # 2 x (B, T)
@@ -752,7 +803,8 @@ class GPT2ForQuestionAnswering(GPT2PreTrainedModel):
             end = end_positions.reshape(-1).clamp(0, T)
             loss = (F.cross_entropy(start_logits, start, ignore_index=T)
                     + F.cross_entropy(end_logits, end, ignore_index=T)) / 2
-        return QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
+        return _returned(QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states,
+                                                      out.attentions), return_dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------
