@@ -193,6 +193,7 @@ class GPT2ModelOutput(ModelOutput):
     past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple | None = None  # () with output_attentions (GPT-2 has no cross-attention), as transformers
 
 
 @dataclass
@@ -202,6 +203,7 @@ class CausalLMOutput(ModelOutput):
     past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple | None = None  # () with output_attentions, as transformers' CausalLMOutputWithCrossAttentions
 
 
 @dataclass
@@ -490,9 +492,12 @@ class GPT2Model(GPT2PreTrainedModel):
                 raise ValueError(f"attention_mask has length {attention_mask.size(-1)} but past + input is "
                                  f"{past_len + T}; it must cover the cached tokens too.")
             if position_ids is None:
-                # Left padding: count positions from the first real token, as transformers' generate() does
-                # (GenerationMixin._prepare_position_ids_for_generation). Right padding / no padding: = arange.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)[:, past_len:]
+                # Left padding: count positions from each row's first real token, as transformers' generate() does
+                # (GenerationMixin._prepare_position_ids_for_generation), so a left-padded row computes what the
+                # unpadded row does. transformers' forward counts from column 0 instead; everywhere else (no or
+                # right padding, and the pad positions after the last real token) this is its arange exactly.
+                first = attention_mask.long().argmax(-1, keepdim=True)  # (B, 1): left pads before the first real token
+                position_ids = (torch.arange(past_len, past_len + T, device=x.device) - first).clamp(min=0)  # (B, T)
             mask = _padding_causal_mask(attention_mask, T, past_len)  # (B, 1, T, T_past + T)
         elif past_len == 0:
             is_causal = True  # the fast path: fused kernels apply causality without a mask tensor
@@ -537,6 +542,7 @@ class GPT2Model(GPT2PreTrainedModel):
             past_key_values=(presents if static else tuple(presents)) if use_cache else None,
             hidden_states=all_hidden,
             attentions=tuple(all_att) if output_attentions else None,
+            cross_attentions=() if output_attentions else None,
         ), return_dict)
 
 
@@ -560,8 +566,10 @@ def _check_ids(ids: torch.Tensor, name: str, size: int, what: str) -> None:
 def _padding_causal_mask(attention_mask, T, past_len, device=None):
     """Bool mask (B or 1, 1, T, T_past + T), True = may attend: causal (with the cache offset) and not a pad key.
 
-    Every query also keeps its own key: a left-pad query would otherwise see nothing, and a fully masked row gives
-    NaN in SDPA (and NaN gradients). Outputs at pad positions are never used.
+    A query that may attend nothing (left padding: a pad before every real token) keeps its own key, since a fully
+    masked row gives NaN in SDPA (and NaN gradients); such outputs are never used. Every other row is exactly
+    transformers' mask, so a right-padded pad position computes what it computes there (QA's loss reads the logits
+    of every position).
     """
     device = attention_mask.device if attention_mask is not None else device
     Tk = past_len + T
@@ -569,7 +577,8 @@ def _padding_causal_mask(attention_mask, T, past_len, device=None):
     k_pos = torch.arange(Tk, device=device).view(1, Tk)
     keep = k_pos <= q_pos  # (T, Tk) causal
     if attention_mask is not None:
-        keep = (keep & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)  # (B, 1, T, Tk)
+        keep = keep & attention_mask.bool()[:, None, None, :]  # (B, 1, T, Tk)
+        keep = keep | ((k_pos == q_pos) & ~keep.any(dim=-1, keepdim=True))  # empty rows: the query's own key
     else:
         keep = keep.view(1, 1, T, Tk)
     return keep
@@ -622,8 +631,8 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)  # (B, T, V)
         loss = _lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
-        return _returned(CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions),
-                         return_dict)
+        return _returned(CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions,
+                                        out.cross_attentions), return_dict)
 
     def _sparse_embedding_grad(self) -> bool:
         """Whether the token lookup of a training forward may hand autograd a sparse gradient.
