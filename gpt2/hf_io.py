@@ -232,9 +232,13 @@ def _contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
-def load_pretrained(cls, path, dtype="auto", **config_overrides):
-    folder = resolve_model_dir(path)
-    config = GPT2Config.from_pretrained(folder, **config_overrides)
+def load_pretrained(cls, path, dtype="auto", config: GPT2Config | None = None, subfolder: str = "",
+                    hub_kwargs: dict | None = None, **config_overrides):
+    folder = resolve_model_dir(path, subfolder, **(hub_kwargs or {}))
+    if config is not None:  # transformers' config= argument: this config instead of the folder's config.json
+        config = GPT2Config.from_dict(config.to_dict(), **config_overrides)
+    else:
+        config = GPT2Config.from_pretrained(folder, **config_overrides)
     files = weight_files(folder)
     hf_sd = read_weights(files)
     target = _resolve_dtype(dtype, config, hf_sd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import dataclasses
 from dataclasses import dataclass, fields, replace
 from typing import Callable
 
@@ -246,6 +247,9 @@ class QuestionAnsweringModelOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------------------------------
 # Base class: init, load/save, parameter counts, gradient checkpointing
 
+# transformers' from_pretrained arguments that only matter for hub ids (passed to huggingface_hub.snapshot_download)
+_HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+
 
 class GPT2PreTrainedModel(nn.Module):
     config_class = GPT2Config
@@ -395,15 +399,45 @@ class GPT2PreTrainedModel(nn.Module):
 
     # --- Hugging Face folders (gpt2/hf_io.py) ---
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, dtype="auto", **config_overrides):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, config=None,
+                        dtype="auto", device_map=None, subfolder: str = "", **kwargs):
         """Load an HF GPT-2 folder (config.json + model.safetensors, or a sharded index) or hub id.
 
         dtype: "auto" keeps the dtype the folder was saved in; a torch.dtype converts; None -> float32.
-        Extra keyword arguments override config fields (e.g. attn_implementation="eager", num_labels=3).
+        config: a GPT2Config to use instead of the folder's config.json. device_map: a device ("cpu", "cuda:0", 0,
+        a torch.device) or "auto" (the first GPU, else the CPU) to put the whole model on; subfolder: the model sits in
+        <folder>/<subfolder>; revision / cache_dir / token / local_files_only / force_download: for hub ids.
+        trust_remote_code, low_cpu_mem_usage and use_safetensors=True change nothing here (no remote code; the
+        weights are always loaded without a second copy, from safetensors). Other keyword arguments override config
+        fields (e.g. attn_implementation="eager", num_labels=3); anything else raises one sentence naming it.
         """
-        if "torch_dtype" in config_overrides:  # the transformers < 4.56 spelling
-            dtype = config_overrides.pop("torch_dtype")
-        return hf_io.load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, **config_overrides)
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes the folder and keyword arguments only; got "
+                            f"{len(model_args)} extra positional argument(s).")
+        if "torch_dtype" in kwargs:  # the transformers < 4.56 spelling
+            dtype = kwargs.pop("torch_dtype")
+        hub = {k: kwargs.pop(k) for k in _HUB_ARGUMENTS if k in kwargs}
+        for key in ("trust_remote_code", "low_cpu_mem_usage"):
+            kwargs.pop(key, None)
+        if kwargs.pop("use_safetensors", None) is False:
+            raise ValueError("use_safetensors=False: gpt2 loads safetensors only (never pickle); convert the folder "
+                             "with transformers' save_pretrained(safe_serialization=True).")
+        fields = {f.name for f in dataclasses.fields(GPT2Config)} | {"torch_dtype"}
+        unknown = sorted(k for k in kwargs if k not in fields)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pretrained got {unknown}, which are neither GPT2Config fields nor "
+                            f"loading options gpt2 implements (config, dtype, device_map, subfolder, "
+                            f"{', '.join(_HUB_ARGUMENTS)}).")
+        model = hf_io.load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, config=config,
+                                      subfolder=subfolder, hub_kwargs=hub, **kwargs)
+        if device_map is not None:
+            if isinstance(device_map, dict):
+                raise ValueError("device_map as a dict (layers spread over devices) is not supported; pass one "
+                                 "device, e.g. device_map='cuda:0', or 'auto'.")
+            if device_map == "auto":
+                device_map = "cuda:0" if torch.cuda.is_available() else "cpu"
+            model.to(torch.device(device_map) if not isinstance(device_map, int) else torch.device("cuda", device_map))
+        return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         max_shard_size: int | str = "5GB") -> None:
@@ -697,6 +731,7 @@ class GPT2DoubleHeadsModel(GPT2PreTrainedModel):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.multiple_choice_head = GPT2SequenceSummary(config)
         self.init_weights()
+        self.generation_config = generation.GenerationConfig.from_model_config(config)
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, mc_token_ids=None, labels=None, mc_labels=None,
@@ -714,6 +749,10 @@ class GPT2DoubleHeadsModel(GPT2PreTrainedModel):
         lm_loss = _lm_loss(lm_logits, labels) if labels is not None else None
         return _returned(GPT2DoubleHeadsModelOutput(lm_loss, mc_loss, lm_logits, mc_logits, out.past_key_values,
                                                     out.hidden_states, out.attentions), return_dict)
+
+
+    # transformers' GPT2DoubleHeadsModel generates too (its language-model head): the same generate, on (B, T) ids
+    generate = GPT2LMHeadModel.generate
 
 
 class GPT2ForSequenceClassification(GPT2PreTrainedModel):

@@ -371,6 +371,29 @@ def test_generate_equals_transformers(lm_pair, case, masked):
     assert caught[0] == caught[1]  # the default-length warning where transformers gives it, and only there
 
 
+def test_double_heads_model_generates_like_transformers(tmp_path):
+    ours, theirs = pair_of("GPT2DoubleHeadsModel", tmp_path)
+    ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(ours.generate(ids, max_new_tokens=5), theirs.generate(ids, max_new_tokens=5))
+
+
+def test_model_from_pretrained_arguments(tmp_path):
+    ours, _ = pair_of("GPT2LMHeadModel", tmp_path / "repo" / "lm")
+    ids = torch.randint(3, 97, (1, 5))
+    for kw in [dict(subfolder="lm"), dict(subfolder="lm", device_map="cpu", low_cpu_mem_usage=True, revision="main",
+                                          trust_remote_code=False, use_safetensors=True, torch_dtype=torch.float32),
+               dict(subfolder="lm", config=ours.config, attn_implementation="eager")]:
+        loaded = gpt2.GPT2LMHeadModel.from_pretrained(tmp_path / "repo", **kw)
+        if "config" in kw:  # each library takes its own config class
+            kw["config"] = transformers.GPT2Config.from_pretrained(tmp_path / "repo" / "lm")
+        theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "repo", **kw)
+        torch.testing.assert_close(loaded(ids).logits, theirs(ids).logits, atol=1e-5, rtol=0)
+    for kw, match in [(dict(subfolder="nope"), "subfolder"), (dict(use_safetensors=False), "safetensors"),
+                      (dict(device_map={"": 0}), "device_map"), (dict(output_loading_info=True), "output_loading_info")]:
+        with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
+            gpt2.GPT2LMHeadModel.from_pretrained(tmp_path / "repo" / ("" if "subfolder" in kw else "lm"), **kw)
+
+
 def test_generate_refuses_what_transformers_refuses_or_we_do_not_implement(lm_pair):
     ours, theirs = lm_pair
     ids = torch.randint(3, 97, (2, 5))
