@@ -324,3 +324,8 @@ def save_pretrained(model, save_directory, safe_serialization: bool = True, max_
     config.architectures = [type(model).__name__]
     config.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     config.save_pretrained(save_directory)
+    # generate()'s settings travel with the weights when they say more than config.json's bos/eos/pad (e.g. a model
+    # loaded with a generation_config.json, or given settings), as transformers' save_pretrained writes them
+    settings = getattr(model, "generation_config", None)
+    if settings is not None and settings.to_dict() != GenerationConfig.from_model_config(config).to_dict():
+        settings.save_pretrained(save_directory)
