@@ -360,9 +360,12 @@ def generate(model, input_ids: torch.LongTensor | None = None, attention_mask: t
     config = model.config
     model_settings = _settings(getattr(model, "generation_config", None))
     user_settings = _settings(generation_config)
-    _refuse_unsupported(model_settings, "the model's generation config")
-    _refuse_unsupported(user_settings, "generation_config")
-    _refuse_unsupported({k: v for k, v in kwargs.items() if v is not None}, "this generate() call")
+    # what is unsupported is judged on the value that wins (a call's num_beams=1 overrides a file's num_beams=4)
+    layers = [(kwargs, "this generate() call"), (user_settings, "generation_config"),
+              (model_settings, "the model's generation_config.json")]
+    for i, (layer, where) in enumerate(layers):
+        overridden = set().union(*(higher for higher, _ in layers[:i]))
+        _refuse_unsupported({k: v for k, v in layer.items() if v is not None and k not in overridden}, where)
     kwargs = {k: v for k, v in kwargs.items() if k in SUPPORTED}
     s = {**GLOBAL_DEFAULTS, **model_settings, **user_settings, **kwargs}  # a None in kwargs switches a step off
     has_default_max_length = all(d.get("max_length") is None for d in (kwargs, user_settings, model_settings))

@@ -497,12 +497,15 @@ class GPT2Model(GPT2PreTrainedModel):
             token_type_ids = token_type_ids.reshape(-1, T)
         if position_ids is not None:
             position_ids = position_ids.reshape(-1, T)
-        if input_ids is not None and inputs_embeds is None:
-            _check_ids(input_ids, "input_ids", self.wte.num_embeddings, "tokens")
-        if token_type_ids is not None:
-            _check_ids(token_type_ids, "token_type_ids", self.wte.num_embeddings, "tokens")
-        if position_ids is not None:
-            _check_ids(position_ids, "position_ids", self.config.n_positions, "positions")
+        # generate()'s decode steps (its StaticKVCache already filled) feed back its own argmax/sampled ids and
+        # positions: only the prompt, at the prefill, needs the check
+        if not (isinstance(past_key_values, StaticKVCache) and past_key_values.length > 0):
+            if input_ids is not None and inputs_embeds is None:
+                _check_ids(input_ids, "input_ids", self.wte.num_embeddings, "tokens")
+            if token_type_ids is not None:
+                _check_ids(token_type_ids, "token_type_ids", self.wte.num_embeddings, "tokens")
+            if position_ids is not None:
+                _check_ids(position_ids, "position_ids", self.config.n_positions, "positions")
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds.reshape(-1, T, inputs_embeds.size(-1))
         B = x.size(0)
 
