@@ -86,8 +86,13 @@ def generate(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | 
              max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None) -> torch.LongTensor:
-    """Return prompt + generated tokens, (B, T + n). Rows that hit eos are padded with pad_token_id afterwards."""
+             generator: torch.Generator | None = None, stopping_criteria=None) -> torch.LongTensor:
+    """Return prompt + generated tokens, (B, T + n). Rows that hit eos are padded with pad_token_id afterwards.
+
+    `stopping_criteria`: callables `(input_ids (B, T + s), scores (B, V)) -> bool | BoolTensor (B,)` called after
+    every new token, as transformers' StoppingCriteria: a row they mark done is finished like an eos row (pad
+    tokens from then on), and generation ends once every row is. lm-evaluation-harness's stop sequences use it.
+    """
     config = model.config
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
@@ -129,7 +134,7 @@ def generate(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | 
     model.eval()
     try:
         ids = _generate(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                        eos_ids, pad_token_id, generator)
+                        eos_ids, pad_token_id, generator, list(stopping_criteria or ()))
     finally:
         model.train(was_training)
     return ids.clone()  # an ordinary tensor: inference-mode tensors cannot be saved for backward later
@@ -137,7 +142,7 @@ def generate(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | 
 
 @torch.inference_mode()
 def _generate(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, eos_ids,
-              pad_token_id, generator) -> torch.LongTensor:
+              pad_token_id, generator, stopping_criteria) -> torch.LongTensor:
     B, T = input_ids.shape
     total, device = T + max_new_tokens, input_ids.device
     ids = torch.full((B, total), pad_token_id, dtype=torch.long, device=device)  # (B, T + n), filled step by step
@@ -154,17 +159,17 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, do_sample, tempe
     step_ids = input_ids
     with _t_layout(model, _use_t_layout(model, B, max_new_tokens)) as head_t:
         n_new = _decode(model, ids, step_ids, mask, pos, cache, head_t, max_new_tokens, do_sample, temperature,
-                        top_k, top_p, eos_ids, pad_token_id, generator)
+                        top_k, top_p, eos_ids, pad_token_id, generator, stopping_criteria)
     return ids[:, : T + n_new]
 
 
 def _decode(model, ids, step_ids, mask, pos, cache, head_t, max_new_tokens, do_sample, temperature, top_k, top_p,
-            eos_ids, pad_token_id, generator) -> int:
+            eos_ids, pad_token_id, generator, stopping_criteria=()) -> int:
     """The token loop: fills ids[:, T:] in place; returns how many new tokens count (fewer when all rows hit eos)."""
     B, T = step_ids.shape
     device = ids.device
     sync_every = 1 if device.type == "cpu" else _SYNC_EVERY
-    check_eos = len(eos_ids) > 0
+    check_eos = len(eos_ids) > 0 or len(stopping_criteria) > 0
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     all_done = torch.zeros(max(max_new_tokens, 1), dtype=torch.bool, device=device)  # after step s: every row ended
     for s in range(max_new_tokens):
@@ -182,6 +187,8 @@ def _decode(model, ids, step_ids, mask, pos, cache, head_t, max_new_tokens, do_s
         step_ids, pos = next_ids[:, None], pos[:, -1:] + 1  # (B, 1), (B or 1, 1)
         if check_eos:
             unfinished &= ~torch.isin(next_ids, eos_ids)
+            for criterion in stopping_criteria:  # transformers: unfinished &= ~criteria(input_ids, scores)
+                unfinished &= ~torch.as_tensor(criterion(ids[:, : T + s + 1], logits), device=device, dtype=torch.bool)
             all_done[s] = ~unfinished.any()  # stays on the device
             if (s + 1) % sync_every == 0 or s == max_new_tokens - 1:
                 if bool(all_done[: s + 1].any()):  # the host sync

@@ -485,11 +485,13 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
                 and torch.is_grad_enabled() and not hasattr(w, "ds_id") and not torch.compiler.is_compiling())
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, do_sample=False,
-                 temperature=1.0, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, generator=None):
+                 temperature=1.0, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, generator=None,
+                 stopping_criteria=None):
         """Prompt + new tokens (B, T + n), with a KV cache; see gpt2/generation.py."""
         return generation.generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                         max_length=max_length, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                        top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
+                        top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
+                        stopping_criteria=stopping_criteria)
 
 
 class GPT2SequenceSummary(nn.Module):
