@@ -8,7 +8,7 @@ produced it:
   * loglikelihood: the context/continuation split of TemplateLM._encode_pair (trailing spaces of the context move to
     the continuation; the continuation's tokens are those of tokenize(context + continuation) after the context's),
     an empty context conditioned on the prefix token (BOS, else EOS), inputs cut from the left to n_positions + 1
-    tokens, requests sorted longest first, and one forward per group of requests that share context +
+    tokens, requests sorted longest first, and one row per group of requests that share context +
     continuation[:-1] (HFLM's logits cache, which multiple-choice tasks with one-token answers hit);
   * loglikelihood_rolling: lm_eval.utils.get_rolling_token_windows + make_disjoint_window with the prefix token and
     max_length = n_positions, context_len=1, so a document longer than n_positions is scored in sliding windows and
@@ -17,10 +17,12 @@ produced it:
     the task asks) with our KV-cache `generate`, stopping at eos or when every row has produced a stop sequence,
     the text cut at the first stop sequence (lm_eval.models.utils.postprocess_generated_text).
 
-What makes it faster than HFLM on the same model (benchmarks/eval_throughput.py): the LM head and the softmax run
-only at the positions that are scored, not at every position of the padded batch (HFLM log-softmaxes the whole
-(B, T, V) logits); each distinct string is tokenized once in one Rust batch call; everything runs under
-torch.inference_mode; generation uses gpt2's preallocated KV cache.
+What makes it faster than HFLM on the same model (benchmarks/eval_throughput.py): a context shared by several
+continuations (the choices of a multiple-choice question) runs once, and each continuation runs on its cached keys
+and values (HFLM feeds context + choice for every choice); the LM head and the softmax run only at the positions that
+are scored, not at every position of the padded batch (HFLM log-softmaxes the whole (B, T, V) logits); each distinct
+string is tokenized once in one Rust batch call; everything runs under torch.inference_mode; generation uses gpt2's
+preallocated KV cache and stops each row at its first stop sequence.
 
 Data parallel: launched with `torchrun --nproc-per-node=N` (or `accelerate launch`) and `distributed=True`, each
 process scores the share of requests lm_eval's evaluator gives its rank, and the per-sample metrics are gathered on
@@ -307,30 +309,39 @@ class GPT2ForgeLM(TemplateLM):
         return totals
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **_) -> list[tuple[float, bool]]:
-        """Score (key, context_ids, continuation_ids) requests; returns (logprob, is_greedy) in request order."""
-        # Requests sharing context + continuation[:-1] have the same input (the last continuation token is never
-        # fed in) and differ only in the scored suffix: one forward serves the group (HFLM's logits cache). Groups
-        # are ordered as HFLM orders them (longest first, then by tokens), so batches hold the same requests.
-        groups: dict[tuple, list[int]] = {}
-        for i, (_, ctx, cont) in enumerate(requests):
+        """Score (key, context_ids, continuation_ids) requests; returns (logprob, is_greedy) in request order.
+
+        Requests whose context is shared by two or more different continuations (the choices of a multiple-choice
+        question) run the context once and each continuation on its cached keys/values (`_score_shared`); the rest
+        run HFLM's way, one row per request (`_score_rows`). Same scores either way, up to float rounding.
+        """
+        for _, ctx, cont in requests:
             if not ctx or not cont:
-                raise ValueError("a loglikelihood request has an empty context or continuation after "
-                                      "tokenization; check the task's doc_to_text / doc_to_target.")
+                raise ValueError("a loglikelihood request has an empty context or continuation after tokenization; "
+                                 "check the task's doc_to_text / doc_to_target.")
             if len(cont) > self.max_length:
                 raise ValueError(f"a continuation of {len(cont)} tokens does not fit the model's "
-                                      f"{self.max_length}-token window; shorten the task's target.")
-            groups.setdefault(tuple(ctx + cont[:-1]), []).append(i)
-        rep_of = {key: max(members, key=lambda i: len(requests[i][2])) for key, members in groups.items()}
-        order = sorted(groups, key=lambda k: (-(len(k) + 1), k + (requests[rep_of[k]][2][-1],)))
+                                 f"{self.max_length}-token window; shorten the task's target.")
+        by_ctx: dict[tuple, list[int]] = {}
+        for i, (_, ctx, cont) in enumerate(requests):
+            if len(ctx) + len(cont) <= self.max_length + 1:  # not truncated: the context is the input's prefix
+                by_ctx.setdefault(tuple(ctx), []).append(i)
+        shared = [idx for idx in by_ctx.values() if len({tuple(requests[i][2][:-1]) for i in idx}) > 1]
+        in_shared = {i for idx in shared for i in idx}
+        rest = [i for i in range(len(requests)) if i not in in_shared]
 
         logprob = torch.zeros(len(requests), dtype=torch.float64)
         mismatches = torch.zeros(len(requests), dtype=torch.long)
         bar = tqdm(total=len(requests), disable=disable_tqdm or not self.show_progress or self.rank != 0,
                    desc="loglikelihood requests")
         with self._inference():
+            for units in self._shared_batches(shared, requests):
+                self._score_shared(units, requests, logprob, mismatches)
+                bar.update(sum(len(idx) for _, idx in units))
+            groups, order = self._row_groups(rest, requests)
             for b in range(0, len(order), self.batch_size):
                 keys = order[b: b + self.batch_size]
-                self._score_batch(keys, groups, requests, logprob, mismatches)
+                self._score_rows(keys, groups, requests, logprob, mismatches)
                 bar.update(sum(len(groups[k]) for k in keys))
         bar.close()
         out = []
@@ -341,37 +352,116 @@ class GPT2ForgeLM(TemplateLM):
             out.append(answer)
         return out
 
-    def _score_batch(self, keys, groups, requests, logprob: torch.Tensor, mismatches: torch.Tensor) -> None:
-        """One forward over the groups `keys`; adds each member's log-probs and greedy misses into the outputs."""
+    def _row_groups(self, indices: list[int], requests) -> tuple[dict[tuple, list[int]], list[tuple]]:
+        """HFLM's batching: requests sharing context + continuation[:-1] have the same input (the last continuation
+        token is never fed in) and differ only in the scored suffix, so one row serves the group (HFLM's logits
+        cache); groups are ordered as HFLM orders them (longest first, then by tokens)."""
+        groups: dict[tuple, list[int]] = {}
+        for i in indices:
+            _, ctx, cont = requests[i]
+            groups.setdefault(tuple(ctx + cont[:-1]), []).append(i)
+        rep = {key: max(members, key=lambda i: len(requests[i][2])) for key, members in groups.items()}
+        order = sorted(groups, key=lambda k: (-(len(k) + 1), k + (requests[rep[k]][2][-1],)))
+        return groups, order
+
+    def _score_rows(self, keys, groups, requests, logprob: torch.Tensor, mismatches: torch.Tensor) -> None:
+        """One forward over the row groups `keys`; adds each member's log-probs and greedy misses into the outputs."""
         inputs = [list(k[-self.max_length:]) for k in keys]  # HFLM: (ctx + cont)[-(max_length + 1):][:-1]
         T = max(len(x) for x in inputs)
         x = torch.zeros((len(inputs), T), dtype=torch.long)  # right padding: causal attention never sees it
         for r, ids in enumerate(inputs):
             x[r, : len(ids)] = torch.tensor(ids)
         h = self._model.transformer(x.to(self._device)).last_hidden_state  # (B, T, C)
-
-        # the scored positions: the last len(cont) of each group's input, for its longest continuation
-        rows, cols, first = [], [], []
-        pos_tok, pos_req = [], []  # per (position, target token) pair: flat position, token, request
-        n = 0
+        # the scored positions: the last len(cont) of each row's input, for the group's longest continuation
+        rows, cols, pairs = [], [], []  # pairs: (flat position, target token, request)
         for r, (key, ids) in enumerate(zip(keys, inputs)):
             width = max(len(requests[i][2]) for i in groups[key])
-            rows += [r] * width
-            cols += range(len(ids) - width, len(ids))
             for i in groups[key]:
                 cont = requests[i][2]
-                start = n + width - len(cont)
-                pos_tok += [(start + j, t) for j, t in enumerate(cont)]
-                pos_req += [i] * len(cont)
-            n += width
+                start = len(rows) + width - len(cont)
+                pairs += [(start + j, t, i) for j, t in enumerate(cont)]
+            rows += [r] * width
+            cols += range(len(ids) - width, len(ids))
         hs = h[torch.tensor(rows, device=h.device), torch.tensor(cols, device=h.device)]  # (N, C)
-        pos = torch.tensor([p for p, _ in pos_tok], device=h.device)
-        tok = torch.tensor([t for _, t in pos_tok], device=h.device)
+        self._score_positions(hs, pairs, logprob, mismatches)
 
-        # LM head + log-softmax only at the N scored positions, in row chunks that bound the (rows, V) logits
-        lse = torch.empty(n, dtype=torch.float32, device=h.device)
-        greedy = torch.empty(n, dtype=torch.long, device=h.device)
-        target = torch.empty(len(pos_tok), dtype=torch.float32, device=h.device)
+    def _shared_batches(self, shared: list[list[int]], requests):
+        """Batches of (context, request indices) units holding at most batch_size continuations, longest first."""
+        units = []
+        for idx in shared:
+            idx = sorted(idx, key=lambda i: -len(requests[i][2]))
+            units += [(requests[idx[0]][1], idx[k: k + self.batch_size]) for k in range(0, len(idx), self.batch_size)]
+        units.sort(key=lambda u: -(len(u[0]) + len(requests[u[1][0]][2])))
+        batch, n = [], 0
+        for unit in units:
+            if batch and n + len(unit[1]) > self.batch_size:
+                yield batch
+                batch, n = [], 0
+            batch.append(unit)
+            n += len(unit[1])
+        if batch:
+            yield batch
+
+    def _score_shared(self, units, requests, logprob: torch.Tensor, mismatches: torch.Tensor) -> None:
+        """Contexts once (with their keys/values kept), then every distinct continuation[:-1] of each on its
+        context's cache: a 4-choice question with a 60-token context and 20-token endings feeds 140 tokens, not 320.
+
+        The first continuation token is scored at the context's last position; the others at the continuation
+        rows' positions. Continuation rows see the context through an attention mask that hides the context batch's
+        right padding, with positions counted from the mask (so a row continues at its own context length).
+        """
+        dev = self._device
+        ctxs = [list(ctx) for ctx, _ in units]
+        Tc = max(len(c) for c in ctxs)
+        xc = torch.zeros((len(ctxs), Tc), dtype=torch.long)
+        for u, ctx in enumerate(ctxs):
+            xc[u, : len(ctx)] = torch.tensor(ctx)
+        out = self._model.transformer(xc.to(dev), use_cache=True)
+        ctx_last = out.last_hidden_state[torch.arange(len(ctxs), device=dev),
+                                         torch.tensor([len(c) - 1 for c in ctxs], device=dev)]  # (U, C)
+        row_of: dict[tuple, int] = {}
+        rows: list[tuple[int, list[int]]] = []  # (unit, continuation[:-1]) fed on the unit's cache
+        for u, (_, idx) in enumerate(units):
+            for i in idx:
+                cont = requests[i][2]
+                if len(cont) > 1 and (u, tuple(cont[:-1])) not in row_of:
+                    row_of[(u, tuple(cont[:-1]))] = len(rows)
+                    rows.append((u, cont[:-1]))
+        hs, row_start = ctx_last, []
+        if rows:
+            Tu = max(len(t) for _, t in rows)
+            xu = torch.zeros((len(rows), Tu), dtype=torch.long)
+            mask = torch.zeros((len(rows), Tc + Tu), dtype=torch.long)
+            for r, (u, toks) in enumerate(rows):
+                xu[r, : len(toks)] = torch.tensor(toks)
+                mask[r, : len(ctxs[u])] = 1  # the context's real tokens, not the context batch's padding
+                mask[r, Tc: Tc + len(toks)] = 1
+            unit = torch.tensor([u for u, _ in rows], device=dev)
+            past = tuple((k.index_select(0, unit), v.index_select(0, unit)) for k, v in out.past_key_values)
+            hu = self._model.transformer(xu.to(dev), past_key_values=past, attention_mask=mask.to(dev)
+                                         ).last_hidden_state  # (R, Tu, C)
+            hs = torch.cat([ctx_last, hu[mask[:, Tc:].bool().to(dev)]])  # (U + real continuation tokens, C)
+            lengths = [len(t) for _, t in rows]
+            row_start = [len(ctxs) + sum(lengths[:r]) for r in range(len(rows))]
+        pairs = []
+        for u, (_, idx) in enumerate(units):
+            for i in idx:
+                cont = requests[i][2]
+                pairs.append((u, cont[0], i))
+                if len(cont) > 1:
+                    start = row_start[row_of[(u, tuple(cont[:-1]))]]
+                    pairs += [(start + j, t, i) for j, t in enumerate(cont[1:])]
+        self._score_positions(hs, pairs, logprob, mismatches)
+
+    def _score_positions(self, hs: torch.Tensor, pairs, logprob: torch.Tensor, mismatches: torch.Tensor) -> None:
+        """LM head + log-softmax at the N hidden states `hs` (N, C) only, in row chunks that bound the (rows, V)
+        logits; each (position, target, request) pair adds log p(target) and a greedy miss to its request."""
+        n = hs.size(0)
+        pos = torch.tensor([p for p, _, _ in pairs], device=hs.device)
+        tok = torch.tensor([t for _, t, _ in pairs], device=hs.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hs.device)
+        greedy = torch.empty(n, dtype=torch.long, device=hs.device)
+        target = torch.empty(len(pairs), dtype=torch.float32, device=hs.device)
         step = max(1, _LOGIT_BUDGET // self._model.lm_head.weight.size(0))
         for s in range(0, n, step):
             logits = self._model.lm_head(hs[s: s + step]).float()  # (rows, V)
@@ -379,11 +469,9 @@ class GPT2ForgeLM(TemplateLM):
             greedy[s: s + step] = logits.argmax(dim=-1)
             sel = ((pos >= s) & (pos < s + step)).nonzero().squeeze(1)
             target[sel] = logits[pos[sel] - s, tok[sel]]
-        token_lp = (target - lse[pos]).double().cpu()  # log_softmax(logits)[target], as HFLM's gather
-        miss = (greedy[pos] != tok).long().cpu()
-        req = torch.tensor(pos_req)
-        logprob.index_add_(0, req, token_lp)
-        mismatches.index_add_(0, req, miss)
+        req = torch.tensor([i for _, _, i in pairs])
+        logprob.index_add_(0, req, (target - lse[pos]).double().cpu())  # log_softmax(logits)[target], as HFLM
+        mismatches.index_add_(0, req, (greedy[pos] != tok).long().cpu())
 
     # -------------------------------------------------------------------------------------- generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
