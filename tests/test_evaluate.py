@@ -245,23 +245,44 @@ def test_model_paths_resolve(world, tmp_path):
     assert ev.default_output(hf, None).parent == hf / "eval"  # a standalone HF folder: beside its weights
 
 
-def test_cli_prints_lm_eval_table_and_writes_json_into_the_run(world):
-    """A run's hf/ export is evaluated into the run's eval/ folder (run dirs and checkpoints: test_model_paths_resolve)."""
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "train" / "evaluate.py"), str(world["hf"]), "--tasks", "forge_mc,forge_gen",
-         "--include-path", str(world["tasks"]), "--limit", "6", "--num-fewshot", "1", "--batch-size", "3",
-         "--device", "cpu", "--bootstrap-iters", "0"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "|Tasks|Version|Filter|n-shot|Metric|" in r.stdout.replace(" ", "")  # lm_eval's make_table
-    assert "forge_mc" in r.stdout and "exact_match" in r.stdout
-    out = Path(r.stdout.strip().splitlines()[-1].removeprefix("results: "))
-    assert out.parent == world["run"] / "eval" and out.suffix == ".json"
-    res = json.loads(out.read_text())
+def test_cli_prints_lm_eval_table_and_writes_json_into_the_run(world, capsys):
+    """A run's hf/ export is evaluated into the run's eval/ folder (run dirs and checkpoints: test_model_paths_resolve;
+    the script itself runs in test_data_parallel_over_two_processes_equals_one)."""
+    rc = ev.main([str(world["hf"]), "--tasks", "forge_mc,forge_gen", "--include-path", str(world["tasks"]),
+                  "--limit", "6", "--num-fewshot", "1", "--batch-size", "3", "--device", "cpu",
+                  "--bootstrap-iters", "0"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    assert "|Tasks|Version|Filter|n-shot|Metric|" in out.replace(" ", "")  # lm_eval's make_table
+    assert "forge_mc" in out and "exact_match" in out
+    path = Path(out.strip().splitlines()[-1].removeprefix("results: "))
+    assert path.parent == world["run"] / "eval" and path.suffix == ".json"
+    res = json.loads(path.read_text())
     assert res["config"]["model_source"] == str(world["hf"]) and res["config"]["limit"] == 6
     assert res["n-shot"]["forge_mc"] == 1 and res["n-samples"]["forge_mc"]["effective"] == 6
     assert "samples" not in res
+
+
+def test_data_parallel_over_two_processes_equals_one(world, both, tmp_path):
+    """torchrun --nproc-per-node=2 (gloo on CPU, as NCCL on a GPU node): each rank scores half of the documents and
+    rank 0 writes the gathered results, equal to the single-process run. 0-shot tasks: lm_eval draws few-shot
+    examples from one random stream per task and process, so under data parallelism each rank's shots differ from a
+    single process's (any lm_eval backend)."""
+    out = tmp_path / "dp.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(ROOT / "train" / "evaluate.py"), str(world["hf"]), "--tasks", "forge_mc,forge_ll,forge_roll",
+         "--include-path", str(world["tasks"]), "--batch-size", str(BATCH), "--device", "cpu",
+         "--bootstrap-iters", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("results: ") == 1  # rank 0 alone reports
+    got, single = ev.metrics(json.loads(out.read_text())), ev.metrics(both[0])
+    assert set(got) == {k for k in single if k.split("/")[0] in ("forge_mc", "forge_ll", "forge_roll")}
+    for key, value in got.items():
+        assert value == pytest.approx(single[key], rel=1e-5), key
 
 
 def run_main(capsys, *argv: str) -> tuple[int, str]:
