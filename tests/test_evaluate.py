@@ -157,8 +157,7 @@ def both(world):
                        bootstrap_iters=0, log_samples=True)  # fmt: skip
     task_manager = TaskManager(include_path=str(world["tasks"]), include_defaults=False)
     hf = simple_evaluate(model="hf", model_args={"pretrained": str(world["hf"]), "dtype": "float32"}, tasks=TASKS,
-                         device="cpu", batch_size=BATCH, task_manager=task_manager, bootstrap_iters=0,
-                         random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)  # fmt: skip
+                         device="cpu", batch_size=BATCH, task_manager=task_manager, bootstrap_iters=0)  # fmt: skip
     return ours, hf
 
 

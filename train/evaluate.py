@@ -68,7 +68,7 @@ def evaluate(
     max_gen_toks: Optional[int] = None,
     distributed: bool = False,
     show_progress: bool = False,
-    seed: int = 0,
+    seed: Optional[int] = None,
 ) -> Optional[dict[str, Any]]:
     """Run lm_eval's `simple_evaluate` on `tasks` with our model; returns lm_eval's results dict (None off rank 0).
 
@@ -87,19 +87,22 @@ def evaluate(
         max_gen_toks: generation budget when a task gives none (lm_eval's 256).
         distributed: this process is one rank of a torch.distributed group that evaluates data-parallel.
         show_progress: tqdm bars per request type.
-        seed: lm_eval's python / numpy / torch / few-shot seeds. The caller's random states are restored afterwards,
-            so evaluating inside a training run does not change its data order or dropout.
+        seed: one seed for lm_eval's python / numpy / torch / few-shot generators (default: lm_eval's own, 0 / 1234 /
+            1234 / 1234, so few-shot prompts are those of `lm_eval --model hf`). The caller's random states are
+            restored afterwards, so evaluating inside a training run does not change its data order or dropout.
     Returns:
         lm_eval's results dict: "results" {task: {"<metric>,<filter>": value, "<metric>_stderr,<filter>": ...}},
         "groups", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config" (+ "samples").
         `metrics(results)` flattens it to {"<task>/<metric>": float}.
     Raises:
-        EvaluationError (a ValueError) for a missing lm_eval install, an unknown task, a task YAML that does not
-        parse or a task that cannot be built, a path that is not a model; the message names the fix.
+        EvaluationError (a ValueError) for a missing lm_eval install, an unknown task or a task YAML that does not
+        parse; ValueError for a path that is not a model; the message names the fix.
     """
     harness = _harness()
     from lm_eval import simple_evaluate
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
 
+    seeds = (DEFAULT_RANDOM_SEED, DEFAULT_OTHER_SEED) if seed is None else (seed, seed)
     states = _random_states()  # simple_evaluate seeds python / numpy / torch, and building tasks draws from them
     try:
         lm = harness.GPT2ForgeLM(model, tokenizer=tokenizer, batch_size=batch_size, device=device,
@@ -111,8 +114,8 @@ def evaluate(
                 try:
                     results = simple_evaluate(
                         model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
-                        bootstrap_iters=bootstrap_iters, log_samples=log_samples, random_seed=seed,
-                        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                        bootstrap_iters=bootstrap_iters, log_samples=log_samples, random_seed=seeds[0],
+                        numpy_random_seed=seeds[1], torch_random_seed=seeds[1], fewshot_random_seed=seeds[1],
                     )  # fmt: skip
                     break
                 except KeyError:  # an include-path task names a built-in one: retry with the full index
@@ -325,7 +328,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default=None, help="results JSON (default <run-dir>/eval/<timestamp>.json)")
     p.add_argument("--bootstrap-iters", type=int, default=DEFAULT_BOOTSTRAP_ITERS, help="0 skips the stderrs")
     p.add_argument("--log-samples", action="store_true", help="keep every scored document in the JSON")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="one seed for all of lm_eval's (default: its 0 / 1234)")
     args = p.parse_args(argv)
     try:
         if args.num_fewshot is not None and args.num_fewshot < 0:
