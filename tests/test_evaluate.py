@@ -23,6 +23,7 @@ pytest.importorskip("lm_eval")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import train.evaluate as ev  # noqa: E402
@@ -209,6 +210,43 @@ def test_long_document_is_scored_in_sliding_windows_like_hf(both, world):
     ll_ours, ll_hf = docs[longest]["resps"][0][0], per_doc(hf, "forge_roll")[longest]["resps"][0][0]
     assert ll_ours == pytest.approx(ll_hf, rel=1e-4)
     assert -ll_ours / n_tokens < math.log(320)  # every token scored once, better than uniform over the vocabulary
+
+
+@pytest.fixture(scope="module")
+def two_backends(world):
+    from lm_eval.models.huggingface import HFLM
+
+    ours = GPT2ForgeLM(str(world["hf"]), batch_size=3, device="cpu", show_progress=False)
+    hf = HFLM(pretrained=str(world["hf"]), batch_size=3, device="cpu", dtype="float32")
+    return ours, hf
+
+
+def requests(kind: str, args: list[tuple]) -> list[Instance]:
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def test_edge_cases_of_tokenization_and_truncation_equal_hf_backend(two_backends):
+    """The corners of HFLM's request handling: an empty context (scored after the prefix token), trailing spaces
+    moved into the continuation, a context that starts with <|endoftext|>, inputs longer than n_positions cut from the
+    left, one-token continuations sharing a context, and prompts longer than n_positions - max_gen_toks."""
+    ours, hf = two_backends
+    long_ctx = facts(30, 7)  # ~180 tokens > n_positions = 64
+    ll = requests("loglikelihood", [
+        ("", "alice lives in paris."), ("alice lives in ", "paris."), ("bob likes", " tea"), ("bob likes", " fish"),
+        ("<|endoftext|>carol", " lives in"), (long_ctx, " dave likes soup."), (long_ctx, " so"), ("in", " rome"),
+    ])  # fmt: skip
+    for (a, ga), (b, gb) in zip(ours.loglikelihood(ll), hf.loglikelihood(ll, disable_tqdm=True), strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5) and ga == gb
+    gen = requests("generate_until", [
+        (long_ctx + " erin lives in", {"until": ["."], "max_gen_toks": 8, "do_sample": False}),
+        ("frank", {"until": [" in", "."], "max_gen_toks": 6}),
+        ("so grace lives in", {"until": ["."], "max_gen_toks": 8, "do_sample": False}),
+        ("heidi likes", {"until": ["\n"], "max_gen_toks": 4}),
+    ])  # fmt: skip
+    assert ours.generate_until(gen) == hf.generate_until(gen, disable_tqdm=True)
+    roll = requests("loglikelihood_rolling", [(facts(n, n),) for n in (1, 10, 25)])
+    for a, b in zip(ours.loglikelihood_rolling(roll), hf.loglikelihood_rolling(roll, disable_tqdm=True), strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
 
 
 def test_live_model_in_training_keeps_its_mode_and_the_random_state(world, both):
