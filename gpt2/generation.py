@@ -37,7 +37,7 @@ import math
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,7 +52,7 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
     "num_return_sequences": 1, "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
 }  # fmt: skip
 SUPPORTED = frozenset(GLOBAL_DEFAULTS) | {"max_new_tokens", "min_new_tokens", "bos_token_id", "eos_token_id",
-                                         "pad_token_id"}
+                                         "pad_token_id", "stopping_criteria"}
 # transformers generation settings not implemented here, with the value at which each changes nothing (accepted
 # then): anything else raises, so a setting is never ignored in silence.
 NO_EFFECT: dict[str, Any] = {
@@ -65,7 +65,7 @@ NO_EFFECT: dict[str, Any] = {
     "watermarking_config": None, "output_attentions": False, "output_hidden_states": False,
     "cache_implementation": None, "cache_config": None, "compile_config": None, "disable_compile": None,
     "prompt_lookup_num_tokens": None, "assistant_model": None, "streamer": None, "logits_processor": None,
-    "stopping_criteria": None, "prefix_allowed_tokens_fn": None, "synced_gpus": None, "negative_prompt_ids": None,
+    "prefix_allowed_tokens_fn": None, "synced_gpus": None, "negative_prompt_ids": None,
     "negative_prompt_attention_mask": None, "custom_generate": None, "decoder_start_token_id": None,
     "low_memory": None, "dola_layers": None, "num_assistant_tokens": None, "num_assistant_tokens_schedule": None,
     "assistant_confidence_threshold": None, "is_assistant": False, "max_matching_ngram_size": None,
@@ -232,6 +232,9 @@ class _Plan:
     prompt_pads: torch.Tensor | None  # (B,) left-padding lengths, for the repetition penalty
     output_scores: bool
     output_logits: bool
+    # transformers' StoppingCriteria protocol: callables (input_ids (B, T + s), scores) -> bool | BoolTensor (B,),
+    # called after every new token; a row they mark done is finished (lm-evaluation-harness' stop sequences use it)
+    stopping_criteria: list = field(default_factory=list)
 
     @property
     def processes(self) -> bool:
@@ -345,7 +348,7 @@ def generate(model, input_ids: torch.LongTensor | None = None, attention_mask: t
     transformers). kwargs: transformers' generation arguments (max_new_tokens, max_length, min_new_tokens,
     min_length, do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, bad_words_ids,
     num_return_sequences, eos_token_id, pad_token_id, bos_token_id, use_cache, return_dict_in_generate,
-    output_scores, output_logits). Raises ValueError for settings transformers rejects, for unimplemented ones, and
+    output_scores, output_logits, stopping_criteria). Raises ValueError for settings transformers rejects, for unimplemented ones, and
     when prompt + new tokens exceed n_positions.
     """
     if "inputs" in kwargs:  # transformers' name of the first argument
@@ -467,6 +470,7 @@ def generate(model, input_ids: torch.LongTensor | None = None, attention_mask: t
         prompt_pads=(attention_mask != 0).int().argmax(dim=1) if padded else None,
         output_scores=bool(s["return_dict_in_generate"] and s["output_scores"]),
         output_logits=bool(s["return_dict_in_generate"] and s["output_logits"]),
+        stopping_criteria=list(s.get("stopping_criteria") or ()),
     )  # fmt: skip
     was_training = model.training
     model.eval()
@@ -527,6 +531,7 @@ def _decode(model, ids, step_ids, mask, pos, cache, head_t, max_new_tokens, plan
     device = ids.device
     sync_every = 1 if device.type == "cpu" else _SYNC_EVERY
     check_eos = len(plan.eos_ids) > 0
+    check_stop = check_eos or bool(plan.stopping_criteria)
     processes = plan.processes
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     all_done = torch.zeros(max(max_new_tokens, 1), dtype=torch.bool, device=device)  # after step s: every row ended
@@ -548,8 +553,12 @@ def _decode(model, ids, step_ids, mask, pos, cache, head_t, max_new_tokens, plan
             next_ids = torch.where(unfinished, next_ids, torch.full_like(next_ids, plan.pad_token_id))
         ids[:, T + s] = next_ids
         step_ids, pos = next_ids[:, None], pos[:, -1:] + 1  # (B, 1), (B or 1, 1)
-        if check_eos:
-            unfinished &= ~torch.isin(next_ids, plan.eos_ids)
+        if check_stop:  # transformers' _sample: unfinished &= ~stopping_criteria(input_ids, scores)
+            if check_eos:
+                unfinished &= ~torch.isin(next_ids, plan.eos_ids)
+            for criterion in plan.stopping_criteria:  # scores: the stored ones (output_scores), else None, as there
+                done = criterion(ids[:, : T + s + 1], tuple(scores_out) if scores_out is not None else None)
+                unfinished &= ~torch.as_tensor(done, device=device, dtype=torch.bool)
             all_done[s] = ~unfinished.any()  # stays on the device
             if (s + 1) % sync_every == 0 or s == max_new_tokens - 1:
                 if bool(all_done[: s + 1].any()):  # the host sync
