@@ -3,7 +3,8 @@
 - floors: `gpt2` imports nothing of ours, `data_pipelines` only `gpt2`, `train` both, `launch` any of them;
 - no import circles between our modules (imports inside functions count);
 - no module takes another's `_private` names: not `from x import _y`, not `x._y` on a module `x` of ours, not
-  `obj._y` / `getattr(obj, "_y")` on any object but `self` / `cls` (a shared helper is public, on the lower floor).
+  `obj._y` / `getattr(obj, "_y")` on any object but `self` / `cls` / a class of the same module (a shared helper is
+  public, on the lower floor).
 
 The checker itself is tested on a small tree that breaks every rule, so the checks can fail.
 """
@@ -92,13 +93,14 @@ def _resolve(mod: Module, mods: dict[str, Module], floors: tuple[str, ...]) -> N
                     ours[a.asname or a.name] = submodule
                 if _is_private(a.name):
                     mod.private.append(f"line {node.lineno}: from {source} import {a.name}")
+    own_classes = {n.name for n in ast.walk(mod.tree) if isinstance(n, ast.ClassDef)}  # `Cls._x` in Cls's module
     for node in ast.walk(mod.tree):
         if isinstance(node, ast.Attribute) and _is_private(node.attr):
             owner = node.value
             root = owner
             while isinstance(root, ast.Attribute):
                 root = root.value
-            if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+            if isinstance(owner, ast.Name) and owner.id in ("self", "cls", *own_classes):
                 continue
             if isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name) and owner.func.id == "super":
                 continue
@@ -191,7 +193,8 @@ def test_every_class_path_in_conf_imports():
 
 def test_the_checker_finds_each_broken_rule(tmp_path):
     """A small tree with one of each: a circle (through a function-level import), a floor broken, private names
-    taken by `from`, by a module attribute and by an object attribute, and the allowed cases next to them."""
+    taken by `from`, by a module attribute and by an object attribute, and the allowed cases next to them (a
+    module's own class reading its private class attribute, `self._x`, `super()._x`, a library's `torch._x`)."""
     files = {
         "gpt2/__init__.py": "",
         "gpt2/low.py": "import torch\n\ndef f():\n    from train import job\n    return torch._foreach_norm\n",
@@ -202,7 +205,7 @@ def test_the_checker_finds_each_broken_rule(tmp_path):
         "train/tasks.py": "def helper():\n    from train import job\n    return job\n",
         "train/model.py": (
             "import data_pipelines.dp as j\n\n_private = 1\n\nclass A:\n    def f(self, other):\n"
-            "        super()._x()\n        return self._y, j._z, other._w, getattr(other, '_v'), getattr(self, '_u')\n"
+            "        super()._x()\n        return self._y, j._z, other._w, getattr(other, '_v'), getattr(self, '_u'), A._t\n"
         ),
         "launch/__init__.py": "",
         "launch/run.py": "from train.job import helper\n",
