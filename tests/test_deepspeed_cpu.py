@@ -337,3 +337,56 @@ def test_plan_per_rank_states_match_what_the_ranks_hold(runs, name):
             plan, held = {"cpu": e.cpu}, {"cpu": sum(held.values())}
         for k in plan:
             assert abs(plan[k] - held[k]) <= 0.15 * held[k], (name, r, k, plan[k], held[k])
+
+
+# A Lightning script (not train/run.py: nothing in a run saves after a validate() that follows fit, but a user's
+# script may): fit under ZeRO-3, trainer.validate(), then save. Lightning would rebuild an inference-only engine for
+# the validate() and the save would fail on its missing checkpoint engine; ZeroStrategy keeps the training engine.
+VALIDATE_THEN_SAVE = r'''
+import os, sys
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+import gpt2
+from train.strategies.deepspeed import select_cpu_accelerator, zero_strategy_class
+from train.strategies.deepspeed_config import deepspeed_config
+
+
+class Net(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = gpt2.GPT2LMHeadModel(gpt2.GPT2Config.from_preset("tiny", vocab_size=64, n_layer=1, n_head=2,
+                                                                       n_embd=16, n_positions=8))
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val", self.model(input_ids=batch[0], labels=batch[0]).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+select_cpu_accelerator()
+config = deepspeed_config(3, False, micro_batch_size=4, precision="32-true", param_persistence_threshold=0,
+                          for_lightning=True)
+trainer = L.Trainer(accelerator="cpu", devices=1, strategy=zero_strategy_class()(config=config), max_steps=2,
+                    enable_progress_bar=False, logger=False, enable_checkpointing=False, default_root_dir=sys.argv[1])
+data = DataLoader(TensorDataset(torch.randint(0, 64, (16, 8))), batch_size=4)
+trainer.fit(Net(), data, data)
+trainer.validate(trainer.lightning_module, data, verbose=False)
+trainer.save_checkpoint(os.path.join(sys.argv[1], "checkpoints", "step-2"))
+'''
+
+
+def test_zero3_checkpoint_saves_after_a_validate_that_follows_fit(tmp_path):
+    script = tmp_path / "validate_then_save.py"
+    script.write_text(VALIDATE_THEN_SAVE)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=240, env=_env(None))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    step = tmp_path / "checkpoints" / "step-2"
+    assert (step / "latest").is_file()
+    weights = load_file(str(step / "model.safetensors"))  # consolidated from the ZeRO-3 partitions: full shapes
+    assert weights["transformer.wte.weight"].shape == (64, 16) and weights["transformer.wpe.weight"].shape == (8, 16)
