@@ -302,10 +302,10 @@ def test_two_array_tasks_and_the_index_step_equal_one_process(tmp_path):
 
 @needs_slurm
 @pytest.mark.slow
-@pytest.mark.skipif(pytest.importorskip("deepspeed") is None, reason="no deepspeed")
 def test_two_task_cpu_zero2_job_is_requeued_by_usr1_and_completes(tmp_path):
     """strategy=deepspeed_zero2 as a 2-task CPU job (DeepSpeed's CPU accelerator over gloo, ranks from srun): a USR1
     mid-run saves a ZeRO checkpoint and requeues the job, which resumes from it and trains to the final step."""
+    pytest.importorskip("deepspeed")
     from helpers import shakespeare
 
     corpus, run_dir, max_steps = tmp_path / "input.txt", tmp_path / "run", 60
