@@ -64,7 +64,8 @@ def test_deepspeed_builds_for_the_cpu(no_cuda, monkeypatch, name):
     "overrides,match",
     [
         (["trainer.precision=64-true"], r"^strategy=deepspeed_zero2 cannot train in trainer.precision=64-true "
-                                        r"\(DeepSpeed has no fp64 mode\); use trainer.precision=32-true or bf16-mixed.$"),
+                                        r"\(DeepSpeed has no fp64 mode\); "
+                                        r"use trainer.precision=32-true or bf16-mixed.$"),
         (["trainer.accelerator=mps"], r"^strategy=deepspeed_zero2 runs on CUDA GPUs or the CPU, not "
                                       r"trainer.accelerator=mps; use trainer.accelerator=cpu.$"),
     ],
@@ -108,8 +109,9 @@ def test_more_devices_than_gpus_is_refused(eight_gpus):
 
 def test_cli_refuses_a_deepspeed_request_this_machine_cannot_run_in_one_sentence(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    r = subprocess.run([sys.executable, str(ROOT / "train/run.py"), "strategy=deepspeed_zero2", "trainer.accelerator=cpu",
-                        f"trainer.devices={(os.cpu_count() or 1) + 1}", f"run_dir={tmp_path}/run"],
+    r = subprocess.run([sys.executable, str(ROOT / "train/run.py"), "strategy=deepspeed_zero2",
+                        "trainer.accelerator=cpu", f"trainer.devices={(os.cpu_count() or 1) + 1}",
+                        f"run_dir={tmp_path}/run"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
     assert r.returncode == 1, r.stderr[-2000:]
     n = os.cpu_count() or 1

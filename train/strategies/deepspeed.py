@@ -197,4 +197,10 @@ def is_zero3(strategy) -> bool:
     return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
 
 
-__all__ = ["check_cpu_precision", "finalize_zero_checkpoint", "is_zero3", "select_cpu_accelerator", "zero_strategy_class"]
+__all__ = [
+    "check_cpu_precision",
+    "finalize_zero_checkpoint",
+    "is_zero3",
+    "select_cpu_accelerator",
+    "zero_strategy_class",
+]
