@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from data_pipelines.config import register_configs as register_data_configs
-from train.config import register_configs, to_config
+from train.config import ConfigError, check_overrides, register_configs, to_config
 from train.job import train
 
 register_configs()  # the typed schemas must be in Hydra's ConfigStore before composition
@@ -67,6 +67,7 @@ def main(dcfg: DictConfig) -> Optional[float]:
         # run_dir is hydra's output dir: equal to ${run_dir} in a single run, the job's folder under -m
         dcfg.run_dir = HydraConfig.get().runtime.output_dir
         cfg = to_config(dcfg)  # a bad value fails here, before torch and Lightning are imported
+        check_overrides(cfg, HydraConfig.get().overrides.task)  # a data override the task would ignore
         _route_lightning_logs()
         summary = train(cfg)
     except _expected_errors() as e:
@@ -98,5 +99,33 @@ def main(dcfg: DictConfig) -> Optional[float]:
     return best["value"] if best else summary.get("last_val_loss")
 
 
+def sweep_root_from_run_dir(argv: list[str]) -> list[str]:
+    """Under -m, `run_dir=X` is the sweep's root: adds `hydra.sweep.dir=X`, so the jobs go to X/0, X/1, ...
+
+    Hydra puts multirun jobs under `hydra.sweep.dir` (conf/config.yaml: multirun/<date>/<time>) and run.py points each
+    job's run_dir at its folder there, so a plain `run_dir=X` would otherwise be ignored in silence.
+
+    Raises:
+        ConfigError: run_dir itself is swept (`run_dir=a,b`): the jobs' folders are numbered under one root.
+    """
+    if not {"-m", "--multirun"} & set(argv) or any(a.startswith("hydra.sweep.dir=") for a in argv):
+        return argv
+    for arg in argv:
+        if arg.lstrip("+").startswith("run_dir="):
+            root = arg.split("=", 1)[1]
+            if "," in root or root.startswith(("range(", "choice(", "glob(")):
+                raise ConfigError(
+                    f"{arg}: under -m run_dir is the sweep's root (each job gets a numbered folder in it), so it "
+                    f"cannot be swept; give one folder."
+                )
+            return [*argv, f"hydra.sweep.dir={root}"]
+    return argv
+
+
 if __name__ == "__main__":
+    try:
+        sys.argv = sweep_root_from_run_dir(sys.argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     main()
