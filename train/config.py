@@ -427,6 +427,29 @@ def check_overrides(cfg: Config, overrides: Sequence[str]) -> None:
         return
 
 
+def sweep_root_from_run_dir(argv: Sequence[str]) -> list[str]:
+    """Under -m, `run_dir=X` is the sweep's root: adds `hydra.sweep.dir=X`, so the jobs go to X/0, X/1, ...
+
+    Hydra puts multirun jobs under `hydra.sweep.dir` (conf/config.yaml: multirun/<date>/<time>) and run.py points each
+    job's run_dir at its folder there, so a plain `run_dir=X` would otherwise be ignored in silence.
+
+    Raises:
+        ConfigError: run_dir itself is swept (`run_dir=a,b`): the jobs' folders are numbered under one root.
+    """
+    if not {"-m", "--multirun"} & set(argv) or any(a.startswith("hydra.sweep.dir=") for a in argv):
+        return list(argv)
+    for arg in argv:
+        if arg.lstrip("+").startswith("run_dir="):
+            root = arg.split("=", 1)[1]
+            if "," in root or root.startswith(("range(", "choice(", "glob(")):
+                raise ConfigError(
+                    f"{arg}: under -m run_dir is the sweep's root (each job gets a numbered folder in it), so it "
+                    f"cannot be swept; give one folder."
+                )
+            return [*argv, f"hydra.sweep.dir={root}"]
+    return list(argv)
+
+
 def to_config(node: Any) -> Config:
     """A composed DictConfig -> validated `Config` (runs every __post_init__). Used only by train/run.py and tests."""
     from omegaconf import OmegaConf

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from data_pipelines.config import register_configs as register_data_configs
-from train.config import ConfigError, check_overrides, register_configs, to_config
+from train.config import ConfigError, check_overrides, register_configs, sweep_root_from_run_dir, to_config
 from train.job import train
 
 register_configs()  # the typed schemas must be in Hydra's ConfigStore before composition
@@ -97,29 +97,6 @@ def main(dcfg: DictConfig) -> Optional[float]:
         print(f"best {best['metric']}={best['value']:.4f} at step {best['step']}; export {summary.get('hf_dir')}")
     # the value a sweeper optimises (hydra/sweeper=optuna_lr): the task's best metric, else the LM's val loss
     return best["value"] if best else summary.get("last_val_loss")
-
-
-def sweep_root_from_run_dir(argv: list[str]) -> list[str]:
-    """Under -m, `run_dir=X` is the sweep's root: adds `hydra.sweep.dir=X`, so the jobs go to X/0, X/1, ...
-
-    Hydra puts multirun jobs under `hydra.sweep.dir` (conf/config.yaml: multirun/<date>/<time>) and run.py points each
-    job's run_dir at its folder there, so a plain `run_dir=X` would otherwise be ignored in silence.
-
-    Raises:
-        ConfigError: run_dir itself is swept (`run_dir=a,b`): the jobs' folders are numbered under one root.
-    """
-    if not {"-m", "--multirun"} & set(argv) or any(a.startswith("hydra.sweep.dir=") for a in argv):
-        return argv
-    for arg in argv:
-        if arg.lstrip("+").startswith("run_dir="):
-            root = arg.split("=", 1)[1]
-            if "," in root or root.startswith(("range(", "choice(", "glob(")):
-                raise ConfigError(
-                    f"{arg}: under -m run_dir is the sweep's root (each job gets a numbered folder in it), so it "
-                    f"cannot be swept; give one folder."
-                )
-            return [*argv, f"hydra.sweep.dir={root}"]
-    return argv
 
 
 if __name__ == "__main__":
