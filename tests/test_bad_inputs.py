@@ -143,6 +143,12 @@ CASES = [
     ("prepare-unknown-key", PREP, lambda w: ["data.blok_size=3"], r"blok_size"),
     ("plan-unknown-model", PLAN, lambda w: ["model=gpt9"], r"unknown model 'gpt9'"),
     ("plan-bad-number", PLAN, lambda w: ["model=gpt2", "gpus=eight"], r"gpus='eight' is not valid"),
+    ("swept-run-dir-under-multirun", RUN, lambda w: ["-m", f"run_dir={w['d'] / 'a'},{w['d'] / 'b'}"],
+     r"under -m run_dir is the sweep's root"),
+    ("lm-data-override-on-finetune", RUN,
+     lambda w: ["task=cls", f"model.init_from={w['pre'] / 'hf'}", "data=jsonl", f"data.path={w['d'] / 'cls.jsonl'}",
+                f"run_dir={w['d'] / 'new'}"],
+     r"task=cls fine-tunes on task\.data\.\*, not on data\.\*: data=jsonl has no effect .*task\.data\.source=jsonl"),
     ("slurm-bad-nodes", SLURM, lambda w: ["--dry-run", "--nodes", "0", "--", "trainer.max_steps=1"], r"--nodes"),
 ]
 _TASKS = {p.stem for p in (CONF / "task").glob("*.yaml")}

@@ -168,3 +168,25 @@ def test_bad_value_named_at_instantiation(override, needle):
     msg = str(ei.value)
     assert needle in msg, msg
     assert isinstance(ei.value, (ConfigError, ValueError, OmegaConfBaseException))
+
+
+def test_lm_data_override_on_a_finetune_is_never_silent(caplog):
+    """`data.*` chooses the LM corpus; a fine-tuning task trains on `task.data.*`. Without a tokenizer to take, the
+    override trains the tokenizer and a warning names task.data.*; with one (model.init_from), it would do nothing:
+    the run stops naming the key. The LM task and a fine-tune on its own data are left alone."""
+    from train.config import check_overrides
+
+    over = ["task=cls", "data=jsonl", "data.path=my.jsonl"]
+    with caplog.at_level("WARNING", logger="train.config"):
+        check_overrides(to_config(_compose(over)), over)
+    assert "task=cls: data=jsonl only chooses the corpus the tokenizer is trained on" in caplog.text
+    assert "task.data.source=jsonl task.data.path=..." in caplog.text
+    over += ["model.init_from=runs/lm/hf"]
+    with pytest.raises(ConfigError, match=r"data=jsonl has no effect \(the tokenizer comes from model\.init_from\)"):
+        check_overrides(to_config(_compose(over)), over)
+    for fine in (["task=lm", "data=jsonl", "data.path=my.jsonl"],
+                 ["task=cls", "task.data.source=jsonl", "task.data.path=c.jsonl", "data=text", "data.path=corpus.txt",
+                  "model.init_from=runs/lm/hf"]):  # fmt: skip
+        caplog.clear()
+        check_overrides(to_config(_compose(fine)), fine)
+        assert not caplog.records

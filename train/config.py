@@ -10,11 +10,12 @@ anything is built. Every error names the key and the fix (lightning-hydra-templa
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 from data_pipelines.config import DataConfig
 from data_pipelines.tasks.config import TaskDataConfig
@@ -386,6 +387,74 @@ def write_config(cfg: Config, run_dir: Path) -> None:
     tmp = run_dir / f"config.yaml.tmp-{os.getpid()}"
     tmp.write_text(text)
     os.replace(tmp, run_dir / "config.yaml")
+
+
+# data.* keys that choose the LM training data; a fine-tuning task reads its data from task.data.* instead
+_LM_DATA_KEYS = ("source", "path", "val_path", "name", "config_name", "split", "val_split", "text_column")
+
+
+def check_overrides(cfg: Config, overrides: Sequence[str]) -> None:
+    """Never ignore a command-line data override in silence.
+
+    A fine-tuning task (task != lm) trains on `task.data.*`; `data=<group>` and `data.path` / `data.name` / ... only
+    choose the corpus its tokenizer is trained on when there is no tokenizer to take (no model.init_from, no
+    data.tokenizer). While the task data is still its built-in demo:
+    - with a tokenizer to take, such an override has no effect at all: the run stops, naming the key to set
+      (`task=cls model.init_from=run/hf data=jsonl data.path=my.jsonl` would fine-tune on the demo data);
+    - without one, it trains the tokenizer, and a warning says so and names `task.data.*`.
+
+    Args:
+        cfg: the composed, validated config.
+        overrides: the command line's overrides as Hydra saw them (e.g. `HydraConfig.get().overrides.task`).
+    Raises:
+        ConfigError: an LM-data override that would have no effect on a fine-tuning task.
+    """
+    if cfg.task.name == "lm" or cfg.task.data.source != "demo":
+        return
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        field = "source" if key == "data" else key[len("data."):] if key.startswith("data.") else None
+        if field not in _LM_DATA_KEYS or (key == "data" and value == "default"):
+            continue
+        if field == "source":
+            kind = value if value in ("jsonl", "csv", "parquet", "hub") else "jsonl|csv|parquet|hub"
+            hint = f"task.data.source={kind} task.data.path=... (or task.data.name=... for hub)"
+        else:
+            hint = f"task.data.source=jsonl|csv|parquet|hub task.data.{field}={value}"
+        if cfg.model.init_from or cfg.data.tokenizer:
+            source = "model.init_from" if cfg.model.init_from else "data.tokenizer"
+            raise ConfigError(
+                f"task={cfg.task.name} fine-tunes on task.data.*, not on data.*: {override} has no effect (the "
+                f"tokenizer comes from {source}) and the task would train on its demo data; set {hint} instead."
+            )
+        logging.getLogger(__name__).warning(
+            "task=%s: %s only chooses the corpus the tokenizer is trained on; the task trains on its demo data "
+            "(for your own, set %s).", cfg.task.name, override, hint,
+        )
+        return
+
+
+def sweep_root_from_run_dir(argv: Sequence[str]) -> list[str]:
+    """Under -m, `run_dir=X` is the sweep's root: adds `hydra.sweep.dir=X`, so the jobs go to X/0, X/1, ...
+
+    Hydra puts multirun jobs under `hydra.sweep.dir` (conf/config.yaml: multirun/<date>/<time>) and run.py points each
+    job's run_dir at its folder there, so a plain `run_dir=X` would otherwise be ignored in silence.
+
+    Raises:
+        ConfigError: run_dir itself is swept (`run_dir=a,b`): the jobs' folders are numbered under one root.
+    """
+    if not {"-m", "--multirun"} & set(argv) or any(a.startswith("hydra.sweep.dir=") for a in argv):
+        return list(argv)
+    for arg in argv:
+        if arg.lstrip("+").startswith("run_dir="):
+            root = arg.split("=", 1)[1]
+            if "," in root or root.startswith(("range(", "choice(", "glob(")):
+                raise ConfigError(
+                    f"{arg}: under -m run_dir is the sweep's root (each job gets a numbered folder in it), so it "
+                    f"cannot be swept; give one folder."
+                )
+            return [*argv, f"hydra.sweep.dir={root}"]
+    return list(argv)
 
 
 def to_config(node: Any) -> Config:

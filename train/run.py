@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from data_pipelines.config import register_configs as register_data_configs
-from train.config import register_configs, to_config
+from train.config import ConfigError, check_overrides, register_configs, sweep_root_from_run_dir, to_config
 from train.job import train
 
 register_configs()  # the typed schemas must be in Hydra's ConfigStore before composition
@@ -67,6 +67,7 @@ def main(dcfg: DictConfig) -> Optional[float]:
         # run_dir is hydra's output dir: equal to ${run_dir} in a single run, the job's folder under -m
         dcfg.run_dir = HydraConfig.get().runtime.output_dir
         cfg = to_config(dcfg)  # a bad value fails here, before torch and Lightning are imported
+        check_overrides(cfg, HydraConfig.get().overrides.task)  # a data override the task would ignore
         _route_lightning_logs()
         summary = train(cfg)
     except _expected_errors() as e:
@@ -99,4 +100,9 @@ def main(dcfg: DictConfig) -> Optional[float]:
 
 
 if __name__ == "__main__":
+    try:
+        sys.argv = sweep_root_from_run_dir(sys.argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     main()
