@@ -19,7 +19,9 @@ The model of memory, per GPU (Ψ = parameter count, N = world size, e = bytes pe
   - DeepSpeed ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
     Models", §5 / Fig. 1): with 16-bit training 2Ψ weights + 2Ψ gradients + KΨ optimizer state, K = 12
     (fp32 master + momentum + variance). Stage 1 partitions the KΨ, stage 2 also the gradients, stage 3 also the
-    weights: 2Ψ + 2Ψ + KΨ/N, 2Ψ + (2 + K)Ψ/N, (2 + 2 + K)Ψ/N. In fp32 there is no master copy: 4Ψ + 4Ψ + 8Ψ.
+    weights: 2Ψ + 2Ψ + KΨ/N, 2Ψ + (2 + K)Ψ/N, (2 + 2 + K)Ψ/N. In fp32 the weights and gradients take 4Ψ each and
+    K stays 12: DeepSpeed still clones its fp32 master partition (`single_partition_of_fp32_groups` /
+    `fp32_partitioned_groups_flat`), as measured per rank on CPU runs (tests/test_deepspeed_cpu.py).
     Buffers: stages 1/2 allocate `reduce_bucket_size` gradient elements (twice with `overlap_comm`,
     deepspeed/runtime/zero/stage_1_and_2.py); stage 3 holds the gathered weights of the live modules
     (the embeddings, or two blocks) and one reduce bucket.
@@ -200,7 +202,7 @@ def estimate(cfg: GPT2Config, strategy: str, world_size: int, micro_batch: int, 
 
     # DeepSpeed ZeRO
     w = 4 if precision == "32" else 2  # weights and gradients in the engine's dtype
-    K = 8 if precision == "32" else 12  # optimizer bytes per parameter: (master +) momentum + variance
+    K = 12  # optimizer bytes per parameter: fp32 master + momentum + variance (a master copy in fp32 too)
     stage = 3 if strategy.startswith("deepspeed_zero3") else int(strategy[-1])
     bucket = REDUCE_BUCKET_SIZE * w
     gathered = max(emb, 2 * blk) * w  # stage 3: weights of the live modules, gathered from all ranks

@@ -158,8 +158,9 @@ if "cls" in _TASKS:  # engineer I's fine-tuning tasks
 if "qa" in _TASKS:
     CASES.append(("qa-answer-outside-context", RUN, run("task=qa", "task.data.source=jsonl", lambda_path("qa.jsonl")),
                   r"answer 'zebra' is not in the context"))
-if "deepspeed_zero2" in _strategies():  # engineer H's strategies: a CPU-only machine cannot run DeepSpeed
-    CASES.append(("deepspeed-on-cpu", RUN, run("strategy=deepspeed_zero2"), r"(?i)deepspeed.*(CUDA|GPU)"))
+if "deepspeed_zero2" in _strategies():  # DeepSpeed trains on CUDA GPUs and on the CPU, but never in fp64
+    CASES.append(("deepspeed-fp64", RUN, run("strategy=deepspeed_zero2", "trainer.precision=64-true"),
+                  r"strategy=deepspeed_zero2 cannot train in trainer.precision=64-true"))
 
 
 def _run_case(w, case) -> subprocess.CompletedProcess:

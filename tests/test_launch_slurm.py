@@ -298,3 +298,36 @@ def test_two_array_tasks_and_the_index_step_equal_one_process(tmp_path):
     assert len(shards(one)) > 3 and shards(root) == shards(one)
     a, b = (json.loads((d / "index.json").read_text()) for d in (root, one))
     assert a["splits"] == b["splits"] and a["num_tokens"] == b["num_tokens"]
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_two_task_cpu_zero2_job_is_requeued_by_usr1_and_completes(tmp_path):
+    """strategy=deepspeed_zero2 as a 2-task CPU job (DeepSpeed's CPU accelerator over gloo, ranks from srun): a USR1
+    mid-run saves a ZeRO checkpoint and requeues the job, which resumes from it and trains to the final step."""
+    pytest.importorskip("deepspeed")
+    from helpers import shakespeare
+
+    corpus, run_dir, max_steps = tmp_path / "input.txt", tmp_path / "run", 60
+    corpus.write_text(shakespeare(30_000))
+    overrides = [o for o in _overrides(run_dir, tmp_path / "cache", max_steps=max_steps, every=20)
+                 if not o.startswith(("strategy=", "data.path=", "model.", "trainer.val_check_interval"))]
+    job_id = _submit(["strategy=deepspeed_zero2", f"data.path={corpus}", "model.n_layer=1", "model.n_head=2",
+                      "model.n_embd=32", "model.n_positions=32", "trainer.val_check_interval=30",
+                      "trainer.accumulate_grad_batches=2", *overrides])  # fmt: skip
+    last = run_dir / "checkpoints" / "last"
+    _wait(job_id, lambda info: info.get("JobState") == "RUNNING" and last.is_file(), 240, "a first checkpoint")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+    _wait(job_id, lambda info: int(info.get("Restarts", 0)) >= 1 or _finished(info), 90, "a requeue")
+    info = _wait(job_id, _finished, 300, "the end of the requeued job")
+    log = (run_dir / "slurm" / f"{job_id}.out").read_text()
+    assert int(info["Restarts"]) >= 1 and info["JobState"] == "COMPLETED", log[-3000:]
+    assert "initializing deepspeed distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log  # both ranks, one ZeRO group
+    resumed = re.search(r"^\[launch\] resuming: resume=auto \((step-\d+)\)", log, flags=re.M)
+    assert resumed, "the requeued job did not resume from a checkpoint"
+    step = int(resumed.group(1).split("-")[1])
+    assert 0 < step < max_steps
+    assert (run_dir / "checkpoints" / resumed.group(1) / "checkpoint").is_dir()  # DeepSpeed's shards, resumed from
+    assert last.read_text().strip() == f"step-{max_steps}" and (run_dir / "hf" / "model.safetensors").is_file()
+    steps = [int(r["step"]) for r in _read_metrics(run_dir / "metrics.csv") if r.get("train/loss")]
+    assert max(steps) == max_steps and len(steps) == len(set(steps))  # every logged step once: no restart from 0

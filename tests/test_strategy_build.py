@@ -46,17 +46,44 @@ def eight_gpus(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ refused up front
 @pytest.mark.parametrize("name", ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"])
-def test_deepspeed_is_refused_without_cuda(no_cuda, name):
-    cfg = cfg_for(f"strategy={name}")
-    with pytest.raises(ConfigError) as e:
+def test_deepspeed_builds_for_the_cpu(no_cuda, monkeypatch, name):
+    """Without CUDA (and with trainer.accelerator=cpu on a GPU machine) DeepSpeed runs on its CPU accelerator."""
+    pytest.importorskip("deepspeed")
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # restored after the test: build_strategy sets it
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    cfg = cfg_for(f"strategy={name}", "trainer.accelerator=cpu", "strategy.stage3_param_persistence_threshold=0")
+    s = build_strategy(cfg.strategy, cfg.trainer)
+    assert isinstance(s, DeepSpeedStrategy)
+    assert os.environ["DS_ACCELERATOR"] == "cpu"  # the ranks Lightning launches pick DeepSpeed's CPU accelerator
+    if name.startswith("deepspeed_zero3"):
+        assert s.config["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["trainer.precision=64-true"], r"^strategy=deepspeed_zero2 cannot train in trainer.precision=64-true "
+                                        r"\(DeepSpeed has no fp64 mode\); "
+                                        r"use trainer.precision=32-true or bf16-mixed.$"),
+        (["trainer.accelerator=mps"], r"^strategy=deepspeed_zero2 runs on CUDA GPUs or the CPU, not "
+                                      r"trainer.accelerator=mps; use trainer.accelerator=cpu.$"),
+    ],
+)
+def test_deepspeed_requests_this_cpu_cannot_run_are_named(no_cuda, overrides, match):
+    cfg = cfg_for("strategy=deepspeed_zero2", *overrides)
+    with pytest.raises(ConfigError, match=match):
         check_hardware(cfg.strategy, cfg.trainer)
-    assert str(e.value) == (f"strategy={name} needs CUDA GPUs (Lightning's DeepSpeed strategy refuses the CPU) and "
-                            f"this is a machine without CUDA; use strategy=ddp or strategy=fsdp on CPU.")  # fmt: skip
 
 
-def test_deepspeed_is_refused_on_cpu_accelerator_even_with_gpus(eight_gpus):
-    cfg = cfg_for("strategy=deepspeed_zero2", "trainer.accelerator=cpu")
-    with pytest.raises(ConfigError, match="needs CUDA GPUs .* trainer.accelerator=cpu"):
+def test_deepspeed_fp16_is_refused_on_a_cpu_without_fp16_kernels(no_cuda, monkeypatch):
+    pytest.importorskip("deepspeed")
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    monkeypatch.setattr(CPU_Accelerator, "is_fp16_supported", lambda self: False)
+    cfg = cfg_for("strategy=deepspeed_zero3", "trainer.accelerator=cpu", "trainer.precision=16-mixed")
+    with pytest.raises(ConfigError, match=r"^strategy=deepspeed_zero3 with trainer.precision=16-mixed needs fp16 "
+                                          r"kernels this CPU lacks .*; use trainer.precision=bf16-mixed or 32-true"):
         check_hardware(cfg.strategy, cfg.trainer)
 
 
@@ -80,16 +107,16 @@ def test_more_devices_than_gpus_is_refused(eight_gpus):
         check_hardware(cfg.strategy, cfg.trainer)
 
 
-def test_cli_refuses_deepspeed_on_cpu_in_one_sentence(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def test_cli_refuses_a_deepspeed_request_this_machine_cannot_run_in_one_sentence(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     r = subprocess.run([sys.executable, str(ROOT / "train/run.py"), "strategy=deepspeed_zero2",
-                        f"run_dir={tmp_path}/run"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+                        "trainer.accelerator=cpu", f"trainer.devices={(os.cpu_count() or 1) + 1}",
+                        f"run_dir={tmp_path}/run"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
     assert r.returncode == 1, r.stderr[-2000:]
-    assert r.stderr.strip() == ("error: strategy=deepspeed_zero2 needs CUDA GPUs (Lightning's DeepSpeed strategy "
-                                "refuses the CPU) and this is a machine without CUDA; use strategy=ddp or strategy=fsdp "
-                                "on CPU.")  # fmt: skip
+    n = os.cpu_count() or 1
+    assert r.stderr.strip() == (f"error: trainer.devices={n + 1} CPU processes but this node has {n} CPU cores; set "
+                                f"trainer.devices<={n}.")
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything was prepared
 
 

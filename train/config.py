@@ -148,6 +148,9 @@ class StrategyConfig:
     # fsdp: parameters, gradients and optimizer state in CPU memory (CPUOffloadPolicy);
     # deepspeed_*: ZeRO-Offload (optimizer state; + parameters at stage 3) - deepspeed_zero3_offload sets it
     offload: bool = False
+    # deepspeed_zero3*: a parameter with fewer elements stays whole on every rank (gathering it would cost more than
+    # it weighs). DeepSpeed's default, 1e5, keeps every tensor of a small model whole: tests lower it to really shard
+    stage3_param_persistence_threshold: int = 100_000
 
     def __post_init__(self) -> None:
         _check(
@@ -155,6 +158,10 @@ class StrategyConfig:
             f"strategy.name={self.name!r} is not available; use one of {', '.join(STRATEGIES)}.",
         )
         _check(self.timeout_minutes > 0, f"strategy.timeout_minutes={self.timeout_minutes} must be positive.")
+        _check(
+            self.stage3_param_persistence_threshold >= 0,
+            f"strategy.stage3_param_persistence_threshold={self.stage3_param_persistence_threshold} must be >= 0.",
+        )
         _check(
             self.wrap_class is None or "." in self.wrap_class,
             f"strategy.wrap_class={self.wrap_class!r} must be a dotted class path, e.g. gpt2.modeling.GPT2Block.",

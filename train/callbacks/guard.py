@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 from lightning.pytorch.callbacks import Callback
 
 from train import checkpoint as ckpt_io
+from train.strategies import at_accumulation_boundary
 
 
 class GuardError(RuntimeError):
@@ -76,6 +77,8 @@ class LossGuard(Callback):
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not at_accumulation_boundary(trainer):  # DeepSpeed: called after every micro-batch; decide once per step
+            return
         loss_sum, self._loss_sum = self._loss_sum, None
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         dev = pl_module.device
@@ -86,7 +89,7 @@ class LossGuard(Callback):
             # to the whole parameter's norm, so every rank sees the true global norm
             norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
             gnorm = torch.linalg.vector_norm(torch.stack([n.float().to(dev) for n in norms]))
-        else:  # sharded engines (DeepSpeed) keep gradients elsewhere: only the loss is checked
+        else:  # DeepSpeed ZeRO keeps the gradients in its own partitions (and skips a non-finite step itself)
             gnorm = torch.zeros((), device=dev)
         loss = loss_sum if loss_sum is not None else torch.zeros((), device=dev)
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
@@ -122,8 +125,11 @@ class LossGuard(Callback):
 
     @staticmethod
     def _drop_update(pl_module) -> None:
+        # optimizers skip parameters without a gradient: no update, no moment / step change. (Under DeepSpeed ZeRO
+        # `.grad` is already None - the gradients live in its partitions - and the update goes through; a spike's
+        # rollback then overwrites it, and DeepSpeed skips a non-finite step on its own.)
         for p in pl_module.parameters():
-            p.grad = None  # optimizers skip parameters without a gradient: no update, no moment / step change
+            p.grad = None
 
     # -- after the (skipped) optimizer step: roll back, log, stop
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -178,9 +184,9 @@ class LossGuard(Callback):
         target = ckpt_io.latest_checkpoint(self.run_dir)
         if target is None:
             return -1
-        # through the strategy, as a resume loads: FSDP2 (and DeepSpeed) load their sharded model and optimizer
-        # state in place here, and their load_*_state_dict below are no-ops; single-device / DDP get the full dict
-        # from DirCheckpointIO and load it below
+        # through the strategy, as a resume loads: FSDP2 and DeepSpeed ZeRO load their sharded model and optimizer
+        # state in place here (DeepSpeed: engine.load_checkpoint, every rank its own partition), and their
+        # load_*_state_dict below are no-ops; single-device / DDP get the full dict from DirCheckpointIO and load it
         ckpt = trainer.strategy.load_checkpoint(target)
         trainer.strategy.load_model_state_dict(ckpt, strict=True)
         trainer.strategy.load_optimizer_state_dict(ckpt)

@@ -42,16 +42,17 @@ def check_hardware(strategy_cfg, trainer_cfg, attention: Optional[str] = None) -
     n_gpus = torch.cuda.device_count() if cuda else 0
     accel = trainer_cfg.accelerator
     on_gpu = accel in ("gpu", "cuda") or (accel == "auto" and cuda)
-    if name in DEEPSPEED_STRATEGIES and not (cuda and accel in ("auto", "gpu", "cuda")):
-        where = "trainer.accelerator=cpu" if accel == "cpu" else "a machine without CUDA"
-        raise ConfigError(
-            f"strategy={name} needs CUDA GPUs (Lightning's DeepSpeed strategy refuses the CPU) and this is {where}; "
-            f"use strategy=ddp or strategy=fsdp on CPU."
-        )
     if accel in ("gpu", "cuda") and not cuda:
         raise ConfigError(f"trainer.accelerator={accel} but no CUDA GPU is visible; use trainer.accelerator=cpu.")
     if attention == "flash" and not (cuda and on_gpu):
         raise ConfigError("attention=flash needs a CUDA GPU; use attention=sdpa on CPU.")
+    if name in DEEPSPEED_STRATEGIES and not on_gpu:  # DeepSpeed's CPU accelerator (gloo) trains ZeRO 1/2/3 too
+        if accel not in ("cpu", "auto"):
+            raise ConfigError(f"strategy={name} runs on CUDA GPUs or the CPU, not trainer.accelerator={accel}; use "
+                              f"trainer.accelerator=cpu.")
+        from train.strategies.deepspeed import check_cpu_precision
+
+        check_cpu_precision(name, resolve_precision(trainer_cfg.precision, "cpu"))
     devices = trainer_cfg.devices
     if isinstance(devices, int) and devices > 0:
         if on_gpu and devices > n_gpus:
@@ -100,8 +101,8 @@ def build_strategy(strategy_cfg, trainer_cfg, micro_batch_size: int = 1, precisi
     trainer precision (Lightning string) for FSDP's MixedPrecisionPolicy and DeepSpeed's fp16/bf16 section.
     """
     check_hardware(strategy_cfg, trainer_cfg)
-    name = strategy_cfg.name
-    precision = precision or resolve_precision(trainer_cfg.precision, trainer_cfg.accelerator)
+    name, accel = strategy_cfg.name, trainer_cfg.accelerator
+    precision = precision or resolve_precision(trainer_cfg.precision, accel)
     timeout = timedelta(minutes=strategy_cfg.timeout_minutes)
     if name == "auto":
         return "auto"
@@ -126,10 +127,12 @@ def build_strategy(strategy_cfg, trainer_cfg, micro_batch_size: int = 1, precisi
             timeout=timeout,
         )
     if name in DEEPSPEED_STRATEGIES:
-        from train.strategies.deepspeed import zero_strategy_class
+        from train.strategies.deepspeed import select_cpu_accelerator, zero_strategy_class
         from train.strategies.deepspeed_config import STRATEGY_STAGES, deepspeed_config
 
         stage, offload = STRATEGY_STAGES[name]
+        if not (accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())):
+            select_cpu_accelerator()
         config = deepspeed_config(
             stage,
             offload or strategy_cfg.offload,
@@ -137,6 +140,7 @@ def build_strategy(strategy_cfg, trainer_cfg, micro_batch_size: int = 1, precisi
             accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
             gradient_clip_val=trainer_cfg.gradient_clip_val,
             precision=precision,
+            param_persistence_threshold=strategy_cfg.stage3_param_persistence_threshold,
             for_lightning=True,
         )
         if offload or strategy_cfg.offload:
@@ -173,6 +177,21 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "32-true"
 
 
+# ------------------------------------------------------------------------------------------------ during fit
+def at_accumulation_boundary(trainer) -> bool:
+    """Whether the optimizer step about to run (in `on_before_optimizer_step`) updates the weights.
+
+    Lightning calls the optimizer and its hooks once per accumulation window, except when the strategy takes over
+    accumulation: DeepSpeed's engine is stepped after every micro-batch and updates only at its own boundary
+    (`DeepSpeedEngine.is_gradient_accumulation_boundary`).
+    """
+    strategy = trainer.strategy
+    if not strategy.handles_gradient_accumulation:
+        return True
+    engine = getattr(strategy, "deepspeed_engine", None)
+    return engine is None or engine.is_gradient_accumulation_boundary()
+
+
 # ------------------------------------------------------------------------------------------------ after fit
 def full_state_dict(trainer, module) -> Optional[dict[str, torch.Tensor]]:
     """The full (unsharded) weights of `module.model` as of now, on rank 0; None on the other ranks.
@@ -191,23 +210,26 @@ def full_state_dict(trainer, module) -> Optional[dict[str, torch.Tensor]]:
     if is_zero3(trainer.strategy):
         import deepspeed
 
+        from train.strategies.fsdp import retie
+
         with deepspeed.zero.GatheredParameters(list(module.model.parameters()), modifier_rank=None):
             if not trainer.is_global_zero:
                 return None
-            return {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
+            full = {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
+        return retie(full, module.model)  # the tied lm_head is wte again: stored once
     return module.model.state_dict() if trainer.is_global_zero else None
 
 
 def model_for_export(trainer, module) -> Optional[nn.Module]:
     """A plain (unsharded) copy of the trained network on rank 0 for the HF export and samples; None elsewhere.
 
-    Call on EVERY rank: under FSDP the full weights are gathered with a collective. Other strategies keep a full
-    replica on every rank (DeepSpeed ZeRO-3 exports from the consolidated checkpoint instead).
+    Call on EVERY rank: under FSDP2 and ZeRO-3 the full weights are gathered with a collective. Other strategies
+    keep a full replica on every rank.
     """
     from train.strategies.deepspeed import is_zero3
     from train.strategies.fsdp import FSDP2Strategy, plain_class
 
-    if isinstance(trainer.strategy, FSDP2Strategy):
+    if isinstance(trainer.strategy, FSDP2Strategy) or is_zero3(trainer.strategy):
         full = full_state_dict(trainer, module)
         if full is None:
             return None
@@ -216,18 +238,12 @@ def model_for_export(trainer, module) -> Optional[nn.Module]:
         if getattr(net.config, "tie_word_embeddings", False) and hasattr(net, "tie_weights"):
             net.tie_weights()
         return net
-    if is_zero3(trainer.strategy):
-        saved = ck.latest_checkpoint(trainer.default_root_dir)
-        if not trainer.is_global_zero or saved is None:
-            return None
-        from train.model import load_checkpoint_model
-
-        return load_checkpoint_model(saved, plain_class(module.model))
     return module.model if trainer.is_global_zero else None
 
 
 __all__ = [
     "DEEPSPEED_STRATEGIES",
+    "at_accumulation_boundary",
     "build_plugins",
     "build_strategy",
     "check_hardware",

@@ -61,6 +61,7 @@ def deepspeed_config(
     reduce_bucket_size: int = REDUCE_BUCKET_SIZE,
     allgather_bucket_size: int = ALLGATHER_BUCKET_SIZE,
     pin_memory: bool = True,
+    param_persistence_threshold: int = STAGE3_PARAM_PERSISTENCE_THRESHOLD,
     for_lightning: bool = False,
     steps_per_print: int = 10**9,
 ) -> dict[str, Any]:
@@ -73,6 +74,8 @@ def deepspeed_config(
         "bf16-mixed"/"bf16-true" -> a bf16 section, "32"/"32-true" -> neither.
     world_size: when given, `train_batch_size` = micro x accumulation x world size is written too (DeepSpeed checks
         the three agree); None leaves it to DeepSpeed to derive.
+    param_persistence_threshold: stage 3 -> `stage3_param_persistence_threshold`: parameters with fewer elements stay
+        whole on every rank (with DeepSpeed's default, 1e5, a tiny test model is never sharded at all).
     for_lightning: leave out `gradient_accumulation_steps`: Lightning's DeepSpeedStrategy refuses a config that
         sets it and fills it from `Trainer(accumulate_grad_batches=...)` — the same value, still one source.
     """
@@ -95,6 +98,9 @@ def deepspeed_config(
     for name, val in (("reduce_bucket_size", reduce_bucket_size), ("allgather_bucket_size", allgather_bucket_size)):
         if not (isinstance(val, int) and val > 0):
             raise ValueError(f"{name} must be a positive integer (elements), got {val!r}.")
+    if not (isinstance(param_persistence_threshold, int) and param_persistence_threshold >= 0):
+        raise ValueError(f"param_persistence_threshold must be a non-negative integer (elements), got "
+                         f"{param_persistence_threshold!r}.")
 
     zero: dict[str, Any] = {
         "stage": stage,
@@ -110,7 +116,7 @@ def deepspeed_config(
         zero.update({
             "stage3_prefetch_bucket_size": STAGE3_PREFETCH_BUCKET_SIZE,
             "stage3_max_live_parameters": STAGE3_MAX_LIVE_PARAMETERS,
-            "stage3_param_persistence_threshold": STAGE3_PARAM_PERSISTENCE_THRESHOLD,
+            "stage3_param_persistence_threshold": param_persistence_threshold,
             # save_checkpoint also writes consolidated 16-bit weights (engine.save_16bit_model) instead of shards only
             "stage3_gather_16bit_weights_on_model_save": True,
         })
