@@ -36,6 +36,8 @@ def build_trainer(cfg: Config, run_dir: Path, loggers: list, extra_callbacks: li
 
     tcfg = cfg.trainer
     fast = tcfg.fast_dev_run
+    # DeepSpeed's train_micro_batch_size_per_gpu: the loader's batch (a fine-tuning task's is task.data.batch_size)
+    micro_batch = cfg.data.batch_size if cfg.task.name == "lm" else cfg.task.data.batch_size
     callbacks: list = [StepSeed(cfg.seed), RNGState(), Throughput(tcfg.log_every_n_steps),
                        *build_guard(cfg.guard, run_dir), *extra_callbacks]  # fmt: skip
     if tcfg.enable_progress_bar:
@@ -45,7 +47,7 @@ def build_trainer(cfg: Config, run_dir: Path, loggers: list, extra_callbacks: li
         accelerator=tcfg.accelerator,
         devices=tcfg.devices,
         num_nodes=tcfg.num_nodes,
-        strategy=build_strategy(cfg.strategy, tcfg, cfg.data.batch_size),
+        strategy=build_strategy(cfg.strategy, tcfg, micro_batch),
         precision=resolve_precision(tcfg.precision, tcfg.accelerator),
         max_steps=1 if fast else tcfg.max_steps,
         max_epochs=-1,
