@@ -47,7 +47,8 @@ class HarnessEval(Callback):
 
     def __init__(self, tokenizer: Any, tasks: list[str], every_n_steps: int, run_dir: str | os.PathLike, *,
                  limit: Optional[int | float] = None, num_fewshot: Optional[int] = None, batch_size: int = 8,
-                 include_path: Optional[str] = None, max_gen_toks: Optional[int] = None, at_end: bool = True):  # fmt: skip
+                 include_path: Optional[str] = None, max_gen_toks: Optional[int] = None,
+                 at_end: bool = True):  # fmt: skip
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps} must be >= 1.")
         self.tokenizer = tokenizer
@@ -158,8 +159,9 @@ def build_eval(eval_cfg, tokenizer: Any, run_dir: Path, val_check_interval: int,
     if not eval_cfg.tasks:
         return None
     if tokenizer is None:
-        raise ConfigError("eval.tasks needs the run's tokenizer to turn task text into ids, and this run has none "
-                          "(pre-tokenized data=tokens); set data.tokenizer=<tokenizer dir> or drop eval.tasks.")  # fmt: skip
+        raise ConfigError("eval.tasks needs the run's tokenizer to turn task text into ids, and this run has "
+                          "none (pre-tokenized data=tokens); set data.tokenizer=<tokenizer dir> or drop "
+                          "eval.tasks.")  # fmt: skip
     return HarnessEval(tokenizer, eval_cfg.tasks, eval_cfg.every_n_steps or val_check_interval, run_dir,
                        limit=1 if fast_dev_run else eval_cfg.limit, num_fewshot=eval_cfg.num_fewshot,
                        batch_size=eval_cfg.batch_size, include_path=eval_cfg.include_path,
