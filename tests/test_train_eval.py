@@ -43,7 +43,7 @@ def overrides(world: dict, run_dir: Path, *extra: str) -> list[str]:
     return [
         "data=text", f"data.path={world['corpus']}", f"data.cache_dir={world['cache']}", "data.vocab_size=320",
         "data.block_size=32", "data.batch_size=16", "data.val_fraction=0.1",
-        "model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.n_positions=64",
+        "model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.n_positions=64", "model.dropout=0.1",
         "trainer.max_steps=25", "trainer.val_check_interval=10", "trainer.limit_val_batches=1",
         "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false",
         "checkpoint.every_n_steps=5", "checkpoint.keep_last=0", "optim.lr=1e-2", "optim.warmup_steps=5",
@@ -182,18 +182,26 @@ print(json.dumps({"lm_eval": sorted(m for m in sys.modules if m.split(".")[0] ==
 """
 
 
-def test_off_by_default_imports_nothing_of_lm_eval(world, tmp_path):
+def test_off_by_default_imports_nothing_and_on_leaves_training_unchanged(run, world, tmp_path):
+    """The same run without eval.*, in a fresh process: no lm_eval module is imported and no HarnessEval added; and
+    its losses equal the evaluated run's, string for string (dropout on: evaluating in between changed neither the
+    train/eval mode nor the random streams of the training)."""
     args = [a for a in overrides(world, tmp_path / "off") if not a.startswith("eval.")]
-    args = [*args, "trainer.max_steps=2", "trainer.limit_val_batches=0", "sample.max_new_tokens=1"]  # last wins
     assert not config(args).eval.tasks  # off is the default
     r = subprocess.run([sys.executable, "-c", OFF_PROBE, str(ROOT / "conf"), *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)  # fmt: skip
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["lm_eval"] == []
     assert "StepCheckpoint" in report["callbacks"] and "HarnessEval" not in report["callbacks"]
     assert not (tmp_path / "off" / "eval").exists()
-    assert not [k for k in read_metrics(tmp_path / "off" / "metrics.csv")[0] if k.startswith("eval/")]
+    off = {int(r["step"]): r for r in read_metrics(tmp_path / "off" / "metrics.csv")}
+    on = {int(r["step"]): r for r in read_metrics(run[0] / "metrics.csv")}
+    assert not [k for k in off[1] if k.startswith("eval/")]
+    assert sorted(off) == sorted(on)
+    for step in off:
+        for key in ("train/loss", "val/loss", "lr"):
+            assert off[step][key] == on[step][key], (step, key)
 
 
 @pytest.mark.parametrize("extra,needle", [
