@@ -115,6 +115,7 @@ def test_eval_rows_at_the_configured_steps_equal_a_standalone_evaluate(run, worl
         assert logged == pytest.approx(standalone, rel=1e-9)
     assert sorted(p.name for p in (run_dir / "eval").iterdir()) == sorted(f"step-{s}.json" for s in EVAL_STEPS)
     assert summary["global_step"] == 25 and (run_dir / "hf" / "model.safetensors").is_file()
+    assert summary["eval"] == {"step": 25, **{f"eval/{k}": pytest.approx(v, rel=1e-7) for k, v in rows[25].items()}}
     capsys.readouterr()
 
 

@@ -133,6 +133,8 @@ def train(cfg: Config) -> dict[str, Any]:
                                "train_seconds": time.perf_counter() - t_start}  # fmt: skip
     if init_report is not None:
         summary["init"] = init_report
+    if eval_cb is not None and eval_cb.last_metrics:  # the newest in-training evaluation (rank 0)
+        summary["eval"] = {"step": eval_cb.evaluated[-1], **eval_cb.last_metrics}
     if monitor:
         summary["monitor"], summary["monitor_mode"] = monitor
     export_net = model_for_export(trainer, module) if not fast and tokenizer is not None else None  # every rank
