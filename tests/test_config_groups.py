@@ -18,6 +18,7 @@ from train.config import (
     CheckpointConfig,
     Config,
     ConfigError,
+    EvalConfig,
     LoggerConfig,
     ModelConfig,
     OptimConfig,
@@ -43,6 +44,7 @@ SCHEMAS = {
     "optim": OptimConfig,
     "logger": LoggerConfig,
     "checkpoint": CheckpointConfig,
+    "eval": EvalConfig,
 }
 # Presets with mandatory (???) values get them from the user; give test values.
 REQUIRED = {

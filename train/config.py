@@ -321,6 +321,43 @@ class GuardConfig:
 
 
 @dataclass
+class EvalConfig:
+    """In-training evaluation on lm-evaluation-harness tasks (conf/eval/*.yaml; train/callbacks/evaluation.py): the
+    evaluator of `train/evaluate.py` runs on rank 0 every `every_n_steps` optimizer steps and at the end of training,
+    and logs eval/<task>/<metric>. Off while `tasks` is empty (the default): then nothing of lm_eval is imported.
+
+    The names are lm_eval's (`simple_evaluate`: tasks, limit, num_fewshot, batch_size, include_path, max_gen_toks).
+    """
+
+    tasks: List[str] = field(default_factory=list)  # lm_eval task / group / tag names; [] = off
+    every_n_steps: Optional[int] = None  # optimizer steps between evaluations; null -> trainer.val_check_interval
+    limit: Optional[float] = None  # documents per task (>= 1), or a fraction of each task (< 1); null -> all
+    num_fewshot: Optional[int] = None  # null -> each task's own setting
+    batch_size: int = 8  # requests per forward pass
+    include_path: Optional[str] = None  # a folder of extra task YAMLs (lm_eval's format; comma-separated folders)
+    max_gen_toks: Optional[int] = None  # generation budget when a task sets none; null -> lm_eval's 256
+
+    def __post_init__(self) -> None:
+        self.tasks = [t.strip() for t in self.tasks]
+        _check(all(self.tasks), f"eval.tasks={list(self.tasks)} holds an empty name; list lm_eval task names.")
+        _check(
+            self.every_n_steps is None or self.every_n_steps >= 1,
+            f"eval.every_n_steps={self.every_n_steps} must be >= 1 (or null: every trainer.val_check_interval).",
+        )
+        _check(
+            self.limit is None or (self.limit > 0 and math.isfinite(self.limit)
+                                   and (self.limit < 1 or float(self.limit).is_integer())),
+            f"eval.limit={self.limit} must be a whole number of documents per task, a fraction in (0, 1), or null.",
+        )  # fmt: skip
+        if self.limit is not None and self.limit >= 1:
+            self.limit = int(self.limit)
+        _check(self.num_fewshot is None or self.num_fewshot >= 0, f"eval.num_fewshot={self.num_fewshot} must be >= 0.")
+        _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1.")
+        _check(self.max_gen_toks is None or self.max_gen_toks >= 1,
+               f"eval.max_gen_toks={self.max_gen_toks} must be >= 1 or null.")  # fmt: skip
+
+
+@dataclass
 class SampleConfig:
     """What samples.txt shows at the end of an LM run."""
 
@@ -354,6 +391,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     seed: int = 1337
     run_dir: str = "outputs/run"

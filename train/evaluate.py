@@ -147,6 +147,20 @@ def metrics(results: dict[str, Any]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ tasks
+def check_tasks(tasks: str | Sequence[str], include_path=None, *, option: str = "--include-path") -> list[str]:
+    """The task names of `tasks`, once lm_eval is known to be installed and to know every one of them (a check up
+    front, e.g. before a training run; the TaskManager it builds is reused by `evaluate`).
+
+    `option`: what the messages call the include path ("eval.include_path" for the training config).
+    Raises EvaluationError: lm_eval not installed, no task, an unknown task, a missing include path, or a task YAML
+    there that does not parse (one sentence naming the fix).
+    """
+    _harness()
+    names = _task_names(tasks)
+    next(_task_managers(names, include_path, option))  # the first manager that knows every name, else the error
+    return names
+
+
 def _task_names(tasks: str | Sequence[str]) -> list[str]:
     items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     names = [t.strip() for t in items if t and t.strip()]
@@ -169,11 +183,11 @@ def _manager(include_path, defaults: bool):
     return _TASK_MANAGERS[key]
 
 
-def _task_managers(names: list[str], include_path):
+def _task_managers(names: list[str], include_path, option: str = "--include-path"):
     """The TaskManager(s) to try for `names`: the include path alone when it defines every name (indexing lm_eval's
     built-in tasks costs ~10 s), then the full index. Raises EvaluationError for an unknown name or an include-path
-    YAML that does not parse."""
-    paths = _include_paths(include_path)
+    YAML that does not parse; `option` is what the messages call the include path."""
+    paths = _include_paths(include_path, option)
     for p in paths:
         _check_yamls(p)
 
@@ -188,12 +202,12 @@ def _task_managers(names: list[str], include_path):
         where = f" or in {', '.join(map(str, paths))}" if paths else ""
         raise EvaluationError(
             f"unknown task {', '.join(repr(m) for m in unknown)}: not an lm_eval task, group or tag{where}; check "
-            f"the spelling (`lm_eval ls tasks` lists them) or pass --include-path with its YAML."
+            f"the spelling (`lm_eval ls tasks` lists them) or pass {option} with its YAML."
         )
     yield tm
 
 
-def _include_paths(include_path) -> list[Path]:
+def _include_paths(include_path, option: str = "--include-path") -> list[Path]:
     if include_path is None:
         return []
     items = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
@@ -203,7 +217,7 @@ def _include_paths(include_path) -> list[Path]:
             if part.strip():
                 p = Path(part.strip()).expanduser()
                 if not p.exists():
-                    raise EvaluationError(f"--include-path {p} does not exist; give a folder of task YAMLs.")
+                    raise EvaluationError(f"{option} {p} does not exist; give a folder of task YAMLs.")
                 paths.append(p.resolve())
     return paths
 

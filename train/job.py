@@ -55,6 +55,10 @@ def train(cfg: Config) -> dict[str, Any]:
     if resume_from is not None:
         check_resume(resume_from, cfg.strategy)  # FSDP / ZeRO / full training state resume only under their own kind
     resume_step = read_meta(resume_from)["global_step"] if resume_from else None
+    if cfg.eval.tasks:  # in-training lm_eval tasks: installed, known, an LM; nothing of lm_eval is imported when off
+        from train.callbacks.evaluation import check_eval
+
+        check_eval(cfg.eval, cfg.task.name)
 
     # -- the tokenizer (a fine-tune keeps model.init_from's: its ids index that embedding table), then config.yaml
     source = tokenizer_source(cfg.data.tokenizer, cfg.model.init_from, resume_from)
@@ -96,8 +100,14 @@ def train(cfg: Config) -> dict[str, Any]:
     loggers = build_loggers(cfg.logger, run_dir, resume_step, dataclasses.asdict(cfg))
     if task.full_validation:  # the task metrics need the whole validation set (every qa window of an example)
         tcfg.limit_val_batches = 1.0 if tcfg.limit_val_batches > 0 else 0
-    # best before step: a step-N checkpoint written after validation N holds BestCheckpoint's state of step N
-    callbacks = [] if fast else [cb for cb in (best_cb, ckpt_cb, preempt) if cb is not None]
+    eval_cb = None
+    if cfg.eval.tasks:
+        from train.callbacks.evaluation import build_eval
+
+        eval_cb = build_eval(cfg.eval, tokenizer, run_dir, tcfg.val_check_interval, fast)
+    # best before step: a step-N checkpoint written after validation N holds BestCheckpoint's state of step N;
+    # eval before step: checkpoint N is published after eval row N is on disk (fast_dev_run: the eval alone)
+    callbacks = [cb for cb in ((eval_cb,) if fast else (best_cb, eval_cb, ckpt_cb, preempt)) if cb is not None]
     trainer = build_trainer(cfg, run_dir, loggers, extra_callbacks=callbacks)
 
     # -- fit
@@ -123,6 +133,8 @@ def train(cfg: Config) -> dict[str, Any]:
                                "train_seconds": time.perf_counter() - t_start}  # fmt: skip
     if init_report is not None:
         summary["init"] = init_report
+    if eval_cb is not None and eval_cb.last_metrics:  # the newest in-training evaluation (rank 0)
+        summary["eval"] = {"step": eval_cb.evaluated[-1], **eval_cb.last_metrics}
     if monitor:
         summary["monitor"], summary["monitor_mode"] = monitor
     export_net = model_for_export(trainer, module) if not fast and tokenizer is not None else None  # every rank

@@ -136,7 +136,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Optional[float]]]:
 
 # ------------------------------------------------------------------------------------------------ plot
 def plot_losses(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> Path:
-    """plots/loss.png: train loss (and val loss where measured) against the optimizer step."""
+    """plots/loss.png: train loss (and val loss where measured) against the optimizer step; below it, when the run
+    logged any, a second panel with the in-training evaluation's eval/<task>/<metric> values (scores in [0, 1] on
+    the left axis, perplexities and other unbounded values on a log-scale right axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,20 +147,53 @@ def plot_losses(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> P
     rows = read_metrics(metrics_csv)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    evals = {k: _points(rows, k) for k in dict.fromkeys(k for r in rows for k in r if k.startswith("eval/"))}
+    evals = {k: pts for k, pts in evals.items() if pts}
+    if evals:
+        fig, (ax, ax_eval) = plt.subplots(2, 1, figsize=(7, 8), sharex=True)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, style in (("train/loss", "-"), ("val/loss", "o-")):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+        pts = _points(rows, key)
         if pts:
             ax.plot(*zip(*pts), style, label=key, markersize=4)
-    ax.set_xlabel("optimizer step")
+    if not evals:  # else the panel below carries the shared x axis's label
+        ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if evals:
+        _plot_evals(ax_eval, evals)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _points(rows: list[dict[str, Optional[float]]], key: str) -> list[tuple[float, float]]:
+    return [(r["step"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+
+
+def _plot_evals(ax, evals: dict[str, list[tuple[float, float]]]) -> None:
+    """Bounded scores (accuracy, exact match: every value in [0, 1]) on `ax`; the rest on a log-scale twin axis."""
+    unbounded = {k for k, pts in evals.items() if any(not 0.0 <= v <= 1.0 for _, v in pts)}
+    right = ax.twinx() if unbounded and len(unbounded) < len(evals) else None
+    if right is not None or unbounded:
+        (right or ax).set_yscale("log")
+        (right or ax).set_ylabel("perplexity, bits per byte (log)")
+    if len(unbounded) < len(evals):
+        ax.set_ylabel("score")
+        ax.set_ylim(-0.03, 1.03)
+    for i, (key, pts) in enumerate(evals.items()):
+        target = right if key in unbounded and right is not None else ax
+        target.plot(*zip(*pts), "o--" if key in unbounded else "o-", color=f"C{i % 10}", markersize=4,
+                    label=key.removeprefix("eval/"))  # fmt: skip
+    ax.set_xlabel("optimizer step")
+    ax.set_title("evaluation (lm-evaluation-harness)")
+    ax.grid(alpha=0.3)
+    handles = [h for a in (ax, right) if a is not None for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below
 
 
 # ------------------------------------------------------------------------------------------------ the logger group

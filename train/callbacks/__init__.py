@@ -4,6 +4,8 @@
   depend on what ran before; `RNGState` (rng.py): every RNG state in each checkpoint, restored on resume.
 - `Throughput` (throughput.py): tokens/s over each logging interval, and MFU on known GPUs.
 - `LossGuard` (guard.py): skips non-finite updates, rolls loss spikes back to the last checkpoint.
+- `HarnessEval` (evaluation.py): lm-evaluation-harness tasks on rank 0 every N steps and at the end (eval group;
+  only when eval.tasks is set, and before StepCheckpoint so checkpoint N is published after eval row N).
 - `BestCheckpoint` (checkpointing.py): checkpoints/best at the best value of a fine-tuning task's monitored metric.
 - `StepCheckpoint` (checkpointing.py): checkpoints/step-N every N steps and at the end, `last`, keep-last-k.
 - `Preemption` (preemption.py): SIGUSR1 / SIGTERM -> a checkpoint at the next step boundary, stop, SLURM requeue.
@@ -11,6 +13,7 @@
 """
 
 from train.callbacks.checkpointing import BestCheckpoint, StepCheckpoint
+from train.callbacks.evaluation import HarnessEval
 from train.callbacks.guard import GuardError, LossGuard, build_guard, check_finite_weights
 from train.callbacks.preemption import Preemption
 from train.callbacks.progress import StepProgressBar
@@ -20,6 +23,7 @@ from train.callbacks.throughput import Throughput
 __all__ = [
     "BestCheckpoint",
     "GuardError",
+    "HarnessEval",
     "LossGuard",
     "Preemption",
     "RNGState",

@@ -80,7 +80,12 @@ class Throughput(Callback):
         self._t0, self._tokens = now, 0
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        self._t0 = None  # validation time is not training throughput
+        self.restart_interval()  # validation time is not training throughput
+
+    def restart_interval(self) -> None:
+        """Start the interval again at the next batch: what ran since the last step (a validation, an in-training
+        evaluation) is not training throughput."""
+        self._t0 = None
 
     @staticmethod
     def _sync(pl_module) -> None:
