@@ -196,10 +196,8 @@ class GPT2LitModule(L.LightningModule):
         # global batch would log; the only host sync of the training loss
         loss = self.trainer.strategy.reduce(loss_sum / n, reduce_op="mean").item()
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.emit_metrics({"train/loss": loss, "lr": lr}, step)
+        self.emit_metrics({"train/loss": loss, "lr": lr}, step)  # the progress bar reads them from last_logged
         self._flush_logs()  # the row is complete (throughput was logged before this hook)
-        self.log("loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        self.log("lr", lr, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def should_log(self, step: int) -> bool:
         """Whether optimizer step `step` gets a metrics row: every log_every_n_steps, the first and the last."""
