@@ -12,14 +12,21 @@ task's scores at the end of a validation).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import Precision
 from torch import nn
 
 from train.checkpoint import META_KEY, MODEL_CONFIG_KEY
 from train.config import OptimConfig
+
+# Lightning's DeepSpeed strategy warns whenever a module overrides configure_gradient_clipping. Ours falls through to
+# the default there (DeepSpeed's precision plugin clips nothing; DeepSpeed clips by trainer.gradient_clip_val itself),
+# so the warning is not true of this module.
+warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -124,6 +131,9 @@ class GPT2LitModule(L.LightningModule):
         self._val_n: Optional[torch.Tensor] = None
         self.last_logged: dict[str, float] = {}
         self.last_val_metrics: dict[str, float] = {}  # the latest validation's row (BestCheckpoint reads it)
+        # this optimizer step's total gradient 2-norm (0-dim tensor) when a callback already computed it exactly as
+        # clip_grad_norm_ would (the loss guard does), for `configure_gradient_clipping`; reset there every step
+        self.grad_norm: Optional[torch.Tensor] = None
 
     # -- setup
     def configure_model(self) -> None:
@@ -141,6 +151,32 @@ class GPT2LitModule(L.LightningModule):
             optimizer, WarmupDecay(cfg.warmup_steps, decay_steps, cfg.min_lr_ratio, cfg.schedule)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping (trainer.gradient_clip_val, by norm), reusing `grad_norm` when it is set.
+
+        The loss guard already computed the step's total gradient norm over the optimizer's parameters, with the
+        kernels and in the order clip_grad_norm_ uses, so clipping only scales the gradients by
+        min(1, max_norm / (norm + 1e-6)) (`torch.nn.utils.clip_grads_with_norm_`) instead of a second pass that
+        recomputes the same number: the same gradients bit for bit. Only where the precision plugin clips with the
+        stock clip_grad_norm_ (Lightning's `Precision`, e.g. 32-true); DeepSpeed, AMP and the others keep their own
+        path, as does every run without the guard.
+        """
+        total_norm, self.grad_norm = self.grad_norm, None
+        plugin = type(self.trainer.precision_plugin)
+        if (
+            total_norm is not None
+            and gradient_clip_val
+            and gradient_clip_algorithm in (None, "norm")
+            and plugin.clip_gradients is Precision.clip_gradients
+            and plugin.clip_grad_by_norm is Precision.clip_grad_by_norm
+            and hasattr(torch.nn.utils, "clip_grads_with_norm_")  # torch >= 2.6
+        ):
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, total_norm)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)  # fmt: skip
 
     # -- batches
     def _maybe_overfit(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:

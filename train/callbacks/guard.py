@@ -18,7 +18,8 @@ saved in every checkpoint so a resumed run continues it exactly.
 
 Cost: one host sync per optimizer step (a 3-element tensor: loss, non-finite flag, grad norm) in
 `on_before_optimizer_step`, before the optimizer runs; guard.enabled=false removes it. The loss of every micro-batch
-is summed on the device (`on_before_backward`), so accumulation adds no syncs.
+is summed on the device (`on_before_backward`), so accumulation adds no syncs. The gradient norm is not computed twice:
+`GPT2LitModule` clips with the guard's total norm (`grad_norm`) where it equals clip_grad_norm_'s bit for bit.
 """
 
 from __future__ import annotations
@@ -73,15 +74,21 @@ class LossGuard(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         loss_sum, self._loss_sum = self._loss_sum, None
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        # in the optimizer's group order, the order Lightning's clipping sums the norms in (see below)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         dev = pl_module.device
         if grads:
             # one fused norm kernel per dtype/device group; a NaN/Inf anywhere makes the total non-finite
             norms = torch._foreach_norm(grads)
+            plain = not any(isinstance(n, DTensor) for n in norms)
             # FSDP2: per-shard norms come back as DTensors (a pending sum over ranks); full_tensor() reduces each
             # to the whole parameter's norm, so every rank sees the true global norm
             norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
             gnorm = torch.linalg.vector_norm(torch.stack([n.float().to(dev) for n in norms]))
+            if plain and hasattr(pl_module, "grad_norm") and all(g.dtype == torch.float32 for g in grads):
+                # the very number clip_grad_norm_ would compute (same kernels, same order): the module's clipping
+                # scales by it instead of a second pass over the gradients
+                pl_module.grad_norm = gnorm
         else:  # sharded engines (DeepSpeed) keep gradients elsewhere: only the loss is checked
             gnorm = torch.zeros((), device=dev)
         loss = loss_sum if loss_sum is not None else torch.zeros((), device=dev)
