@@ -77,6 +77,17 @@ def test_clipping_with_the_guards_norm_equals_clip_grad_norm(monkeypatch, tokens
         assert torch.equal(w, without[name]), name
 
 
+def test_bf16_mixed_with_fused_adamw_clips(tokens, tmp_path):
+    """bf16 AMP (the default precision on a bf16 GPU) with the default fused AdamW and clipping: Lightning's
+    MixedPrecision refused to clip there (RuntimeError at the first step) although bf16 has no GradScaler and nothing
+    to unscale. It trains now, with and without the guard, to the same weights (here on the CPU's bf16 autocast)."""
+    for name, extra in (("guard", ()), ("off", ("guard=off",))):
+        train(cfg_for(tokens, tmp_path / name, "trainer.precision=bf16-mixed", "trainer.accelerator=cpu",
+                      "trainer.max_steps=4", "trainer.gradient_clip_val=0.01", *extra))  # fmt: skip
+    with_guard, without = final_weights(tmp_path / "guard"), final_weights(tmp_path / "off")
+    assert all(torch.equal(w, without[k]) and torch.isfinite(w).all() for k, w in with_guard.items())
+
+
 def test_progress_bar_shows_loss_lr_and_throughput(tokens, tmp_path, capfd):
     """The bar (Lightning's tqdm, on stdout) ends on the last metrics row's loss, with lr and tokens/s."""
     run_dir = tmp_path / "run"

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import nn
 
 from train.checkpoint import META_KEY, MODEL_CONFIG_KEY
@@ -158,22 +158,24 @@ class GPT2LitModule(L.LightningModule):
         The loss guard already computed the step's total gradient norm over the optimizer's parameters, with the
         kernels and in the order clip_grad_norm_ uses, so clipping only scales the gradients by
         min(1, max_norm / (norm + 1e-6)) (`torch.nn.utils.clip_grads_with_norm_`) instead of a second pass that
-        recomputes the same number: the same gradients bit for bit. Only where the precision plugin clips with the
-        stock clip_grad_norm_ (Lightning's `Precision`, e.g. 32-true); DeepSpeed, AMP and the others keep their own
-        path, as does every run without the guard.
+        recomputes the same number: the same gradients bit for bit. This path is taken where the precision plugin
+        would clip with the stock clip_grad_norm_: Lightning's `Precision` (32-true) and bf16 AMP, which has no
+        GradScaler and so nothing to unscale (Lightning's `MixedPrecision` refuses to clip for any optimizer that
+        unscales internally, fused AdamW included, even then: bf16-mixed + the default fused AdamW + clipping
+        raised at the first step). fp16 with its GradScaler, DeepSpeed and the other plugins keep their own path.
         """
         total_norm, self.grad_norm = self.grad_norm, None
-        plugin = type(self.trainer.precision_plugin)
-        if (
-            total_norm is not None
-            and gradient_clip_val
-            and gradient_clip_algorithm in (None, "norm")
-            and plugin.clip_gradients is Precision.clip_gradients
-            and plugin.clip_grad_by_norm is Precision.clip_grad_by_norm
-            and hasattr(torch.nn.utils, "clip_grads_with_norm_")  # torch >= 2.6
-        ):
+        plugin = self.trainer.precision_plugin
+        stock = type(plugin).clip_grad_by_norm is Precision.clip_grad_by_norm and (
+            type(plugin).clip_gradients is Precision.clip_gradients
+            or (isinstance(plugin, MixedPrecision) and plugin.scaler is None)
+        )
+        if stock and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, total_norm)
+            if total_norm is not None and hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch >= 2.6
+                torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, total_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                             gradient_clip_algorithm=gradient_clip_algorithm)  # fmt: skip
