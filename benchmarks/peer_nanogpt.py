@@ -216,7 +216,8 @@ def main() -> int:
         data = nano / "data" / "shakespeare_char"
         print(f"data: {args.chars:,} characters of the embedded corpus -> nanoGPT's prepare.py, vocab {vocab}; "
               f"model {DIMS['n_layer']}x{DIMS['n_embd']} ({DIMS['n_head']} heads), block {DIMS['block_size']}, "
-              f"batch {DIMS['batch_size']}; {args.rounds} rounds of {args.short} + {args.long} steps per side",
+              f"batch {DIMS['batch_size']}; {args.rounds} rounds of {args.short} + {args.long} steps per side; threads per "
+              f"run: {args.threads or 'torch default'}",
               flush=True)  # fmt: skip
 
         def nano_run(steps: int, tag: str) -> Run:

@@ -74,8 +74,8 @@ class LossGuard(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         loss_sum, self._loss_sum = self._loss_sum, None
-        # in the optimizer's group order, the order Lightning's clipping sums the norms in (see below)
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for p in pl_module.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
         dev = pl_module.device
         if grads:
             # one fused norm kernel per dtype/device group; a NaN/Inf anywhere makes the total non-finite
@@ -84,6 +84,11 @@ class LossGuard(Callback):
             # FSDP2: per-shard norms come back as DTensors (a pending sum over ranks); full_tensor() reduces each
             # to the whole parameter's norm, so every rank sees the true global norm
             norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+            if plain:  # summed in the optimizer's group order, as Lightning's clip_grad_norm_ sums them
+                by_param = {id(p): n for p, n in zip(params, norms)}
+                ordered = [by_param[id(p)] for g in optimizer.param_groups for p in g["params"] if id(p) in by_param]
+                plain = len(ordered) == len(norms)
+                norms = ordered if plain else norms
             gnorm = torch.linalg.vector_norm(torch.stack([n.float().to(dev) for n in norms]))
             if plain and hasattr(pl_module, "grad_norm") and all(g.dtype == torch.float32 for g in grads):
                 # the very number clip_grad_norm_ would compute (same kernels, same order): the module's clipping
