@@ -1,13 +1,16 @@
 """What does Lightning cost? tokens/s of train/run.py's training path vs a bare PyTorch loop.
 
 Same model (gpt2.GPT2LMHeadModel at nanoGPT's CPU shakespeare-char dims: 4 layers, 4 heads, 128 wide, block 64,
-batch 12, dropout 0), same char-level batches of tiny Shakespeare, same AdamW groups / warm-up+cosine schedule /
+batch 12, dropout 0), same char-level batches (the embedded default corpus), same AdamW groups / warm-up+cosine schedule /
 grad clipping 1.0 / fused AdamW / loss synced to the host every 10 steps. The Lightning side is `train.trainer.build_trainer` +
 `train.module.GPT2LitModule`, exactly as `train/run.py` builds them (progress bar, throughput, RNG, seed callbacks,
 metrics.csv logger). Both run in one process and are interleaved in chunks of 10 steps (a callback runs the bare
 loop on the same batches after each Lightning chunk), so machine noise hits both alike; warm-up steps are not timed.
 
-    python benchmarks/overhead.py [--chunks 20 --chunk 10 --warmup 5 --threads N --no-progress-bar]
+    python benchmarks/overhead.py [--chunks 20 --chunk 10 --warmup 5 --threads N --no-progress-bar] [overrides]
+
+Prints the ratio in wall time and in process CPU time; on a shared machine run it with --threads 1 and read the CPU
+time ratio (the wall time also counts the moments other processes hold the cores).
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ from train.module import GPT2LitModule, WarmupDecay, build_optimizer
 from train.trainer import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH = 4, 4, 128, 64, 12  # nanoGPT config/train_shakespeare_char.py, CPU variant
 
 
 def char_batches(n: int, seed: int = 0) -> tuple[list[dict[str, torch.Tensor]], int]:
-    text = DATA.read_text() if DATA.is_file() else "To be, or not to be, that is the question. " * 30000
+    """n char-level batches of the embedded default corpus (data_pipelines.corpus: ships with Python)."""
+    from data_pipelines.corpus import build_corpus
+
+    text = "\n\n".join(build_corpus())[:1_115_394]  # tiny Shakespeare's length, as nanoGPT's recipe
     chars = sorted(set(text))
-    data = torch.tensor([chars.index(c) for c in text[:200_000]], dtype=torch.long)
+    index = {c: i for i, c in enumerate(chars)}
+    data = torch.tensor([index[c] for c in text[:200_000]], dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -78,17 +84,28 @@ class BareLoop:
 
 class Interleave(L.Callback):
     """After every `chunk` Lightning steps, run the same `chunk` batches through each hand-written side (e.g. the
-    bare loop), rotating the order of the sides by one each chunk, timing each.
+    bare loop), rotating the order of the sides by one each chunk, timing each in wall and process CPU seconds.
 
-    Lightning time of a chunk = wall time from the end of the previous chunk's last side to the end of this chunk's
+    Lightning time of a chunk = time from the end of the previous chunk's last side to the end of this chunk's
     last Lightning step (hooks, progress bar, logging included); all sides of a chunk see the same machine load.
+    CPU time (all threads of the process) does not count the time other processes take the cores: on a shared
+    machine with one torch thread it is the steadier measure.
     """
 
     def __init__(self, sides: list[BareLoop], batches, warmup: int, chunk: int):
         self.sides, self.batches, self.warmup, self.chunk = sides, batches, warmup, chunk
-        self.mark = 0.0
-        self.light_s: list[float] = []
-        self.side_s: list[list[float]] = [[] for _ in sides]
+        self.mark = (0.0, 0.0)
+        self.light_s: list[tuple[float, float]] = []  # (wall, CPU) per chunk
+        self.side_s: list[list[tuple[float, float]]] = [[] for _ in sides]
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    @staticmethod
+    def _since(mark: tuple[float, float]) -> tuple[float, float]:
+        wall, cpu = Interleave._now()
+        return wall - mark[0], cpu - mark[1]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         done = batch_idx + 1
@@ -98,19 +115,19 @@ class Interleave(L.Callback):
             for side in self.sides:
                 for b in self.batches[: self.warmup]:
                     side.step(b)
-            self.mark = time.perf_counter()
+            self.mark = self._now()
             return
         if (done - self.warmup) % self.chunk:
             return
-        self.light_s.append(time.perf_counter() - self.mark)
+        self.light_s.append(self._since(self.mark))
         r = (len(self.light_s) - 1) % len(self.sides)
         order = list(range(len(self.sides)))
         for i in order[r:] + order[:r]:
-            t0 = time.perf_counter()
+            t0 = self._now()
             for b in self.batches[done - self.chunk : done]:
                 self.sides[i].step(b)
-            self.side_s[i].append(time.perf_counter() - t0)
-        self.mark = time.perf_counter()
+            self.side_s[i].append(self._since(t0))
+        self.mark = self._now()
 
 
 class _Loader(torch.utils.data.IterableDataset):
@@ -128,6 +145,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-progress-bar", action="store_true", help="time Lightning without its tqdm bar")
+    p.add_argument("overrides", nargs="*", help="extra config overrides for the Lightning side, e.g. guard=off")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,7 +155,8 @@ def main() -> int:
     overrides = [f"run_dir={tmp}", f"trainer.max_steps={steps}", "trainer.val_check_interval=1000000",
                  "trainer.limit_val_batches=0", "trainer.log_every_n_steps=10", "trainer.accelerator=cpu",
                  "trainer.devices=1", f"trainer.enable_progress_bar={not args.no_progress_bar}",
-                 f"data.block_size={BLOCK}", f"data.batch_size={BATCH}", "optim.warmup_steps=10"]  # fmt: skip
+                 f"data.block_size={BLOCK}", f"data.batch_size={BATCH}", "optim.warmup_steps=10",
+                 *args.overrides]  # fmt: skip
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = to_config(compose(config_name="config", overrides=overrides))
     batches, vocab = char_batches(steps)
@@ -155,16 +174,17 @@ def main() -> int:
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Loader(batches), batch_size=None))
 
     tokens = args.chunk * BATCH * BLOCK
-    ratios = [b / lt for lt, b in zip(inter.light_s, inter.side_s[0])]  # tokens/s ratio = time ratio inverted
-    for i, (lt, b) in enumerate(zip(inter.light_s, inter.side_s[0])):
-        print(f"chunk {i + 1:2d}: bare {tokens / b:8.0f} tok/s   train/run.py path {tokens / lt:8.0f} tok/s   "
-              f"ratio {b / lt:.3f}", file=sys.stderr)  # fmt: skip
-    tb, tl = sum(inter.side_s[0]), sum(inter.light_s)
-    n = len(ratios) * tokens
-    print(f"bare PyTorch loop : {n / tb:9.0f} tokens/s")
-    print(f"train/run.py path : {n / tl:9.0f} tokens/s")
-    print(f"ratio (train/run.py / bare): total {tb / tl:.3f}, median of chunks {statistics.median(ratios):.3f}"
-          f"  -> Lightning overhead {100 * (1 - tb / tl):+.1f} %")  # fmt: skip
+    light, bare_s = inter.light_s, inter.side_s[0]
+    for i, (lt, b) in enumerate(zip(light, bare_s)):
+        print(f"chunk {i + 1:2d}: bare {tokens / b[0]:8.0f} tok/s   train/run.py path {tokens / lt[0]:8.0f} tok/s   "
+              f"ratio {b[0] / lt[0]:.3f} (CPU time {b[1] / lt[1]:.3f})", file=sys.stderr)  # fmt: skip
+    n = len(light) * tokens
+    for k, what in ((0, "wall"), (1, "CPU ")):
+        tb, tl = sum(b[k] for b in bare_s), sum(lt[k] for lt in light)
+        med = statistics.median([b[k] / lt[k] for lt, b in zip(light, bare_s)])
+        print(f"{what}: bare PyTorch loop {n / tb:8.0f} tokens/s, train/run.py path {n / tl:8.0f} tokens/s; ratio "
+              f"(train/run.py / bare): total {tb / tl:.3f}, median of chunks {med:.3f} -> Lightning overhead "
+              f"{100 * (1 - tb / tl):+.1f} %")  # fmt: skip
     return 0
 
 

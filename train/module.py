@@ -12,14 +12,21 @@ task's scores at the end of a validation).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import nn
 
 from train.checkpoint import META_KEY, MODEL_CONFIG_KEY
 from train.config import OptimConfig
+
+# Lightning's DeepSpeed strategy warns whenever a module overrides configure_gradient_clipping. Ours falls through to
+# the default there (DeepSpeed's precision plugin clips nothing; DeepSpeed clips by trainer.gradient_clip_val itself),
+# so the warning is not true of this module.
+warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -124,6 +131,9 @@ class GPT2LitModule(L.LightningModule):
         self._val_n: Optional[torch.Tensor] = None
         self.last_logged: dict[str, float] = {}
         self.last_val_metrics: dict[str, float] = {}  # the latest validation's row (BestCheckpoint reads it)
+        # this optimizer step's total gradient 2-norm (0-dim tensor) when a callback already computed it exactly as
+        # clip_grad_norm_ would (the loss guard does), for `configure_gradient_clipping`; reset there every step
+        self.grad_norm: Optional[torch.Tensor] = None
 
     # -- setup
     def configure_model(self) -> None:
@@ -141,6 +151,34 @@ class GPT2LitModule(L.LightningModule):
             optimizer, WarmupDecay(cfg.warmup_steps, decay_steps, cfg.min_lr_ratio, cfg.schedule)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping (trainer.gradient_clip_val, by norm), reusing `grad_norm` when it is set.
+
+        The loss guard already computed the step's total gradient norm over the optimizer's parameters, with the
+        kernels and in the order clip_grad_norm_ uses, so clipping only scales the gradients by
+        min(1, max_norm / (norm + 1e-6)) (`torch.nn.utils.clip_grads_with_norm_`) instead of a second pass that
+        recomputes the same number: the same gradients bit for bit. This path is taken where the precision plugin
+        would clip with the stock clip_grad_norm_: Lightning's `Precision` (32-true) and bf16 AMP, which has no
+        GradScaler and so nothing to unscale (Lightning's `MixedPrecision` refuses to clip for any optimizer that
+        unscales internally, fused AdamW included, even then: bf16-mixed + the default fused AdamW + clipping
+        raised at the first step). fp16 with its GradScaler, DeepSpeed and the other plugins keep their own path.
+        """
+        total_norm, self.grad_norm = self.grad_norm, None
+        plugin = self.trainer.precision_plugin
+        stock = type(plugin).clip_grad_by_norm is Precision.clip_grad_by_norm and (
+            type(plugin).clip_gradients is Precision.clip_gradients
+            or (isinstance(plugin, MixedPrecision) and plugin.scaler is None)
+        )
+        if stock and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if total_norm is not None and hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch >= 2.6
+                torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, total_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)  # fmt: skip
 
     # -- batches
     def _maybe_overfit(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
@@ -196,10 +234,8 @@ class GPT2LitModule(L.LightningModule):
         # global batch would log; the only host sync of the training loss
         loss = self.trainer.strategy.reduce(loss_sum / n, reduce_op="mean").item()
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.emit_metrics({"train/loss": loss, "lr": lr}, step)
+        self.emit_metrics({"train/loss": loss, "lr": lr}, step)  # the progress bar reads them from last_logged
         self._flush_logs()  # the row is complete (throughput was logged before this hook)
-        self.log("loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        self.log("lr", lr, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def should_log(self, step: int) -> bool:
         """Whether optimizer step `step` gets a metrics row: every log_every_n_steps, the first and the last."""

@@ -18,7 +18,8 @@ saved in every checkpoint so a resumed run continues it exactly.
 
 Cost: one host sync per optimizer step (a 3-element tensor: loss, non-finite flag, grad norm) in
 `on_before_optimizer_step`, before the optimizer runs; guard.enabled=false removes it. The loss of every micro-batch
-is summed on the device (`on_before_backward`), so accumulation adds no syncs.
+is summed on the device (`on_before_backward`), so accumulation adds no syncs. The gradient norm is not computed twice:
+`GPT2LitModule` clips with the guard's total norm (`grad_norm`) where it equals clip_grad_norm_'s bit for bit.
 """
 
 from __future__ import annotations
@@ -80,15 +81,26 @@ class LossGuard(Callback):
         if not at_accumulation_boundary(trainer):  # DeepSpeed: called after every micro-batch; decide once per step
             return
         loss_sum, self._loss_sum = self._loss_sum, None
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        params = [p for p in pl_module.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
         dev = pl_module.device
         if grads:
             # one fused norm kernel per dtype/device group; a NaN/Inf anywhere makes the total non-finite
             norms = torch._foreach_norm(grads)
+            plain = not any(isinstance(n, DTensor) for n in norms)
             # FSDP2: per-shard norms come back as DTensors (a pending sum over ranks); full_tensor() reduces each
             # to the whole parameter's norm, so every rank sees the true global norm
             norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+            if plain:  # summed in the optimizer's group order, as Lightning's clip_grad_norm_ sums them
+                by_param = {id(p): n for p, n in zip(params, norms)}
+                ordered = [by_param[id(p)] for g in optimizer.param_groups for p in g["params"] if id(p) in by_param]
+                plain = len(ordered) == len(norms)
+                norms = ordered if plain else norms
             gnorm = torch.linalg.vector_norm(torch.stack([n.float().to(dev) for n in norms]))
+            if plain and hasattr(pl_module, "grad_norm") and all(g.dtype == torch.float32 for g in grads):
+                # the very number clip_grad_norm_ would compute (same kernels, same order): the module's clipping
+                # scales by it instead of a second pass over the gradients
+                pl_module.grad_norm = gnorm
         else:  # DeepSpeed ZeRO keeps the gradients in its own partitions (and skips a non-finite step itself)
             gnorm = torch.zeros((), device=dev)
         loss = loss_sum if loss_sum is not None else torch.zeros((), device=dev)

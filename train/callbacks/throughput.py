@@ -75,8 +75,7 @@ class Throughput(Callback):
         metrics = {"tokens_per_sec": tps}
         if self._peak:
             metrics["mfu"] = self._flops_per_token * tps / (self._peak * trainer.world_size)
-        pl_module.emit_metrics(metrics, step)
-        pl_module.log("tok/s", tps, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        pl_module.emit_metrics(metrics, step)  # the progress bar shows tokens_per_sec from the module's last row
         self._t0, self._tokens = now, 0
 
     def on_validation_end(self, trainer, pl_module) -> None:
