@@ -46,8 +46,8 @@ SCHEMAS = {
 }
 # Presets with mandatory (???) values get them from the user; give test values.
 REQUIRED = {
-    ("experiment", "shakespeare-finetune"): ["model.init_from=/tmp/some-hf-dir", "data.path=/tmp/input.txt"],
-    **{("data", s): ["data.path=/tmp/some-data"] for s in ("text", "jsonl", "csv", "parquet", "tokens")},
+    ("experiment", "shakespeare-finetune"): ["model.init_from=some-hf-dir", "data.path=input.txt"],
+    **{("data", s): ["data.path=some-data"] for s in ("text", "jsonl", "csv", "parquet", "tokens")},
     ("data", "hub"): ["data.name=some/dataset"],
 }
 

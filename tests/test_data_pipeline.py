@@ -15,27 +15,25 @@ from data_pipelines.corpus import build_corpus, corpus_sha256, docstring_documen
 from data_pipelines.prepare import prepare
 from data_pipelines.tokenizing import encode_documents, split_document, token_dtype
 from gpt2.tokenizer import GPT2TokenizerFast, train_tokenizer
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-if not SHAKESPEARE.exists():  # the repo may live elsewhere: fall back to the documented shared location
-    SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+from helpers import corpus_text
 
 
 @pytest.fixture(scope="module")
-def shakespeare() -> str:
-    return SHAKESPEARE.read_text(encoding="utf-8")
+def english() -> str:
+    """300 kB of varied English prose: the head of the embedded default corpus (made at run time)."""
+    return corpus_text(300_000)
 
 
 @pytest.fixture(scope="module")
-def docs(shakespeare) -> list[str]:
+def docs(english) -> list[str]:
     # varied documents: prose with blank lines, unicode, leading spaces, a literal tab
-    paras = [p for p in shakespeare[:60_000].split("\n\n") if p.strip()]
+    paras = [p for p in english[:60_000].split("\n\n") if p.strip()]
     return paras[:40] + ["  indented line\n\tand a tab", "naïve café — ünïcödé ✓", "x"]
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory, shakespeare) -> Path:
-    tok = train_tokenizer(iter([shakespeare[:200_000]]), vocab_size=300)
+def tok_dir(tmp_path_factory, english) -> Path:
+    tok = train_tokenizer(iter([english[:200_000]]), vocab_size=300)
     out = tmp_path_factory.mktemp("tok")
     tok.save_pretrained(str(out))
     return out
@@ -76,16 +74,16 @@ def test_embedded_corpus_is_deterministic_and_substantial():
 
 
 # ------------------------------------------------------------------ encoding
-def test_split_long_document_gives_identical_ids(tok, shakespeare, monkeypatch):
+def test_split_long_document_gives_identical_ids(tok, english, monkeypatch):
     code = Path(json.__file__).read_text()  # indentation-heavy Python source: the hard case for safe cuts
-    for text in (shakespeare[:40_000], code):
+    for text in (english[:40_000], code):
         pieces = split_document(text, chunk_chars=500)
         assert len(pieces) > 1 and "".join(pieces) == text
         got = np.concatenate(list(encode_documents(tok, [[text]], chunk_chars=500)))
         np.testing.assert_array_equal(got, expected_stream(tok, [text]))
     # flushing the encoder mid-document and mid-batch changes nothing either
     monkeypatch.setattr(tokenizing, "ENCODE_BATCH_CHARS", 3000)
-    docs = [shakespeare[i : i + 7000] for i in range(0, 35_000, 7000)] + ["tiny", code[:2000]]
+    docs = [english[i : i + 7000] for i in range(0, 35_000, 7000)] + ["tiny", code[:2000]]
     arrays = list(encode_documents(tok, [docs[:3], docs[3:]], chunk_chars=500))
     assert len(arrays) > 5
     np.testing.assert_array_equal(np.concatenate(arrays), expected_stream(tok, docs))
@@ -147,8 +145,8 @@ def test_val_file_is_used_instead_of_fraction(tmp_path, docs, tok, tok_dir):
 
 
 # ------------------------------------------------------------------ caching
-def test_tokenizer_trained_once_and_tokens_cached(tmp_path, monkeypatch, shakespeare):
-    (tmp_path / "s.txt").write_text(shakespeare[:100_000])
+def test_tokenizer_trained_once_and_tokens_cached(tmp_path, monkeypatch, english):
+    (tmp_path / "s.txt").write_text(english[:100_000])
     calls = {"train": 0, "encode": 0}
     real_train, real_encode = tokenizing.train_tokenizer, tokenizing.encode_to_file
 
@@ -170,7 +168,7 @@ def test_tokenizer_trained_once_and_tokens_cached(tmp_path, monkeypatch, shakesp
     assert (root / "train.bin").stat().st_mtime_ns == mtime
     assert len(GPT2TokenizerFast.from_pretrained(str(root / "tokenizer"))) == 320
     # a changed file is a new cache entry (paths + sizes + mtimes key the cache)
-    (tmp_path / "s.txt").write_text(shakespeare[:90_000])
+    (tmp_path / "s.txt").write_text(english[:90_000])
     assert prepare(cfg) != root and calls["encode"] == 2
     assert not list((tmp_path / "c" / "tokens").glob(".*tmp*"))  # no temp leftovers
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from helpers import shakespeare
+from helpers import corpus_text
 from train.callbacks import read_metrics
 from train.config import ConfigError, register_configs, to_config
 from train.run import train
@@ -24,9 +24,9 @@ register_configs()
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """120 kB of real text (tiny Shakespeare when present, else the README-sized fallback repeated)."""
+    """120 kB of real English: the head of the embedded default corpus (made at run time, tests/helpers.py)."""
     d = tmp_path_factory.mktemp("corpus")
-    text = shakespeare(120_000)
+    text = corpus_text(120_000)
     (d / "input.txt").write_text(text)
     return d / "input.txt"
 
