@@ -1,7 +1,7 @@
 """What does Lightning cost? tokens/s of train/run.py's training path vs a bare PyTorch loop.
 
 Same model (gpt2.GPT2LMHeadModel at nanoGPT's CPU shakespeare-char dims: 4 layers, 4 heads, 128 wide, block 64,
-batch 12, dropout 0), same char-level batches of tiny Shakespeare, same AdamW groups / warm-up+cosine schedule /
+batch 12, dropout 0), same char-level batches of the embedded default corpus (its first 200k characters), same AdamW groups / warm-up+cosine schedule /
 grad clipping 1.0 / fused AdamW / loss synced to the host every 10 steps. The Lightning side is `train.run.build_trainer` +
 `train.module.GPT2LitModule`, exactly as `train/run.py` builds them (progress bar, throughput, RNG, seed callbacks,
 metrics.csv logger). Both run in one process and are interleaved in chunks of 10 steps (a callback runs the bare
@@ -24,19 +24,19 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import gpt2
+from common import corpus_text  # benchmarks/common.py (run as a script, like the others)
 from train.config import register_configs, to_config
 from train.module import GPT2LitModule, WarmupDecay, build_optimizer
 from train.run import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH = 4, 4, 128, 64, 12  # nanoGPT config/train_shakespeare_char.py, CPU variant
 
 
 def char_batches(n: int, seed: int = 0) -> tuple[list[dict[str, torch.Tensor]], int]:
-    text = DATA.read_text() if DATA.is_file() else "To be, or not to be, that is the question. " * 30000
+    text = corpus_text(200_000)
     chars = sorted(set(text))
-    data = torch.tensor([chars.index(c) for c in text[:200_000]], dtype=torch.long)
+    data = torch.tensor([chars.index(c) for c in text], dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
