@@ -11,7 +11,9 @@ import pytest
 
 from data_pipelines import DataConfig, LMDataModule
 from data_pipelines import tokenizing
-from data_pipelines.corpus import build_corpus, corpus_sha256, docstring_documents, topic_documents
+from data_pipelines.corpus import (
+    build_corpus, corpus_sha256, docstring_documents, prose_paragraphs, topic_documents,
+)  # fmt: skip
 from data_pipelines.prepare import prepare
 from data_pipelines.tokenizing import encode_documents, split_document, token_dtype
 from gpt2.tokenizer import GPT2TokenizerFast, train_tokenizer
@@ -62,15 +64,50 @@ def test_embedded_corpus_is_deterministic_and_substantial():
     text = "\n".join(docs)
     assert 1_000_000 < len(text) < 4_000_000  # real prose, not a toy
     assert "The \"if\" statement is used for conditional execution" in text  # pydoc_data topic "if"
-    assert "Command-line parsing library" in text  # argparse's module docstring
+    assert "This module is an optparse-inspired command-line parsing library that:" in text  # argparse's docstring
     letters = sum(c.isalpha() or c.isspace() for c in text[:200_000]) / 200_000
-    assert letters > 0.8  # English text, not code or binary
+    assert letters > 0.85  # English text, not code or binary
+    # prose only, re-flowed: no doctest or indented code, no hard-wrapped lines, no runs of blank lines, no repeats
+    lines = text.split("\n")
+    assert not any(ln.startswith((">>>", " ", "\t")) for ln in lines)
+    assert sum(map(len, lines)) / sum(1 for ln in lines if ln) > 90  # hard-wrapped docstrings average ~50
+    assert "\n\n\n" not in text
+    paragraphs = [p for d in docs for p in d.split("\n\n")[1:]]
+    assert len(paragraphs) == len(set(paragraphs)) > 5000
     # determinism: rebuilding from scratch gives the same documents in the same order (checked on the topics and
-    # one stdlib package; the whole walk takes seconds and uses the same sorted code path)
-    assert topic_documents() == topic_documents() and set(topic_documents()) <= set(docs)
+    # one stdlib package; the whole walk takes seconds and uses the same sorted code path); every paragraph of every
+    # topic is in the corpus, once ("if" holds only paragraphs of "compound", so it is no document of its own)
+    topics = topic_documents()
+    assert topics == topic_documents() and len(topics) > 50
+    assert {p for t in topics for p in t.split("\n\n")[1:]} <= set(paragraphs)
     email_dir = str(Path(json.__file__).parents[1] / "email")
     a, b = docstring_documents(email_dir), docstring_documents(email_dir)
     assert a == b and len(a) > 10 and corpus_sha256(a) == corpus_sha256(b)
+
+
+def test_prose_paragraphs_reflow_prose_and_drop_code():
+    doc = (
+        "Frobnicate the widget.\n\n"
+        "This function frobnicates a widget in place. It was\nwrapped at seventy-two columns by\nits author.\n\n"
+        "Options\n-------\n\n"
+        "    code_sample = frobnicate(widget)\n    print(code_sample)\n\n"
+        ">>> frobnicate(1)\nTraceback (most recent call last):\n\n"
+        "Args:\n    widget: the widget to change.\n\n"
+        ":param widget: the widget\n:returns: None\n\n"
+        "   expr ::= term | expr \"+\" term\n\n"
+        "+-----+-----+\n| a   | b   |\n\n"
+        "The steps are:\n\n"
+        "    - open the widget box\n    - turn the crank until it\n      clicks twice\n\n"
+        "1. First the widget is read, then its parts are\n   counted one by one.\n"
+        "2. Then it is written back to the same place.\n\n"
+        "See the example::\n\n    frob()\n"
+    )
+    assert prose_paragraphs(doc) == [
+        "This function frobnicates a widget in place. It was wrapped at seventy-two columns by its author.",
+        "- open the widget box\n- turn the crank until it clicks twice",
+        "1. First the widget is read, then its parts are counted one by one.\n"
+        "2. Then it is written back to the same place.",
+    ]  # "Frobnicate the widget." / "The steps are:" / "See the example::" are 3 words: headings, not prose
 
 
 # ------------------------------------------------------------------ encoding
