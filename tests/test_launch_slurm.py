@@ -219,7 +219,7 @@ def test_hydra_sweep_with_the_slurm_launcher_runs_each_job_on_slurm(tmp_path):
     process waits for them and writes the sweep summary."""
     sweep = tmp_path / "sweep"
     r = subprocess.run(
-        [sys.executable, str(ROOT / "train" / "run.py"), "-m", "hydra/launcher=slurm", "task=cls",
+        [sys.executable, str(ROOT / "train" / "run.py"), "-m", "hydra/launcher=slurm", "task=cls", "model=tiny",
          "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
          "hydra.launcher.timeout_min=10", "hydra.launcher.setup=['export OMP_NUM_THREADS=1']",
          f"hydra.sweep.dir={sweep}", f"data.cache_dir={tmp_path / 'cache'}", f"task.data.cache_dir={tmp_path / 'cache'}",

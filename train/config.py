@@ -28,7 +28,7 @@ def _check(cond: bool, msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- model
-MODEL_PRESETS = ("tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+MODEL_PRESETS = ("tiny", "demo", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 @dataclass
