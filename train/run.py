@@ -8,7 +8,9 @@ sentence on stderr and exit code 1 (set HYDRA_FULL_ERROR=1 for the traceback).
 from __future__ import annotations
 
 import json
+import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -422,13 +424,30 @@ def main(dcfg: DictConfig) -> None:
         # a requeued job's exit does not matter; a SIGTERM stop is 128+15, as if the signal had ended it
         sys.exit(0 if summary["preempted"] == "SIGUSR1" else 143)
     if summary.get("first_train_loss") is not None:
+        val = summary.get("last_val_loss")
+        val_txt = f", validation loss {val:.3f} (perplexity {math.exp(val):.1f})" if val is not None else ""
         print(
             f"done: {summary['global_step']} steps in {summary['seconds']:.0f}s, train loss "
-            f"{summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}; run dir {summary['run_dir']}"
+            f"{summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}{val_txt}; "
+            f"run dir {summary['run_dir']}"
         )
     best = summary.get("best")
     if best:  # a fine-tuning task: the monitored metric of the exported (best) model
         print(f"best {best['metric']}={best['value']:.4f} at step {best['step']}; export {summary.get('hf_dir')}")
+    if summary.get("samples"):  # an LM run: the last line says what to look at and what to type next
+
+        def shown(path: str) -> str:  # as the user types it: relative to the working directory when below it
+            return path if os.path.relpath(path).startswith("..") else os.path.relpath(path)
+
+        rd, prompt = shown(summary["run_dir"]), dcfg.sample.prompts[0] if dcfg.sample.prompts else ""
+        # resume = this run's own overrides + resume=auto into its run dir, to twice the steps
+        again = [o for o in HydraConfig.get().overrides.task
+                 if o.split("=", 1)[0].lstrip("+~") not in ("run_dir", "resume", "trainer.max_steps")]  # fmt: skip
+        again += [f"run_dir={rd}", "resume=auto", f"trainer.max_steps={2 * summary['global_step']}"]
+        py = shlex.quote(shown(sys.executable))  # `make run`'s .venv/bin/python works without an activated venv
+        print(f"open {shown(summary['samples'])} and {shown(summary.get('plot', rd + '/plots'))}; sample: {py} "
+              f"train/generate.py {shlex.quote(shown(summary['hf_dir']))} --prompt {shlex.quote(prompt)}; resume for "
+              f"{summary['global_step']} more steps: {py} train/run.py {' '.join(map(shlex.quote, again))}")
     # the value a sweeper optimises (hydra/sweeper=optuna_lr): the task's best metric, else the LM's val loss
     return best["value"] if best else summary.get("last_val_loss")
 
