@@ -310,7 +310,7 @@ class GuardConfig:
 class SampleConfig:
     """What samples.txt shows at the end of an LM run."""
 
-    prompts: List[str] = field(default_factory=lambda: ["Return the", "This module", "If the"])
+    prompts: List[str] = field(default_factory=lambda: ["Return True if", "If an", "It is"])  # conf/config.yaml
     max_new_tokens: int = 48
     temperature: float = 0.8
     top_k: Optional[int] = 50
