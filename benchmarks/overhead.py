@@ -2,7 +2,7 @@
 
 Same model (gpt2.GPT2LMHeadModel at nanoGPT's CPU shakespeare-char dims: 4 layers, 4 heads, 128 wide, block 64,
 batch 12, dropout 0), same char-level batches of the embedded default corpus (its first 200k characters), same AdamW groups / warm-up+cosine schedule /
-grad clipping 1.0 / fused AdamW / loss synced to the host every 10 steps. The Lightning side is `train.run.build_trainer` +
+grad clipping 1.0 / fused AdamW / loss synced to the host every 10 steps. The Lightning side is `train.trainer.build_trainer` +
 `train.module.GPT2LitModule`, exactly as `train/run.py` builds them (progress bar, throughput, RNG, seed callbacks,
 metrics.csv logger). Both run in one process and are interleaved in chunks of 10 steps (a callback runs the bare
 loop on the same batches after each Lightning chunk), so machine noise hits both alike; warm-up steps are not timed.
@@ -27,7 +27,7 @@ import gpt2
 from common import corpus_text  # benchmarks/common.py (run as a script, like the others)
 from train.config import register_configs, to_config
 from train.module import GPT2LitModule, WarmupDecay, build_optimizer
-from train.run import build_trainer
+from train.trainer import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH = 4, 4, 128, 64, 12  # nanoGPT config/train_shakespeare_char.py, CPU variant
@@ -145,7 +145,7 @@ def main() -> int:
           f"{args.chunks} interleaved chunks of {args.chunk} steps ({args.warmup} warm-up), torch threads "
           f"{torch.get_num_threads()}", flush=True)  # fmt: skip
 
-    from train.callbacks import MetricsCSV
+    from train.loggers import MetricsCSV
 
     bare = BareLoop(vocab, cfg.optim, steps, cfg.trainer.log_every_n_steps)
     inter = Interleave([bare], batches, args.warmup, args.chunk)

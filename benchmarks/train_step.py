@@ -1,7 +1,7 @@
 """Training step, CPU: tokens/s of our model under train/run.py's path vs a bare loop vs transformers in that loop.
 
 Four sides, one process, the same batches in the same order:
-  (a) gpt2.GPT2LMHeadModel trained by `train.run.build_trainer` + `train.module.GPT2LitModule`, built exactly as
+  (a) gpt2.GPT2LMHeadModel trained by `train.trainer.build_trainer` + `train.module.GPT2LitModule`, built exactly as
       benchmarks/overhead.py builds them (callbacks, progress bar, metrics.csv logger, AdamW groups, warm-up+cosine);
   (b) the same model in overhead.py's hand-written loop (forward, backward, clip 1.0, AdamW, schedule, a host sync
       every log interval) with the optimizer (a) builds (`train.module.build_optimizer`: fused AdamW);
@@ -46,7 +46,7 @@ from common import corpus_text, machine_line  # benchmarks/common.py and overhea
 from overhead import ROOT, BareLoop, Interleave, _Loader, char_batches
 from train.config import register_configs, to_config
 from train.module import GPT2LitModule, WarmupDecay, build_optimizer, param_groups
-from train.run import build_trainer
+from train.trainer import build_trainer
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def compose_cfg(run_dir: Path, spec: Spec, steps: int):
 
 
 def run_config(spec: Spec, chunks: int, chunk: int) -> dict[str, float]:
-    from train.callbacks import MetricsCSV
+    from train.loggers import MetricsCSV
 
     tmp = Path(tempfile.mkdtemp(prefix=f"train-step-{spec.name}-"))
     steps = WARMUP + chunks * chunk

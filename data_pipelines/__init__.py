@@ -1,7 +1,8 @@
-"""LM pre-training data: sources -> (cached) byte-level BPE -> flat token files -> packed, resumable batches.
+"""LM pre-training data: sources -> (cached) byte-level BPE -> token shards -> packed, resumable batches.
 
-Imports only `gpt2` of ours. Public API: DataConfig, LMDataModule, prepare_tokens (tokenize + cache ahead of a job; the CLI is
-data_pipelines/prepare.py with `prepare(cfg) -> Path`),
+Imports only `gpt2` of ours. Public API: DataConfig, LMDataModule, prepare_tokens (tokenize + cache ahead of a job,
+sharded over `data.num_proc` processes and resumable; the CLI is data_pipelines/prepare.py with `prepare(cfg) -> Path`;
+the encoder is fast_bpe.DocumentEncoder: tiktoken with provably identical ids, else tokenizers),
 build_corpus (the embedded default corpus), ResumableBatchSampler, PackedBlocks.
 """
 

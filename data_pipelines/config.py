@@ -38,6 +38,8 @@ FILE_EXTENSIONS = {
     "parquet": (".parquet",),
 }
 
+ENCODERS = ("auto", "tiktoken", "tokenizers")
+
 # Cache root: cfg.cache_dir, else $GPT2_FORGE_CACHE, else ~/.cache/gpt2-forge.
 CACHE_ENV = "GPT2_FORGE_CACHE"
 
@@ -65,6 +67,10 @@ class DataConfig:
     # still fits uint16); for source=tokens: the model vocabulary (> every token id). Ignored with `tokenizer` set.
     vocab_size: Optional[int] = 4096
     tokenizer_max_chars: int = 200_000_000  # train the BPE on at most this many characters of the source
+    # --- preparation (tokenize once, ahead of training: data_pipelines/prepare.py, shards.py) ---
+    num_proc: int = 1  # processes that encode shards (datasets' name); the shards do not depend on it
+    shard_size_mb: float = 100.0  # text per token shard, in millions of characters (~MB of English; ~25M tokens)
+    encoder: str = "auto"  # auto (tiktoken when it gives provably the same ids, else tokenizers) | tiktoken | tokenizers
     # --- packing / batches ---
     block_size: int = 128  # tokens per sample (T); blocks are cut from the flat stream at read time
     batch_size: int = 16  # micro-batch per device (B)
@@ -89,6 +95,12 @@ class DataConfig:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1).")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers} must be >= 0.")
+        if self.num_proc < 1:
+            raise ValueError(f"data.num_proc={self.num_proc} must be at least 1.")
+        if not self.shard_size_mb > 0:
+            raise ValueError(f"data.shard_size_mb={self.shard_size_mb} must be positive (e.g. 100).")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"data.encoder={self.encoder!r} is not an encoder; use one of {', '.join(ENCODERS)}.")
         if self.max_documents is not None and self.max_documents < 1:
             raise ValueError(f"data.max_documents={self.max_documents} must be >= 1 (or null for all).")
         if self.vocab_size is not None and self.vocab_size < 1:
@@ -114,9 +126,22 @@ class DataConfig:
 
 @dataclass
 class PrepareConfig:
-    """Root schema of `conf/prepare.yaml` (data_pipelines/prepare.py)."""
+    """Root schema of `conf/prepare.yaml` (data_pipelines/prepare.py).
+
+    num_tasks / task_index: one task of a multi-node (Slurm array) preparation encodes only its share of the
+    shards and writes no index; a last run with num_tasks=1 finishes whatever is missing and writes the index.
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
+    num_tasks: int = 1
+    task_index: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_tasks < 1 or not 0 <= self.task_index < self.num_tasks:
+            raise ValueError(
+                f"task_index={self.task_index} / num_tasks={self.num_tasks}: need num_tasks >= 1 and "
+                f"0 <= task_index < num_tasks."
+            )
 
 
 def register_configs() -> None:

@@ -22,7 +22,9 @@ from data_pipelines.cache import TokenSplit
 class PackedBlocks(Dataset):
     """Non-overlapping `block_size` windows of a flat token range (labels == input_ids; the model shifts inside).
 
-    The memmap is opened lazily in each process (a DataLoader worker re-opens it instead of pickling an array).
+    The range lies in one file or in the concatenation of a sharded folder's files (`split.shards`); a block that
+    straddles two shards is stitched from both, so the blocks are the same as if the shards were one file. The
+    memmaps are opened lazily in each process (a DataLoader worker re-opens them instead of pickling arrays).
     """
 
     def __init__(self, split: TokenSplit, block_size: int):
@@ -31,13 +33,18 @@ class PackedBlocks(Dataset):
         self.start = split.start
         self.block_size = block_size
         self.num_blocks = split.num_tokens // block_size  # the tail shorter than a block is dropped
+        self.shards: list[tuple[Path, int]] = list(split.shards)
+        # offsets[i]: stream position of shard i's first token; offsets[-1]: the stream's length
+        self.offsets = np.cumsum([0] + [n for _, n in self.shards], dtype=np.int64)
         self._blocks: np.ndarray | None = None
+        self._maps: list[np.memmap] | None = None
 
     def __len__(self) -> int:
         return self.num_blocks
 
     @property
     def blocks(self) -> np.ndarray:
+        """(N, T) view of a one-file range (not available for a sharded range: see `__getitems__`)."""
         if self._blocks is None:
             mm = np.memmap(
                 self.file, dtype=self.dtype, mode="r", offset=self.start * self.dtype.itemsize,
@@ -47,15 +54,37 @@ class PackedBlocks(Dataset):
         return self._blocks
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_blocks": None}
+        return {**self.__dict__, "_blocks": None, "_maps": None}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([index])  # a (1, T) batch; the DataLoader uses __getitems__
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        # one fancy-index gather from the memmap -> (B, T) copy; int64 because embedding/cross-entropy want it
-        x = torch.from_numpy(self.blocks[np.asarray(indices, dtype=np.int64)].astype(np.int64))  # (B, T)
+        if not self.shards:
+            # one fancy-index gather from the memmap -> (B, T) copy
+            rows = self.blocks[np.asarray(indices, dtype=np.int64)]
+        else:
+            rows = np.stack([self._sharded_block(int(i)) for i in indices])  # (B, T)
+        # int64 because embedding/cross-entropy want it
+        x = torch.from_numpy(rows.astype(np.int64))  # (B, T)
         return {"input_ids": x, "labels": x}
+
+    def _sharded_block(self, index: int) -> np.ndarray:
+        if self._maps is None:
+            self._maps = [np.memmap(f, dtype=self.dtype, mode="r", shape=(n,)) for f, n in self.shards]
+        if not 0 <= index < self.num_blocks:
+            raise IndexError(f"block {index} is outside [0, {self.num_blocks}).")
+        lo = self.start + index * self.block_size
+        hi = lo + self.block_size
+        i = int(np.searchsorted(self.offsets, lo, side="right")) - 1  # the shard holding token `lo`
+        pieces = []
+        while lo < hi:
+            take = min(hi, int(self.offsets[i + 1])) - lo
+            first = lo - int(self.offsets[i])
+            pieces.append(self._maps[i][first : first + take])
+            lo += take
+            i += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def passthrough(batch):

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import glob
+import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,28 @@ from data_pipelines.config import FILE_BUILDERS, FILE_EXTENSIONS, DataConfig, So
 from data_pipelines.corpus import build_corpus, corpus_fingerprint
 
 DOC_BATCH = 1024  # documents pulled from `datasets` per batch: big enough that per-batch overhead vanishes
+PIECE_CHARS = 1 << 20  # a text file is read and encoded in pieces of about this many characters
+HUB_ROWS_PER_UNIT = 100_000  # a downloaded hub split is read in contiguous row ranges of this size
+
+# A cut right after a lone "\n" that sits between two non-space characters: GPT-2's pre-tokenizer regex
+# ('s|'t|...| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+) always ends a pre-token there — no pattern joins
+# "\n" to a neighbour — and BPE merges never cross pre-tokens, so encoding the pieces gives the same ids.
+SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+
+
+def split_document(doc: str, chunk_chars: int) -> list[str]:
+    """Cut a long document at pre-tokenizer boundaries (see `SAFE_CUT`) into pieces of about `chunk_chars`."""
+    if len(doc) <= chunk_chars:
+        return [doc]
+    pieces, start = [], 0
+    while len(doc) - start > chunk_chars:
+        m = SAFE_CUT.search(doc, start + chunk_chars)
+        if m is None:
+            break
+        pieces.append(doc[start : m.start()])
+        start = m.start()
+    pieces.append(doc[start:])
+    return pieces
 
 
 def resolve_files(path: str, source: str, key: str = "data.path") -> list[Path]:
@@ -110,7 +134,67 @@ class DocumentSource:
             return
         yield from self._hf_batches()
 
-    def _load(self):
+    # ------------------------------------------------------------------ units (sharded preparation)
+    # A unit is a part of the source that a process can open on its own and read in order: a file, a contiguous
+    # range of rows of a downloaded hub split, or one of a streamed hub dataset's data-file shards. Concatenating
+    # the units' documents in unit order gives exactly `batches()`. With `max_documents` (a limit over the whole
+    # stream) or the embedded corpus there is one unit.
+    def num_units(self) -> int:
+        if self.cfg.max_documents is not None or self.kind == "default":
+            return 1
+        if self.files:
+            return len(self.files)
+        ds = self._load()
+        if self.cfg.streaming:
+            return max(1, ds.num_shards)
+        return max(1, math.ceil(len(ds) / HUB_ROWS_PER_UNIT))
+
+    def unit_pieces(self, unit: int, cut_text: bool = False) -> Iterator[tuple[str, bool]]:
+        """(text, ends a document) pairs of one unit, in order; empty documents are skipped.
+
+        cut_text: read a text file in ~PIECE_CHARS pieces cut at `SAFE_CUT` points (only valid for GPT-2's
+        pre-tokenizer; the caller knows) instead of as one string, so a 10 GB file needs no 10 GB of memory.
+        """
+        if self.cfg.max_documents is not None or self.kind == "default":
+            for batch in self.batches():
+                for doc in batch:
+                    yield doc, True
+            return
+        if self.kind == "text":
+            yield from self._text_pieces(self.files[unit], PIECE_CHARS if cut_text else None)
+            return
+        if self.files:
+            ds = self._load(files=[self.files[unit]])
+        else:
+            ds = self._load()
+            n = max(1, ds.num_shards if self.cfg.streaming else math.ceil(len(ds) / HUB_ROWS_PER_UNIT))
+            ds = ds.shard(num_shards=n, index=unit, contiguous=True)  # contiguous: unit order = stream order
+        for batch in self._hf_batches(ds):
+            for doc in batch:
+                if doc:
+                    yield doc, True
+
+    def _text_pieces(self, file: Path, piece_chars: int | None) -> Iterator[tuple[str, bool]]:
+        # open() in text mode translates universal newlines, exactly as datasets' "text" builder reads a document
+        try:
+            with open(file, encoding="utf-8") as f:
+                if piece_chars is None:
+                    text = f.read()
+                    if text:
+                        yield text, True
+                    return
+                buf = ""
+                while chunk := f.read(piece_chars):
+                    buf += chunk
+                    while len(buf) > piece_chars and (m := SAFE_CUT.search(buf, piece_chars)):
+                        yield buf[: m.start()], False
+                        buf = buf[m.start() :]
+                if buf:
+                    yield buf, True
+        except UnicodeDecodeError as e:
+            raise ValueError(self._decode_error_message(e, file)) from None
+
+    def _load(self, files: list[Path] | None = None):
         import datasets
 
         datasets.disable_progress_bars()
@@ -119,14 +203,14 @@ class DocumentSource:
             builder = FILE_BUILDERS[self.kind]
             kwargs = {"sample_by": "document"} if builder == "text" else {}
             return datasets.load_dataset(
-                builder, data_files=[str(f) for f in self.files], split="train", streaming=True, **kwargs
+                builder, data_files=[str(f) for f in files or self.files], split="train", streaming=True, **kwargs
             )
         split = cfg.split if self.split == "train" else cfg.val_split
         return datasets.load_dataset(cfg.name, cfg.config_name, split=split, streaming=cfg.streaming)
 
-    def _hf_batches(self) -> Iterator[list[str]]:
+    def _hf_batches(self, ds=None) -> Iterator[list[str]]:
         column = "text" if self.kind == "text" else self.cfg.text_column
-        ds = self._load()
+        ds = self._load() if ds is None else ds
         it = ds.iter(batch_size=DOC_BATCH)
         first = True
         while True:
@@ -158,20 +242,37 @@ class DocumentSource:
                     )
             yield col
 
-    def _decode_error_message(self, err: UnicodeDecodeError) -> str:
-        bad = None
-        for f in self.files:  # find the culprit: datasets' error does not name the file
-            try:
-                f.read_bytes().decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad, err = f, e
+    def _decode_error_message(self, err: UnicodeDecodeError, bad: Path | None = None) -> str:
+        where, offset, byte, reason = bad or self.label(), err.start, err.object[err.start : err.start + 1], err.reason
+        for f in self.files if bad is None else [bad]:  # find the culprit: datasets' error does not name the file
+            found = _first_utf8_error(f)
+            if found is not None:
+                where, (offset, byte, reason) = f, found
                 break
-        where = str(bad) if bad else self.label()
-        byte = err.object[err.start : err.start + 1].hex() if err.object else "?"
         return (
-            f"{where} is not valid UTF-8 (byte 0x{byte} at offset {err.start}: {err.reason}); "
+            f"{where} is not valid UTF-8 (byte 0x{byte.hex() or '?'} at offset {offset}: {reason}); "
             f"re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out`."
         )
+
+
+def _first_utf8_error(file: Path, chunk: int = 1 << 24) -> tuple[int, bytes, str] | None:
+    """(file offset, byte, reason) of the first invalid UTF-8 byte, read in chunks (bounded memory); None if valid."""
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")()
+    pos = 0
+    with open(file, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            try:
+                dec.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                # the decoder may hold up to 3 bytes of an unfinished character from the previous chunk
+                held = len(e.object) - len(data)
+                return pos - held + e.start, e.object[e.start : e.start + 1], e.reason
+            if not data:
+                return None
+            pos += len(data)
 
 
 def iter_texts(source: DocumentSource, max_chars: int | None = None) -> Iterator[str]:

@@ -1,20 +1,16 @@
-"""Tokenizer (trained once and cached, or loaded) and the batched, parallel document -> flat token stream encoder.
+"""Tokenizer (trained once and cached, or loaded) and the in-process document -> flat token stream encoder.
 
-Speed: the `tokenizers` backend's `encode_batch_fast` runs the BPE on all cores in Rust and skips offset bookkeeping;
-we feed it thousands of documents at a time, so Python touches each *document* once and each *token* only in C
-(`list.extend`, `np.array`, `ndarray.tofile`). A single huge document (a 50 MB text file) is first cut into
-~`CHUNK_CHARS` pieces at boundaries where the GPT-2 pre-tokenizer splits anyway (see `split_document`), so it is
-encoded in parallel too and gives exactly the ids of encoding it whole.
+The encoder is `fast_bpe.DocumentEncoder` (tiktoken with provably identical ids, else tokenizers); Python touches
+each *document* once and each *token* only in C (`encode_to_numpy`, `np.concatenate`, `ndarray.tofile`). A long
+document is cut into ~`CHUNK_CHARS` pieces where the GPT-2 pre-tokenizer splits anyway (`sources.split_document`),
+which gives exactly the ids of encoding it whole. The sharded, multi-process preparation is in shards.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -23,48 +19,17 @@ import numpy as np
 from gpt2.tokenizer import GPT2TokenizerFast, train_tokenizer
 
 from data_pipelines.config import DataConfig
-from data_pipelines.sources import DocumentSource, iter_texts
+from data_pipelines.files import atomic_dir, publish_dir, sha256_json, token_dtype  # noqa: F401 (re-exported)
+from data_pipelines.fast_bpe import DocumentEncoder, encode_stream
+from data_pipelines.sources import SAFE_CUT, DocumentSource, iter_texts, split_document  # noqa: F401 (re-exported)
 
 TOKENIZER_RECIPE = {"kind": "byte-level-bpe", "min_frequency": 2, "version": 1}
 CHUNK_CHARS = 1 << 16  # split documents longer than this for parallel encoding
 ENCODE_BATCH_CHARS = 1 << 23  # ~8 MB of text per encode_batch call: all threads busy, bounded memory
 
-# A cut right after a lone "\n" that sits between two non-space characters: GPT-2's pre-tokenizer regex
-# ('s|'t|...| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+) always ends a pre-token there — no pattern joins
-# "\n" to a neighbour — and BPE merges never cross pre-tokens, so encoding the pieces gives the same ids.
-_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
-
-
-def sha256_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def tokenizer_sha256(tok: GPT2TokenizerFast) -> str:
     """Identity of a tokenizer: the hash of its tokenizer.json (vocab, merges, pre-tokenizer, special tokens)."""
     return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 while every id fits (vocab <= 65536, GPT-2's 50257 included), else uint32 (nanoGPT's choice)."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def atomic_dir(final: Path) -> Path:
-    """A fresh temp dir next to `final`; publish it with `publish_dir`. A killed run leaves only a `.tmp-*` dir."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    try:
-        os.replace(tmp, final)  # atomic on POSIX; fails if `final` is a non-empty dir
-    except OSError:
-        if final.exists():  # another process published the same content first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            raise
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -111,36 +76,17 @@ def get_tokenizer(cfg: DataConfig, source: DocumentSource, create: bool = True) 
 
 
 # --------------------------------------------------------------------------------------------- encoding
-def split_document(doc: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
-    """Cut a long document at pre-tokenizer boundaries (see `_SAFE_CUT`) into pieces of about `chunk_chars`."""
-    if len(doc) <= chunk_chars:
-        return [doc]
-    pieces, start = [], 0
-    while len(doc) - start > chunk_chars:
-        m = _SAFE_CUT.search(doc, start + chunk_chars)
-        if m is None:
-            break
-        pieces.append(doc[start : m.start()])
-        start = m.start()
-    pieces.append(doc[start:])
-    return pieces
-
-
-def _gpt2_pre_tokenizer(backend) -> bool:
-    """True when the pre-tokenizer is byte-level with GPT-2's regex and no normalizer rewrites the text."""
+def is_gpt2_pre_tokenizer(backend) -> bool:
+    """True when the pre-tokenizer is byte-level with GPT-2's regex and no normalizer rewrites the text: then a
+    document may be cut at `SAFE_CUT` points and encoded piece by piece with the same ids."""
     spec = json.loads(backend.to_str())
     pre = spec.get("pre_tokenizer") or {}
-    return spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-
-
-def _encode_pieces(backend, pieces: list[str], ends: list[bool], eos: int, dtype: np.dtype) -> np.ndarray:
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    out: list[int] = []
-    for enc, last in zip(encode(pieces, add_special_tokens=False), ends):
-        out.extend(enc.ids)
-        if last:
-            out.append(eos)  # nanoGPT / GPT-2: every document ends with <|endoftext|>
-    return np.array(out, dtype=dtype)
+    return (
+        spec.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True)
+        and not pre.get("add_prefix_space", False)  # a prefix space would be added to every piece
+    )
 
 
 def encode_documents(
@@ -148,31 +94,26 @@ def encode_documents(
 ) -> Iterator[np.ndarray]:
     """Yield flat token arrays: each document's ids followed by eos, in document order.
 
-    Work is flushed every ~ENCODE_BATCH_CHARS characters of *pieces*, so memory stays bounded even for one huge
-    document.
+    Encoded by `fast_bpe.DocumentEncoder` (tiktoken when it gives provably the same ids, else tokenizers); a
+    special-token string inside a document is plain text. Work is flushed every ~ENCODE_BATCH_CHARS characters of
+    pieces, so memory stays bounded even for one huge document.
     """
     eos = tok.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos token; documents are joined with <|endoftext|>, so add one.")
-    dtype = token_dtype(len(tok))
     backend = tok.backend_tokenizer
-    if not _gpt2_pre_tokenizer(backend):
+    if not is_gpt2_pre_tokenizer(backend):
         chunk_chars = 1 << 62  # the safe-cut argument holds for GPT-2's regex only: never split other tokenizers' docs
-    pieces: list[str] = []
-    ends: list[bool] = []  # ends[i]: pieces[i] is the last piece of its document
-    chars = 0
-    for batch in batches:
-        for doc in batch:
-            parts = split_document(doc, chunk_chars)
-            for j, part in enumerate(parts):
-                pieces.append(part)
-                ends.append(j == len(parts) - 1)
-                chars += len(part)
-                if chars >= ENCODE_BATCH_CHARS:
-                    yield _encode_pieces(backend, pieces, ends, eos, dtype)
-                    pieces, ends, chars = [], [], 0
-    if pieces:
-        yield _encode_pieces(backend, pieces, ends, eos, dtype)
+
+    def pieces() -> Iterator[tuple[str, bool]]:
+        for batch in batches:
+            for doc in batch:
+                parts = split_document(doc, chunk_chars)
+                for j, part in enumerate(parts):
+                    yield part, j == len(parts) - 1
+
+    encoder = DocumentEncoder(backend)
+    yield from encode_stream(encoder, pieces(), eos, token_dtype(len(tok)), ENCODE_BATCH_CHARS)
 
 
 def encode_to_file(tok: GPT2TokenizerFast, batches: Iterable[list[str]], path: Path) -> int:

@@ -6,6 +6,7 @@
 
 from .attention import ATTENTION_BACKENDS
 from .config import PRESETS, GPT2Config
+from .generation import GenerateDecoderOnlyOutput, GenerationConfig
 from .modeling import (
     CausalLMOutput,
     GPT2DoubleHeadsModel,
@@ -29,6 +30,8 @@ __all__ = [
     "ATTENTION_BACKENDS",
     "PRESETS",
     "GPT2Config",
+    "GenerationConfig",
+    "GenerateDecoderOnlyOutput",
     "GPT2PreTrainedModel",
     "GPT2Model",
     "GPT2LMHeadModel",

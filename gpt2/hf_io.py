@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import GPT2Config
+from .generation import GenerationConfig
 from .hub import resolve_model_dir
 
 # ours -> HF, trunk-relative ("{i}" = block index). The names are identical by design (we kept transformers' names);
@@ -231,9 +232,13 @@ def _contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
-def load_pretrained(cls, path, dtype="auto", **config_overrides):
-    folder = resolve_model_dir(path)
-    config = GPT2Config.from_pretrained(folder, **config_overrides)
+def load_pretrained(cls, path, dtype="auto", config: GPT2Config | None = None, subfolder: str = "",
+                    hub_kwargs: dict | None = None, **config_overrides):
+    folder = resolve_model_dir(path, subfolder, **(hub_kwargs or {}))
+    if config is not None:  # transformers' config= argument: this config instead of the folder's config.json
+        config = GPT2Config.from_dict(config.to_dict(), **config_overrides)
+    else:
+        config = GPT2Config.from_pretrained(folder, **config_overrides)
     files = weight_files(folder)
     hf_sd = read_weights(files)
     target = _resolve_dtype(dtype, config, hf_sd)
@@ -259,6 +264,8 @@ def load_pretrained(cls, path, dtype="auto", **config_overrides):
     model.to(target)
     model.tie_weights()
     model.config.dtype = str(target).replace("torch.", "")
+    if hasattr(model, "generation_config") and os.path.isfile(os.path.join(folder, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(folder)  # generate()'s defaults, as transformers
     skipped = [k for k in unexpected if not k.startswith(("lm_head.", "score.", "classifier.", "qa_outputs.",
                                                            "multiple_choice_head."))]
     if skipped:
@@ -317,3 +324,8 @@ def save_pretrained(model, save_directory, safe_serialization: bool = True, max_
     config.architectures = [type(model).__name__]
     config.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     config.save_pretrained(save_directory)
+    # generate()'s settings travel with the weights when they say more than config.json's bos/eos/pad (e.g. a model
+    # loaded with a generation_config.json, or given settings), as transformers' save_pretrained writes them
+    settings = getattr(model, "generation_config", None)
+    if settings is not None and settings.to_dict() != GenerationConfig.from_model_config(config).to_dict():
+        settings.save_pretrained(save_directory)

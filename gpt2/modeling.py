@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import dataclasses
 from dataclasses import dataclass, fields, replace
 from typing import Callable
 
@@ -153,7 +154,30 @@ class GPT2Block(nn.Module):
 # Outputs: dataclasses with HF's field names; `out["logits"]` and `out[0]` work like transformers' ModelOutput.
 
 
+def _past(past_key_values, cache):
+    """transformers 5.24 names the forward's cache argument `cache` (past_key_values is its deprecated alias): take
+    either. Only caches this model made are understood (a tuple of (k, v) per layer, or generate's StaticKVCache)."""
+    if cache is not None:
+        if past_key_values is not None:
+            raise ValueError("pass the cache once: cache or past_key_values, not both.")
+        past_key_values = cache
+    if past_key_values is not None and not isinstance(past_key_values, (tuple, list, StaticKVCache)):
+        raise ValueError(f"past_key_values/cache must be the .past_key_values an earlier forward of this model "
+                         f"returned (a tuple of (key, value) per layer), got {type(past_key_values).__name__}.")
+    return past_key_values
+
+
+def _returned(out: "ModelOutput", return_dict: bool | None):
+    """return_dict=False gives the tuple of the set fields, as in transformers."""
+    return out.to_tuple() if return_dict is False else out
+
+
 class ModelOutput:
+    @property
+    def cache(self):
+        """transformers 5.24's name for past_key_values."""
+        return getattr(self, "past_key_values", None)
+
     def to_tuple(self) -> tuple:
         return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
 
@@ -170,6 +194,7 @@ class GPT2ModelOutput(ModelOutput):
     past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple | None = None  # () with output_attentions (GPT-2 has no cross-attention), as transformers
 
 
 @dataclass
@@ -179,6 +204,7 @@ class CausalLMOutput(ModelOutput):
     past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple | None = None  # () with output_attentions, as transformers' CausalLMOutputWithCrossAttentions
 
 
 @dataclass
@@ -221,6 +247,9 @@ class QuestionAnsweringModelOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------------------------------
 # Base class: init, load/save, parameter counts, gradient checkpointing
 
+# transformers' from_pretrained arguments that only matter for hub ids (passed to huggingface_hub.snapshot_download)
+_HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+
 
 class GPT2PreTrainedModel(nn.Module):
     config_class = GPT2Config
@@ -261,6 +290,89 @@ class GPT2PreTrainedModel(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self._trunk().wte
 
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self._trunk().wte = value
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        """The lm_head (LM and double-heads models), None for the trunk and the classification heads."""
+        return getattr(self, "lm_head", None)
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Resize the token embedding (V, C) -> (new_num_tokens, C), e.g. to len(tokenizer) after adding tokens.
+
+        transformers 5.24's PreTrainedModel.resize_token_embeddings, step for step and with the same random draws, so
+        a fixed seed gives the same new rows: rows [0, min(V, new)) are kept; new rows come, with mean_resizing=True
+        (the default), from a normal with the old rows' mean and 1e-9 x their covariance (Hewitt 2021,
+        https://nlp.stanford.edu/~johnhew/vocab-expansion.html: new tokens start near the average token, so the LM's
+        next-token distribution barely moves; the mean itself when that covariance is not positive definite), else
+        from N(0, initializer_range). pad_to_multiple_of rounds the size up (Tensor Cores like multiples of 64).
+        A tied lm_head follows (it is the same tensor); an untied one is resized the same way. config.vocab_size is
+        updated. new_num_tokens=None and pad_to_multiple_of=None: nothing changes. Returns the input embedding.
+        Call it before wrapping the model for FSDP / DeepSpeed (it resizes plain tensors).
+        """
+        old = self.get_input_embeddings()
+        if pad_to_multiple_of is not None:
+            if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+                raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+            if new_num_tokens is None:
+                new_num_tokens = old.weight.shape[0]
+            new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        if new_num_tokens is None:
+            return old
+        if isinstance(new_num_tokens, bool) or not isinstance(new_num_tokens, int) or new_num_tokens < 1:
+            raise ValueError(f"new_num_tokens must be a positive int (e.g. len(tokenizer)), got {new_num_tokens!r}")
+        old_n = old.weight.shape[0]
+        if new_num_tokens != old_n:
+            # As transformers: a new nn.Embedding (its own default init draws from the RNG too), new rows initialised,
+            # old rows copied, and the data swapped into the existing Parameter, so a tied lm_head (the same
+            # Parameter) has the new rows as well.
+            new = nn.Embedding(new_num_tokens, old.weight.shape[1], device=old.weight.device, dtype=old.weight.dtype)
+            self._init_new_rows(old.weight, new.weight, mean_resizing)
+            n = min(old_n, new_num_tokens)
+            new.weight.data[:n] = old.weight.data[:n]
+            old.weight.data = new.weight.data
+            old.num_embeddings = new_num_tokens
+        head = self.get_output_embeddings()
+        if head is not None:
+            if head.weight.shape[0] != new_num_tokens:  # untied: a new Linear, initialised like the embedding
+                new_head = nn.Linear(head.in_features, new_num_tokens, bias=head.bias is not None,
+                                     device=head.weight.device, dtype=head.weight.dtype)
+                self._init_new_rows(head.weight, new_head.weight, mean_resizing)
+                n = min(head.weight.shape[0], new_num_tokens)
+                new_head.weight.data[:n] = head.weight.data[:n]
+                new_head.requires_grad_(head.weight.requires_grad)
+                self.set_output_embeddings(new_head)
+            else:
+                head.out_features = new_num_tokens
+        self.config.vocab_size = new_num_tokens
+        self.tie_weights()
+        return self.get_input_embeddings()
+
+    def _init_new_rows(self, old_weight: torch.Tensor, new_weight: torch.Tensor, mean_resizing: bool) -> None:
+        """The rows of new_weight past old_weight's: transformers' _init_added_embeddings_weights_with_mean, or
+        _init_weights' N(0, initializer_range) over the whole new tensor (the kept rows are copied over after)."""
+        old_n, added = old_weight.shape[0], new_weight.shape[0] - old_weight.shape[0]
+        if added <= 0:
+            return
+        if not mean_resizing:
+            nn.init.normal_(new_weight, mean=0.0, std=self.config.initializer_range)
+            return
+        w = old_weight.data.to(torch.float32)
+        mean = w.mean(dim=0)
+        centered = w - mean
+        covariance = centered.T @ centered / old_n  # (C, C)
+        epsilon = 1e-9
+        if torch.distributions.constraints.positive_definite.check(epsilon * covariance).all():
+            dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=epsilon * covariance)
+            new_weight.data[-added:] = dist.sample(sample_shape=(added,)).to(old_weight.dtype)
+        else:
+            new_weight.data[-added:] = mean[None, :].repeat(added, 1).to(old_weight.dtype)
+
     # --- convenience like transformers ---
     @property
     def device(self) -> torch.device:
@@ -287,15 +399,45 @@ class GPT2PreTrainedModel(nn.Module):
 
     # --- Hugging Face folders (gpt2/hf_io.py) ---
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, dtype="auto", **config_overrides):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, config=None,
+                        dtype="auto", device_map=None, subfolder: str = "", **kwargs):
         """Load an HF GPT-2 folder (config.json + model.safetensors, or a sharded index) or hub id.
 
         dtype: "auto" keeps the dtype the folder was saved in; a torch.dtype converts; None -> float32.
-        Extra keyword arguments override config fields (e.g. attn_implementation="eager", num_labels=3).
+        config: a GPT2Config to use instead of the folder's config.json. device_map: a device ("cpu", "cuda:0", 0,
+        a torch.device) or "auto" (the first GPU, else the CPU) to put the whole model on; subfolder: the model sits in
+        <folder>/<subfolder>; revision / cache_dir / token / local_files_only / force_download: for hub ids.
+        trust_remote_code, low_cpu_mem_usage and use_safetensors=True change nothing here (no remote code; the
+        weights are always loaded without a second copy, from safetensors). Other keyword arguments override config
+        fields (e.g. attn_implementation="eager", num_labels=3); anything else raises one sentence naming it.
         """
-        if "torch_dtype" in config_overrides:  # the transformers < 4.56 spelling
-            dtype = config_overrides.pop("torch_dtype")
-        return hf_io.load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, **config_overrides)
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes the folder and keyword arguments only; got "
+                            f"{len(model_args)} extra positional argument(s).")
+        if "torch_dtype" in kwargs:  # the transformers < 4.56 spelling
+            dtype = kwargs.pop("torch_dtype")
+        hub = {k: kwargs.pop(k) for k in _HUB_ARGUMENTS if k in kwargs}
+        for key in ("trust_remote_code", "low_cpu_mem_usage"):
+            kwargs.pop(key, None)
+        if kwargs.pop("use_safetensors", None) is False:
+            raise ValueError("use_safetensors=False: gpt2 loads safetensors only (never pickle); convert the folder "
+                             "with transformers' save_pretrained(safe_serialization=True).")
+        fields = {f.name for f in dataclasses.fields(GPT2Config)} | {"torch_dtype"}
+        unknown = sorted(k for k in kwargs if k not in fields)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pretrained got {unknown}, which are neither GPT2Config fields nor "
+                            f"loading options gpt2 implements (config, dtype, device_map, subfolder, "
+                            f"{', '.join(_HUB_ARGUMENTS)}).")
+        model = hf_io.load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, config=config,
+                                      subfolder=subfolder, hub_kwargs=hub, **kwargs)
+        if device_map is not None:
+            if isinstance(device_map, dict):
+                raise ValueError("device_map as a dict (layers spread over devices) is not supported; pass one "
+                                 "device, e.g. device_map='cuda:0', or 'auto'.")
+            if device_map == "auto":
+                device_map = "cuda:0" if torch.cuda.is_available() else "cpu"
+            model.to(torch.device(device_map) if not isinstance(device_map, int) else torch.device("cuda", device_map))
+        return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         max_shard_size: int | str = "5GB") -> None:
@@ -334,7 +476,16 @@ class GPT2Model(GPT2PreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        *,
+        cache: tuple | list | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
     ) -> GPT2ModelOutput:
+        past_key_values = _past(past_key_values, cache)
+        if encoder_hidden_states is not None or encoder_attention_mask is not None:
+            raise ValueError("encoder_hidden_states / encoder_attention_mask feed cross-attention (add_cross_attention"
+                             "=True), which gpt2-forge's GPT-2 does not have; drop them.")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds.")
         # Inputs may have extra leading dims (GPT2DoubleHeadsModel: (B, n_choices, T)); flatten them into the batch.
@@ -346,6 +497,15 @@ class GPT2Model(GPT2PreTrainedModel):
             token_type_ids = token_type_ids.reshape(-1, T)
         if position_ids is not None:
             position_ids = position_ids.reshape(-1, T)
+        # generate()'s decode steps (its StaticKVCache already filled) feed back its own argmax/sampled ids and
+        # positions: only the prompt, at the prefill, needs the check
+        if not (isinstance(past_key_values, StaticKVCache) and past_key_values.length > 0):
+            if input_ids is not None and inputs_embeds is None:
+                _check_ids(input_ids, "input_ids", self.wte.num_embeddings, "tokens")
+            if token_type_ids is not None:
+                _check_ids(token_type_ids, "token_type_ids", self.wte.num_embeddings, "tokens")
+            if position_ids is not None:
+                _check_ids(position_ids, "position_ids", self.config.n_positions, "positions")
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds.reshape(-1, T, inputs_embeds.size(-1))
         B = x.size(0)
 
@@ -369,9 +529,12 @@ class GPT2Model(GPT2PreTrainedModel):
                 raise ValueError(f"attention_mask has length {attention_mask.size(-1)} but past + input is "
                                  f"{past_len + T}; it must cover the cached tokens too.")
             if position_ids is None:
-                # Left padding: count positions from the first real token, as transformers' generate() does
-                # (GenerationMixin._prepare_position_ids_for_generation). Right padding / no padding: = arange.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)[:, past_len:]
+                # Left padding: count positions from each row's first real token, as transformers' generate() does
+                # (GenerationMixin._prepare_position_ids_for_generation), so a left-padded row computes what the
+                # unpadded row does. transformers' forward counts from column 0 instead; everywhere else (no or
+                # right padding, and the pad positions after the last real token) this is its arange exactly.
+                first = attention_mask.long().argmax(-1, keepdim=True)  # (B, 1): left pads before the first real token
+                position_ids = (torch.arange(past_len, past_len + T, device=x.device) - first).clamp(min=0)  # (B, T)
             mask = _padding_causal_mask(attention_mask, T, past_len)  # (B, 1, T, T_past + T)
         elif past_len == 0:
             is_causal = True  # the fast path: fused kernels apply causality without a mask tensor
@@ -411,19 +574,39 @@ class GPT2Model(GPT2PreTrainedModel):
         if output_hidden_states:
             all_hidden.append(x)  # the last entry is the final LayerNorm output, like transformers
             all_hidden = tuple(h.view(out_shape) for h in all_hidden)
-        return GPT2ModelOutput(
+        return _returned(GPT2ModelOutput(
             last_hidden_state=x,
             past_key_values=(presents if static else tuple(presents)) if use_cache else None,
             hidden_states=all_hidden,
             attentions=tuple(all_att) if output_attentions else None,
-        )
+            cross_attentions=() if output_attentions else None,
+        ), return_dict)
+
+
+def _check_ids(ids: torch.Tensor, name: str, size: int, what: str) -> None:
+    """One sentence naming an id outside [0, size) instead of the embedding's bare "IndexError: index out of range".
+
+    Only for CPU tensors, where min/max is a cheap host computation: on an accelerator reading the result back would
+    stall the launch queue every step (a host sync), so there the embedding's own device-side assert reports it.
+    """
+    if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = torch.aminmax(ids)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= size:
+        bad = hi if hi >= size else lo
+        fix = ("resize the model with model.resize_token_embeddings(len(tokenizer)) after adding tokens, or use the "
+               "tokenizer the model was trained with") if what == "tokens" else "keep positions below n_positions"
+        raise ValueError(f"{name} holds the id {bad}, but the model has {size} {what} (ids 0 to {size - 1}); {fix}.")
 
 
 def _padding_causal_mask(attention_mask, T, past_len, device=None):
     """Bool mask (B or 1, 1, T, T_past + T), True = may attend: causal (with the cache offset) and not a pad key.
 
-    Every query also keeps its own key: a left-pad query would otherwise see nothing, and a fully masked row gives
-    NaN in SDPA (and NaN gradients). Outputs at pad positions are never used.
+    A query that may attend nothing (left padding: a pad before every real token) keeps its own key, since a fully
+    masked row gives NaN in SDPA (and NaN gradients); such outputs are never used. Every other row is exactly
+    transformers' mask, so a right-padded pad position computes what it computes there (QA's loss reads the logits
+    of every position).
     """
     device = attention_mask.device if attention_mask is not None else device
     Tk = past_len + T
@@ -431,7 +614,8 @@ def _padding_causal_mask(attention_mask, T, past_len, device=None):
     k_pos = torch.arange(Tk, device=device).view(1, Tk)
     keep = k_pos <= q_pos  # (T, Tk) causal
     if attention_mask is not None:
-        keep = (keep & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)  # (B, 1, T, Tk)
+        keep = keep & attention_mask.bool()[:, None, None, :]  # (B, 1, T, Tk)
+        keep = keep | ((k_pos == q_pos) & ~keep.any(dim=-1, keepdim=True))  # empty rows: the query's own key
     else:
         keep = keep.view(1, 1, T, Tk)
     return keep
@@ -441,12 +625,15 @@ def _padding_causal_mask(attention_mask, T, past_len, device=None):
 # Heads: each is the trunk plus one small module, sharing base_model_prefix="transformer".
 
 
-def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
     # Shift the labels left (pad with -100) rather than slicing the logits: same loss, no copy of the (B, T, V) logits
-    # (transformers' ForCausalLMLoss). Loss in fp32 even when the logits are bf16.
+    # (transformers' ForCausalLMLoss). Loss in fp32 even when the logits are bf16. With num_items_in_batch (gradient
+    # accumulation over uneven batches), the sum over tokens divided by it, as there.
     shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), shift_labels.reshape(-1).to(logits.device),
-                           ignore_index=-100)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), shift_labels.reshape(-1).to(logits.device),
+                           ignore_index=-100, reduction=reduction)
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
 
 
 class GPT2LMHeadModel(GPT2PreTrainedModel):
@@ -455,20 +642,34 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         self.transformer = GPT2Model(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.init_weights()  # also ties lm_head to wte (GPT-2 shares input and output embeddings)
+        # generate()'s defaults; from_pretrained replaces it with the folder's generation_config.json when present
+        self.generation_config = generation.GenerationConfig.from_model_config(config)
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                output_hidden_states=False, logits_to_keep: int = 0) -> CausalLMOutput:
+                output_hidden_states=False, logits_to_keep: int | torch.Tensor = 0, *, cache=None,
+                encoder_hidden_states=None, encoder_attention_mask=None, num_items_in_batch=None,
+                return_dict=None) -> CausalLMOutput:
+        """Logits (B, T, V) and, with labels (B, T), the next-token cross-entropy (labels shifted inside, -100
+        ignored; mean over tokens, or summed / num_items_in_batch as transformers' ForCausalLMLoss). logits_to_keep:
+        an int keeps the last n positions (0 = all), a 1-D tensor the positions it lists."""
+        past_key_values = _past(past_key_values, cache)
         if labels is not None and input_ids is not None and inputs_embeds is None and self._sparse_embedding_grad():
+            _check_ids(input_ids, "input_ids", self.lm_head.weight.shape[0], "tokens")
             inputs_embeds, input_ids = F.embedding(input_ids, self.lm_head.weight, sparse=True), None
         out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
-                               inputs_embeds, use_cache, output_attentions, output_hidden_states)
+                               inputs_embeds, use_cache, output_attentions, output_hidden_states,
+                               encoder_hidden_states=encoder_hidden_states,
+                               encoder_attention_mask=encoder_attention_mask)
         h = out.last_hidden_state
-        if logits_to_keep:  # generation only needs the last position's logits
+        if isinstance(logits_to_keep, torch.Tensor):
+            h = h[:, logits_to_keep]
+        elif logits_to_keep:  # generation only needs the last position's logits
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)  # (B, T, V)
-        loss = _lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+        loss = _lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        return _returned(CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions,
+                                        out.cross_attentions), return_dict)
 
     def _sparse_embedding_grad(self) -> bool:
         """Whether the token lookup of a training forward may hand autograd a sparse gradient.
@@ -484,12 +685,12 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         return (w is self.transformer.wte.weight and type(w) is nn.Parameter and w.requires_grad
                 and torch.is_grad_enabled() and not hasattr(w, "ds_id") and not torch.compiler.is_compiling())
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, do_sample=False,
-                 temperature=1.0, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, generator=None):
-        """Prompt + new tokens (B, T + n), with a KV cache; see gpt2/generation.py."""
-        return generation.generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                        max_length=max_length, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                        top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
+    def generate(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                 generation_config=None, generator: torch.Generator | None = None, **kwargs):
+        """Prompt + new tokens (B, T + n) with a KV cache, taking transformers 5.24's generate arguments
+        (max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, ...) with
+        its defaults and results; see gpt2/generation.py for the full list and what raises."""
+        return generation.generate(self, input_ids, attention_mask, generation_config, generator, **kwargs)
 
 
 class GPT2SequenceSummary(nn.Module):
@@ -533,10 +734,13 @@ class GPT2DoubleHeadsModel(GPT2PreTrainedModel):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.multiple_choice_head = GPT2SequenceSummary(config)
         self.init_weights()
+        self.generation_config = generation.GenerationConfig.from_model_config(config)
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, mc_token_ids=None, labels=None, mc_labels=None,
-                use_cache=None, output_attentions=False, output_hidden_states=False) -> GPT2DoubleHeadsModelOutput:
+                use_cache=None, output_attentions=False, output_hidden_states=False, *, cache=None,
+                return_dict=None) -> GPT2DoubleHeadsModelOutput:
+        past_key_values = _past(past_key_values, cache)
         out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
                                inputs_embeds, use_cache, output_attentions, output_hidden_states)
         h = out.last_hidden_state  # (B, n_choices, T, C)
@@ -546,8 +750,12 @@ class GPT2DoubleHeadsModel(GPT2PreTrainedModel):
         if mc_labels is not None:
             mc_loss = F.cross_entropy(mc_logits.view(-1, mc_logits.size(-1)), mc_labels.view(-1))
         lm_loss = _lm_loss(lm_logits, labels) if labels is not None else None
-        return GPT2DoubleHeadsModelOutput(lm_loss, mc_loss, lm_logits, mc_logits, out.past_key_values,
-                                          out.hidden_states, out.attentions)
+        return _returned(GPT2DoubleHeadsModelOutput(lm_loss, mc_loss, lm_logits, mc_logits, out.past_key_values,
+                                                    out.hidden_states, out.attentions), return_dict)
+
+
+    # transformers' GPT2DoubleHeadsModel generates too (its language-model head): the same generate, on (B, T) ids
+    generate = GPT2LMHeadModel.generate
 
 
 class GPT2ForSequenceClassification(GPT2PreTrainedModel):
@@ -562,7 +770,8 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                output_hidden_states=False) -> SequenceClassifierOutput:
+                output_hidden_states=False, *, cache=None, return_dict=None) -> SequenceClassifierOutput:
+        past_key_values = _past(past_key_values, cache)
         out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
                                inputs_embeds, use_cache, output_attentions, output_hidden_states)
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
@@ -598,7 +807,8 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
                 loss = F.cross_entropy(pooled.view(-1, self.num_labels), labels.view(-1))
             else:
                 loss = F.binary_cross_entropy_with_logits(pooled, labels)
-        return SequenceClassifierOutput(loss, pooled, out.past_key_values, out.hidden_states, out.attentions)
+        return _returned(SequenceClassifierOutput(loss, pooled, out.past_key_values, out.hidden_states,
+                                                  out.attentions), return_dict)
 
 
 class GPT2ForTokenClassification(GPT2PreTrainedModel):
@@ -612,12 +822,13 @@ class GPT2ForTokenClassification(GPT2PreTrainedModel):
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                output_hidden_states=False) -> TokenClassifierOutput:
+                output_hidden_states=False, *, cache=None, return_dict=None) -> TokenClassifierOutput:
+        past_key_values = _past(past_key_values, cache)
         out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
                                inputs_embeds, use_cache, output_attentions, output_hidden_states)
         logits = self.classifier(self.dropout(out.last_hidden_state))  # (B, T, num_labels)
         loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1)) if labels is not None else None
-        return TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+        return _returned(TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
 
 
 class GPT2ForQuestionAnswering(GPT2PreTrainedModel):
@@ -631,7 +842,7 @@ class GPT2ForQuestionAnswering(GPT2PreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=False,
-                output_hidden_states=False) -> QuestionAnsweringModelOutput:
+                output_hidden_states=False, *, return_dict=None) -> QuestionAnsweringModelOutput:
         out = self.transformer(input_ids, None, attention_mask, token_type_ids, position_ids, inputs_embeds,
                                False, output_attentions, output_hidden_states)
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)  # 2 x (B, T)
@@ -643,7 +854,8 @@ class GPT2ForQuestionAnswering(GPT2PreTrainedModel):
             end = end_positions.reshape(-1).clamp(0, T)
             loss = (F.cross_entropy(start_logits, start, ignore_index=T)
                     + F.cross_entropy(end_logits, end, ignore_index=T)) / 2
-        return QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
+        return _returned(QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states,
+                                                      out.attentions), return_dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------

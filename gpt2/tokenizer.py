@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -68,11 +69,21 @@ class BatchEncoding(dict):
         self.update(state["data"])
         self.encodings = state["encodings"]
 
-    def to(self, device: Any) -> "BatchEncoding":
+    def __getitem__(self, item: Any) -> Any:
+        """enc["input_ids"] -> the values; enc[i] -> the i-th backend Encoding; enc[a:b] -> a dict of row slices."""
+        if isinstance(item, str):
+            return super().__getitem__(item)
+        if isinstance(item, int) and self.encodings is not None:
+            return self.encodings[item]
+        if isinstance(item, slice):
+            return {k: v[item] for k, v in self.items()}
+        raise KeyError(f"BatchEncoding takes a key (str), a row index (int) or a slice, got {item!r}")
+
+    def to(self, device: Any, *, non_blocking: bool = False) -> "BatchEncoding":
         """Move every tensor value to `device` (in place, returns self, as transformers does)."""
         for key, value in self.items():
             if hasattr(value, "to"):
-                self[key] = value.to(device)
+                self[key] = value.to(device, non_blocking=non_blocking)
         return self
 
     def tokens(self, batch_index: int = 0) -> list[str]:
@@ -81,10 +92,28 @@ class BatchEncoding(dict):
     def word_ids(self, batch_index: int = 0) -> list[int | None]:
         return self.encodings[batch_index].word_ids
 
-    def char_to_token(self, batch_or_char_index: int, char_index: int | None = None) -> int | None:
-        if char_index is None:
-            batch_or_char_index, char_index = 0, batch_or_char_index
-        return self.encodings[batch_or_char_index].char_to_token(char_index)
+    def sequence_ids(self, batch_index: int = 0) -> list[int | None]:
+        """Per token: 0 (first text), 1 (text_pair) or None (special/pad), as transformers'."""
+        return self.encodings[batch_index].sequence_ids
+
+    def _row(self, batch_or_index: int, index: int | None) -> tuple[int, int]:
+        return (0, batch_or_index) if index is None else (batch_or_index, index)
+
+    def char_to_token(self, batch_or_char_index: int, char_index: int | None = None, sequence_index: int = 0) -> int | None:
+        b, c = self._row(batch_or_char_index, char_index)
+        return self.encodings[b].char_to_token(c, sequence_index)
+
+    def token_to_chars(self, batch_or_token_index: int, token_index: int | None = None) -> tuple[int, int] | None:
+        b, t = self._row(batch_or_token_index, token_index)
+        return self.encodings[b].token_to_chars(t)
+
+    def token_to_word(self, batch_or_token_index: int, token_index: int | None = None) -> int | None:
+        b, t = self._row(batch_or_token_index, token_index)
+        return self.encodings[b].token_to_word(t)
+
+    def token_to_sequence(self, batch_or_token_index: int, token_index: int | None = None) -> int | None:
+        b, t = self._row(batch_or_token_index, token_index)
+        return self.encodings[b].token_to_sequence(t)
 
 
 # ------------------------------------------------------------------------------------------------ backend building
@@ -121,8 +150,9 @@ def _read_json(path: str) -> Any:
         raise ValueError(f"{path} is not valid JSON ({e}); re-save the tokenizer with save_pretrained") from e
 
 
-def _resolve_folder(name_or_path: str | os.PathLike) -> str:
-    """A local folder (or tokenizer.json file) as is; otherwise a hub id downloaded with huggingface_hub."""
+def _resolve_folder(name_or_path: str | os.PathLike, subfolder: str = "", **hub_kwargs: Any) -> str:
+    """A local folder (or tokenizer.json file) as is; otherwise a hub id downloaded with huggingface_hub
+    (hub_kwargs: cache_dir, force_download, local_files_only, token, revision)."""
     path = os.path.expanduser(os.fspath(name_or_path))
     if os.path.isdir(path) or os.path.isfile(path):
         return path
@@ -140,7 +170,8 @@ def _resolve_folder(name_or_path: str | os.PathLike) -> str:
             "`pip install huggingface_hub`, or pass a local tokenizer folder"
         ) from e
     try:
-        return snapshot_download(repo_id=path, allow_patterns=HUB_FILES)
+        patterns = [f"{subfolder}/{f}" for f in HUB_FILES] if subfolder else HUB_FILES
+        return snapshot_download(repo_id=path, allow_patterns=patterns, **hub_kwargs)
     except Exception as e:  # network, auth, missing repo: one sentence naming both readings of the argument
         reason = " ".join(str(e).split())  # hub errors span several lines; keep the message one sentence
         raise FileNotFoundError(
@@ -227,11 +258,38 @@ class GPT2TokenizerFast:
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "GPT2TokenizerFast":
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *init_inputs: Any,
+        cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        revision: str = "main",
+        subfolder: str = "",
+        trust_remote_code: bool = False,
+        use_fast: bool = True,
+        **kwargs: Any,
+    ) -> "GPT2TokenizerFast":
         """Load a tokenizer folder (tokenizer.json, or vocab.json + merges.txt; plus tokenizer_config.json /
         special_tokens_map.json when present), a tokenizer.json file, or a Hugging Face hub id.
-        Keyword arguments override what the folder's config says (e.g. `padding_side="left"`)."""
-        path = _resolve_folder(pretrained_model_name_or_path)
+
+        transformers' loading arguments: cache_dir / force_download / local_files_only / token / revision go to
+        huggingface_hub for hub ids; subfolder reads <folder>/<subfolder>; trust_remote_code and use_fast change
+        nothing (there is no remote code, and this is the fast tokenizer). Other keyword arguments override what the
+        folder's config says (e.g. `padding_side="left"`, `add_prefix_space=True`, `pad_token="<|endoftext|>"`).
+        """
+        if init_inputs:
+            raise TypeError(f"from_pretrained takes the folder and keyword arguments only, got {len(init_inputs)} "
+                            "extra positional argument(s); pass settings as keywords, e.g. padding_side='left'")
+        hub = dict(cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only,
+                   token=token, revision=revision)
+        path = _resolve_folder(pretrained_model_name_or_path, subfolder, **hub)
+        if subfolder:
+            path = os.path.join(path, subfolder)
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"subfolder {subfolder!r} does not exist in {pretrained_model_name_or_path!s}")
         folder, tokenizer_json = (os.path.dirname(path), path) if os.path.isfile(path) else (path, None)
 
         def file(name: str) -> str | None:
@@ -294,6 +352,11 @@ class GPT2TokenizerFast:
                 kw = {k: spec[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in spec}
                 token = AddedToken(content, special=bool(spec.get("special", True)), **kw)
                 (backend.add_special_tokens if token.special else backend.add_tokens)([token])
+        if "add_prefix_space" in init and isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel):
+            # transformers' GPT2Tokenizer rebuilds its pre-tokenizer from add_prefix_space (folder config or call),
+            # whatever tokenizer.json says; so does this loader.
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(init["add_prefix_space"]),
+                                                             use_regex=True)
         return cls(backend, **init)
 
     # ------------------------------------------------------------------------------------------------- saving
@@ -311,16 +374,26 @@ class GPT2TokenizerFast:
         merges = next(f for f in files if f.endswith(MERGES_FILE))
         return vocab, merges
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> tuple[str, ...]:
+    def save_pretrained(self, save_directory: str | os.PathLike, legacy_format: bool | None = None,
+                        filename_prefix: str | None = None, push_to_hub: bool = False) -> tuple[str, ...]:
         """Write tokenizer.json, vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json:
-        a folder that both this class and `transformers.GPT2TokenizerFast.from_pretrained` load."""
+        a folder that both this class and `transformers.GPT2TokenizerFast.from_pretrained` load. Returns the paths.
+
+        filename_prefix names the files "<prefix>-tokenizer.json" etc., as transformers does. legacy_format is
+        accepted and changes nothing: both the fast (tokenizer.json) and the legacy (vocab.json + merges.txt) files
+        are always written. push_to_hub=True raises: upload the folder with huggingface_hub instead.
+        """
+        if push_to_hub:
+            raise ValueError("push_to_hub=True is not supported here; save the folder, then upload it with "
+                             "huggingface_hub.upload_folder(repo_id=..., folder_path=save_directory)")
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise NotADirectoryError(f"save_pretrained needs a folder, but {save_directory!r} is a file")
         os.makedirs(save_directory, exist_ok=True)
-        tokenizer_json = os.path.join(save_directory, TOKENIZER_FILE)
+        prefix = f"{filename_prefix}-" if filename_prefix else ""
+        tokenizer_json = os.path.join(save_directory, prefix + TOKENIZER_FILE)
         self._tokenizer.save(tokenizer_json)
-        written = [tokenizer_json, *self.save_vocabulary(save_directory)]
+        written = [tokenizer_json, *self.save_vocabulary(save_directory, filename_prefix)]
 
         added = {idx: {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                        "single_word": t.single_word, "special": t.special}
@@ -346,7 +419,7 @@ class GPT2TokenizerFast:
         for name, content in [(TOKENIZER_CONFIG_FILE, config), (SPECIAL_TOKENS_MAP_FILE, special_map)] + (
             [(ADDED_TOKENS_FILE, legacy_added)] if legacy_added else []
         ):
-            path = os.path.join(save_directory, name)
+            path = os.path.join(save_directory, prefix + name)
             with open(path, "w", encoding="utf-8") as f:
                 f.write(json.dumps(content, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
             written.append(path)
@@ -474,120 +547,228 @@ class GPT2TokenizerFast:
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return self._tokenizer.decoder.decode(tokens)
 
-    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).tokens
+    def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False, **kwargs: Any) -> list[str]:
+        """Token strings of `text` (and of `pair` after it), as transformers' `tokenize`: no special tokens unless
+        asked; other keyword arguments are `__call__`'s."""
+        return self(text, pair, add_special_tokens=add_special_tokens, **kwargs).tokens()
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        """How many special tokens encoding adds to one text (or a pair): 0 for GPT-2 unless add_bos/eos_token."""
+        return self._tokenizer.num_special_tokens_to_add(pair)
+
+    @property
+    def pad_token_type_id(self) -> int:
+        return 0
 
     # ------------------------------------------------------------------------------------------------ encoding
     def __call__(
         self,
-        text: str | list[str] | tuple[str, ...],
+        text: str | list[str] | list[list[str]] | None = None,
+        text_pair: str | list[str] | list[list[str]] | None = None,
+        text_target: str | list[str] | None = None,
+        text_pair_target: str | list[str] | None = None,
+        add_special_tokens: bool = True,
         padding: bool | str = False,
         truncation: bool | str | None = None,
         max_length: int | None = None,
-        return_tensors: str | None = None,
-        return_attention_mask: bool | None = True,
-        return_offsets_mapping: bool = False,
-        add_special_tokens: bool = True,
+        stride: int = 0,
+        is_split_into_words: bool = False,
         pad_to_multiple_of: int | None = None,
         padding_side: str | None = None,
+        return_tensors: str | None = None,
         return_token_type_ids: bool | None = None,
+        return_attention_mask: bool | None = None,
+        return_overflowing_tokens: bool = False,
         return_special_tokens_mask: bool = False,
+        return_offsets_mapping: bool = False,
         return_length: bool = False,
+        verbose: bool = True,
+        tokenizer_kwargs: Mapping[str, Any] | None = None,
+        split_special_tokens: bool = False,
+        max_target_length: int | None = None,
     ) -> BatchEncoding:
-        """Tokenize one text (lists of ints) or a batch (lists of lists; tensors of shape (B, T) with
-        return_tensors="pt"). Padding and truncation follow transformers (`tokenization_utils_base.
-        _get_padding_truncation_strategies`): max_length alone truncates; padding=True pads to the longest."""
-        batched = isinstance(text, (list, tuple))
-        texts = list(text) if batched else [text]
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"text must be a str or a list of str; item {i} is {type(t).__name__}")
+        """Tokenize one text or a batch, or pairs (`text`, `text_pair`), with transformers 5's signature and results.
 
-        pad_to, truncate_to, side = self._padding_truncation(padding, truncation, max_length, padding_side)
-        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens and truncate_to is None)
-        if truncate_to is not None:
-            # Truncate the content, then add special tokens inside the budget, as the backend pipeline does.
-            n_special = self._tokenizer.num_special_tokens_to_add(False) if add_special_tokens else 0
-            if truncate_to <= n_special:
-                raise ValueError(f"max_length={truncate_to} leaves no room for text next to the {n_special} special "
-                                 "token(s) this tokenizer adds; raise max_length or pass add_special_tokens=False")
-            for enc in encodings:
-                enc.truncate(truncate_to - n_special, direction=self.truncation_side)
-            if add_special_tokens:
-                encodings = [self._tokenizer.post_process(enc, None, True) for enc in encodings]
-        if pad_to is not None:
-            length = max((len(e.ids) for e in encodings), default=0) if pad_to == "longest" else pad_to
-            if pad_to_multiple_of and length % pad_to_multiple_of:
-                length += pad_to_multiple_of - length % pad_to_multiple_of
-            for enc in encodings:
-                enc.pad(length, direction=side, pad_id=self.pad_token_id, pad_type_id=0, pad_token=self.pad_token)
+        One str gives lists of ints; a list gives lists of lists, or (B, T) tensors with return_tensors="pt"/"np".
+        Pairs are concatenated as transformers' GPT-2 tokenizer does (no separator: GPT-2 adds no special tokens),
+        with token_type_ids 0 for the first text and 1 for the second when return_token_type_ids=True.
+        Padding/truncation follow `tokenization_utils_base._get_padding_truncation_strategies`: max_length alone
+        truncates, padding=True pads to the longest, truncation=True without max_length cuts at model_max_length.
+        Like transformers' fast tokenizer, the padding, truncation (longest_first / only_first / only_second, stride,
+        overflowing windows) and pair handling are the Rust `tokenizers` pipeline's, set for this call only.
+        text_target adds `labels` (the target's input_ids). Raises ValueError for inputs transformers rejects (no pad
+        token when padding, an unknown strategy, texts that are not str), with one sentence naming the fix.
+        """
+        if tokenizer_kwargs:  # transformers merges them over the explicit arguments
+            args = {k: v for k, v in locals().items() if k not in ("self", "tokenizer_kwargs")}
+            return self(**{**args, **dict(tokenizer_kwargs)})
+        if text is None and text_target is None:
+            raise ValueError("nothing to tokenize: pass the text, e.g. tokenizer('Hello world') (or text_target=... "
+                             "for labels)")
+        common = dict(
+            add_special_tokens=add_special_tokens, padding=padding, truncation=truncation, stride=stride,
+            is_split_into_words=is_split_into_words, pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side, return_tensors=return_tensors, return_token_type_ids=return_token_type_ids,
+            return_attention_mask=return_attention_mask, return_overflowing_tokens=return_overflowing_tokens,
+            return_special_tokens_mask=return_special_tokens_mask, return_offsets_mapping=return_offsets_mapping,
+            return_length=return_length, verbose=verbose, split_special_tokens=split_special_tokens,
+        )  # fmt: skip
+        encoded = self._encode_plus(text, text_pair, max_length=max_length, **common) if text is not None else None
+        if text_target is None:
+            return encoded
+        target_length = max_target_length if max_target_length is not None else max_length
+        target = self._encode_plus(text_target, text_pair_target, max_length=target_length, **common)
+        if encoded is None:
+            return target
+        encoded["labels"] = target["input_ids"]
+        return encoded
 
-        data: dict[str, list] = {"input_ids": [e.ids for e in encodings]}
-        if return_token_type_ids:
-            data["token_type_ids"] = [e.type_ids for e in encodings]
-        if return_attention_mask or return_attention_mask is None:
-            data["attention_mask"] = [e.attention_mask for e in encodings]
-        if return_special_tokens_mask:
-            data["special_tokens_mask"] = [e.special_tokens_mask for e in encodings]
-        if return_offsets_mapping:
-            data["offset_mapping"] = [e.offsets for e in encodings]
-        if return_length:
-            data["length"] = [len(e.ids) for e in encodings]
-        if return_tensors is not None:
-            data = {k: _to_tensor(k, v, return_tensors) for k, v in data.items()}
-        elif not batched:
-            data = {k: v[0] for k, v in data.items()}
-        return BatchEncoding(data, encodings)
-
-    def _padding_truncation(self, padding, truncation, max_length, padding_side):
-        """-> (pad_to: None | "longest" | int, truncate_to: None | int, padding side)."""
-        if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 1):
-            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-        if max_length is not None and padding is False and truncation is None:
-            truncation = True  # transformers: "if you only set max_length, it activates truncation"
-        if padding in (True, "longest"):
-            pad_to = "longest"
-        elif padding == "max_length":
-            limit = max_length if max_length is not None else self.model_max_length
-            pad_to = None if limit > LARGE_INTEGER else limit  # unbounded model_max_length: nothing to pad to
-        elif padding in (False, None, "do_not_pad"):
-            pad_to = None
+    def _encode_plus(self, text, text_pair, *, add_special_tokens, padding, truncation, max_length, stride,
+                     is_split_into_words, pad_to_multiple_of, padding_side, return_tensors, return_token_type_ids,
+                     return_attention_mask, return_overflowing_tokens, return_special_tokens_mask,
+                     return_offsets_mapping, return_length, verbose, split_special_tokens) -> BatchEncoding:
+        """transformers' TokenizersBackend._encode_plus: one backend encode_batch with this call's settings."""
+        pad_to, strategy, max_length = self._padding_truncation(padding, truncation, max_length, pad_to_multiple_of,
+                                                                verbose)
+        _check_text_input(text, "text")
+        if text_pair is not None:
+            _check_text_input(text_pair, "text_pair")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
+        if is_split_into_words:
+            batched = bool(isinstance(text, (list, tuple)) and text and isinstance(text[0], (list, tuple)))
         else:
-            raise ValueError(f"padding must be True/False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
-        if truncation in (True, "longest_first", "only_first"):
-            limit = max_length if max_length is not None else self.model_max_length
-            truncate_to = None if limit > LARGE_INTEGER else limit
-        elif truncation in (False, None, "do_not_truncate"):
-            truncate_to = None
+            batched = isinstance(text, (list, tuple))
+        if batched:
+            if isinstance(text_pair, str):
+                raise TypeError("when tokenizing a batch, text_pair must be a list as long as text, not one str")
+            if text_pair is not None and len(text) != len(text_pair):
+                raise ValueError(f"text has {len(text)} items but text_pair has {len(text_pair)}; pass one pair "
+                                 "text per text")
+            inputs = list(zip(text, text_pair)) if text_pair is not None else list(text)
         else:
-            raise ValueError(f"truncation must be True/False or 'longest_first', got {truncation!r}")
-        if pad_to is not None and self.pad_token is None:
-            raise ValueError(
-                "Asking to pad but the tokenizer has no pad token (GPT-2 has none); set one first, e.g. "
-                "`tokenizer.pad_token = tokenizer.eos_token`"
-            )
-        side = padding_side or self.padding_side
+            inputs = [(text, text_pair)] if text_pair else [text]  # an empty text_pair means no pair, as in HF
+        side = padding_side if padding_side is not None else self.padding_side
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
         if self.truncation_side not in ("left", "right"):
             raise ValueError(f"truncation_side must be 'left' or 'right', got {self.truncation_side!r}")
-        return pad_to, truncate_to, side
+
+        backend = self._tokenizer
+        try:
+            if strategy is not None:
+                backend.enable_truncation(max_length, stride=stride, strategy=strategy, direction=self.truncation_side)
+            if pad_to is not None:
+                backend.enable_padding(direction=side, pad_id=self.pad_token_id, pad_type_id=self.pad_token_type_id,
+                                       pad_token=self.pad_token, pad_to_multiple_of=pad_to_multiple_of,
+                                       length=max_length if pad_to == "max_length" else None)
+            backend.encode_special_tokens = bool(split_special_tokens)
+            encodings = backend.encode_batch(inputs, add_special_tokens=add_special_tokens,
+                                             is_pretokenized=is_split_into_words)
+        except Exception as e:  # the Rust pipeline's errors (e.g. "Truncation error: ...") as one sentence
+            if type(e) is not Exception:
+                raise
+            raise ValueError(f"cannot encode this input: {e}") from None
+        finally:  # never leave this call's settings on the backend (encode_batch() and the data pipeline use it)
+            backend.no_truncation()
+            backend.no_padding()
+            backend.encode_special_tokens = False
+
+        if return_token_type_ids is None:
+            return_token_type_ids = "token_type_ids" in self.model_input_names
+        if return_attention_mask is None:
+            return_attention_mask = "attention_mask" in self.model_input_names
+        rows, sample_of_row = [], []
+        for i, enc in enumerate(encodings):  # overflowing windows become extra rows, as in transformers
+            group = [enc, *enc.overflowing] if return_overflowing_tokens else [enc]
+            rows += group
+            sample_of_row += [i] * len(group)
+        data: dict[str, list] = {"input_ids": [e.ids for e in rows]}
+        if return_token_type_ids:
+            data["token_type_ids"] = [e.type_ids for e in rows]
+        if return_attention_mask:
+            data["attention_mask"] = [e.attention_mask for e in rows]
+        if return_special_tokens_mask:
+            data["special_tokens_mask"] = [e.special_tokens_mask for e in rows]
+        if return_offsets_mapping:
+            data["offset_mapping"] = [e.offsets for e in rows]
+        if return_length:
+            data["length"] = [len(e.ids) for e in rows]
+        if return_overflowing_tokens:
+            data["overflow_to_sample_mapping"] = sample_of_row
+        if return_tensors is not None:
+            data = {k: _to_tensor(k, v, return_tensors) for k, v in data.items()}
+        elif not batched and not return_overflowing_tokens:
+            data = {k: v[0] if v and isinstance(v[0], list) else v for k, v in data.items()}
+        return BatchEncoding(data, rows)
+
+    def _padding_truncation(self, padding, truncation, max_length, pad_to_multiple_of=None, verbose=True):
+        """-> (pad_to: None | "longest" | "max_length", truncation strategy or None, max_length), as transformers'
+        `_get_padding_truncation_strategies` (transformers' PaddingStrategy/TruncationStrategy enums are str
+        enums, so they compare equal to these strings)."""
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))
+                                       or max_length < 0):
+            raise ValueError(f"max_length must be an int >= 0, got {max_length!r}")
+        if max_length is not None and padding is False and truncation is None:
+            truncation = "longest_first"  # transformers: "if you only set max_length, it activates truncation"
+        if padding is True or padding == "longest":
+            if padding is True and verbose and max_length is not None and truncation in (None, False, "do_not_truncate"):
+                warnings.warn("`max_length` is ignored when `padding`=`True` and there is no truncation strategy. "
+                              "To pad to max length, use `padding='max_length'`.", stacklevel=4)
+            pad_to = "longest"
+        elif padding == "max_length":
+            pad_to = "max_length"
+        elif padding is False or padding is None or padding == "do_not_pad":
+            pad_to = None
+        else:
+            raise ValueError(f"padding={padding!r} is not a padding strategy; use True or 'longest', 'max_length', "
+                             "or False")
+        if truncation is True:
+            strategy = "longest_first"
+        elif truncation is False or truncation is None or truncation == "do_not_truncate":
+            strategy = None
+        elif truncation in ("longest_first", "only_first", "only_second"):
+            strategy = str(getattr(truncation, "value", truncation))
+        else:
+            raise ValueError(f"truncation={truncation!r} is not a truncation strategy; use True or 'longest_first', "
+                             "'only_first', 'only_second', or False")
+        if max_length is None:  # unbounded model_max_length: nothing to pad or truncate to, as in transformers
+            if pad_to == "max_length":
+                pad_to, max_length = (None, None) if self.model_max_length > LARGE_INTEGER else (pad_to, self.model_max_length)
+            if strategy is not None:
+                if self.model_max_length > LARGE_INTEGER:
+                    strategy = None
+                else:
+                    max_length = self.model_max_length
+        if pad_to is not None and self.pad_token_id is None:
+            raise ValueError(
+                "Asking to pad but the tokenizer has no pad token (GPT-2 has none); set one first, e.g. "
+                "`tokenizer.pad_token = tokenizer.eos_token`"
+            )
+        if (strategy is not None and pad_to is not None and pad_to_multiple_of is not None and max_length is not None
+                and max_length % pad_to_multiple_of):
+            raise ValueError(f"truncation length max_length={max_length} is not a multiple of pad_to_multiple_of="
+                             f"{pad_to_multiple_of}; pick a max_length that is")
+        return pad_to, strategy, max_length
 
     def encode(
         self,
-        text: str,
+        text: str | list[str],
+        text_pair: str | list[str] | None = None,
         add_special_tokens: bool = True,
+        padding: bool | str = False,
         truncation: bool | str | None = None,
         max_length: int | None = None,
+        stride: int = 0,
+        padding_side: str | None = None,
         return_tensors: str | None = None,
         **kwargs: Any,
     ) -> list[int] | Any:
-        """Token ids of one text (a (1, T) tensor with return_tensors="pt"), as transformers' encode."""
-        if not isinstance(text, str):
-            raise TypeError(f"encode takes one str, got {type(text).__name__}; use encode_batch or __call__ for lists")
-        out = self(text, add_special_tokens=add_special_tokens, truncation=truncation, max_length=max_length,
-                   return_tensors=return_tensors, return_attention_mask=False, **kwargs)
-        return out["input_ids"]
+        """Token ids of one text (or pair): a list of ints, or a (1, T) tensor with return_tensors="pt"; a list of
+        texts gives a list of id lists, as transformers 5's encode. Other keyword arguments are `__call__`'s."""
+        return self(text, text_pair, add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
+                    max_length=max_length, stride=stride, padding_side=padding_side, return_tensors=return_tensors,
+                    return_attention_mask=False, **kwargs)["input_ids"]
 
     def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = False) -> list[list[int]]:
         """Ids of many texts at once, tokenized in parallel by the Rust backend (the dataset-preparation fast
@@ -597,41 +778,136 @@ class GPT2TokenizerFast:
         encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
         return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
 
+    def pad(
+        self,
+        encoded_inputs: Mapping[str, Any] | list[Mapping[str, Any]],
+        padding: bool | str = True,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_attention_mask: bool | None = None,
+        return_tensors: str | None = None,
+        verbose: bool = True,
+    ) -> BatchEncoding:
+        """Pad already-encoded inputs (one `{"input_ids": [...]}`, a dict of lists, or a list of such dicts, e.g. as a
+        DataLoader collate_fn), as transformers' `pad`: input_ids with the pad token, attention_mask with 0,
+        token_type_ids with 0, special_tokens_mask with 1, on `padding_side`. Tensor inputs give tensors back."""
+        if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs and isinstance(encoded_inputs[0], Mapping):
+            encoded_inputs = {key: [ex[key] for ex in encoded_inputs] for key in encoded_inputs[0].keys()}
+        if not isinstance(encoded_inputs, Mapping) or "input_ids" not in encoded_inputs:
+            keys = list(encoded_inputs.keys()) if isinstance(encoded_inputs, Mapping) else type(encoded_inputs).__name__
+            raise ValueError(f"pad() needs encodings holding input_ids (a dict or a list of dicts), got {keys}")
+        data = dict(encoded_inputs)
+        required = data["input_ids"]
+        if required is None or len(required) == 0:
+            if return_attention_mask:
+                data["attention_mask"] = []
+            return BatchEncoding(data)
+        first = required[0]
+        if isinstance(first, (list, tuple)):
+            first = next((row[0] for row in required if len(row)), first)
+        if not isinstance(first, (int, list, tuple)):  # tensors / arrays: pad as lists, give the same type back
+            if type(first).__module__.startswith("torch"):
+                return_tensors = return_tensors or "pt"
+            elif isinstance(first, (np.ndarray, np.generic)):
+                return_tensors = return_tensors or "np"
+            else:
+                raise ValueError(f"pad() reads lists, numpy arrays or torch tensors of ids, got {type(first).__name__}")
+            data = {k: (v.tolist() if hasattr(v, "tolist") else [x.tolist() if hasattr(x, "tolist") else x for x in v])
+                    for k, v in data.items()}
+        pad_to, _, max_length = self._padding_truncation(padding, None, max_length, None, verbose)
+        required = data["input_ids"]
+        if required and not isinstance(required[0], (list, tuple)):  # one example
+            out = self._pad_one(data, max_length, pad_to, pad_to_multiple_of, padding_side, return_attention_mask)
+            return BatchEncoding({k: _to_tensor(k, v, return_tensors) for k, v in out.items()} if return_tensors
+                                 else out)
+        lengths = {k: len(v) for k, v in data.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"pad() got keys with different batch sizes: {lengths}")
+        if pad_to == "longest":
+            pad_to, max_length = "max_length", max(len(row) for row in required)
+        batch: dict[str, list] = {}
+        for i in range(len(required)):
+            out = self._pad_one({k: v[i] for k, v in data.items()}, max_length, pad_to, pad_to_multiple_of,
+                                padding_side, return_attention_mask)
+            for k, v in out.items():
+                batch.setdefault(k, []).append(v)
+        if return_tensors:
+            batch = {k: _to_tensor(k, v, return_tensors) for k, v in batch.items()}
+        return BatchEncoding(batch)
+
+    def _pad_one(self, inputs: dict, max_length, pad_to, pad_to_multiple_of, padding_side, return_attention_mask):
+        """transformers' `_pad` for one example."""
+        if return_attention_mask is None:
+            return_attention_mask = "attention_mask" in self.model_input_names
+        inputs = dict(inputs)
+        ids = list(inputs["input_ids"])
+        if pad_to == "longest":
+            max_length = len(ids)
+        if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
+            max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
+        if return_attention_mask and "attention_mask" not in inputs:
+            inputs["attention_mask"] = [1] * len(ids)
+        if pad_to is None or len(ids) == max_length:
+            return inputs
+        n = max(max_length - len(ids), 0)
+        side = padding_side if padding_side is not None else self.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        fills = {"input_ids": self.pad_token_id, "attention_mask": 0, "token_type_ids": self.pad_token_type_id,
+                 "special_tokens_mask": 1}
+        for key, fill in fills.items():
+            if key in inputs and (key != "attention_mask" or return_attention_mask):
+                row = list(inputs[key])
+                inputs[key] = row + [fill] * n if side == "right" else [fill] * n + row
+        return inputs
+
     # ------------------------------------------------------------------------------------------------ decoding
     def decode(
         self,
-        token_ids: int | Iterable[int] | Any,
+        token_ids: int | Iterable[int] | Iterable[Iterable[int]] | Any,
         skip_special_tokens: bool = False,
         clean_up_tokenization_spaces: bool | None = None,
         **_: Any,
-    ) -> str:
-        """Text of a sequence of ids (list, numpy array, 1-D tensor). Byte-level BPE round-trips exactly:
-        decode(encode(s)) == s. Bytes that do not form valid UTF-8 (a cut multi-byte character) become U+FFFD."""
+    ) -> str | list[str]:
+        """Text of a sequence of ids (int, list, numpy array, 1-D tensor); a batch (list of lists, 2-D tensor) gives
+        a list of texts, as transformers 5's decode. Byte-level BPE round-trips exactly: decode(encode(s)) == s.
+        Bytes that do not form valid UTF-8 (a cut multi-byte character) become U+FFFD. Other keyword arguments are
+        accepted and ignored, as transformers' fast tokenizer does."""
         if isinstance(token_ids, Mapping):
             token_ids = token_ids["input_ids"]
-        ids = [int(i) for i in _as_list(token_ids)]
-        text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        return _clean_up(text) if self._clean(clean_up_tokenization_spaces) else text
+        ids = _as_list(token_ids)
+        self._check_clean_up(clean_up_tokenization_spaces)
+        if ids and (isinstance(ids[0], (list, tuple)) or getattr(ids[0], "ndim", 0) >= 1):  # a batch of sequences
+            seqs = [[int(i) for i in _as_list(s)] for s in ids]
+            return self._tokenizer.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def batch_decode(
         self,
         sequences: Iterable[Iterable[int]] | Any,
         skip_special_tokens: bool = False,
         clean_up_tokenization_spaces: bool | None = None,
-        **_: Any,
+        **kwargs: Any,
     ) -> list[str]:
+        """Texts of a batch of id sequences (list of lists, 2-D tensor); one flat sequence gives a one-text list,
+        as in transformers."""
         if isinstance(sequences, Mapping):
             sequences = sequences["input_ids"]
-        seqs = [[int(i) for i in _as_list(s)] for s in _as_list(sequences)]
-        texts = self._tokenizer.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
-        return [_clean_up(t) for t in texts] if self._clean(clean_up_tokenization_spaces) else texts
+        seqs = _as_list(sequences)
+        if len(seqs) == 0:
+            return []
+        out = self.decode(seqs, skip_special_tokens, clean_up_tokenization_spaces, **kwargs)
+        return [out] if isinstance(out, str) else out
 
-    @staticmethod
-    def _clean(flag: bool | None) -> bool:
-        # Only an explicit per-call True cleans up. The folder's clean_up_tokenization_spaces flag is kept (and
-        # saved) but not applied: transformers 4 wrote `true` into many GPT-2 folders, and the WordPiece-era
-        # cleanup (" ." -> ".") breaks byte-level round trips; transformers 5 ignores it for BPE for that reason.
-        return bool(flag)
+    def _check_clean_up(self, flag: bool | None) -> None:
+        # transformers 5 skips the WordPiece-era clean-up (" ." -> ".") for BPE tokenizers even when asked, because
+        # it corrupts byte-level text, and warns; so do we (the folder's flag, which transformers 4 wrote as true into
+        # many GPT-2 folders, is kept and saved but never applied). A per-call True gets the same true warning.
+        if flag:
+            warnings.warn("Ignoring clean_up_tokenization_spaces=True: the clean-up step is for WordPiece tokenizers "
+                          "and corrupts byte-level BPE text, so (as in transformers 5) it is not applied.",
+                          stacklevel=3)
 
     # ------------------------------------------------------------------------------------------------------ misc
     def __repr__(self) -> str:
@@ -646,6 +922,18 @@ class GPT2TokenizerFast:
 GPT2Tokenizer = GPT2TokenizerFast
 
 
+def _check_text_input(t: Any, name: str) -> None:
+    """transformers' `_is_valid_text_input`: a str, a list of str, or a list of lists of str (pre-split words)."""
+    ok = isinstance(t, str) or (isinstance(t, (list, tuple)) and (
+        len(t) == 0 or isinstance(t[0], str) or (isinstance(t[0], (list, tuple)) and (
+            len(t[0]) == 0 or isinstance(t[0][0], str)
+            or (isinstance(t[0][0], (list, tuple)) and (len(t[0][0]) == 0 or isinstance(t[0][0][0], str)))))))
+    if not ok:
+        raise ValueError(f"{name} must be a str, a list of str, or a list of lists of str (with is_split_into_words="
+                         f"True), got {type(t).__name__}" + (f" of {type(t[0]).__name__}" if isinstance(t, (list, tuple))
+                                                            else ""))
+
+
 def _as_list(x: Any) -> list:
     if hasattr(x, "tolist"):  # torch tensors and numpy arrays (a 0-d one gives a scalar)
         x = x.tolist()
@@ -655,12 +943,13 @@ def _as_list(x: Any) -> list:
 
 
 def _to_tensor(key: str, rows: list, return_tensors: str) -> Any:
-    lengths = {len(r) for r in rows}
-    if len(lengths) > 1:
-        raise ValueError(
-            f"cannot make a tensor of {key}: the sequences have different lengths {sorted(lengths)}; pass "
-            "padding=True (and set tokenizer.pad_token = tokenizer.eos_token) or truncation=True with max_length"
-        )
+    if rows and isinstance(rows[0], (list, tuple)):
+        lengths = {len(r) for r in rows}
+        if len(lengths) > 1:
+            raise ValueError(
+                f"cannot make a tensor of {key}: the sequences have different lengths {sorted(lengths)}; pass "
+                "padding=True (and set tokenizer.pad_token = tokenizer.eos_token) or truncation=True with max_length"
+            )
     if return_tensors == "pt":
         import torch  # lazy: the tokenizer itself does not need torch
 
@@ -668,14 +957,6 @@ def _to_tensor(key: str, rows: list, return_tensors: str) -> Any:
     if return_tensors == "np":
         return np.asarray(rows, dtype=np.int64)
     raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
-
-
-def _clean_up(text: str) -> str:
-    # transformers 4's clean_up_tokenization (WordPiece-era; transformers 5 skips it for BPE by default)
-    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-                 (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-        text = text.replace(a, b)
-    return text
 
 
 # --------------------------------------------------------------------------------------------------------- training

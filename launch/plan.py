@@ -47,9 +47,9 @@ import sys
 from dataclasses import dataclass, field
 
 from gpt2 import PRESETS, GPT2Config
-# DeepSpeed bucket sizes: the numbers train/deepspeed_config.py writes into the DeepSpeed JSON (a pure module: importing
+# DeepSpeed bucket sizes: the numbers train/strategies/deepspeed_config.py writes into the DeepSpeed JSON (a pure module: importing
 # it pulls in neither Lightning nor DeepSpeed)
-from train.deepspeed_config import REDUCE_BUCKET_SIZE
+from train.strategies.deepspeed_config import REDUCE_BUCKET_SIZE
 
 GiB = 1024**3
 

@@ -17,6 +17,19 @@
   (`scancel --signal=USR1 --batch <id>`) is forwarded to the srun step by the script.
 * The environment (modules, conda/venv activation, NCCL variables, ...) is set in ONE place: `launch/env.sh` if it
   exists, or `--env-file FILE`; it is copied into the script so the job does not depend on the file staying put.
+
+Data preparation across nodes (`data_pipelines/prepare.py` as a Slurm array, then an index step):
+
+    python launch/slurm.py --prepare --array K [--cpus-per-task C] [--partition P] [--time HH:MM:SS] [--dry-run]
+                           -- data=<option> [data.key=value ...] [run_dir=DIR]
+
+* `prepare.sbatch`: an array of K one-task jobs; task i runs `prepare.py ... num_tasks=K task_index=i` with
+  `data.num_proc` = the task's CPUs (`--cpus-per-task`, unless data.num_proc is given) and encodes its share of the
+  shards (data_pipelines/shards.py) into `data.cache_dir`, which must be on storage every node sees.
+* `index.sbatch`: submitted with `--dependency=afterany:<array job>`; runs `prepare.py ...` once more, which encodes
+  whatever a failed task left missing and writes index.json. Its job id is what the launcher prints: when it has
+  completed, the token folder is ready (`data=tokens data.path=<folder it printed>` or the same `data=...` overrides).
+* Logs: `<run_dir>/slurm/prepare_%A_%a.out` and `index_<jobid>.out`.
 """
 
 from __future__ import annotations
@@ -40,6 +53,43 @@ REQUEUE_SIGNAL_LEAD_S = 90  # seconds before the time limit: enough to write a G
 
 class SlurmError(ValueError):
     """Bad launcher input; the message names the problem and the fix."""
+
+
+def _check_job_options(spec) -> None:
+    """The sbatch options a training job and a preparation array share."""
+    if spec.cpus_per_task is not None and not (isinstance(spec.cpus_per_task, int) and spec.cpus_per_task >= 1):
+        raise SlurmError(f"--cpus-per-task must be a positive integer, got {spec.cpus_per_task!r}.")
+    if spec.time is not None and not TIME_RE.match(spec.time):
+        raise SlurmError(f"--time {spec.time!r} is not a Slurm time; write HH:MM:SS (or D-HH:MM:SS).")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", spec.job_name):
+        raise SlurmError(f"--job-name {spec.job_name!r} may only contain letters, digits, '.', '_' and '-'.")
+    if spec.env_file is not None and not Path(spec.env_file).is_file():
+        raise SlurmError(f"--env-file {spec.env_file} does not exist; point it at a shell file to source.")
+
+
+def _resource_directives(spec) -> list[str]:
+    """--cpus-per-task / --time / --partition, where given."""
+    d = []
+    if spec.cpus_per_task:
+        d.append(f"--cpus-per-task={spec.cpus_per_task}")
+    if spec.time:
+        d.append(f"--time={spec.time}")
+    if spec.partition:
+        d.append(f"--partition={spec.partition}")
+    return d
+
+
+def _override_keys(overrides: list[str], program: str) -> dict[str, str]:
+    """{key: value} of `key=value` overrides (Hydra's +/~ prefixes dropped); an option after '--' is refused."""
+    keys: dict[str, str] = {}
+    for o in overrides:
+        if o.startswith("-"):
+            raise SlurmError(f"{o!r} is not a {program} override; launcher options go before '--', "
+                             f"overrides (key=value) after it.")
+        key, sep, val = o.lstrip("+~").partition("=")
+        if sep:
+            keys[key] = val
+    return keys
 
 
 @dataclass
@@ -74,25 +124,11 @@ class JobSpec:
         if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
             raise SlurmError(f"--tasks-per-node ({self.tasks_per_node}) must equal --gpus-per-node "
                              f"({self.gpus_per_node}): Lightning runs one process per GPU.")
-        if self.cpus_per_task is not None and not (isinstance(self.cpus_per_task, int) and self.cpus_per_task >= 1):
-            raise SlurmError(f"--cpus-per-task must be a positive integer, got {self.cpus_per_task!r}.")
-        if self.time is not None and not TIME_RE.match(self.time):
-            raise SlurmError(f"--time {self.time!r} is not a Slurm time; write HH:MM:SS (or D-HH:MM:SS).")
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.job_name):
-            raise SlurmError(f"--job-name {self.job_name!r} may only contain letters, digits, '.', '_' and '-'.")
-        if self.env_file is not None and not Path(self.env_file).is_file():
-            raise SlurmError(f"--env-file {self.env_file} does not exist; point it at a shell file to source.")
+        _check_job_options(self)
         self._resolve_overrides()
 
     def _resolve_overrides(self) -> None:
-        keys: dict[str, str] = {}
-        for o in self.overrides:
-            if o.startswith("-"):
-                raise SlurmError(f"{o!r} is not a train/run.py override; launcher options go before '--', "
-                                 f"overrides (key=value) after it.")
-            key, sep, val = o.lstrip("+~").partition("=")
-            if sep:
-                keys[key] = val
+        keys = _override_keys(self.overrides, "train/run.py")
         if "run_dir" in keys and keys["run_dir"]:
             run_dir = Path(keys["run_dir"]).expanduser()
         else:
@@ -142,12 +178,7 @@ def render_script(spec: JobSpec) -> str:
     ]
     if spec.gpus_per_node:
         d.append(f"--gpus-per-node={spec.gpus_per_node}")
-    if spec.cpus_per_task:
-        d.append(f"--cpus-per-task={spec.cpus_per_task}")
-    if spec.time:
-        d.append(f"--time={spec.time}")
-    if spec.partition:
-        d.append(f"--partition={spec.partition}")
+    d += _resource_directives(spec)
     d += [
         f"--output={log}",
         "--open-mode=append",  # a requeued job appends to the same log
@@ -192,25 +223,120 @@ exit "$rc"
 """
 
 
-def write_script(spec: JobSpec) -> Path:
-    path = spec.script_path
+def _write_executable(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_script(spec))
+    tmp.write_text(text)
     tmp.chmod(0o755)
     os.replace(tmp, path)
     return path
+
+
+def write_script(spec: JobSpec) -> Path:
+    return _write_executable(spec.script_path, render_script(spec))
+
+
+def _sbatch(path: Path, *options: str) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", *options, str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SlurmError(f"sbatch refused {path}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip().split(";")[0]  # "<jobid>[;<cluster>]"
 
 
 def submit(spec: JobSpec) -> str:
     """Write the script and `sbatch --parsable` it; returns the job id."""
     if shutil.which("sbatch") is None:
         raise SlurmError("sbatch is not on PATH; run this on a Slurm login node (or use --dry-run to see the script).")
-    path = write_script(spec)
-    proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SlurmError(f"sbatch refused {path}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout.strip().split(";")[0]  # "<jobid>[;<cluster>]"
+    return _sbatch(write_script(spec))
+
+
+@dataclass
+class PrepareSpec:
+    """A Slurm-array preparation: `array` tasks of `data_pipelines/prepare.py`, then one index job."""
+
+    overrides: list[str]  # prepare.py overrides (data=..., data.key=value); run_dir= is taken out
+    array: int = 2
+    cpus_per_task: int | None = None
+    partition: str | None = None
+    time: str | None = None
+    job_name: str = "gpt2-forge-prepare"
+    env_file: Path | None = None
+    extra_sbatch: list[str] = field(default_factory=list)
+    python: str = sys.executable
+    workdir: Path = field(default_factory=Path.cwd)  # the jobs run here, so relative data paths mean what they meant
+    run_dir: Path = field(init=False)
+
+    def __post_init__(self):
+        if not (isinstance(self.array, int) and self.array >= 1):
+            raise SlurmError(f"--array must be a positive number of tasks, got {self.array!r}.")
+        _check_job_options(self)
+        keys = _override_keys(self.overrides, "prepare.py")
+        for owned in ("num_tasks", "task_index"):
+            if owned in keys:
+                raise SlurmError(f"{owned}= is set by the launcher (one value per array task); drop the override.")
+        if not any(k == "data" or k.startswith("data.") for k in keys):
+            raise SlurmError("give the data to prepare after '--', e.g. -- data=jsonl data.path=/shared/owt "
+                             "data.cache_dir=/shared/cache.")
+        if keys.get("run_dir"):
+            run_dir = Path(keys["run_dir"]).expanduser()
+        else:
+            now = _dt.datetime.now()
+            run_dir = Path("outputs") / "prepare" / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
+        self.run_dir = Path(os.path.normpath(run_dir if run_dir.is_absolute() else self.workdir / run_dir))
+        self.overrides = [o for o in self.overrides if not o.startswith("run_dir=")]
+        self.num_proc_given = "data.num_proc" in keys
+
+    @property
+    def script_paths(self) -> tuple[Path, Path]:
+        return self.run_dir / "slurm" / "prepare.sbatch", self.run_dir / "slurm" / "index.sbatch"
+
+
+def render_prepare_scripts(spec: PrepareSpec) -> tuple[str, str]:
+    """(array script, index script) for `spec` (pure: writes nothing). The index script gets its dependency on
+    the array job from `sbatch --dependency` at submission."""
+    logs = spec.run_dir / "slurm"
+    common = _resource_directives(spec) + spec.extra_sbatch
+    prepare = " ".join(shlex.quote(x) for x in [spec.python, str(ROOT / "data_pipelines" / "prepare.py"), *spec.overrides])
+    # every task encodes with all the CPUs Slurm gave it, unless the user fixed data.num_proc
+    num_proc = "" if spec.num_proc_given else ' "data.num_proc=${SLURM_CPUS_PER_TASK:-1}"'
+
+    def script(name: str, directives: list[str], body: str) -> str:
+        lines = "\n".join(f"#SBATCH {x}" for x in directives)
+        return f"""#!/bin/bash
+# Written by launch/slurm.py --prepare ({name})
+{lines}
+
+set -euo pipefail
+{_env_block(spec)}
+cd {shlex.quote(str(spec.workdir))}
+{body}
+"""
+
+    array = script(
+        f"one task of {spec.array}",
+        [f"--job-name={spec.job_name}", f"--array=0-{spec.array - 1}", "--ntasks=1", *common,
+         f"--output={logs / 'prepare_%A_%a.out'}", "--requeue"],
+        f'echo "[launch] prepare task $SLURM_ARRAY_TASK_ID of {spec.array} on $(hostname) at $(date -Is)"\n'
+        f"{prepare}{num_proc} num_tasks={spec.array} task_index=$SLURM_ARRAY_TASK_ID",
+    )  # fmt: skip
+    index = script(
+        "the index step, after the array",
+        [f"--job-name={spec.job_name}-index", "--ntasks=1", *common, f"--output={logs / 'index_%j.out'}", "--requeue"],
+        f'echo "[launch] prepare index step on $(hostname) at $(date -Is)"\n{prepare}{num_proc}',
+    )  # fmt: skip
+    return array, index
+
+
+def submit_prepare(spec: PrepareSpec) -> tuple[str, str]:
+    """Write both scripts, submit the array, then the index job after it; returns (array job id, index job id)."""
+    if shutil.which("sbatch") is None:
+        raise SlurmError("sbatch is not on PATH; run this on a Slurm login node (or use --dry-run to see the scripts).")
+    paths = spec.script_paths
+    for path, text in zip(paths, render_prepare_scripts(spec)):
+        _write_executable(path, text)
+    array_id = _sbatch(paths[0])
+    # afterany, not afterok: the index step also finishes the shards of a task that failed (preparation resumes)
+    return array_id, _sbatch(paths[1], f"--dependency=afterany:{array_id}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                    help="an extra sbatch option, e.g. --sbatch=--account=abc (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+    p.add_argument("--prepare", action="store_true",
+                   help="run data_pipelines/prepare.py as a Slurm array (--array K) plus an index step, not training")
+    p.add_argument("--array", type=int, default=None, metavar="K", help="with --prepare: number of array tasks")
     return p
 
 
@@ -242,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         overrides = []
     args = build_parser().parse_args(argv)  # unknown options: argparse prints usage and exits 2
+    if args.prepare or args.array is not None:
+        return _main_prepare(args, overrides)
     try:
         spec = JobSpec(overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                        tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
@@ -257,6 +388,32 @@ def main(argv: list[str] | None = None) -> int:
     print(job_id)
     print(f"submitted job {job_id}: script {spec.script_path}, log {spec.run_dir / 'slurm' / (job_id + '.out')}",
           file=sys.stderr)
+    return 0
+
+
+def _main_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+    try:
+        if not args.prepare:
+            raise SlurmError("--array is for data preparation; add --prepare (training runs one job, not an array).")
+        if args.nodes != 1 or args.tasks_per_node is not None:
+            raise SlurmError("--prepare runs one task per array job; use --array K (and --cpus-per-task) instead of "
+                             "--nodes/--tasks-per-node.")
+        spec = PrepareSpec(overrides, array=args.array or 1, cpus_per_task=args.cpus_per_task,
+                           partition=args.partition, time=args.time,
+                           job_name=args.job_name if args.job_name != "gpt2-forge" else "gpt2-forge-prepare",
+                           env_file=args.env_file, extra_sbatch=args.sbatch)
+        if args.dry_run:
+            array, index = render_prepare_scripts(spec)
+            print(f"# ---- {spec.script_paths[0]}\n{array}# ---- {spec.script_paths[1]} "
+                  f"(sbatch --dependency=afterany:<array job id>)\n{index}", end="")
+            return 0
+        array_id, index_id = submit_prepare(spec)
+    except SlurmError as e:
+        print(f"launch/slurm.py: {e}", file=sys.stderr)
+        return 2
+    print(index_id)
+    print(f"submitted preparation: array job {array_id} ({spec.array} tasks), index job {index_id} after it; "
+          f"logs in {spec.run_dir / 'slurm'}", file=sys.stderr)
     return 0
 
 

@@ -76,8 +76,8 @@ def test_prepare_cli_writes_tokens_and_reports_errors(tmp_path):
              "data.block_size=16", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
     out_dir = Path(r.stdout.split("tokens written to ")[1].split()[0])
-    meta = json.loads((out_dir / "train.json").read_text())
-    assert f"train: {meta['num_tokens']:,} tokens" in r.stdout and meta["vocab_size"] == 300
+    meta = json.loads((out_dir / "index.json").read_text())
+    assert f"train: {meta['num_tokens']['train']:,} tokens" in r.stdout and meta["vocab_size"] == 300
     assert not (tmp_path / "outputs").exists() and not (tmp_path / ".hydra").exists()  # nothing but the cache
     bad = _cli("data=text", f"data.path={tmp_path / 'missing.txt'}", cwd=tmp_path)
     assert bad.returncode != 0 and "missing.txt does not exist" in bad.stderr and "Traceback" not in bad.stderr

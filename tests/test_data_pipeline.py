@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipelines import DataConfig, LMDataModule
-from data_pipelines import tokenizing
+from data_pipelines import DataConfig, LMDataModule, read_token_dir
+from data_pipelines import cache, tokenizing
 from data_pipelines.corpus import (
     build_corpus, corpus_sha256, docstring_documents, prose_paragraphs, topic_documents,
 )  # fmt: skip
@@ -53,9 +53,15 @@ def expected_stream(tok, docs) -> np.ndarray:
     return np.array(out)
 
 
+def split_stream(root: Path, split: str) -> np.ndarray:
+    """The tokens of one split of a prepared folder (sharded: its shards' range), read through the public reader."""
+    s = getattr(read_token_dir(DataConfig(), root), split)
+    flat = np.concatenate([np.fromfile(f, dtype=s.dtype) for f in s.files])
+    return flat[s.start : s.stop]
+
+
 def read_stream(root: Path) -> np.ndarray:
-    meta = json.loads((root / "train.json").read_text())
-    return np.concatenate([np.fromfile(root / f"{s}.bin", dtype=meta["dtype"]) for s in ("train", "val")])
+    return np.concatenate([split_stream(root, "train"), split_stream(root, "val")])
 
 
 # ------------------------------------------------------------------ embedded corpus
@@ -164,9 +170,9 @@ def test_local_format_gives_docs_joined_with_eos(fmt, tmp_path, docs, tok, tok_d
     cfg = DataConfig(source=fmt, path=str(path), tokenizer=str(tok_dir), cache_dir=str(tmp_path / "c"))
     root = prepare(cfg)
     np.testing.assert_array_equal(read_stream(root), expected_stream(tok, docs))
-    meta = json.loads((root / "train.json").read_text())
+    meta = json.loads((root / "index.json").read_text())
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == len(tok) and meta["tokenizer"] == "tokenizer"
-    assert meta["num_tokens"] + json.loads((root / "val.json").read_text())["num_tokens"] == len(read_stream(root))
+    assert meta["num_tokens"]["train"] + meta["num_tokens"]["val"] == len(read_stream(root))
 
 
 def test_val_file_is_used_instead_of_fraction(tmp_path, docs, tok, tok_dir):
@@ -177,15 +183,15 @@ def test_val_file_is_used_instead_of_fraction(tmp_path, docs, tok, tok_dir):
         tokenizer=str(tok_dir), cache_dir=str(tmp_path / "c"),
     )  # fmt: skip
     root = prepare(cfg)
-    np.testing.assert_array_equal(np.fromfile(root / "val.bin", np.uint16), expected_stream(tok, [docs[1]]))
-    np.testing.assert_array_equal(np.fromfile(root / "train.bin", np.uint16), expected_stream(tok, [docs[0]]))
+    np.testing.assert_array_equal(split_stream(root, "val"), expected_stream(tok, [docs[1]]))
+    np.testing.assert_array_equal(split_stream(root, "train"), expected_stream(tok, [docs[0]]))
 
 
 # ------------------------------------------------------------------ caching
 def test_tokenizer_trained_once_and_tokens_cached(tmp_path, monkeypatch, english):
     (tmp_path / "s.txt").write_text(english[:100_000])
     calls = {"train": 0, "encode": 0}
-    real_train, real_encode = tokenizing.train_tokenizer, tokenizing.encode_to_file
+    real_train, real_encode = tokenizing.train_tokenizer, cache.prepare_shards
 
     def counting_train(*a, **k):
         calls["train"] += 1
@@ -196,13 +202,13 @@ def test_tokenizer_trained_once_and_tokens_cached(tmp_path, monkeypatch, english
         return real_encode(*a, **k)
 
     monkeypatch.setattr(tokenizing, "train_tokenizer", counting_train)
-    monkeypatch.setattr("data_pipelines.cache.encode_to_file", counting_encode)
+    monkeypatch.setattr(cache, "prepare_shards", counting_encode)
     cfg = DataConfig(source="text", path=str(tmp_path / "s.txt"), vocab_size=320, cache_dir=str(tmp_path / "c"))
     root = prepare(cfg)
-    mtime = (root / "train.bin").stat().st_mtime_ns
+    mtime = (root / "index.json").stat().st_mtime_ns
     assert calls == {"train": 1, "encode": 1}
     assert prepare(cfg) == root and calls == {"train": 1, "encode": 1}  # second run: nothing retrained/re-encoded
-    assert (root / "train.bin").stat().st_mtime_ns == mtime
+    assert (root / "index.json").stat().st_mtime_ns == mtime
     assert len(GPT2TokenizerFast.from_pretrained(str(root / "tokenizer"))) == 320
     # a changed file is a new cache entry (paths + sizes + mtimes key the cache)
     (tmp_path / "s.txt").write_text(english[:90_000])
@@ -219,10 +225,10 @@ def test_default_source_end_to_end(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (4, 32) and str(batch["input_ids"].dtype) == "torch.int64"
     assert (batch["labels"] == batch["input_ids"]).all()
-    meta = json.loads((dm.data.root / "train.json").read_text())
+    meta = json.loads((dm.data.root / "index.json").read_text())
     assert meta["corpus_sha256"] == corpus_sha256(build_corpus())
     # the stream decodes back to the corpus: document 0, then <|endoftext|>, then document 1
-    stream = np.fromfile(dm.data.root / "train.bin", np.uint16)
+    stream = split_stream(dm.data.root, "train")
     docs = build_corpus()
     n0 = len(dm.tokenizer.encode(docs[0]))
     assert dm.tokenizer.decode(stream[:n0].tolist()) == docs[0] and stream[n0] == 0
@@ -359,9 +365,9 @@ def test_hub_source_with_val_split(tmp_path, docs, tok, tok_dir, streaming):
     cfg = DataConfig(source="hub", name=str(repo), split="train", val_split="validation", text_column="content",
                      streaming=streaming, tokenizer=str(tok_dir), cache_dir=str(tmp_path / "c"))  # fmt: skip
     root = prepare(cfg)
-    np.testing.assert_array_equal(np.fromfile(root / "train.bin", np.uint16), expected_stream(tok, docs[:30]))
-    np.testing.assert_array_equal(np.fromfile(root / "val.bin", np.uint16), expected_stream(tok, docs[30:]))
+    np.testing.assert_array_equal(split_stream(root, "train"), expected_stream(tok, docs[:30]))
+    np.testing.assert_array_equal(split_stream(root, "val"), expected_stream(tok, docs[30:]))
     cfg.max_documents = 5
     root5 = prepare(cfg)  # max_documents is part of the cache key
     assert root5 != root
-    np.testing.assert_array_equal(np.fromfile(root5 / "train.bin", np.uint16), expected_stream(tok, docs[:5]))
+    np.testing.assert_array_equal(split_stream(root5, "train"), expected_stream(tok, docs[:5]))

@@ -1,4 +1,4 @@
-"""train/deepspeed_config.py: the generated DeepSpeed JSON for every ZeRO option, and ZeRO checkpoint -> safetensors
+"""train/strategies/deepspeed_config.py: the generated DeepSpeed JSON for every ZeRO option, and ZeRO checkpoint -> safetensors
 through real DeepSpeed checkpoints (DeepSpeed's CPU accelerator, one gloo process)."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gpt2
-from train.deepspeed_config import (
+from train.strategies.deepspeed_config import (
     STRATEGY_STAGES,
     deepspeed_config,
     deepspeed_config_for_strategy,
@@ -120,7 +120,7 @@ _WRITER = textwrap.dedent(
     deepspeed.comm.torch.build_shm_op = lambda: None
     import gpt2
     from safetensors.torch import save_file
-    from train.deepspeed_config import deepspeed_config
+    from train.strategies.deepspeed_config import deepspeed_config
 
     class LitLike(torch.nn.Module):  # our LightningModule holds the network as self.model
         def __init__(self, model):

@@ -75,7 +75,7 @@ def random_span_f1(examples: list[dict], seed: int = 0, draws: int = 20) -> floa
     """The qa chance level: SQuAD F1 of uniformly random spans of n context words, the best n in 1..3."""
     import random
 
-    from train.metrics import squad_metrics
+    from train.tasks.qa import squad_metrics
 
     rng, best = random.Random(seed), 0.0
     for n in (1, 2, 3):
@@ -231,7 +231,7 @@ def test_task_resume_continues_the_data_order_exactly(lm_export, cache, tmp_path
     run(tmp_path / "parts", 6)
     s = run(tmp_path / "parts", 12, "resume=auto")
     assert s["global_step"] == 12
-    from train.callbacks import read_metrics
+    from train.loggers import read_metrics
 
     def losses(d: Path) -> dict:
         return {int(r["step"]): r["train/loss"] for r in read_metrics(d / "metrics.csv") if r["train/loss"] is not None}

@@ -107,7 +107,7 @@ def test_sampling_controls():
         s = model.generate(ids, max_new_tokens=1, do_sample=True, top_k=3, temperature=10.0,
                            generator=torch.Generator().manual_seed(seed))
         assert all(s[b, -1] in top3[b] for b in range(2))
-    for bad, match in [(dict(temperature=0.0), "temperature"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k")]:
+    for bad, match in [(dict(temperature=0.0), "temperature"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k")]:
         with pytest.raises(ValueError, match=match):
             model.generate(ids, max_new_tokens=2, do_sample=True, **bad)
     with pytest.raises(ValueError, match="n_positions"):

@@ -1,7 +1,9 @@
 """launch/slurm.py: the sbatch script it writes (everywhere), and real jobs on the local Slurm cluster that
 .ci/slurm-up.sh starts (skipped where there is no Slurm): a 2-task CPU DDP run, preemption -> requeue -> resume, and
-a Hydra sweep sent to Slurm with hydra/launcher=slurm (submitit)."""
+a Hydra sweep sent to Slurm with hydra/launcher=slurm (submitit), and a data preparation as a Slurm array plus an
+index step (launch/slurm.py --prepare)."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import corpus_text
-from launch.slurm import JobSpec, SlurmError, main, render_script, write_script
+from launch.slurm import JobSpec, PrepareSpec, SlurmError, main, render_prepare_scripts, render_script, write_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,3 +239,62 @@ def test_hydra_sweep_with_the_slurm_launcher_runs_each_job_on_slurm(tmp_path):
     rows = _read_metrics(sweep / "summary.csv")
     assert [(r["optim.lr"], r["status"], r["global_step"]) for r in rows] == [
         ("0.001", "COMPLETED", "4"), ("0.002", "COMPLETED", "4")]
+
+
+# ------------------------------------------------------------------------------- data preparation as an array
+def test_prepare_scripts_run_one_share_per_task_then_the_index(tmp_path):
+    spec = PrepareSpec(["data=jsonl", "data.path=a.jsonl", f"run_dir={tmp_path}"], array=3, cpus_per_task=4,
+                       workdir=tmp_path)  # fmt: skip
+    array, index = render_prepare_scripts(spec)
+    assert "#SBATCH --array=0-2" in array and "#SBATCH --cpus-per-task=4" in array
+    assert "num_tasks=3 task_index=$SLURM_ARRAY_TASK_ID" in array and '"data.num_proc=${SLURM_CPUS_PER_TASK:-1}"' in array
+    assert "--array" not in index and "num_tasks" not in index and "data.path=a.jsonl" in index
+    assert f"cd {tmp_path}" in array and "run_dir" not in array.split("prepare.py")[1]
+    with pytest.raises(SlurmError, match="set by the launcher"):
+        PrepareSpec(["data=jsonl", "task_index=1"], array=2)
+    with pytest.raises(SlurmError, match="give the data"):
+        PrepareSpec([], array=2)
+    assert main(["--array", "2", "--dry-run", "--", "data=jsonl"]) == 2  # --array without --prepare
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_two_array_tasks_and_the_index_step_equal_one_process(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = [f"Document {i}: it's line {i} of the corpus, naïve café {i * 31}.\n" * (5 + i % 40) for i in range(240)]
+    for k in range(3):  # three files (units) for the 2 tasks, and small shards so each unit has several
+        (corpus / f"{k}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[80 * k : 80 * k + 80]))
+    from gpt2.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(iter(docs), vocab_size=400)
+    tok.save_pretrained(str(tmp_path / "tok"))
+    data = ["data=jsonl", f"data.path={corpus}", f"data.tokenizer={tmp_path / 'tok'}", "data.shard_size_mb=0.02"]
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "launch/slurm.py"), "--prepare", "--array", "2", "--cpus-per-task", "1",
+         "--job-name", "gpt2-forge-test-prepare", "--", *data, f"data.cache_dir={tmp_path / 'cache'}",
+         f"run_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    index_job = r.stdout.strip()
+    info = _wait(index_job, _finished, 300, "the end of the index job")
+    logs = {p.name: p.read_text() for p in (tmp_path / "run" / "slurm").glob("*.out")}
+    assert info["JobState"] == "COMPLETED", logs
+    tasks = [t for name, t in logs.items() if name.startswith("prepare_")]
+    assert len(tasks) == 2 and all("shard(s)" in t and "task " in t and " of 2 done" in t for t in tasks)
+    # each task encoded shards of its own (none left for the index step) ...
+    assert all(int(t.split(" shard(s)")[0].split()[-1]) > 0 for t in tasks)
+    (index_log,) = [t for name, t in logs.items() if name.startswith("index_")]
+    assert "  0 shard(s)" in index_log and "tokens written to" in index_log
+    # ... and the folder is, shard for shard, what one process writes
+    from data_pipelines import DataConfig
+    from data_pipelines.prepare import prepare
+
+    (root,) = (tmp_path / "cache" / "tokens").glob("*")
+    one = prepare(DataConfig(source="jsonl", path=str(corpus), tokenizer=str(tmp_path / "tok"), shard_size_mb=0.02,
+                             cache_dir=str(tmp_path / "one")))  # fmt: skip
+    shards = lambda d: {f.name: f.read_bytes() for f in sorted((d / "shards").glob("*.bin"))}  # noqa: E731
+    assert len(shards(one)) > 3 and shards(root) == shards(one)
+    a, b = (json.loads((d / "index.json").read_text()) for d in (root, one))
+    assert a["splits"] == b["splits"] and a["num_tokens"] == b["num_tokens"]

@@ -21,7 +21,7 @@ from test_train_resume import launch, overrides
 
 from helpers import corpus_text, sigkill_when
 from train import checkpoint as ck
-from train.callbacks import read_metrics
+from train.loggers import read_metrics
 from train.config import register_configs, to_config
 from train.run import train
 

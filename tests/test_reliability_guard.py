@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir
 
 from helpers import corpus_text
 from train import checkpoint as ck
-from train.callbacks import read_metrics
+from train.loggers import read_metrics
 from train.config import GuardConfig, register_configs, to_config
-from train.guard import GuardError, LossGuard
+from train.callbacks.guard import GuardError, LossGuard
 from train.module import GPT2LitModule
 from train.run import train
 
@@ -171,3 +171,17 @@ def test_guard_off_applies_the_nan(monkeypatch, corpus, cache_dir, tmp_path):
     assert not (run_dir / "hf").exists() and not (run_dir / "samples.txt").exists()
     final = ck.load_weights(run_dir / "checkpoints" / "step-4" / ck.WEIGHTS_NAME)
     assert not all(torch.isfinite(t).all() for t in final.values())
+
+
+def test_accumulation_writes_one_row_per_logged_step(monkeypatch, corpus, cache_dir, tmp_path):
+    """With 3 micro-batches per step, a NaN step is still skipped, and metrics.csv holds exactly the logged steps:
+    no step-0 row of guard counts written by the micro-batches before the first update completes."""
+    run_dir = tmp_path / "run"
+    inject(monkeypatch, {4: float("nan")})
+    train(cfg_for(corpus, cache_dir, run_dir, "trainer.accumulate_grad_batches=3", "trainer.max_steps=10",
+                  "trainer.val_check_interval=10", "checkpoint.every_n_steps=10"))  # fmt: skip
+    rows = read_metrics(run_dir / "metrics.csv")
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(set(steps)) and 0 not in steps, steps
+    assert {1, 4, 5, 10} <= set(steps)  # the first step, the skipped one (its event row), every 5th
+    assert float(rows[-1]["guard/skipped"]) == 1.0

@@ -1,4 +1,4 @@
-"""train/strategies.py and train/preemption.py without launching processes: what each `strategy=` option builds,
+"""train/strategies/ and train/callbacks/preemption.py without launching processes: what each `strategy=` option builds,
 what this machine refuses up front (one sentence), the DeepSpeed JSON that reaches Lightning, the ZeRO checkpoint
 publishing path, and the preemption callback's decisions (save, stop, requeue only on SIGUSR1 under SLURM)."""
 
@@ -18,18 +18,10 @@ from hydra import compose, initialize_config_dir
 
 from train import checkpoint as ck
 from train.config import ConfigError, register_configs, to_config
-from train.preemption import Preemption, requeue, slurm_job_id
-from train.strategies import (
-    FSDP2Strategy,
-    apply_fsdp,
-    build_plugins,
-    build_strategy,
-    check_hardware,
-    check_resume,
-    finalize_zero_checkpoint,
-    import_class,
-    mixed_precision_policy,
-)
+from train.callbacks.preemption import Preemption, requeue, slurm_job_id
+from train.strategies import build_plugins, build_strategy, check_hardware, check_resume
+from train.strategies.deepspeed import finalize_zero_checkpoint
+from train.strategies.fsdp import FSDP2Strategy, apply_fsdp, import_class, mixed_precision_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -174,7 +166,7 @@ def _fake_convert(weights: dict):
 
 def test_zero_checkpoint_is_published_as_our_step_dir(tmp_path):
     import gpt2
-    from train.module import load_checkpoint_model
+    from train.model import load_checkpoint_model
 
     model = gpt2.GPT2LMHeadModel(gpt2.GPT2Config.from_preset("tiny", vocab_size=300, n_positions=32))
     sd = {k: v for k, v in model.state_dict().items()}
@@ -261,7 +253,7 @@ def _trainer(step: int):
 @pytest.mark.parametrize("sig,in_slurm,requeued", [(signal.SIGUSR1, True, True), (signal.SIGTERM, True, False),
                                                    (signal.SIGUSR1, False, False)])  # fmt: skip
 def test_preemption_saves_stops_and_requeues_only_usr1_under_slurm(monkeypatch, sig, in_slurm, requeued):
-    import train.preemption as pre
+    import train.callbacks.preemption as pre
 
     for k in list(os.environ):
         if k.startswith("SLURM_"):

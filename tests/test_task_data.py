@@ -14,7 +14,7 @@ from helpers import corpus_text
 from data_pipelines.tasks import DEFAULT_COLUMNS, TaskDataConfig, TaskDataModule, build_demo, demo_files
 from data_pipelines.tasks.qa import window_starts
 from gpt2.tokenizer import GPT2TokenizerFast, train_tokenizer
-from train.metrics import postprocess_qa, squad_metrics
+from train.tasks.qa import postprocess_qa, squad_metrics
 
 
 

@@ -12,7 +12,8 @@ from safetensors import safe_open
 import gpt2
 from train import checkpoint as ck
 from train.config import OptimConfig
-from train.module import WarmupDecay, load_checkpoint_model, param_groups
+from train.model import load_checkpoint_model
+from train.module import WarmupDecay, param_groups
 
 
 def tiny_model() -> gpt2.GPT2LMHeadModel:

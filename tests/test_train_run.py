@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from helpers import corpus_text
-from train.callbacks import read_metrics
+from train.loggers import read_metrics
 from train.config import ConfigError, register_configs, to_config
 from train.run import train
 
@@ -98,7 +98,7 @@ def test_loss_falls_and_metrics_are_step_indexed(trained):
 def test_hf_export_matches_transformers(trained):
     transformers = pytest.importorskip("transformers")
     import gpt2
-    from train.module import load_checkpoint_model
+    from train.model import load_checkpoint_model
 
     run_dir, _ = trained
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(run_dir / "hf")).eval()

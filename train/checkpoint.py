@@ -8,6 +8,9 @@
                         is read with `torch.load(weights_only=True)`: loading a checkpoint executes no code
     meta.json           format version, step, where the tokenizer lives
 
+`checkpoints/best/` (a fine-tuning task's model at its best validation metric) holds the first two and meta.json:
+weights without training state, a valid `model.init_from` (`save_model_dir`, `load_best_into`).
+
 `DirCheckpointIO` is a Lightning `CheckpointIO` plugin, so `trainer.save_checkpoint(dir)` and
 `trainer.fit(..., ckpt_path=dir)` go through it and Lightning restores every state it saved. Writes are atomic:
 everything goes into `step-N.tmp-<pid>/`, then one `os.rename` publishes it; `checkpoints/last` (a text file with
@@ -32,6 +35,8 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from train.config import ConfigError
+
 FORMAT = "gpt2-forge-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
@@ -44,6 +49,8 @@ MODULE_PREFIX = "model."
 # Extra checkpoint keys our LightningModule adds in on_save_checkpoint; they go to config.json / meta.json.
 MODEL_CONFIG_KEY = "gpt2_config"
 META_KEY = "gpt2_forge_meta"
+
+BEST_NAME = "best"
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -128,7 +135,7 @@ class DirCheckpointIO(CheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # storage_options={"tmp_dir": d}: `d` (a step-N.tmp-* folder) already holds more files to publish with this
-        # checkpoint, e.g. FSDP's sharded/ DCP folder (train/strategies.py); it is renamed into place with the rest
+        # checkpoint, e.g. FSDP's sharded/ DCP folder (train/strategies/fsdp.py); it is renamed into place with the rest
         prepared = storage_options.get("tmp_dir") if isinstance(storage_options, dict) else None
         tmp = Path(prepared) if prepared else path.parent / f"{path.name}.tmp-{os.getpid()}"
         if not prepared:
@@ -366,3 +373,89 @@ def load_model_config_dict(step_path: Path) -> dict[str, Any]:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f} is not valid JSON ({e}); the checkpoint is corrupt.") from e
+
+
+# ------------------------------------------------------------------------------------------------ resuming
+def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
+    """The checkpoint a run continues from (`resume`: null | auto | <step dir or run dir>), or None for a fresh start.
+
+    A fresh start in a run_dir that already holds checkpoints is refused (it would mix two runs); partial folders a
+    crashed save left behind are removed first. Raises ConfigError / CheckpointError naming the fix.
+    """
+    if resume is None:
+        existing = list_checkpoints(run_dir)
+        if existing:
+            raise ConfigError(
+                f"run_dir={run_dir} already holds checkpoints (newest {existing[-1].name}); pass resume=auto to "
+                f"continue that run or choose another run_dir."
+            )
+        return None
+    clean_partial(run_dir)
+    if resume == "auto":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise ConfigError(
+                f"resume=auto found no complete checkpoint in {checkpoints_dir(run_dir)}; drop resume to start "
+                f"fresh, or set run_dir to the run you want to continue."
+            )
+        return found
+    return resolve_checkpoint(resume)
+
+
+def check_compatible(step_path: Path, model_config, model_class: Optional[str] = None) -> None:
+    """A checkpoint of another model size or task head fails here with the difference named, not deep in
+    load_state_dict. model_config: the GPT2Config this run builds; model_class: its class name (meta.json "task")."""
+    saved_task = read_meta(step_path).get("task")
+    if model_class and saved_task and saved_task != model_class:
+        raise ConfigError(
+            f"checkpoint {step_path} holds a {saved_task} (another task head), but this run builds a {model_class}; "
+            f"resume with the task it was trained with, or start a new run_dir with model.init_from={step_path}."
+        )
+    saved = load_model_config_dict(step_path)
+    n_saved = saved.get("num_labels", len(saved["id2label"]) if isinstance(saved.get("id2label"), dict) else None)
+    if n_saved is not None and n_saved != getattr(model_config, "num_labels", n_saved):
+        raise ConfigError(
+            f"checkpoint {step_path} has a head of num_labels={n_saved}, but this run builds "
+            f"num_labels={model_config.num_labels}; resume with the same task settings."
+        )
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "tie_word_embeddings"):
+        if key in saved and saved[key] != getattr(model_config, key):
+            raise ConfigError(
+                f"checkpoint {step_path} was written by a model with {key}={saved[key]}, but this run builds "
+                f"{key}={getattr(model_config, key)}; resume with the same model settings."
+            )
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints/best
+def best_dir(run_dir: str | os.PathLike) -> Path:
+    """run_dir/checkpoints/best: a fine-tuning task's model at the best value of its monitored metric."""
+    return checkpoints_dir(Path(run_dir)) / BEST_NAME
+
+
+def save_model_dir(state_dict: dict[str, torch.Tensor], config, out: Path, meta: dict[str, Any]) -> Path:
+    """Weights + config.json + meta.json in our checkpoint layout (no training state), atomically (tmp + rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_weights(state_dict, tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+        meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, module_prefix="")
+        (tmp / META_NAME).write_text(json.dumps(to_plain(meta), indent=2, sort_keys=True) + "\n")
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_best_into(model: torch.nn.Module, run_dir: Path) -> Optional[dict[str, Any]]:
+    """Copy checkpoints/best's weights into `model` (in place); returns its meta, or None when there is none."""
+    d = best_dir(run_dir)
+    if not (d / META_NAME).is_file():
+        return None
+    model.load_state_dict(load_weights(d / WEIGHTS_NAME), strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return read_meta(d)

@@ -11,11 +11,15 @@ anything is built. Every error names the key and the fix (lightning-hydra-templa
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 from data_pipelines.config import DataConfig
 from data_pipelines.tasks.config import TaskDataConfig
+
+from train.tasks import task_names
 
 
 class ConfigError(ValueError):
@@ -85,13 +89,13 @@ class StabilityConfig:
 
 
 # ----------------------------------------------------------------------------------------------------- task
-TASKS = ("lm", "cls", "token_cls", "qa", "mc")  # fine-tuning tasks: train/tasks.py
 MONITOR_MODES = ("max", "min")
 
 
 @dataclass
 class TaskConfig:
-    """What the model learns (conf/task/*.yaml): a head + loss + metrics, looked up by name in train/module.py.
+    """What the model learns (conf/task/*.yaml): `name` picks the task module train/tasks/<name>.py (head, loss,
+    metrics, best checkpoint); the allowed names are those modules.
 
     The fine-tuning tasks (cls, token_cls, qa, mc) read their examples from `task.data` (data_pipelines.tasks'
     TaskDataConfig: the offline demo set by default, or local jsonl/csv/parquet / hub datasets); the top-level `data`
@@ -107,7 +111,8 @@ class TaskConfig:
     monitor_mode: Optional[str] = None  # max | min; null -> the default for `monitor`
 
     def __post_init__(self) -> None:
-        _check(self.name in TASKS, f"task.name={self.name!r} is not available; use one of {', '.join(TASKS)}.")
+        names = task_names()
+        _check(self.name in names, f"task.name={self.name!r} is not available; use one of {', '.join(names)}.")
         _check(self.lm_coef >= 0, f"task.lm_coef={self.lm_coef} must be >= 0.")
         _check(
             self.monitor_mode is None or self.monitor_mode in MONITOR_MODES,
@@ -125,7 +130,7 @@ STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero2", "deep
 
 @dataclass
 class StrategyConfig:
-    """How the model is spread over devices (conf/strategy/*.yaml); built by train/strategies.py:build_strategy.
+    """How the model is spread over devices (conf/strategy/*.yaml); built by train/strategies/:build_strategy.
 
     Every option's YAML sets every field; fields a strategy does not use keep their defaults there.
     """
@@ -288,7 +293,8 @@ class CheckpointConfig:
 
 @dataclass
 class GuardConfig:
-    """The loss-spike / NaN guard (conf/guard/*.yaml; train/guard.py): skip non-finite updates, roll back spikes."""
+    """The loss-spike / NaN guard (conf/guard/*.yaml; train/callbacks/guard.py): skip non-finite updates, roll back
+    spikes."""
 
     enabled: bool = True
     spike_factor: Optional[float] = 3.0  # loss > factor x running average -> roll back; null: no spike check
@@ -349,7 +355,7 @@ class Config:
         _check(bool(self.run_dir), "run_dir is empty; set run_dir=<folder>.")
         _check(self.resume is None or bool(self.resume), "resume is empty; use resume=auto or resume=<checkpoint>.")
         # The model must see every position the data produces (INTERFACE.md: "a sequence longer than n_positions").
-        # With model.init_from the size comes from those weights; train/run.py checks it once they are loaded.
+        # With model.init_from the size comes from those weights; train/job.py checks it once they are loaded.
         _check(
             self.model.init_from is not None or self.data.block_size <= self.model.n_positions,
             f"data.block_size={self.data.block_size} exceeds model.n_positions={self.model.n_positions}; "
@@ -363,6 +369,16 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+
+
+def write_config(cfg: Config, run_dir: Path) -> None:
+    """run_dir/config.yaml: the fully resolved config, written before anything runs (tmp + replace)."""
+    from omegaconf import OmegaConf
+
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+    tmp = run_dir / f"config.yaml.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, run_dir / "config.yaml")
 
 
 def to_config(node: Any) -> Config:

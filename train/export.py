@@ -3,13 +3,17 @@
     python train/export.py <checkpoint-or-run-dir> <out-dir> [--force]
 
 The folder holds config.json, model.safetensors (HF key names and Conv1D layout, via gpt2's save_pretrained),
-the tokenizer files and generation_config.json, and loads in `transformers.AutoModelForCausalLM`. It is written into
-a temporary folder next to <out-dir> and renamed into place, so an interrupted export leaves no half folder.
+the tokenizer files and generation_config.json, and works as it is in transformers: the Auto* classes and the
+text-generation / text-classification / token-classification pipelines load it without a warning, batch it
+(the tokenizer carries the pad token config.json names), truncate at the model's context (model_max_length =
+n_positions), and `generate(max_new_tokens=...)` does not warn. It is written into a temporary folder next to
+<out-dir> and renamed into place, so an interrupted export leaves no half folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -20,18 +24,44 @@ from typing import Any, Optional
 HF_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
 
-def generation_config(model_config: Any, tokenizer: Any = None) -> dict[str, Any]:
-    """generation_config.json: the ids `generate` needs (GPT-2 pads with <|endoftext|>, as the HF docs advise)."""
-    eos = model_config.eos_token_id
-    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+def generation_config(model_config: Any, pad_token_id: Optional[int]) -> dict[str, Any]:
+    """generation_config.json: only the special-token ids, as OpenAI's gpt2 folder on the hub has them.
+
+    No max_length (transformers warns on every generate(max_new_tokens=...) when a folder sets it) and no do_sample
+    (transformers counts do_sample=false as set, which turns off its text-generation pipeline's sampling default):
+    generate() and the pipeline keep transformers' own defaults.
+    """
     return {
         "bos_token_id": model_config.bos_token_id,
-        "eos_token_id": eos,
-        "pad_token_id": pad if pad is not None else eos,
-        "max_length": model_config.n_positions,
-        "do_sample": False,
-        "_from_model_config": False,
+        "eos_token_id": model_config.eos_token_id,
+        "pad_token_id": pad_token_id,
     }
+
+
+def pad_token_id_for(model_config: Any, tokenizer: Any = None) -> Optional[int]:
+    """The pad token of the export's tokenizer and generation_config.json: config.json's pad_token_id (a fine-tuned
+    head was trained with it and finds each row's last token by it), else the tokenizer's, else eos (GPT-2 has no pad
+    token; padding with <|endoftext|> is what the HF docs advise).
+
+    config.json itself is left as the model has it: an LM's stays without pad_token_id, because transformers warns
+    about "padded input_ids without an attention_mask" on every forward whose first or last id is config.json's pad
+    token, and eos is both (lm-evaluation-harness' hf backend calls the model so).
+    """
+    for pad in (model_config.pad_token_id, getattr(tokenizer, "pad_token_id", None), model_config.eos_token_id):
+        if pad is not None:
+            return int(pad)
+    return None
+
+
+def export_tokenizer(tokenizer: Any, model_config: Any, pad_token_id: Optional[int]) -> Any:
+    """A copy of the run's tokenizer made for transformers: its pad token is config.json's pad_token_id (so
+    `tokenizer(texts, padding=True)` and the pipelines' batching work) and model_max_length is n_positions (so
+    truncation=True cuts at the model's context). The run's own tokenizer is left as it is."""
+    tok = copy.deepcopy(tokenizer)
+    if pad_token_id is not None and tok.pad_token_id != pad_token_id:
+        tok.pad_token_id = pad_token_id
+    tok.model_max_length = int(model_config.n_positions)
+    return tok
 
 
 def _is_hf_export(d: Path) -> bool:
@@ -61,11 +91,10 @@ def export_hf(model: Any, tokenizer: Any, out_dir: str | os.PathLike, overwrite:
         model.eval()
         model.save_pretrained(str(tmp))
         model.train(was_training)
+        pad = pad_token_id_for(model.config, tokenizer)
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        (tmp / "generation_config.json").write_text(
-            json.dumps(generation_config(model.config, tokenizer), indent=2) + "\n"
-        )
+            export_tokenizer(tokenizer, model.config, pad).save_pretrained(str(tmp))
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(model.config, pad), indent=2) + "\n")
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -98,7 +127,7 @@ def load_for_export(src: str | os.PathLike):
     from gpt2 import GPT2TokenizerFast
 
     from train.checkpoint import CheckpointError, resolve_checkpoint, tokenizer_dir_for
-    from train.module import load_checkpoint_model
+    from train.model import load_checkpoint_model
 
     step = resolve_checkpoint(src)
     model = load_checkpoint_model(step)

@@ -47,7 +47,11 @@ def sample(
     top_p: Optional[float] = None,
     seed: int = 0,
 ) -> str:
-    """prompt + generated continuation, as text. An empty prompt starts from <|endoftext|>."""
+    """prompt + generated continuation, as text. An empty prompt starts from <|endoftext|>.
+
+    top_k / top_p None: generate's default (the model's generation_config.json, else transformers' top_k=50 and no
+    top-p); top_k=0: no top-k filtering (transformers' and OpenAI's meaning). Greedy passes no sampling settings.
+    """
     model.eval()
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) if prompt else []
@@ -58,16 +62,20 @@ def sample(
         raise ValueError(
             f"the prompt is {len(ids)} tokens, the model's n_positions is {model.config.n_positions}; shorten it."
         )
+    n_new = min(max_new_tokens, room)
+    if n_new <= 0:  # generate() refuses max_new_tokens=0, as transformers does; the answer is the prompt
+        return tokenizer.decode(ids, skip_special_tokens=False)
+    knobs: dict[str, Any] = {"do_sample": False}
+    if not greedy:
+        knobs = {"do_sample": True, "temperature": temperature}
+        knobs.update({k: v for k, v in (("top_k", top_k), ("top_p", top_p)) if v is not None})
     gen = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(
         torch.tensor([ids], dtype=torch.long, device=device),
-        max_new_tokens=min(max_new_tokens, room),
-        do_sample=not greedy,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_token_id=None,  # a demo keeps going to max_new_tokens
+        max_new_tokens=n_new,
+        eos_token_id=None,  # None = no eos stop (transformers' meaning): a demo keeps going to max_new_tokens
         generator=gen,
+        **knobs,
     )
     return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
 
@@ -96,8 +104,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None,
+                   help="keep the K most likely tokens; 0 = no top-k (default: the model's generation config, else 50 "
+                        "as in transformers)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--num-samples", type=int, default=1)
@@ -109,8 +119,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError(f"--temperature={args.temperature} must be positive (use --greedy for argmax).")
         if args.top_p is not None and not 0 < args.top_p <= 1:
             raise ValueError(f"--top-p={args.top_p} must be in (0, 1].")
-        if args.top_k is not None and args.top_k < 1:
-            raise ValueError(f"--top-k={args.top_k} must be >= 1.")
+        if args.top_k is not None and args.top_k < 0:
+            raise ValueError(f"--top-k={args.top_k} must be >= 0 (0 = no top-k filtering).")
         model, tok = load_model_and_tokenizer(args.src)
         for i in range(args.num_samples):
             text = sample(model, tok, args.prompt, args.max_new_tokens, greedy=args.greedy,

@@ -1,142 +1,25 @@
-"""The LightningModule: a plain `gpt2` model + AdamW + warm-up/decay schedule + LM loss and metrics.
+"""The LightningModule: a plain `gpt2` model + AdamW + warm-up/decay schedule + step-wise metric rows + validation.
 
-The network is built outside (`build_model`) and passed in, so the module owns no model-construction logic and the
+The network is built outside (train/model.py) and passed in, so the module owns no model-construction logic and the
 same `nn.Module` can be wrapped by any strategy (lightning-hydra-template: "the LightningModule wraps a plain
 nn.Module"). Nothing here calls `.item()` in the step: the loss is synced to the host only at logging intervals.
+
+`GPT2LitModule` trains the causal LM as it is; a fine-tuning task (train/tasks/) subclasses it and overrides three
+hooks: `step` (forward + loss of a batch), `collect` (what validation keeps of a batch) and `val_metrics` (the
+task's scores at the end of a validation).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
 from torch import nn
 
-import gpt2
-from gpt2 import GPT2Config
-
-from train.checkpoint import META_KEY, MODEL_CONFIG_KEY, CheckpointError, load_model_config_dict, load_weights
-from train.checkpoint import resolve_checkpoint
-from train.config import AttentionConfig, ConfigError, ModelConfig, OptimConfig, StabilityConfig, TaskConfig
-
-# task name -> model class (the fine-tuning tasks' loss, metrics and head init live in train/tasks.py)
-TASK_MODELS: dict[str, type] = {
-    "lm": gpt2.GPT2LMHeadModel,
-    "cls": gpt2.GPT2ForSequenceClassification,
-    "token_cls": gpt2.GPT2ForTokenClassification,
-    "qa": gpt2.GPT2ForQuestionAnswering,
-    "mc": gpt2.GPT2DoubleHeadsModel,
-}
-
-
-# ------------------------------------------------------------------------------------------------ model building
-def build_model_config(
-    model_cfg: ModelConfig,
-    attention_cfg: AttentionConfig,
-    stability_cfg: StabilityConfig,
-    vocab_size: int,
-    eos_token_id: Optional[int],
-) -> GPT2Config:
-    """GPT2Config from the model/attention/stability groups and the tokenizer (its size and <|endoftext|> id)."""
-    if model_cfg.vocab_size is not None and model_cfg.vocab_size < vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
-            f"set model.vocab_size=null (use the tokenizer's size) or >= {vocab_size}."
-        )
-    return GPT2Config(
-        vocab_size=model_cfg.vocab_size or vocab_size,
-        n_positions=model_cfg.n_positions,
-        n_embd=model_cfg.n_embd,
-        n_layer=model_cfg.n_layer,
-        n_head=model_cfg.n_head,
-        n_inner=model_cfg.n_inner,
-        activation_function=model_cfg.activation_function,
-        resid_pdrop=model_cfg.dropout,
-        embd_pdrop=model_cfg.dropout,
-        attn_pdrop=model_cfg.dropout,
-        layer_norm_epsilon=model_cfg.layer_norm_epsilon,
-        initializer_range=model_cfg.initializer_range,
-        tie_word_embeddings=model_cfg.tie_word_embeddings,
-        bos_token_id=eos_token_id,  # GPT-2 uses <|endoftext|> as both (HF config)
-        eos_token_id=eos_token_id,
-        scale_attn_by_inverse_layer_idx=stability_cfg.scale_attn_by_inverse_layer_idx,
-        reorder_and_upcast_attn=stability_cfg.reorder_and_upcast_attn,
-        attn_implementation=attention_cfg.implementation,
-    )
-
-
-def _runtime_overrides(model_cfg, attention_cfg, stability_cfg) -> dict[str, Any]:
-    """Config fields a run may change on pretrained weights: they own no parameters."""
-    return dict(
-        attn_implementation=attention_cfg.implementation,
-        resid_pdrop=model_cfg.dropout,
-        embd_pdrop=model_cfg.dropout,
-        attn_pdrop=model_cfg.dropout,
-        scale_attn_by_inverse_layer_idx=stability_cfg.scale_attn_by_inverse_layer_idx,
-        reorder_and_upcast_attn=stability_cfg.reorder_and_upcast_attn,
-    )
-
-
-def build_model(
-    task_cfg: TaskConfig,
-    model_cfg: ModelConfig,
-    attention_cfg: AttentionConfig,
-    stability_cfg: StabilityConfig,
-    vocab_size: int,
-    eos_token_id: Optional[int],
-) -> nn.Module:
-    """A fresh model, or the weights of `model.init_from` (an HF folder, one of our checkpoints, or a run dir)."""
-    cls = TASK_MODELS[task_cfg.name]
-    if model_cfg.init_from is None:
-        return cls(build_model_config(model_cfg, attention_cfg, stability_cfg, vocab_size, eos_token_id))
-    src = Path(model_cfg.init_from).expanduser()
-    overrides = _runtime_overrides(model_cfg, attention_cfg, stability_cfg)
-    if (src / "config.json").is_file() and not (src / "meta.json").is_file():  # an HF folder
-        model = cls.from_pretrained(str(src), dtype=torch.float32, **overrides)
-    elif src.exists():
-        model = load_checkpoint_model(resolve_checkpoint(src), cls, **overrides)
-    else:
-        raise FileNotFoundError(
-            f"model.init_from={model_cfg.init_from} does not exist; give an HF folder, a checkpoint or a run dir."
-        )
-    model.train()  # from_pretrained returns eval mode (HF convention); training needs dropout back on
-    if model.config.vocab_size < vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {vocab_size} tokens but model.init_from={model_cfg.init_from} has only "
-            f"{model.config.vocab_size} embeddings; use the tokenizer that came with that model (data.tokenizer=null)."
-        )
-    return model
-
-
-def load_checkpoint_model(step_path: Path, cls: Optional[type] = None, **overrides) -> nn.Module:
-    """The model stored in one of our checkpoints (`checkpoints/step-N`), weights loaded strictly.
-
-    `cls=None` builds the class the checkpoint records (meta.json "task": GPT2LMHeadModel, a head class, ...).
-    """
-    if cls is None:
-        from train.checkpoint import read_meta
-
-        saved = read_meta(Path(step_path)).get("task") or "GPT2LMHeadModel"
-        by_name = {c.__name__: c for c in TASK_MODELS.values()}
-        if saved not in by_name:
-            raise CheckpointError(f"{step_path} holds a {saved}, which is not one of {sorted(by_name)}.")
-        cls = by_name[saved]
-    config = GPT2Config.from_dict(load_model_config_dict(step_path), **overrides)
-    model = cls(config)
-    sd = load_weights(Path(step_path) / "model.safetensors")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{step_path} does not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            f"it was written by another model."
-        )
-    if config.tie_word_embeddings and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return model
+from train.checkpoint import META_KEY, MODEL_CONFIG_KEY
+from train.config import OptimConfig
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -201,10 +84,10 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
 
 
 class GPT2LitModule(L.LightningModule):
-    """Causal LM training of a `gpt2` model.
+    """Training of a `gpt2` model; the causal LM unless a subclass overrides `step` / `collect` / `val_metrics`.
 
     Args:
-        model: the network (built by `build_model`).
+        model: the network (built by train/model.py).
         optim: the optim group.
         max_steps: trainer.max_steps (the schedule's default decay horizon).
         log_every_n_steps: optimizer steps between logged rows (the loss is synced to the host only then).
@@ -240,6 +123,7 @@ class GPT2LitModule(L.LightningModule):
         self._val_sum: Optional[torch.Tensor] = None
         self._val_n: Optional[torch.Tensor] = None
         self.last_logged: dict[str, float] = {}
+        self.last_val_metrics: dict[str, float] = {}  # the latest validation's row (BestCheckpoint reads it)
 
     # -- setup
     def configure_model(self) -> None:
@@ -269,10 +153,15 @@ class GPT2LitModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
         return self.model(input_ids=input_ids, labels=labels)
 
+    def step(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """(model outputs, loss) of one batch: next-token cross-entropy (labels shifted inside the model)."""
+        out = self.model(input_ids=batch["input_ids"], labels=batch["labels"])
+        return out, out.loss
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         n_samples = batch["input_ids"].shape[0]
         batch = self._maybe_overfit(batch, batch_idx)
-        loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        _, loss = self.step(batch)
         # The mean over the micro-batches of one optimizer step, kept on the device (no host sync here).
         self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
         self._loss_n += 1
@@ -301,7 +190,7 @@ class GPT2LitModule(L.LightningModule):
         self._last_step = step
         loss_sum, n = self._loss_sum, self._loss_n
         self._loss_sum, self._loss_n = None, 0
-        if not self._should_log(step) or loss_sum is None:
+        if not self.should_log(step) or loss_sum is None:
             return
         # the mean over all ranks (one collective, at logging steps only): the number 1 process with the whole
         # global batch would log; the only host sync of the training loss
@@ -312,7 +201,8 @@ class GPT2LitModule(L.LightningModule):
         self.log("loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False)
         self.log("lr", lr, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
-    def _should_log(self, step: int) -> bool:
+    def should_log(self, step: int) -> bool:
+        """Whether optimizer step `step` gets a metrics row: every log_every_n_steps, the first and the last."""
         return step % self.log_every_n_steps == 0 or step == 1 or step >= self.trainer.max_steps
 
     def emit_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -336,17 +226,27 @@ class GPT2LitModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         if self.overfit_batches and self._overfit_cache:
             batch = self._overfit_cache[batch_idx % len(self._overfit_cache)]
-        loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        out, loss = self.step(batch)
         self._val_sum += loss.detach().double()
         self._val_n += 1
+        self.collect(out, batch)
+
+    def collect(self, outputs: Any, batch: dict[str, torch.Tensor]) -> None:
+        """Keep what `val_metrics` needs of one validation batch; the LM needs nothing besides the loss."""
+
+    def val_metrics(self, val_loss: float) -> dict[str, float]:
+        """The scores of the validation just finished, besides val/loss; the LM's: its perplexity."""
+        return {"val/ppl": math.exp(min(val_loss, 700.0))}
 
     def on_validation_epoch_end(self) -> None:
+        # the mean over every rank's batches (the LM's validation stream is sharded by rank)
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         count = self.trainer.strategy.reduce(self._val_n, reduce_op="sum")
         if count.item() == 0:
             return
         val_loss = (total / count).item()
-        metrics = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 700.0))}
+        metrics = {"val/loss": val_loss, **self.val_metrics(val_loss)}
+        self.last_val_metrics = metrics
         self.emit_metrics(metrics, self.trainer.global_step)
         self._flush_logs()
         self.log("val_loss", val_loss, prog_bar=True, logger=False, on_epoch=True)
@@ -358,23 +258,4 @@ class GPT2LitModule(L.LightningModule):
         checkpoint[META_KEY] = dict(self.meta, task=type(self.model).__name__)
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """trainer.precision=auto -> bf16-mixed on a bf16-capable CUDA device, else 32-true."""
-    if precision != "auto":
-        return {"32": "32-true", "64": "64-true"}.get(precision, precision)
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
-
-
-__all__ = [
-    "GPT2LitModule",
-    "TASK_MODELS",
-    "WarmupDecay",
-    "build_model",
-    "build_optimizer",
-    "build_model_config",
-    "load_checkpoint_model",
-    "param_groups",
-    "resolve_precision",
-]
+__all__ = ["GPT2LitModule", "WarmupDecay", "build_optimizer", "param_groups"]

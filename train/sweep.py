@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 log = logging.getLogger(__name__)
 
 JOB_FILE = "sweep_job.json"
-SUMMARY_FILE = "summary.json"  # written by train() / train_task() in each run dir
+SUMMARY_FILE = "summary.json"  # written by train() (train/job.py) in each run dir
 LM_KEYS = ("last_train_loss", "last_val_loss")
 
 

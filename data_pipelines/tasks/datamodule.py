@@ -17,7 +17,7 @@ Batches (right-padded with `pad_token_id` = the tokenizer's pad token, else eos 
 
 `model_inputs(batch)` keeps the keys the matching gpt2 head's forward takes (`MODEL_KEYS[task]`). Validation for qa:
 `val_features[feature_index]` holds the window's `offsets` and `example_index`, `val_examples[example_index]` the
-context and gold answers — what train/metrics.py `postprocess_qa` + `squad_metrics` need (`qa_eval_data()` bundles
+context and gold answers — what train/tasks/qa.py `postprocess_qa` + `squad_metrics` need (`qa_eval_data()` bundles
 them). Training batches come from the LM data's ResumableBatchSampler: an endless seeded shuffle, a new permutation each
 pass, rank-sharded, resuming after `consumed_samples` (part of every checkpoint); validation is the full set in
 fixed order on every rank, so qa post-processing sees every window. Build the Trainer with

@@ -13,7 +13,7 @@ crosses a window's end is thus labelled in the next window, which holds it whole
 
 Offsets: the tokenizer's character offsets of context tokens (byte-level BPE includes a token's leading space; we
 trim leading whitespace so a span maps back to exactly the answer text), and None for question/separator tokens,
-so post-processing (train/metrics.py `postprocess_qa`) only ever picks context spans.
+so post-processing (train/tasks/qa.py `postprocess_qa`) only ever picks context spans.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from a signal handler: it deadlocked once under DDP) next to checkpoints/ where 
 SIGTERM handler broadcasts inside the handler too. Here the handlers only set a flag; the ranks agree on it with one
 all-reduce per optimizer step (`reduce_boolean_decision(any)`), then every rank saves through the same
 `StepCheckpoint` path as the periodic checkpoints (checkpoints/step-N, atomic, `last` updated) and stops together.
-train/strategies.py:build_plugins passes SLURMEnvironment(auto_requeue=False) so Lightning installs no USR1 handler.
+train/strategies/:build_plugins passes SLURMEnvironment(auto_requeue=False) so Lightning installs no USR1 handler.
 """
 
 from __future__ import annotations

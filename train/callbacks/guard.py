@@ -65,6 +65,10 @@ class LossGuard(Callback):
         # per-step scratch
         self._loss_sum: Optional[torch.Tensor] = None
         self._rollback_pending = False
+        self._logged_step = -1  # the optimizer step of the last counts row (accumulation ends many batches per step)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._logged_step = trainer.global_step  # step 0, or the resumed step whose row is already on disk
 
     # -- the step's loss, summed on the device over its micro-batches (Lightning divides each by the accumulation)
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
@@ -131,7 +135,8 @@ class LossGuard(Callback):
             self.events[-1][3] = target
             self._record(trainer, step, None, None, target)
             return
-        if self._should_log(trainer, pl_module, step):
+        # with gradient accumulation every micro-batch ends here, but a step's row is written once, when it completes
+        if step != self._logged_step and self._should_log(trainer, pl_module, step):
             self._log(pl_module, step)
 
     def _record(self, trainer, step: int, kind: Optional[str], loss: Optional[float], target: int) -> None:
@@ -142,6 +147,7 @@ class LossGuard(Callback):
             raise GuardError(self._stop_message())
 
     def _log(self, pl_module, step: int) -> None:
+        self._logged_step = step
         metrics = {"guard/skipped": float(self.skipped), "guard/rollbacks": float(self.rollbacks)}
         if hasattr(pl_module, "emit_metrics"):
             pl_module.emit_metrics(metrics, step)
@@ -150,8 +156,8 @@ class LossGuard(Callback):
 
     @staticmethod
     def _should_log(trainer, pl_module, step: int) -> bool:
-        if hasattr(pl_module, "_should_log"):
-            return pl_module._should_log(step)
+        if hasattr(pl_module, "should_log"):
+            return pl_module.should_log(step)
         return step % max(1, trainer.log_every_n_steps) == 0 or step >= trainer.max_steps
 
     def _stop_message(self) -> str:

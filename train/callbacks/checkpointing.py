@@ -1,0 +1,141 @@
+"""The checkpoint callbacks (the format and its IO: train/checkpoint.py).
+
+- `StepCheckpoint`: checkpoints/step-N every `every_n_steps` optimizer steps and at the end (training state
+  included: what `resume` continues from), the `last` pointer, keep-last-k.
+- `BestCheckpoint`: checkpoints/best at the best value of a fine-tuning task's monitored metric (weights only: what
+  the export holds, and a valid `model.init_from`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from train import checkpoint as ckpt_io
+from train.config import ConfigError
+from train.strategies import full_state_dict
+from train.strategies.fsdp import plain_class
+
+
+class StepCheckpoint(Callback):
+    """checkpoints/step-N every `every_n_steps` optimizer steps and at the end; `last` pointer; keep-last-k.
+
+    A checkpoint is published only after everything the run logs for its step: the module's train row is written
+    first, and at a step that also validates (`val_every_n_steps`) the save waits for the end of that validation
+    (so a run killed right after step-N is published, then resumed, still has row N with its val metrics, and
+    BestCheckpoint's state in the checkpoint includes step N). If that validation does not happen after all (no
+    validation data), the save happens before the next batch.
+    `protect`: the checkpoint this run resumed from, never deleted by retention.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, every_n_steps: int, keep_last: int, save_final: bool = True,
+                 protect: Optional[Path] = None, val_every_n_steps: Optional[int] = None):
+        self.run_dir = Path(run_dir)
+        self.every_n_steps = every_n_steps
+        self.keep_last = keep_last
+        self.save_final = save_final
+        self.protect = protect
+        self.val_every_n_steps = val_every_n_steps
+        self._last_step = -1
+        self._due: Optional[int] = None  # a save waiting for this step's validation
+        self.saved: list[Path] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        if step % self.every_n_steps == 0:
+            if self.val_every_n_steps and step % self.val_every_n_steps == 0:
+                self._due = step
+            else:
+                self.save(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._due == trainer.global_step and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.save(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._due is not None and self._due == trainer.global_step:  # no validation ran after all
+            self.save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if (self.save_final and trainer.global_step > 0) or self._due == trainer.global_step:
+            self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> Path:
+        self._due = None
+        path = ckpt_io.step_dir(self.run_dir, trainer.global_step)
+        if self.saved and self.saved[-1] == path:
+            return path
+        log_train_step = getattr(trainer.lightning_module, "log_train_step", None)
+        if log_train_step is not None:
+            log_train_step()  # row N reaches metrics.csv before step-N is published
+        trainer.save_checkpoint(path, weights_only=False)  # -> DirCheckpointIO (rank 0 writes for single-device/DDP)
+        if trainer.is_global_zero:
+            ckpt_io.write_last(self.run_dir, path)
+            ckpt_io.retain(self.run_dir, self.keep_last, protect=(self.protect,) if self.protect else ())
+        trainer.strategy.barrier("StepCheckpoint.save")
+        self.saved.append(path)
+        return path
+
+
+class BestCheckpoint(Callback):
+    """checkpoints/best/: the model at the best value of `monitor` seen at a validation (ties keep the earlier).
+
+    Reads the module's `last_val_metrics` at each validation end; the best value travels with every step checkpoint
+    (`state_dict`), so a resumed run compares against it.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, monitor: str, mode: str = "max", meta: Optional[dict] = None):
+        self.path = ckpt_io.best_dir(run_dir)
+        self.monitor, self.mode = monitor, mode
+        self.meta = dict(meta or {})
+        self.best: Optional[float] = None
+        self.best_step: Optional[int] = None
+
+    def _better(self, v: float) -> bool:
+        if not math.isfinite(v):
+            return False
+        if self.best is None:
+            return True
+        return v > self.best if self.mode == "max" else v < self.best
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = pl_module.last_val_metrics
+        if not metrics:
+            return
+        if self.monitor not in metrics:
+            raise ConfigError(
+                f"task.monitor={self.monitor} is not a metric of this task; use one of {', '.join(sorted(metrics))}."
+            )
+        v = float(metrics[self.monitor])
+        if not self._better(v):
+            return
+        self.best, self.best_step = v, trainer.global_step
+        state = full_state_dict(trainer, pl_module)  # every rank: FSDP / ZeRO-3 gather their shards
+        if trainer.is_global_zero:
+            meta = dict(self.meta, global_step=trainer.global_step, task=plain_class(pl_module.model).__name__,
+                        monitor=self.monitor, mode=self.mode, value=v, metrics=dict(metrics))  # fmt: skip
+            ckpt_io.save_model_dir(state, pl_module.model.config, self.path, meta)
+        trainer.strategy.barrier("BestCheckpoint.save")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "monitor": self.monitor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("monitor") == self.monitor:
+            self.best, self.best_step = state.get("best"), state.get("best_step")
+
+
+__all__ = ["BestCheckpoint", "StepCheckpoint"]

@@ -1,0 +1,376 @@
+"""Score a model on lm-evaluation-harness tasks with our own GPT2LMHeadModel.
+
+    python train/evaluate.py <hf-dir | checkpoints/step-N | run-dir> --tasks hellaswag,lambada_openai,wikitext
+        [--include-path DIR] [--num-fewshot K] [--limit N] [--batch-size B] [--device cpu|cuda] [--out FILE]
+
+lm_eval does the benchmark (task registry, prompts, few-shot examples, metrics, aggregation: `simple_evaluate`);
+train/eval_harness.py answers its requests with our model. The results table is lm_eval's (`make_table`), the JSON is
+lm_eval's results dict, written to <run-dir>/eval/<timestamp>.json (a checkpoint or the hf/ export of a run: that run's
+eval/; a standalone HF folder: its own eval/ subfolder) or to --out.
+
+One GPU, or all GPUs of a node as lm_eval's data-parallel mode: `torchrun --nproc-per-node=8 train/evaluate.py ...`
+(or `accelerate launch`) — each process scores its share of the requests and rank 0 prints and writes the results.
+
+`evaluate()` is the same thing as a function of a live model, for the training loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+LM_EVAL_HINT = "pip install 'gpt2-forge[eval]' (or pip install 'lm_eval>=0.4.9')"
+# lm_eval's defaults (its CLI and simple_evaluate)
+DEFAULT_BOOTSTRAP_ITERS = 100_000
+
+# TaskManager indexes every task YAML it may load (14,683 names in lm_eval 0.4.13, ~10 s on a 2-core CPU); the
+# training loop evaluates repeatedly, so each index is built once per process.
+_TASK_MANAGERS: dict[tuple, Any] = {}
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation input (lm_eval missing, unknown task, broken task YAML); the message names the fix."""
+
+
+def _harness():
+    """train.eval_harness, or EvaluationError naming the pip command when lm_eval is not installed."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise EvaluationError(f"lm-evaluation-harness is not installed; {LM_EVAL_HINT}.") from None
+    from train import eval_harness
+
+    return eval_harness
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any = None,
+    tasks: str | Sequence[str] = (),
+    *,
+    limit: Optional[int | float] = None,
+    num_fewshot: Optional[int] = None,
+    batch_size: int = 8,
+    device: Optional[str] = None,
+    include_path: Optional[str | os.PathLike | Sequence[str | os.PathLike]] = None,
+    bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS,
+    log_samples: bool = False,
+    max_gen_toks: Optional[int] = None,
+    distributed: bool = False,
+    show_progress: bool = False,
+    seed: Optional[int] = None,
+) -> Optional[dict[str, Any]]:
+    """Run lm_eval's `simple_evaluate` on `tasks` with our model; returns lm_eval's results dict (None off rank 0).
+
+    Args:
+        model: a live `gpt2.GPT2LMHeadModel` (scored where it is, in eval mode; its train/eval mode is restored), or a
+            path: an HF folder, a checkpoints/step-N folder, or a run dir (its newest checkpoint, else its hf/).
+        tokenizer: the `gpt2.GPT2TokenizerFast` of a live model (a path brings its own).
+        tasks: lm_eval task / group / tag names ("hellaswag,lambada_openai" or a list; globs as in lm_eval).
+        limit: at most this many documents per task (a float < 1: that fraction), as lm_eval's --limit.
+        num_fewshot: few-shot examples per prompt (default: each task's own setting, else 0).
+        batch_size: requests per forward pass.
+        device: where a model loaded from a path goes (default cuda when available); a live model stays put.
+        include_path: folder(s) of extra task YAMLs (lm_eval's format), searched before the built-in tasks.
+        bootstrap_iters: resamples for the stderr columns (lm_eval's 100000; 0 skips them).
+        log_samples: keep every scored document in results["samples"].
+        max_gen_toks: generation budget when a task gives none (lm_eval's 256).
+        distributed: this process is one rank of a torch.distributed group that evaluates data-parallel.
+        show_progress: tqdm bars per request type.
+        seed: one seed for lm_eval's python / numpy / torch / few-shot generators (default: lm_eval's own, 0 / 1234 /
+            1234 / 1234, so few-shot prompts are those of `lm_eval --model hf`). The caller's random states are
+            restored afterwards, so evaluating inside a training run does not change its data order or dropout.
+    Returns:
+        lm_eval's results dict: "results" {task: {"<metric>,<filter>": value, "<metric>_stderr,<filter>": ...}},
+        "groups", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config" (+ "samples").
+        `metrics(results)` flattens it to {"<task>/<metric>": float}.
+    Raises:
+        EvaluationError (a ValueError) for a missing lm_eval install, an unknown task or a task YAML that does not
+        parse; ValueError for a path that is not a model; the message names the fix.
+    """
+    harness = _harness()
+    from lm_eval import simple_evaluate
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+
+    seeds = (DEFAULT_RANDOM_SEED, DEFAULT_OTHER_SEED) if seed is None else (seed, seed)
+    states = _random_states()  # simple_evaluate seeds python / numpy / torch, and building tasks draws from them
+    try:
+        lm = harness.GPT2ForgeLM(model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+                                 max_gen_toks=max_gen_toks or harness.DEFAULT_MAX_GEN_TOKS, distributed=distributed,
+                                 show_progress=show_progress)  # fmt: skip
+        names = _task_names(tasks)
+        with _quiet_lm_eval(show_progress):
+            for task_manager in _task_managers(names, include_path):
+                try:
+                    results = simple_evaluate(
+                        model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
+                        bootstrap_iters=bootstrap_iters, log_samples=log_samples, random_seed=seeds[0],
+                        numpy_random_seed=seeds[1], torch_random_seed=seeds[1], fewshot_random_seed=seeds[1],
+                    )  # fmt: skip
+                    break
+                except KeyError:  # an include-path task names a built-in one: retry with the full index
+                    if task_manager is _TASK_MANAGERS.get(_manager_key(include_path, True)):
+                        raise
+    finally:
+        _restore_random_states(states)
+    if results is not None:
+        results["config"]["model"] = harness.MODEL_NAME
+        results["config"]["batch_size"] = batch_size
+        results["config"]["device"] = str(lm.device)
+        if not log_samples:
+            results.pop("samples", None)
+    return results
+
+
+def metrics(results: dict[str, Any]) -> dict[str, float]:
+    """{"<task>/<metric>": value} for every numeric metric of `results` (stderr columns left out); a filter other
+    than lm_eval's "none" is appended: "gsm8k/exact_match_strict-match". What the training loop logs as eval/..."""
+    out = {}
+    for section in ("results", "groups"):
+        for task, row in (results.get(section) or {}).items():
+            for key, value in row.items():
+                metric, _, filt = key.partition(",")
+                if not filt or "_stderr" in metric or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                out[f"{task}/{metric}" if filt == "none" else f"{task}/{metric}_{filt}"] = float(value)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+def _task_names(tasks: str | Sequence[str]) -> list[str]:
+    items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    names = [t.strip() for t in items if t and t.strip()]
+    if not names:
+        raise EvaluationError("no tasks given; pass e.g. --tasks hellaswag,lambada_openai.")
+    return names
+
+
+def _manager_key(include_path, defaults: bool) -> tuple:
+    return tuple(str(p) for p in _include_paths(include_path)), defaults
+
+
+def _manager(include_path, defaults: bool):
+    """lm_eval's TaskManager over the include path (+ its built-in tasks with `defaults`), built once per process."""
+    from lm_eval.tasks import TaskManager
+
+    key = _manager_key(include_path, defaults)
+    if key not in _TASK_MANAGERS:
+        _TASK_MANAGERS[key] = TaskManager(include_path=list(key[0]) or None, include_defaults=defaults)
+    return _TASK_MANAGERS[key]
+
+
+def _task_managers(names: list[str], include_path):
+    """The TaskManager(s) to try for `names`: the include path alone when it defines every name (indexing lm_eval's
+    built-in tasks costs ~10 s), then the full index. Raises EvaluationError for an unknown name or an include-path
+    YAML that does not parse."""
+    paths = _include_paths(include_path)
+    for p in paths:
+        _check_yamls(p)
+
+    def missing(tm) -> list[str]:
+        return [n for n in names if not (n in tm.all_tasks or Path(n).is_file() or tm.match_tasks([n]))]
+
+    if paths and not missing(tm := _manager(include_path, defaults=False)):
+        yield tm
+    tm = _manager(include_path, defaults=True)
+    unknown = missing(tm)
+    if unknown:
+        where = f" or in {', '.join(map(str, paths))}" if paths else ""
+        raise EvaluationError(
+            f"unknown task {', '.join(repr(m) for m in unknown)}: not an lm_eval task, group or tag{where}; check "
+            f"the spelling (`lm_eval ls tasks` lists them) or pass --include-path with its YAML."
+        )
+    yield tm
+
+
+def _include_paths(include_path) -> list[Path]:
+    if include_path is None:
+        return []
+    items = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
+    paths = []
+    for item in items:
+        for part in str(item).split(","):
+            if part.strip():
+                p = Path(part.strip()).expanduser()
+                if not p.exists():
+                    raise EvaluationError(f"--include-path {p} does not exist; give a folder of task YAMLs.")
+                paths.append(p.resolve())
+    return paths
+
+
+class _TaskYamlLoader:
+    """yaml.SafeLoader that accepts lm_eval's custom tags (`!function utils.process_docs`) without running them."""
+
+    @staticmethod
+    def load(text: str) -> Any:
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+        return yaml.load(text, Loader=Loader)
+
+
+def _check_yamls(root: Path) -> None:
+    """Every *.yaml under an include path parses (lm_eval itself skips a broken one, and its task is then reported
+    as unknown)."""
+    import yaml
+
+    files = [root] if root.is_file() else sorted(root.glob("**/*.yaml"))
+    for f in files:
+        try:
+            _TaskYamlLoader.load(f.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise EvaluationError(f"task YAML {f} does not parse{at} ({problem}); fix it or remove it from the "
+                                  f"include path.") from None
+
+
+# ------------------------------------------------------------------------------------------------ side effects
+def _random_states() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _restore_random_states(states: tuple) -> None:
+    py, npy, cpu, cuda = states
+    random.setstate(py)
+    np.random.set_state(npy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class _quiet_lm_eval:
+    """lm_eval logs every step at INFO; keep its warnings and errors only (unless progress is wanted)."""
+
+    def __init__(self, verbose: bool):
+        self.verbose = verbose
+
+    def __enter__(self):
+        self.logger = logging.getLogger("lm_eval")
+        self.level = self.logger.level
+        if not self.verbose:
+            self.logger.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def default_output(resolved: Path, run_dir: Optional[Path], now: Optional[float] = None) -> Path:
+    """<run-dir>/eval/<timestamp>.json, or <hf-dir>/eval/<timestamp>.json for a model outside a run."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now))
+    return (run_dir if run_dir is not None else resolved) / "eval" / f"{stamp}.json"
+
+
+def write_json(results: dict[str, Any], path: Path) -> Path:
+    """lm_eval's results dict as JSON (its own encoder for numpy / non-serializable values), written atomically."""
+    from lm_eval.utils import handle_non_serializable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _init_distributed() -> tuple[bool, Optional[str]]:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1): join the process group; (distributed, device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False, None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group("nccl")
+        return True, f"cuda:{local_rank}"
+    torch.distributed.init_process_group("gloo")
+    return True, "cpu"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not >= 1")
+    return value
+
+
+def _limit(text: str) -> float | int:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not > 0")
+    return int(value) if value >= 1 else value
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="HF folder, checkpoints/step-N folder, or run dir (its newest checkpoint, else hf/)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm_eval task / group / tag names")
+    p.add_argument("--include-path", default=None, help="folder(s) of extra task YAMLs, comma-separated")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's own)")
+    p.add_argument("--limit", type=_limit, default=None, help="documents per task (< 1: a fraction)")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--out", default=None, help="results JSON (default <run-dir>/eval/<timestamp>.json)")
+    p.add_argument("--bootstrap-iters", type=int, default=DEFAULT_BOOTSTRAP_ITERS, help="0 skips the stderrs")
+    p.add_argument("--log-samples", action="store_true", help="keep every scored document in the JSON")
+    p.add_argument("--seed", type=int, default=None, help="one seed for all of lm_eval's (default: its 0 / 1234)")
+    args = p.parse_args(argv)
+    try:
+        if args.num_fewshot is not None and args.num_fewshot < 0:
+            raise ValueError(f"--num-fewshot={args.num_fewshot} must be >= 0.")
+        if args.device is not None and not (args.device == "cpu" or args.device.split(":")[0] == "cuda"):
+            raise ValueError(f"--device={args.device!r} is not cpu, cuda or cuda:N.")
+        if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device={args.device} but this machine has no CUDA device; use --device cpu.")
+        harness = _harness()
+        distributed, dp_device = _init_distributed()
+        model, tok, resolved, run_dir = harness.load_model(args.src, dp_device or args.device or
+                                                           ("cuda" if torch.cuda.is_available() else "cpu"))
+        t0 = time.time()
+        results = evaluate(
+            model, tok, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+            include_path=args.include_path, bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples,
+            distributed=distributed, show_progress=True, seed=args.seed,
+        )  # fmt: skip
+        if results is None:  # another rank: rank 0 reports
+            return 0
+        results["config"]["model_source"] = str(resolved)
+        from lm_eval.utils import make_table
+
+        out = Path(args.out).expanduser() if args.out else default_output(resolved, run_dir, t0)
+        write_json(results, out)
+        print(f"{harness.MODEL_NAME} ({resolved}), limit: {args.limit}, num_fewshot: {args.num_fewshot}, "
+              f"batch_size: {args.batch_size}, device: {results['config']['device']}, "
+              f"{time.time() - t0:.1f} s")  # fmt: skip
+        print(make_table(results))
+        if results.get("groups"):
+            print(make_table(results, "groups"))
+        print(f"results: {out}")
+    except (ValueError, OSError, KeyError) as e:
+        if os.environ.get("GPT2_FORGE_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        return 1
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The training job: `train(cfg)` runs every task (lm, cls, token_cls, qa, mc) through one sequence, top to bottom:
+
+    run dir -> hardware check -> resume -> tokenizer -> config.yaml -> seed -> data -> model -> compatibility check
+    -> LightningModule -> callbacks + loggers -> Trainer -> fit -> interruption / preemption -> final validation
+    -> summary -> export (+ what the task adds: samples.txt for lm)
+
+What differs per task is the `Task` object of train/tasks/<name>.py (torchtitan's TrainSpec): its data module, model,
+LightningModule, best checkpoint, summary fields. train/run.py is the Hydra shell around this function; tests call
+it directly (lightning-hydra-template's `train(cfg)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from train.config import Config, ConfigError, to_config, write_config
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run the training job `cfg` describes; returns the summary it writes to run_dir/summary.json (rank 0): paths,
+    step count, first/last train loss, timings and the task's own fields (fine-tuning: the final and best metrics).
+
+    A run stopped by SIGUSR1/SIGTERM returns {"preempted", "requeued", "checkpoint", ...} after its checkpoint, without
+    export. Raises ConfigError / CheckpointError / OSError (bad input: one sentence naming the fix), GuardError (the
+    loss guard stopped a diverging run), KeyboardInterrupt (Ctrl-C; the newest checkpoint resumes it).
+    """
+    import lightning as L
+    import torch
+
+    from train.callbacks import BestCheckpoint, Preemption, StepCheckpoint, check_finite_weights
+    from train.checkpoint import check_compatible, load_best_into, read_meta, resolve_resume
+    from train.export import export_hf
+    from train.loggers import build_loggers, plot_losses, read_metrics
+    from train.model import tokenizer_source
+    from train.strategies import check_hardware, check_resume, model_for_export
+    from train.tasks import get_task
+    from train.trainer import build_trainer
+
+    t_start = time.perf_counter()
+    cfg = to_config(cfg)
+    task, tcfg, fast = get_task(cfg.task.name), cfg.trainer, cfg.trainer.fast_dev_run
+    run_dir = Path(cfg.run_dir).expanduser()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- refused up front, before any data is prepared: what this machine cannot run, a checkpoint that cannot resume
+    check_hardware(cfg.strategy, tcfg, cfg.attention.implementation)
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    if resume_from is not None:
+        check_resume(resume_from, cfg.strategy)  # FSDP / ZeRO / full training state resume only under their own kind
+    resume_step = read_meta(resume_from)["global_step"] if resume_from else None
+
+    # -- the tokenizer (a fine-tune keeps model.init_from's: its ids index that embedding table), then config.yaml
+    source = tokenizer_source(cfg.data.tokenizer, cfg.model.init_from, resume_from)
+    if source:
+        cfg.data.tokenizer = source
+    tokenizer = task.tokenizer(cfg.data, cfg.model.init_from, resume_from, run_dir)  # None: the data module makes it
+    write_config(cfg, run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if tcfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    # -- data
+    dm = task.datamodule(cfg.data, cfg.task, tokenizer)
+    dm.prepare_data()
+    dm.setup("fit")
+    tokenizer = dm.tokenizer  # None only for pre-tokenized LM data (data=tokens): then no export or samples
+    if tokenizer is not None and not (run_dir / "tokenizer" / "tokenizer.json").is_file():
+        tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+
+    # -- model: fresh or from model.init_from; a resumed checkpoint must hold the same shape and head
+    model, init_report = task.build_model(cfg.model, cfg.attention, cfg.stability, dm)
+    if resume_from is not None:
+        check_compatible(resume_from, model.config, type(model).__name__)
+    key, length = task.sequence_length(cfg.data, cfg.task)
+    if length > model.config.n_positions:
+        raise ConfigError(f"{key}={length} exceeds the model's n_positions={model.config.n_positions}; lower {key}.")
+    meta = {"tokenizer_dir": "../../tokenizer"} if tokenizer is not None else {}  # in every checkpoint's meta.json
+    module = task.module(model, dm, cfg.task, tcfg, cfg.optim, meta)
+
+    # -- callbacks, loggers, Trainer
+    own = resume_from is not None and resume_from.parent.parent.resolve() == run_dir.resolve()
+    protect = resume_from if own else None  # retention never deletes the checkpoint this run resumed from
+    ckpt_cb = StepCheckpoint(run_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
+                             save_final=cfg.checkpoint.save_final, protect=protect,
+                             val_every_n_steps=tcfg.val_check_interval if tcfg.limit_val_batches else None)  # fmt: skip
+    monitor = task.monitor(cfg.task, dm)  # (metric, mode) of checkpoints/best, or None: the export is the final model
+    best_cb = BestCheckpoint(run_dir, *monitor, meta=meta) if monitor else None
+    preempt = Preemption(ckpt_cb)  # SIGUSR1/SIGTERM -> checkpoint at a step boundary, stop (+ SLURM requeue)
+    loggers = build_loggers(cfg.logger, run_dir, resume_step, dataclasses.asdict(cfg))
+    if task.full_validation:  # the task metrics need the whole validation set (every qa window of an example)
+        tcfg.limit_val_batches = 1.0 if tcfg.limit_val_batches > 0 else 0
+    # best before step: a step-N checkpoint written after validation N holds BestCheckpoint's state of step N
+    callbacks = [] if fast else [cb for cb in (best_cb, ckpt_cb, preempt) if cb is not None]
+    trainer = build_trainer(cfg, run_dir, loggers, extra_callbacks=callbacks)
+
+    # -- fit
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
+    if trainer.interrupted:
+        raise KeyboardInterrupt(
+            f"interrupted at step {trainer.global_step}; continue with resume=auto run_dir={run_dir}"
+        )
+    if preempt.stopped:  # not done: no final validation / export / samples; the next job continues
+        for lg in loggers:
+            lg.save()
+        return {"run_dir": str(run_dir), "global_step": trainer.global_step, "preempted": preempt.signal_name,
+                "requeued": preempt.requeued, "checkpoint": str(ckpt_cb.saved[-1]) if ckpt_cb.saved else None}
+    # a final validation unless the last step already had one (an LM without validation data has no batches)
+    if trainer.limit_val_batches > 0 and trainer.global_step % (1 if fast else tcfg.val_check_interval) != 0:
+        trainer.validate(module, datamodule=dm, verbose=False)
+    for lg in loggers:
+        lg.save()
+
+    # -- summary, export
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "global_step": trainer.global_step,
+                               "checkpoint": str(ckpt_cb.saved[-1]) if ckpt_cb.saved else None,
+                               "train_seconds": time.perf_counter() - t_start}  # fmt: skip
+    if init_report is not None:
+        summary["init"] = init_report
+    if monitor:
+        summary["monitor"], summary["monitor_mode"] = monitor
+    export_net = model_for_export(trainer, module) if not fast and tokenizer is not None else None  # every rank
+    if trainer.is_global_zero:
+        rows = read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
+        losses = [r["train/loss"] for r in rows if r.get("train/loss") is not None]
+        summary.update(first_train_loss=losses[0] if losses else None, last_train_loss=losses[-1] if losses else None,
+                       **task.summary(module, dm, rows))  # fmt: skip
+        if rows:
+            summary["plot"] = str(plot_losses(run_dir / "metrics.csv", run_dir / "plots" / "loss.png"))
+        if export_net is not None:
+            best = load_best_into(export_net, run_dir) if best_cb is not None and best_cb.best is not None else None
+            if best is not None:  # the export is the best model
+                summary["best"] = {"metric": monitor[0], "mode": monitor[1], "value": best["value"],
+                                   "step": best["global_step"], "metrics": best.get("metrics", {}),
+                                   "path": str(best_cb.path)}  # fmt: skip
+                log.info("best %s=%.4f at step %d -> %s", monitor[0], best["value"], best["global_step"],
+                         run_dir / "hf")  # fmt: skip
+            check_finite_weights(export_net, trainer.global_step)
+            summary["hf_dir"] = str(export_hf(export_net, tokenizer, run_dir / "hf", overwrite=True))
+            log.info("exported %s (loads in transformers.%s)", summary["hf_dir"], task.hf_class)
+            summary.update(task.after_export(export_net, tokenizer, cfg.sample, run_dir))
+        summary["seconds"] = time.perf_counter() - t_start
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+__all__ = ["train"]

@@ -1,0 +1,211 @@
+"""The loggers of a run: `metrics.csv` (always), W&B and TensorBoard (logger group), and the loss plot.
+
+- `MetricsCSV`: a Lightning logger writing `run_dir/metrics.csv`, one row per optimizer step (columns step,
+  train/loss, val/loss, val/ppl, lr, tokens_per_sec, mfu, then any task metric); on resume it keeps the rows up to
+  the resume step and appends after them.
+- `build_loggers`: the `logger` group -> [MetricsCSV, WandbLogger?, TensorBoardLogger?].
+- `read_metrics` / `plot_losses`: metrics.csv back as numbers; plots/loss.png from it (matplotlib, Agg backend).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+
+from train.checkpoint import to_plain
+
+BASE_COLUMNS = ["step", "train/loss", "val/loss", "val/ppl", "lr", "tokens_per_sec", "mfu"]
+
+
+# ------------------------------------------------------------------------------------------------ metrics.csv
+class MetricsCSV(Logger):
+    """run_dir/metrics.csv: one row per step; rows logged for the same step are merged.
+
+    A row is written once its step is complete (a later step is logged, or on save/finalize), so train and val
+    metrics of one step share a row. `resume_step`: keep the existing rows with step <= resume_step (the steps a
+    resumed run repeats are dropped and written again).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, resume_step: Optional[int] = None):
+        super().__init__()
+        self.path = Path(run_dir) / "metrics.csv"
+        # rows read back from disk hold strings; keep them as they were written
+        self.columns = list(BASE_COLUMNS)
+        self.rows: dict[int, dict[str, Any]] = {}  # pending (not yet written) rows
+        self._written: list[dict[str, Any]] = []
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                for row in csv.DictReader(f):
+                    if row.get("step") and int(row["step"]) <= resume_step:
+                        self._written.append(row)
+                        self.columns += [c for c in row if c not in self.columns]
+        self._rewrite()
+
+    @property
+    def name(self) -> str:
+        return "metrics"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @property
+    def save_dir(self) -> str:
+        return str(self.path.parent)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # the resolved config is run_dir/config.yaml
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        step = int(step or 0)
+        row = self.rows.setdefault(step, {"step": step})
+        for k, v in metrics.items():
+            if k == "epoch":
+                continue
+            row[k] = float(v.item() if isinstance(v, torch.Tensor) else v)
+        done = [s for s in self.rows if s < step]
+        if done:
+            self._flush(done)
+
+    def _flush(self, steps: list[int]) -> None:
+        rows = [self.rows.pop(s) for s in sorted(steps)]
+        new_cols = [k for r in rows for k in r if k not in self.columns]
+        by_step = {int(r["step"]): r for r in self._written[-8:]}  # a later metric of an already written step
+        merged = False
+        for r in rows:
+            if r["step"] in by_step:
+                by_step[r["step"]].update(r)
+                merged = True
+            else:
+                self._written.append(r)
+        if new_cols or merged:
+            self.columns += list(dict.fromkeys(c for c in new_cols if c not in self.columns))
+            self._rewrite()
+            return
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            w.writerows(_fmt(r) for r in rows)
+
+    @rank_zero_only
+    def flush(self) -> None:
+        """Write every pending row now (called after each logged step, so a SIGKILL loses no logged row)."""
+        if self.rows:
+            self._flush(list(self.rows))
+
+    def _rewrite(self) -> None:
+        if not rank_zero_only.rank == 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"metrics.csv.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(_fmt(r) for r in self._written)
+        os.replace(tmp, self.path)
+
+    @rank_zero_only
+    def save(self) -> None:
+        self.flush()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()
+
+
+def _fmt(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Optional[float]]]:
+    """metrics.csv as a list of {column: float or None}."""
+    out = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            out.append({k: (float(v) if v not in ("", None) else None) for k, v in row.items()})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ plot
+def plot_losses(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> Path:
+    """plots/loss.png: train loss (and val loss where measured) against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_csv)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+        if pts:
+            ax.plot(*zip(*pts), style, label=key, markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the logger group
+def wandb_mode(logger_cfg) -> str:
+    """online when a key is configured (env or ~/.netrc), else offline; the key itself is never read into our config."""
+    if logger_cfg.wandb_mode:
+        return logger_cfg.wandb_mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        import netrc
+
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def build_loggers(logger_cfg, run_dir: Path, resume_step: Optional[int], hparams: dict[str, Any]) -> list:
+    """The `logger` group -> [MetricsCSV, + WandbLogger, + TensorBoardLogger]; `hparams` (the resolved config, which
+    holds no secrets) is logged as the run's hyper-parameters by the loggers that show them."""
+    loggers: list = [MetricsCSV(run_dir, resume_step=resume_step)]
+    if logger_cfg.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(
+            WandbLogger(
+                project=logger_cfg.wandb_project,
+                entity=logger_cfg.wandb_entity,
+                save_dir=str(run_dir),
+                name=run_dir.name,
+                mode=wandb_mode(logger_cfg),
+                resume="allow" if resume_step is not None else None,
+            )
+        )
+    if logger_cfg.tensorboard:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+    if len(loggers) > 1:
+        params = to_plain(hparams)
+        for lg in loggers[1:]:
+            lg.log_hyperparams(params)
+    return loggers
+
+
+__all__ = ["BASE_COLUMNS", "MetricsCSV", "build_loggers", "plot_losses", "read_metrics", "wandb_mode"]

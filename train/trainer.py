@@ -1,0 +1,74 @@
+"""The Lightning Trainer of a run: the `trainer` group's arguments, the strategy, the callbacks every run has, the
+checkpoint IO plugin and the cluster environment. train/job.py adds the run's checkpoint callbacks; benchmarks/
+time exactly this Trainer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from train.config import Config
+
+
+def build_profiler(name: Optional[str], run_dir: Path):
+    """trainer.profiler=simple|advanced|pytorch -> Lightning's profiler writing run_dir/profile*; None -> none."""
+    if name is None:
+        return None
+    from lightning.pytorch import profilers
+
+    cls = {"simple": profilers.SimpleProfiler, "advanced": profilers.AdvancedProfiler,
+           "pytorch": profilers.PyTorchProfiler}[name]  # fmt: skip
+    return cls(dirpath=str(run_dir), filename="profile")
+
+
+def build_trainer(cfg: Config, run_dir: Path, loggers: list, extra_callbacks: list = ()):
+    """The Lightning Trainer of a run (also what benchmarks/overhead.py times).
+
+    Callbacks, in order: StepSeed, RNGState, Throughput, the loss guard (before the checkpoint callbacks in
+    `extra_callbacks`, so a step-N save holds a rolled-back state, not the spiking one), then the progress bar.
+    """
+    import lightning as L
+
+    from train.callbacks import RNGState, StepProgressBar, StepSeed, Throughput, build_guard
+    from train.checkpoint import DirCheckpointIO
+    from train.strategies import build_plugins, build_strategy, resolve_precision
+
+    tcfg = cfg.trainer
+    fast = tcfg.fast_dev_run
+    callbacks: list = [StepSeed(cfg.seed), RNGState(), Throughput(tcfg.log_every_n_steps),
+                       *build_guard(cfg.guard, run_dir), *extra_callbacks]  # fmt: skip
+    if tcfg.enable_progress_bar:
+        # the bar's numbers change only at logging steps; redrawing it every batch costs ~1 ms a step
+        callbacks.append(StepProgressBar(refresh_rate=tcfg.log_every_n_steps))
+    return L.Trainer(
+        accelerator=tcfg.accelerator,
+        devices=tcfg.devices,
+        num_nodes=tcfg.num_nodes,
+        strategy=build_strategy(cfg.strategy, tcfg, cfg.data.batch_size),
+        precision=resolve_precision(tcfg.precision, tcfg.accelerator),
+        max_steps=1 if fast else tcfg.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=tcfg.accumulate_grad_batches,
+        gradient_clip_val=tcfg.gradient_clip_val,
+        gradient_clip_algorithm="norm",
+        # the training stream never ends: validate every N optimizer steps, counted in micro-batches
+        val_check_interval=(1 if fast else tcfg.val_check_interval) * tcfg.accumulate_grad_batches,
+        check_val_every_n_epoch=None,
+        limit_val_batches=min(1, tcfg.limit_val_batches) if fast else tcfg.limit_val_batches,
+        num_sanity_val_steps=tcfg.num_sanity_val_steps,
+        log_every_n_steps=tcfg.log_every_n_steps,
+        logger=loggers,
+        callbacks=callbacks,
+        enable_checkpointing=False,  # StepCheckpoint owns checkpoints/
+        enable_progress_bar=tcfg.enable_progress_bar,
+        enable_model_summary=tcfg.enable_progress_bar,
+        plugins=[DirCheckpointIO(), *build_plugins()],  # + SLURMEnvironment(auto_requeue=False) under SLURM
+        deterministic=tcfg.deterministic or None,
+        profiler=build_profiler(tcfg.profiler, run_dir),
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=False,  # data_pipelines' sampler shards by rank and resumes by position
+    )
+
+
+__all__ = ["build_profiler", "build_trainer"]
