@@ -19,8 +19,9 @@ setup: $(STAMP)
 run: setup
 	$(PY) train/run.py
 
+# --durations=15: every run lists its 15 slowest tests, so the cost of the suite stays visible
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) outputs multirun

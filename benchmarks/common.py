@@ -73,3 +73,15 @@ def median(xs: list[float]) -> float:
 def spread(xs: list[float]) -> str:
     """min..max of the repeats, to show the noise next to a median."""
     return f"[{min(xs):.3g}..{max(xs):.3g}]"
+
+
+def corpus_text(n_chars: int) -> str:
+    """The first `n_chars` characters of the embedded default corpus (`data_pipelines.corpus.build_corpus()`: CPython's
+    documentation prose, documents joined by blank lines) — English text every machine can make, so no benchmark
+    reads a file outside the repository. Raises ValueError when the corpus is shorter than `n_chars`."""
+    from data_pipelines.corpus import build_corpus
+
+    text = "\n\n".join(build_corpus())
+    if len(text) < n_chars:
+        raise ValueError(f"the embedded corpus has {len(text)} characters, fewer than the {n_chars} asked")
+    return text[:n_chars]

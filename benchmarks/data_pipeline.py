@@ -2,7 +2,8 @@
 
     python benchmarks/data_pipeline.py [--mb 50] [--vocab 4096] [--block 64] [--batch 12]
 
-1. Tokenize + pack MB/s on ../shared/data/tinyshakespeare.txt repeated to >= --mb MB, same tokenizer for both:
+1. Tokenize + pack MB/s on a text repeated to >= --mb MB (the embedded default corpus, or --text FILE), same
+   tokenizer for both:
    - ours: `prepare(DataConfig(source="text", path=..., tokenizer=...))` (batched parallel `encode_batch_fast`,
      flat uint16 stream written to disk; blocks are cut at read time);
    - baseline: HF `run_clm.py`'s recipe: `load_dataset("text")`, `.map(tokenizer(examples["text"]), batched=True)`
@@ -39,8 +40,6 @@ import tempfile
 import time
 from pathlib import Path
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-
 
 def main() -> None:
     if sys.argv[1:2] == ["prepare"]:
@@ -48,11 +47,11 @@ def main() -> None:
     if sys.argv[1:2] == ["_side"]:  # one side of the preparation benchmark, in a fresh process
         return print(json.dumps(_side(*sys.argv[2:])))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mb", type=float, default=50.0, help="corpus size in MB (tinyshakespeare repeated)")
+    ap.add_argument("--mb", type=float, default=50.0, help="corpus size in MB (--text repeated)")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--batch", type=int, default=12)
-    ap.add_argument("--text", default=str(SHAKESPEARE), help="source text to repeat")
+    ap.add_argument("--text", default=None, help="source text file to repeat (default: the embedded corpus)")
     args = ap.parse_args()
 
     import datasets
@@ -66,7 +65,12 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        text = Path(args.text).read_text(encoding="utf-8")
+        if args.text:
+            text = Path(args.text).read_text(encoding="utf-8")
+        else:
+            from data_pipelines.corpus import build_corpus
+
+            text = "\n\n".join(build_corpus())
         reps = max(1, int(-(-args.mb * 1e6 // len(text.encode()))))
         corpus = tmp / "corpus.txt"
         with open(corpus, "w", encoding="utf-8") as f:
@@ -75,7 +79,8 @@ def main() -> None:
         mb = corpus.stat().st_size / 1e6
         tok = train_tokenizer(iter([text]), vocab_size=args.vocab)
         tok.save_pretrained(str(tmp / "tok"))
-        print(f"corpus: {mb:.1f} MB ({reps} x {Path(args.text).name}), vocab {len(tok)}")
+        name = Path(args.text).name if args.text else "the embedded corpus"
+        print(f"corpus: {mb:.1f} MB ({reps} x {name}), vocab {len(tok)}")
 
         # ---- ours
         t0 = time.perf_counter()

@@ -15,10 +15,10 @@ everywhere. Reported: the median over chunks of tokens/s per side and of the per
 with gpt2-forge gains over transformers' model in a plain PyTorch loop; target >= 1.10, issue 6), a/d (the same
 optimizer on both sides: what the model alone gains; no target) and a/b (Lightning's overhead; target >= 0.95),
 for two configs:
-  nanogpt-char  4 layers, 4 heads, 128 wide, block 64, batch 12, char vocab of tinyshakespeare (nanoGPT
+  nanogpt-char  4 layers, 4 heads, 128 wide, block 64, batch 12, char vocab of the embedded corpus (nanoGPT
                 config/train_shakespeare_char.py, CPU variant; overhead.py's config)
   gpt2-width    2 layers, 12 heads, 768 wide, block 128, batch 4, vocab 50257 (GPT-2's width and vocabulary, few
-                layers; the ids are tinyshakespeare's bytes: the token values do not change the compute)
+                layers; the ids are the embedded corpus' bytes: the token values do not change the compute)
 
     python benchmarks/train_step.py [--quick] [--threads N] [--config nanogpt-char|gpt2-width] [--profile]
 
@@ -42,8 +42,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import gpt2
-from common import machine_line  # benchmarks/common.py and overhead.py (run as a script, like the others)
-from overhead import DATA, ROOT, BareLoop, Interleave, _Loader, char_batches
+from common import corpus_text, machine_line  # benchmarks/common.py and overhead.py (run as scripts, like the others)
+from overhead import ROOT, BareLoop, Interleave, _Loader, char_batches
 from train.config import register_configs, to_config
 from train.module import GPT2LitModule, WarmupDecay, build_optimizer, param_groups
 from train.trainer import build_trainer
@@ -73,14 +73,14 @@ WARMUP = 3
 
 
 def batches_for(spec: Spec, n: int, seed: int = 0) -> tuple[list[dict[str, torch.Tensor]], int]:
-    """`n` batches {input_ids, labels} of random windows of tinyshakespeare, and the vocabulary size."""
+    """`n` batches {input_ids, labels} of random windows of the embedded default corpus, and the vocabulary size."""
     if spec.vocab is None:
         import overhead as oh
 
         assert (oh.BLOCK, oh.BATCH) == (spec.block, spec.batch), "nanogpt-char must match overhead.py's dims"
         return char_batches(n, seed)
-    raw = DATA.read_bytes() if DATA.is_file() else b"To be, or not to be, that is the question. " * 30000
-    data = torch.frombuffer(bytearray(raw[:200_000]), dtype=torch.uint8).long()
+    raw = corpus_text(200_000).encode("utf-8")[:200_000]
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):

@@ -29,7 +29,8 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 # Size presets. The four OpenAI sizes are from the GPT-2 paper (Table 2) / the hub configs;
 # vocab 50257 and context 1024 are the HF defaults, so they are not repeated.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(n_layer=2, n_head=4, n_embd=128, n_positions=256),  # CPU demos and tests (~0.4M non-embedding params)
+    "tiny": dict(n_layer=2, n_head=4, n_embd=128, n_positions=256),  # CPU tests (~0.4M non-embedding params)
+    "demo": dict(n_layer=2, n_head=6, n_embd=192, n_positions=256),  # the CPU default run (~0.9M non-embedding params)
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M

@@ -10,15 +10,20 @@ from typing import Callable
 
 import torch
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 
+def corpus_text(n_chars: int) -> str:
+    """The first `n_chars` characters of the embedded default corpus (data_pipelines.corpus: CPython's documentation
+    topics and standard-library docstrings, prose only), its documents joined by blank lines.
 
-def shakespeare(n_chars: int) -> str:
-    """The first `n_chars` of tiny Shakespeare (../shared/data), or one of its lines repeated where shared/ is absent."""
-    if SHAKESPEARE.is_file():
-        return SHAKESPEARE.read_text(encoding="utf-8")[:n_chars]
-    line = "To be, or not to be, that is the question. "
-    return (line * (n_chars // len(line) + 1))[:n_chars]
+    Varied English made at run time from the Python running the tests, so no test reads a file outside the
+    repository; built once per process (~2 s). Raises ValueError when the corpus is shorter than `n_chars`.
+    """
+    from data_pipelines.corpus import build_corpus
+
+    text = "\n\n".join(build_corpus())
+    if len(text) < n_chars:
+        raise ValueError(f"the embedded corpus has {len(text)} characters, fewer than the {n_chars} asked")
+    return text[:n_chars]
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ def test_validation_names_the_problem(kwargs, match):
 
 
 def test_presets():
-    assert set(PRESETS) == {"tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+    assert set(PRESETS) == {"tiny", "demo", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
     xl = GPT2Config.from_preset("gpt2-xl")
     assert (xl.n_layer, xl.n_embd, xl.n_head) == (48, 1600, 25)
     tiny = GPT2Config.from_preset("tiny", vocab_size=300)

@@ -48,8 +48,8 @@ SCHEMAS = {
 }
 # Presets with mandatory (???) values get them from the user; give test values.
 REQUIRED = {
-    ("experiment", "shakespeare-finetune"): ["model.init_from=/tmp/some-hf-dir", "data.path=/tmp/input.txt"],
-    **{("data", s): ["data.path=/tmp/some-data"] for s in ("text", "jsonl", "csv", "parquet", "tokens")},
+    ("experiment", "shakespeare-finetune"): ["model.init_from=some-hf-dir", "data.path=input.txt"],
+    **{("data", s): ["data.path=some-data"] for s in ("text", "jsonl", "csv", "parquet", "tokens")},
     ("data", "hub"): ["data.name=some/dataset"],
 }
 
@@ -76,7 +76,7 @@ def test_every_group_has_options():
     groups = {g for g, _ in ALL}
     assert {"model", "attention", "stability", "task", "data", "strategy", "trainer", "optim", "logger",
             "checkpoint", "experiment", "debug"} <= groups  # fmt: skip
-    assert {"tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"} <= set(_options("model"))
+    assert {"tiny", "demo", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"} <= set(_options("model"))
     assert {"eager", "sdpa", "flash"} <= set(_options("attention"))
 
 
@@ -102,7 +102,7 @@ def test_option_composes_and_instantiates(group, option):
     assert mc.n_layer == cfg.model.n_layer
 
 
-@pytest.mark.parametrize("size", ["tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+@pytest.mark.parametrize("size", ["tiny", "demo", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
 def test_model_sizes_build_on_meta(size):
     cfg = to_config(_compose([f"model={size}"]))
     mc = build_model_config(cfg.model, cfg.attention, cfg.stability, vocab_size=50257, eos_token_id=50256)
@@ -118,7 +118,7 @@ def test_model_sizes_build_on_meta(size):
 
 def test_default_config_is_the_cpu_demo():
     cfg = to_config(_compose([]))
-    assert cfg.model.name == "tiny" and cfg.task.name == "lm" and cfg.strategy.name == "auto"
+    assert cfg.model.name == "demo" and cfg.task.name == "lm" and cfg.strategy.name == "auto"
     assert cfg.data.block_size <= cfg.model.n_positions
     assert cfg.resume is None and cfg.run_dir.startswith("outputs/")
 
@@ -156,10 +156,10 @@ def test_bad_override_named_at_composition(override, needle):
     "override,needle",
     [
         ("trainer.max_steps=0", "trainer.max_steps"),
-        ("model.n_head=3", "model.n_embd"),
+        ("model.n_head=5", "model.n_embd"),  # 192 is not a multiple of 5
         ("optim.lr=-1", "optim.lr"),
         ("trainer.precision=fp8", "trainer.precision"),
-        ("data.block_size=512", "data.block_size"),  # > tiny's n_positions=256
+        ("data.block_size=512", "data.block_size"),  # > the demo model's n_positions=256
         ("attention.implementation=magic", "attention.implementation"),
         ("task.name=translate", "task.name"),
     ],

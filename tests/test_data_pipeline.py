@@ -11,31 +11,31 @@ import pytest
 
 from data_pipelines import DataConfig, LMDataModule, read_token_dir
 from data_pipelines import cache, tokenizing
-from data_pipelines.corpus import build_corpus, corpus_sha256, docstring_documents, topic_documents
+from data_pipelines.corpus import (
+    build_corpus, corpus_sha256, docstring_documents, prose_paragraphs, topic_documents,
+)  # fmt: skip
 from data_pipelines.prepare import prepare
 from data_pipelines.tokenizing import encode_documents, split_document, token_dtype
 from gpt2.tokenizer import GPT2TokenizerFast, train_tokenizer
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-if not SHAKESPEARE.exists():  # the repo may live elsewhere: fall back to the documented shared location
-    SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+from helpers import corpus_text
 
 
 @pytest.fixture(scope="module")
-def shakespeare() -> str:
-    return SHAKESPEARE.read_text(encoding="utf-8")
+def english() -> str:
+    """300 kB of varied English prose: the head of the embedded default corpus (made at run time)."""
+    return corpus_text(300_000)
 
 
 @pytest.fixture(scope="module")
-def docs(shakespeare) -> list[str]:
+def docs(english) -> list[str]:
     # varied documents: prose with blank lines, unicode, leading spaces, a literal tab
-    paras = [p for p in shakespeare[:60_000].split("\n\n") if p.strip()]
+    paras = [p for p in english[:60_000].split("\n\n") if p.strip()]
     return paras[:40] + ["  indented line\n\tand a tab", "naïve café — ünïcödé ✓", "x"]
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory, shakespeare) -> Path:
-    tok = train_tokenizer(iter([shakespeare[:200_000]]), vocab_size=300)
+def tok_dir(tmp_path_factory, english) -> Path:
+    tok = train_tokenizer(iter([english[:200_000]]), vocab_size=300)
     out = tmp_path_factory.mktemp("tok")
     tok.save_pretrained(str(out))
     return out
@@ -70,28 +70,63 @@ def test_embedded_corpus_is_deterministic_and_substantial():
     text = "\n".join(docs)
     assert 1_000_000 < len(text) < 4_000_000  # real prose, not a toy
     assert "The \"if\" statement is used for conditional execution" in text  # pydoc_data topic "if"
-    assert "Command-line parsing library" in text  # argparse's module docstring
+    assert "This module is an optparse-inspired command-line parsing library that:" in text  # argparse's docstring
     letters = sum(c.isalpha() or c.isspace() for c in text[:200_000]) / 200_000
-    assert letters > 0.8  # English text, not code or binary
+    assert letters > 0.85  # English text, not code or binary
+    # prose only, re-flowed: no doctest or indented code, no hard-wrapped lines, no runs of blank lines, no repeats
+    lines = text.split("\n")
+    assert not any(ln.startswith((">>>", " ", "\t")) for ln in lines)
+    assert sum(map(len, lines)) / sum(1 for ln in lines if ln) > 90  # hard-wrapped docstrings average ~50
+    assert "\n\n\n" not in text
+    paragraphs = [p for d in docs for p in d.split("\n\n")[1:]]
+    assert len(paragraphs) == len(set(paragraphs)) > 5000
     # determinism: rebuilding from scratch gives the same documents in the same order (checked on the topics and
-    # one stdlib package; the whole walk takes seconds and uses the same sorted code path)
-    assert topic_documents() == topic_documents() and set(topic_documents()) <= set(docs)
+    # one stdlib package; the whole walk takes seconds and uses the same sorted code path); every paragraph of every
+    # topic is in the corpus, once ("if" holds only paragraphs of "compound", so it is no document of its own)
+    topics = topic_documents()
+    assert topics == topic_documents() and len(topics) > 50
+    assert {p for t in topics for p in t.split("\n\n")[1:]} <= set(paragraphs)
     email_dir = str(Path(json.__file__).parents[1] / "email")
     a, b = docstring_documents(email_dir), docstring_documents(email_dir)
     assert a == b and len(a) > 10 and corpus_sha256(a) == corpus_sha256(b)
 
 
+def test_prose_paragraphs_reflow_prose_and_drop_code():
+    doc = (
+        "Frobnicate the widget.\n\n"
+        "This function frobnicates a widget in place. It was\nwrapped at seventy-two columns by\nits author.\n\n"
+        "Options\n-------\n\n"
+        "    code_sample = frobnicate(widget)\n    print(code_sample)\n\n"
+        ">>> frobnicate(1)\nTraceback (most recent call last):\n\n"
+        "Args:\n    widget: the widget to change.\n\n"
+        ":param widget: the widget\n:returns: None\n\n"
+        "   expr ::= term | expr \"+\" term\n\n"
+        "+-----+-----+\n| a   | b   |\n\n"
+        "The steps are:\n\n"
+        "    - open the widget box\n    - turn the crank until it\n      clicks twice\n\n"
+        "1. First the widget is read, then its parts are\n   counted one by one.\n"
+        "2. Then it is written back to the same place.\n\n"
+        "See the example::\n\n    frob()\n"
+    )
+    assert prose_paragraphs(doc) == [
+        "This function frobnicates a widget in place. It was wrapped at seventy-two columns by its author.",
+        "- open the widget box\n- turn the crank until it clicks twice",
+        "1. First the widget is read, then its parts are counted one by one.\n"
+        "2. Then it is written back to the same place.",
+    ]  # "Frobnicate the widget." / "The steps are:" / "See the example::" are 3 words: headings, not prose
+
+
 # ------------------------------------------------------------------ encoding
-def test_split_long_document_gives_identical_ids(tok, shakespeare, monkeypatch):
+def test_split_long_document_gives_identical_ids(tok, english, monkeypatch):
     code = Path(json.__file__).read_text()  # indentation-heavy Python source: the hard case for safe cuts
-    for text in (shakespeare[:40_000], code):
+    for text in (english[:40_000], code):
         pieces = split_document(text, chunk_chars=500)
         assert len(pieces) > 1 and "".join(pieces) == text
         got = np.concatenate(list(encode_documents(tok, [[text]], chunk_chars=500)))
         np.testing.assert_array_equal(got, expected_stream(tok, [text]))
     # flushing the encoder mid-document and mid-batch changes nothing either
     monkeypatch.setattr(tokenizing, "ENCODE_BATCH_CHARS", 3000)
-    docs = [shakespeare[i : i + 7000] for i in range(0, 35_000, 7000)] + ["tiny", code[:2000]]
+    docs = [english[i : i + 7000] for i in range(0, 35_000, 7000)] + ["tiny", code[:2000]]
     arrays = list(encode_documents(tok, [docs[:3], docs[3:]], chunk_chars=500))
     assert len(arrays) > 5
     np.testing.assert_array_equal(np.concatenate(arrays), expected_stream(tok, docs))
@@ -153,8 +188,8 @@ def test_val_file_is_used_instead_of_fraction(tmp_path, docs, tok, tok_dir):
 
 
 # ------------------------------------------------------------------ caching
-def test_tokenizer_trained_once_and_tokens_cached(tmp_path, monkeypatch, shakespeare):
-    (tmp_path / "s.txt").write_text(shakespeare[:100_000])
+def test_tokenizer_trained_once_and_tokens_cached(tmp_path, monkeypatch, english):
+    (tmp_path / "s.txt").write_text(english[:100_000])
     calls = {"train": 0, "encode": 0}
     real_train, real_encode = tokenizing.train_tokenizer, cache.prepare_shards
 
@@ -176,7 +211,7 @@ def test_tokenizer_trained_once_and_tokens_cached(tmp_path, monkeypatch, shakesp
     assert (root / "index.json").stat().st_mtime_ns == mtime
     assert len(GPT2TokenizerFast.from_pretrained(str(root / "tokenizer"))) == 320
     # a changed file is a new cache entry (paths + sizes + mtimes key the cache)
-    (tmp_path / "s.txt").write_text(shakespeare[:90_000])
+    (tmp_path / "s.txt").write_text(english[:90_000])
     assert prepare(cfg) != root and calls["encode"] == 2
     assert not list((tmp_path / "c" / "tokens").glob(".*tmp*"))  # no temp leftovers
 

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 register_configs()
 
-BASE = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=20", "guard=off", "sample.max_new_tokens=4"]
+BASE = ["model=tiny", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=20", "guard=off",
+        "sample.max_new_tokens=4"]  # fmt: skip
 # task -> (steps, extra overrides, metric, chance, margin): the held-out metric must reach chance + margin.
 # qa's chance is computed from its validation set below (the best random-span baseline); measured on the 2-core CPU
 # (seed 1337): cls 0.62 after 120 steps, token_cls F1 0.45 after 100, qa F1 0.44 (EM 0.37) after 300 steps, mc 0.41 after 150 steps.

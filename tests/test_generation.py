@@ -1,12 +1,10 @@
 """KV cache and generate(): incremental = full forward, greedy = transformers' greedy token for token, sampling
 controls, eos stop, left padding; and the two usage examples of the Hugging Face GPT-2 page on our classes."""
 
-from pathlib import Path
-
 import pytest
 import torch
 import transformers
-from helpers import randomize
+from helpers import corpus_text, randomize
 
 import gpt2
 
@@ -123,7 +121,7 @@ def test_sampling_controls():
 @pytest.fixture(scope="module")
 def hf_style_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-gpt2")
-    text = open(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt", encoding="utf-8").read()[:200_000]
+    text = corpus_text(200_000)
     tok = gpt2.train_tokenizer(iter(text.splitlines()), vocab_size=400)
     tok.save_pretrained(folder)
     cfg = gpt2.GPT2Config.from_preset("tiny", vocab_size=len(tok), n_layer=2, n_embd=64, n_head=4,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import corpus_text
 from launch.slurm import JobSpec, PrepareSpec, SlurmError, main, render_prepare_scripts, render_script, write_script
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 
 
 def _dry_run(capsys, *argv) -> str:
@@ -132,8 +132,10 @@ def _wait(job_id: str, done, timeout: float, what: str) -> dict[str, str]:
 
 
 def _overrides(run_dir: Path, cache: Path, max_steps: int, every: int) -> list[str]:
+    corpus = run_dir.parent / "input.txt"  # 300 kB of English made here: the job reads it from the shared tmp folder
+    corpus.write_text(corpus_text(300_000), encoding="utf-8")
     return [
-        "strategy=ddp", "data=text", f"data.path={CORPUS}", f"data.cache_dir={cache}", "data.vocab_size=512",
+        "strategy=ddp", "data=text", f"data.path={corpus}", f"data.cache_dir={cache}", "data.vocab_size=512",
         "data.block_size=32", "data.batch_size=8", "data.val_fraction=0.1",
         "model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.n_positions=64",
         f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={max_steps // 2}",
@@ -166,7 +168,6 @@ def _read_metrics(path: Path) -> list[dict[str, str]]:
 
 @needs_slurm
 @pytest.mark.slow
-@pytest.mark.skipif(not CORPUS.is_file(), reason="needs the shared tinyshakespeare corpus")
 def test_two_task_cpu_ddp_job_trains_to_completion(tmp_path):
     run_dir = tmp_path / "run"
     job_id = _submit(_overrides(run_dir, tmp_path / "cache", max_steps=20, every=10))
@@ -185,7 +186,6 @@ def test_two_task_cpu_ddp_job_trains_to_completion(tmp_path):
 
 @needs_slurm
 @pytest.mark.slow
-@pytest.mark.skipif(not CORPUS.is_file(), reason="needs the shared tinyshakespeare corpus")
 def test_usr1_requeues_and_the_job_resumes_to_the_final_step(tmp_path):
     run_dir = tmp_path / "run"
     max_steps = 400
@@ -221,7 +221,7 @@ def test_hydra_sweep_with_the_slurm_launcher_runs_each_job_on_slurm(tmp_path):
     process waits for them and writes the sweep summary."""
     sweep = tmp_path / "sweep"
     r = subprocess.run(
-        [sys.executable, str(ROOT / "train" / "run.py"), "-m", "hydra/launcher=slurm", "task=cls",
+        [sys.executable, str(ROOT / "train" / "run.py"), "-m", "hydra/launcher=slurm", "task=cls", "model=tiny",
          "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
          "hydra.launcher.timeout_min=10", "hydra.launcher.setup=['export OMP_NUM_THREADS=1']",
          f"hydra.sweep.dir={sweep}", f"data.cache_dir={tmp_path / 'cache'}", f"task.data.cache_dir={tmp_path / 'cache'}",

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from test_train_resume import launch, overrides
 
-from helpers import shakespeare, sigkill_when
+from helpers import corpus_text, sigkill_when
 from train import checkpoint as ck
 from train.loggers import read_metrics
 from train.config import register_configs, to_config
@@ -82,7 +82,7 @@ def run_plain(run_args: list[str]) -> subprocess.CompletedProcess:
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     f = tmp_path / "input.txt"
-    f.write_text(shakespeare(120_000))
+    f.write_text(corpus_text(120_000))
     return f
 
 

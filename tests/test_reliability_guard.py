@@ -15,7 +15,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
-from helpers import shakespeare
+from helpers import corpus_text
 from train import checkpoint as ck
 from train.loggers import read_metrics
 from train.config import GuardConfig, register_configs, to_config
@@ -31,7 +31,7 @@ register_configs()
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("corpus")
-    text = shakespeare(60_000)
+    text = corpus_text(60_000)
     (d / "input.txt").write_text(text)
     return d / "input.txt"
 

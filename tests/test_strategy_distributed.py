@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import shakespeare
+from helpers import corpus_text
 from train.loggers import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def setup(tmp_path_factory):
     """The corpus, and the 1-process reference run of 2N steps (which also fills the token cache)."""
     d = tmp_path_factory.mktemp("dist")
     corpus = d / "input.txt"
-    corpus.write_text(shakespeare(60_000))
+    corpus.write_text(corpus_text(60_000))
     cache, ref = d / "cache", d / "ref"
     run(overrides(corpus, cache, ref, 8, 2 * N))
     return d, corpus, cache, ref

@@ -35,7 +35,7 @@ def run(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
 def test_two_by_two_sweep_writes_four_runs_and_a_summary(tmp_path, tokenizer_dir):
     sweep = tmp_path / "sweep"
     p = run(
-        "-m", "task=cls", "optim.lr=1e-3,3e-3", "seed=1,2", f"run_dir={sweep}",  # -m: the sweep root
+        "-m", "task=cls", "model=tiny", "optim.lr=1e-3,3e-3", "seed=1,2", f"run_dir={sweep}",  # -m: the sweep root
         f"data.tokenizer={tokenizer_dir}", f"data.cache_dir={tmp_path / 'cache'}",
         f"task.data.cache_dir={tmp_path / 'cache'}", "task.data.demo_train_size=64", "task.data.demo_val_size=16",
         "task.data.batch_size=8", "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=2",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import shakespeare
+from helpers import corpus_text
 from data_pipelines.tasks import DEFAULT_COLUMNS, TaskDataConfig, TaskDataModule, build_demo, demo_files
 from data_pipelines.tasks.qa import window_starts
 from gpt2.tokenizer import GPT2TokenizerFast, train_tokenizer
@@ -21,7 +21,7 @@ from train.tasks.qa import postprocess_qa, squad_metrics
 @pytest.fixture(scope="module")
 def tok() -> GPT2TokenizerFast:
     # a small vocabulary, so most words are several sub-tokens (what the alignment tests need)
-    return train_tokenizer(iter([shakespeare(100_000)]), vocab_size=400)
+    return train_tokenizer(iter([corpus_text(100_000)]), vocab_size=400)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 
 import gpt2
 import train.tasks
-from helpers import shakespeare
+from helpers import corpus_text
 from train.config import ConfigError, TaskConfig, register_configs, to_config
 from train.job import train as run_job
 from train.tasks import get_task, task_names
@@ -64,7 +64,7 @@ def test_a_sixth_task_is_one_file_and_one_yaml(tmp_path, monkeypatch):
     monkeypatch.setattr(train.tasks, "__path__", [*train.tasks.__path__, str(tmp_path / "tasks")])
     monkeypatch.delitem(sys.modules, "train.tasks.cls_f1", raising=False)
     corpus = tmp_path / "input.txt"
-    corpus.write_text(shakespeare(60_000))
+    corpus.write_text(corpus_text(60_000))
     run_dir = tmp_path / "run"
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = to_config(compose(config_name="config", overrides=[

@@ -1,6 +1,7 @@
 """GPT2TokenizerFast / train_tokenizer: file compatibility and encoding parity with transformers.GPT2TokenizerFast.
 
-Everything is built locally: a small byte-level BPE trained on tinyshakespeare (vocab 600, well under a second).
+Everything is built locally: a small byte-level BPE (vocab 600, well under a second) trained on 300 kB of the embedded
+default corpus (CPython's documentation prose, made at run time: tests/helpers.py).
 transformers is the reference; in 5.x GPT2TokenizerFast is GPT2Tokenizer, and it is built with from_pretrained(dir)
 (its vocab_file/merges_file constructor gives empty encodings in 5.x).
 """
@@ -16,10 +17,10 @@ import pytest
 import torch
 
 from gpt2.tokenizer import BatchEncoding, GPT2Tokenizer, GPT2TokenizerFast, train_tokenizer
+from helpers import corpus_text
 
 transformers = pytest.importorskip("transformers")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/
 
 # accents, CJK, emoji (4-byte UTF-8, ZWJ sequence), tabs, runs of spaces, CRLF/newlines, <|endoftext|> mid-text
 UNICODE_TEXT = (
@@ -39,8 +40,16 @@ BATCH = [
 
 
 @pytest.fixture(scope="module")
-def trained() -> GPT2TokenizerFast:
-    return train_tokenizer(DATA, vocab_size=600)
+def corpus_file(tmp_path_factory) -> Path:
+    """A 300 kB English text file (the head of the embedded default corpus)."""
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(corpus_text(300_000), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(corpus_file) -> GPT2TokenizerFast:
+    return train_tokenizer(corpus_file, vocab_size=600)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +77,7 @@ def fresh(path) -> GPT2TokenizerFast:
 
 
 # ------------------------------------------------------------------------------------------- training + round trip
-def test_trained_tokenizer_shape(trained):
+def test_trained_tokenizer_shape(trained, corpus_file):
     assert GPT2Tokenizer is GPT2TokenizerFast
     assert trained.vocab_size == len(trained) == 600
     # the BPE trainer gives special tokens the first ids; bos = eos = unk, no pad token by default
@@ -77,7 +86,7 @@ def test_trained_tokenizer_shape(trained):
     assert trained.pad_token is None and trained.pad_token_id is None
     assert trained.encode("<|endoftext|>") == [0]
     # merges learnt real words: the text is compressed well below one token per byte
-    text = DATA.read_text(encoding="utf-8")[:20_000]
+    text = corpus_file.read_text(encoding="utf-8")[:20_000]
     assert len(trained.encode(text)) < 0.6 * len(text.encode("utf-8"))
     assert "GPT2TokenizerFast" in repr(trained) and "vocab_size=600" in repr(trained)
 
@@ -92,10 +101,10 @@ def test_round_trip_is_exact_including_bytes_never_seen_in_training(trained):
         assert tok.batch_decode([tok.encode(t) for t in BATCH]) == BATCH
 
 
-def test_train_from_file_iterator_and_list_agree(trained):
-    lines = DATA.read_text(encoding="utf-8").splitlines(keepends=True)
+def test_train_from_file_iterator_and_list_agree(trained, corpus_file):
+    lines = corpus_file.read_text(encoding="utf-8").splitlines(keepends=True)
     from_iter = train_tokenizer(iter(lines), vocab_size=600)
-    from_list = train_tokenizer([str(DATA)], vocab_size=600)
+    from_list = train_tokenizer([str(corpus_file)], vocab_size=600)
     assert from_iter.get_vocab() == trained.get_vocab() == from_list.get_vocab()
     assert from_iter.encode(UNICODE_TEXT) == trained.encode(UNICODE_TEXT)
 
@@ -108,10 +117,10 @@ def test_train_extra_special_tokens():
 
 
 # ------------------------------------------------------------------------------------ parity with transformers
-def test_saved_tokenizer_loads_in_transformers_with_same_ids(trained, saved_dir, hf):
+def test_saved_tokenizer_loads_in_transformers_with_same_ids(trained, saved_dir, hf, corpus_file):
     assert {p.name for p in saved_dir.iterdir()} >= {
         "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"}
-    for text in [UNICODE_TEXT, *BATCH, DATA.read_text(encoding="utf-8")[:5000]]:
+    for text in [UNICODE_TEXT, *BATCH, corpus_file.read_text(encoding="utf-8")[:5000]]:
         ids = trained.encode(text)
         assert hf(text)["input_ids"] == ids
         assert hf.decode(ids) == trained.decode(ids) == text
@@ -288,11 +297,11 @@ def test_loading_errors_name_the_problem(tmp_path):
         GPT2TokenizerFast()
 
 
-def test_training_errors_name_the_problem(tmp_path):
+def test_training_errors_name_the_problem(tmp_path, corpus_file):
     with pytest.raises(ValueError, match=r"vocab_size=200 is too small.*>= 257"):
-        train_tokenizer(DATA, vocab_size=200)
+        train_tokenizer(corpus_file, vocab_size=200)
     with pytest.raises(ValueError, match=">= 258"):
-        train_tokenizer(DATA, vocab_size=257, special_tokens=("<|endoftext|>", "<|pad|>"))
+        train_tokenizer(corpus_file, vocab_size=257, special_tokens=("<|endoftext|>", "<|pad|>"))
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty"):
@@ -302,7 +311,7 @@ def test_training_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train_tokenizer(tmp_path / "missing.txt", vocab_size=300)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        train_tokenizer([str(DATA), str(tmp_path / "missing.txt")], vocab_size=300)
+        train_tokenizer([str(corpus_file), str(tmp_path / "missing.txt")], vocab_size=300)
 
 
 def test_tokenizer_module_needs_neither_torch_nor_transformers():
@@ -320,7 +329,7 @@ def test_tokenizer_module_needs_neither_torch_nor_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_old_folder_flags_match_transformers(saved_dir, tmp_path):
+def test_old_folder_flags_match_transformers(saved_dir, tmp_path, corpus_file):
     # transformers 4 wrote clean_up_tokenization_spaces=true into GPT-2 folders; 5.x ignores it for BPE so decode
     # still round-trips, and model_max_length bounds truncation=True without max_length
     old = tmp_path / "old"
@@ -331,7 +340,7 @@ def test_old_folder_flags_match_transformers(saved_dir, tmp_path):
     ours, hf = fresh(old), transformers.GPT2TokenizerFast.from_pretrained(str(old))
     text = "Hello , world . I 'm here , aren 't you ?"
     assert ours.decode(ours.encode(text)) == hf.decode(hf.encode(text)) == text
-    long = DATA.read_text(encoding="utf-8")[:2000]
+    long = corpus_file.read_text(encoding="utf-8")[:2000]
     assert ours(long, truncation=True)["input_ids"] == hf(long, truncation=True)["input_ids"]
     assert len(ours(long, truncation=True)["input_ids"]) == 16
 

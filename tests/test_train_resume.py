@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import shakespeare, sigkill_when
+from helpers import corpus_text, sigkill_when
 from train.loggers import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def last_step(run_dir: Path) -> int:
 @pytest.mark.slow
 def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path):
     corpus = tmp_path / "input.txt"
-    corpus.write_text(shakespeare(120_000))
+    corpus.write_text(corpus_text(120_000))
     cache = tmp_path / "cache"
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "victim"
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from helpers import shakespeare
+from helpers import corpus_text
 from train.loggers import read_metrics
 from train.config import ConfigError, register_configs, to_config
 from train.run import train
@@ -24,9 +24,9 @@ register_configs()
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """120 kB of real text (tiny Shakespeare when present, else the README-sized fallback repeated)."""
+    """120 kB of real English: the head of the embedded default corpus (made at run time, tests/helpers.py)."""
     d = tmp_path_factory.mktemp("corpus")
-    text = shakespeare(120_000)
+    text = corpus_text(120_000)
     (d / "input.txt").write_text(text)
     return d / "input.txt"
 
@@ -132,6 +132,36 @@ def test_export_and_generate_cli(trained, tmp_path):
         assert r.stdout.startswith("To be") and len(r.stdout) > len("To be\n")  # prompt + new tokens
     r = run_cli("train/generate.py", str(tmp_path / "nope"), "--prompt", "x")
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_ends_with_val_perplexity_and_a_line_whose_commands_work(corpus, cache_dir, tmp_path):
+    """`python train/run.py`'s last two lines: the losses with the validation perplexity, then what to open and the
+    commands to sample from hf/ (run as printed) and to resume for as many steps again (composed as printed)."""
+    import shlex
+
+    run_dir = tmp_path / "run"
+    r = run_cli("train/run.py", *small(corpus, cache_dir, run_dir, "trainer.max_steps=4", "trainer.val_check_interval=2",
+                                       "checkpoint.every_n_steps=2", "model.n_layer=1", "model.n_embd=32"))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    done, last = r.stdout.strip().splitlines()[-2:]
+    val_loss = read_metrics(run_dir / "metrics.csv")[-1]["val/loss"]
+    assert done.startswith("done: 4 steps") and f"validation loss {val_loss:.3f} (perplexity " in done, done
+    assert f"open {run_dir / 'samples.txt'} and {run_dir / 'plots' / 'loss.png'};" in last, last
+    assert (run_dir / "samples.txt").is_file() and (run_dir / "plots" / "loss.png").is_file()
+    sample_cmd, train_cmd = (shlex.split(part.split(": ", 1)[1]) for part in last.split("; ")[1:])
+    py = os.path.relpath(sys.executable, ROOT)  # the interpreter that ran it, as typed from the repository root
+    py = sys.executable if py.startswith("..") else py
+    assert sample_cmd[:3] == [py, "train/generate.py", str(run_dir / "hf")], last
+    g = run_cli(*sample_cmd[1:], "--max-new-tokens", "3")
+    prompt = compose_cfg([]).sample.prompts[0]  # the line suggests the first default prompt
+    assert g.returncode == 0 and g.stdout.startswith(prompt), g.stderr[-2000:]
+    assert train_cmd[:2] == [py, "train/run.py"] and "resume=auto" in train_cmd and "trainer.max_steps=8" in train_cmd
+    # resume: the run's own overrides, continued from its newest checkpoint to the doubled step count (composed here,
+    # not run: resume=auto itself is tested in test_train_resume.py)
+    again = compose_cfg(train_cmd[2:])
+    assert (again.run_dir, again.resume, again.trainer.max_steps) == (str(run_dir), "auto", 8)
+    assert (again.model.n_embd, again.data.path) == (32, str(corpus))
+    assert (run_dir / "checkpoints" / "last").read_text().strip() == "step-4"
 
 
 def test_resume_auto_without_checkpoint_is_a_clear_error(corpus, cache_dir, tmp_path):

@@ -33,7 +33,7 @@ def _check(cond: bool, msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- model
-MODEL_PRESETS = ("tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+MODEL_PRESETS = ("tiny", "demo", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 @dataclass
@@ -361,7 +361,7 @@ class EvalConfig:
 class SampleConfig:
     """What samples.txt shows at the end of an LM run."""
 
-    prompts: List[str] = field(default_factory=lambda: ["Return the", "This module", "If the"])
+    prompts: List[str] = field(default_factory=lambda: ["Return True if", "If an", "It is"])  # conf/config.yaml
     max_new_tokens: int = 48
     temperature: float = 0.8
     top_k: Optional[int] = 50

@@ -14,9 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import os
+import shlex
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from train.config import Config, ConfigError, to_config, write_config
 
@@ -162,4 +166,38 @@ def train(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["train"]
+
+
+def outcome_lines(summary: dict[str, Any], prompt: str, overrides: Sequence[str]) -> list[str]:
+    """What train/run.py prints after a finished run: the losses (+ validation perplexity), a fine-tune's best
+    metric, and for an LM run a last line saying what to open and what to type next (sample from hf/, resume for as
+    many steps again with this run's own overrides). Paths are shown as the user types them."""
+
+    def shown(path: str) -> str:  # relative to the working directory when below it
+        return path if os.path.relpath(path).startswith("..") else os.path.relpath(path)
+
+    lines = []
+    if summary.get("first_train_loss") is not None:
+        val = summary.get("last_val_loss")
+        val_txt = f", validation loss {val:.3f} (perplexity {math.exp(val):.1f})" if val is not None else ""
+        lines.append(f"done: {summary['global_step']} steps in {summary['seconds']:.0f}s, train loss "
+                     f"{summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}{val_txt}; "
+                     f"run dir {summary['run_dir']}")  # fmt: skip
+    best = summary.get("best")
+    if best:  # a fine-tuning task: the monitored metric of the exported (best) model
+        lines.append(f"best {best['metric']}={best['value']:.4f} at step {best['step']}; "
+                     f"export {summary.get('hf_dir')}")
+    if summary.get("samples"):
+        rd = shown(summary["run_dir"])
+        skip = ("run_dir", "resume", "trainer.max_steps")  # replaced below
+        again = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in skip]
+        again += [f"run_dir={rd}", "resume=auto", f"trainer.max_steps={2 * summary['global_step']}"]
+        py = shlex.quote(shown(sys.executable))  # `make run`'s .venv/bin/python works without an activated venv
+        lines.append(f"open {shown(summary['samples'])} and {shown(summary.get('plot', rd + '/plots'))}; sample: {py} "
+                     f"train/generate.py {shlex.quote(shown(summary['hf_dir']))} --prompt {shlex.quote(prompt)}; "
+                     f"resume for {summary['global_step']} more steps: {py} train/run.py "
+                     f"{' '.join(map(shlex.quote, again))}")  # fmt: skip
+    return lines
+
+
+__all__ = ["outcome_lines", "train"]

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from data_pipelines.config import register_configs as register_data_configs
 from train.config import ConfigError, check_overrides, register_configs, sweep_root_from_run_dir, to_config
-from train.job import train
+from train.job import outcome_lines, train
 
 register_configs()  # the typed schemas must be in Hydra's ConfigStore before composition
 register_data_configs()  # data_schema, the data group's own schema name
@@ -87,14 +87,9 @@ def main(dcfg: DictConfig) -> Optional[float]:
               f"{requeued}; continue with resume=auto run_dir={summary['run_dir']}", file=sys.stderr)
         # a requeued job's exit does not matter; a SIGTERM stop is 128+15, as if the signal had ended it
         sys.exit(0 if summary["preempted"] == "SIGUSR1" else 143)
-    if summary.get("first_train_loss") is not None:
-        print(
-            f"done: {summary['global_step']} steps in {summary['seconds']:.0f}s, train loss "
-            f"{summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}; run dir {summary['run_dir']}"
-        )
+    prompt = dcfg.sample.prompts[0] if dcfg.sample.prompts else ""
+    print("\n".join(outcome_lines(summary, prompt, HydraConfig.get().overrides.task)))
     best = summary.get("best")
-    if best:  # a fine-tuning task: the monitored metric of the exported (best) model
-        print(f"best {best['metric']}={best['value']:.4f} at step {best['step']}; export {summary.get('hf_dir')}")
     # the value a sweeper optimises (hydra/sweeper=optuna_lr): the task's best metric, else the LM's val loss
     return best["value"] if best else summary.get("last_val_loss")
 
