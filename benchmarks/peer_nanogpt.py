@@ -56,7 +56,8 @@ def nanogpt_args(steps: int, out_dir: Path) -> list[str]:
             "--log_interval=1", f"--block_size={d['block_size']}", f"--batch_size={d['batch_size']}",
             f"--n_layer={d['n_layer']}", f"--n_head={d['n_head']}", f"--n_embd={d['n_embd']}",
             # nanoGPT runs iterations 0..max_iters: max_iters + 1 steps (the extra one cancels in the difference)
-            f"--max_iters={steps}", f"--lr_decay_iters={steps}", "--dropout=0.0",
+            # lr_decay_iters > warmup_iters (100): nanoGPT's get_lr divides by their difference
+            f"--max_iters={steps}", f"--lr_decay_iters={max(steps, 101)}", "--dropout=0.0",
             "--eval_interval=100000000",  # step 0 only; it saves only when iter_num > 0: no checkpoint
             f"--out_dir={out_dir}"]  # fmt: skip
 
