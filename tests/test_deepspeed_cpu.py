@@ -36,7 +36,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import shakespeare
+from helpers import corpus_text
 from train.loggers import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def _kill_and_resume(wrapper: Path, args: list[str], resume: list[str], run_dir:
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("ds")
     corpus, cache = d / "input.txt", d / "cache"
-    corpus.write_text(shakespeare(30_000))
+    corpus.write_text(corpus_text(30_000))
     wrapper = d / "run_wrapped.py"
     wrapper.write_text(WRAPPER)
     train(wrapper, overrides(corpus, cache, d / "ddp", "ddp", S), "ddp")

@@ -306,10 +306,10 @@ def test_two_task_cpu_zero2_job_is_requeued_by_usr1_and_completes(tmp_path):
     """strategy=deepspeed_zero2 as a 2-task CPU job (DeepSpeed's CPU accelerator over gloo, ranks from srun): a USR1
     mid-run saves a ZeRO checkpoint and requeues the job, which resumes from it and trains to the final step."""
     pytest.importorskip("deepspeed")
-    from helpers import shakespeare
+    from helpers import corpus_text
 
     corpus, run_dir, max_steps = tmp_path / "input.txt", tmp_path / "run", 60
-    corpus.write_text(shakespeare(30_000))
+    corpus.write_text(corpus_text(30_000))
     overrides = [o for o in _overrides(run_dir, tmp_path / "cache", max_steps=max_steps, every=20)
                  if not o.startswith(("strategy=", "data.path=", "model.", "trainer.val_check_interval"))]
     job_id = _submit(["strategy=deepspeed_zero2", f"data.path={corpus}", "model.n_layer=1", "model.n_head=2",
