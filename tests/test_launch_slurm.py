@@ -308,18 +308,20 @@ def test_two_task_cpu_zero2_job_is_requeued_by_usr1_and_completes(tmp_path):
     pytest.importorskip("deepspeed")
     from helpers import corpus_text
 
-    corpus, run_dir, max_steps = tmp_path / "input.txt", tmp_path / "run", 60
+    # 300 steps, checkpoints every 50: on a quiet machine the tiny job runs ~25 steps/s, so the USR1 sent after the
+    # first checkpoint must still find the job running (60 steps finished before the signal in a quiet CI run)
+    corpus, run_dir, max_steps = tmp_path / "input.txt", tmp_path / "run", 300
     corpus.write_text(corpus_text(30_000))
-    overrides = [o for o in _overrides(run_dir, tmp_path / "cache", max_steps=max_steps, every=20)
+    overrides = [o for o in _overrides(run_dir, tmp_path / "cache", max_steps=max_steps, every=50)
                  if not o.startswith(("strategy=", "data.path=", "model.", "trainer.val_check_interval"))]
     job_id = _submit(["strategy=deepspeed_zero2", f"data.path={corpus}", "model.n_layer=1", "model.n_head=2",
-                      "model.n_embd=32", "model.n_positions=32", "trainer.val_check_interval=30",
+                      "model.n_embd=32", "model.n_positions=32", "trainer.val_check_interval=150",
                       "trainer.accumulate_grad_batches=2", *overrides])  # fmt: skip
     last = run_dir / "checkpoints" / "last"
     _wait(job_id, lambda info: info.get("JobState") == "RUNNING" and last.is_file(), 240, "a first checkpoint")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
     _wait(job_id, lambda info: int(info.get("Restarts", 0)) >= 1 or _finished(info), 90, "a requeue")
-    info = _wait(job_id, _finished, 300, "the end of the requeued job")
+    info = _wait(job_id, _finished, 600, "the end of the requeued job")
     log = (run_dir / "slurm" / f"{job_id}.out").read_text()
     assert int(info["Restarts"]) >= 1 and info["JobState"] == "COMPLETED", log[-3000:]
     assert "initializing deepspeed distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log  # both ranks, one ZeRO group
