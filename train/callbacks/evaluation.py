@@ -170,22 +170,15 @@ def build_eval(eval_cfg, tokenizer: Any, run_dir: Path, val_check_interval: int,
 
 def eval_model(trainer, pl_module):
     """The network to score, on rank 0 (None elsewhere): the live `pl_module.model` where every rank holds a full
-    replica (single device, DDP, DeepSpeed ZeRO-1/2); a plain copy built from the gathered full weights under FSDP2
-    and ZeRO-3 (call on every rank: the gather is a collective), on the training device, in the model's dtype."""
-    from train.strategies import full_state_dict
-    from train.strategies.deepspeed import is_zero3
-    from train.strategies.fsdp import FSDP2Strategy, plain_class
+    replica (single device, DDP, DeepSpeed ZeRO-1/2); under FSDP2 and ZeRO-3 the plain copy of the gathered full
+    weights that the export uses (`train.strategies.model_for_export`; call on every rank: the gather is a
+    collective), moved to the training device in the dtype of the trained parameters."""
+    from train.strategies import model_for_export
 
-    if not (isinstance(trainer.strategy, FSDP2Strategy) or is_zero3(trainer.strategy)):
-        return pl_module.model if trainer.is_global_zero else None
-    state = full_state_dict(trainer, pl_module)
-    if state is None:
-        return None
-    net = plain_class(pl_module.model)(pl_module.model.config)
-    dtype = next(iter(state.values())).dtype
-    net.load_state_dict(state, strict=False)
-    if getattr(net.config, "tie_word_embeddings", False) and hasattr(net, "tie_weights"):
-        net.tie_weights()
+    net = model_for_export(trainer, pl_module)
+    if net is None or net is pl_module.model:
+        return net
+    dtype = next(pl_module.model.parameters()).dtype  # the sharded parameters' dtype = the gathered weights'
     return net.to(device=pl_module.device, dtype=dtype).eval()
 
 
