@@ -361,6 +361,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             include_path=args.include_path, bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples,
             distributed=distributed, show_progress=True, seed=args.seed,
         )  # fmt: skip
+        if distributed:
+            # lm_eval's evaluator returns on the other ranks right after its last gather; a rank that tore its gloo
+            # group down while rank 0 was still in that gather aborted ("terminate called without an active
+            # exception", seen once in a full suite run here): every rank leaves the collectives together
+            torch.distributed.barrier()
         if results is None:  # another rank: rank 0 reports
             return 0
         results["config"]["model_source"] = str(resolved)
