@@ -11,6 +11,12 @@ loop on the same batches after each Lightning chunk), so machine noise hits both
 
 Prints the ratio in wall time and in process CPU time; on a shared machine run it with --threads 1 and read the CPU
 time ratio (the wall time also counts the moments other processes hold the cores).
+
+`--floor` adds two more fits, each interleaved with its own bare loop in the same way: a minimal LightningModule
+(forward + loss in `training_step`, the same optimizer, schedule and clipping; no callback, logger, progress bar or
+checkpointing) under Lightning's automatic optimization, and the same module under manual optimization
+(`manual_backward`, clip, step, schedule and zero_grad written in `training_step`). They separate what Lightning's
+loop costs by itself at these dims from what train/run.py's module and callbacks add.
 """
 
 from __future__ import annotations
@@ -130,6 +136,49 @@ class Interleave(L.Callback):
         self.mark = self._now()
 
 
+class FloorModule(L.LightningModule):
+    """The least a LightningModule can do with this model: training_step = forward + loss; optimizer, schedule and
+    clipping as GPT2LitModule's. `manual=True`: Lightning's manual optimization, the update written out here."""
+
+    def __init__(self, vocab: int, optim_cfg, total_steps: int, manual: bool):
+        super().__init__()
+        self.model = make_model(vocab).train()
+        self.optim_cfg, self.total_steps = optim_cfg, total_steps
+        self.automatic_optimization = not manual
+
+    def training_step(self, b: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(input_ids=b["input_ids"], labels=b["labels"]).loss
+        if not self.automatic_optimization:
+            opt, sched = self.optimizers(), self.lr_schedulers()
+            self.manual_backward(loss)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        opt = build_optimizer(self.model, cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupDecay(cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def floor_ratios(vocab: int, optim_cfg, batches, steps: int, args, manual: bool) -> list[tuple[float, float]]:
+    """(bare / Lightning) per chunk, (wall, CPU), for FloorModule against a fresh bare loop on the same batches."""
+    bare = BareLoop(vocab, optim_cfg, steps, 10)
+    inter = Interleave([bare], batches, args.warmup, args.chunk)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, gradient_clip_val=None if manual else 1.0, callbacks=[inter])  # fmt: skip
+    module = FloorModule(vocab, optim_cfg, steps, manual)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Loader(batches), batch_size=None))
+    return [(b[0] / lt[0], b[1] / lt[1]) for lt, b in zip(inter.light_s, inter.side_s[0])]
+
+
 class _Loader(torch.utils.data.IterableDataset):
     def __init__(self, batches):
         self.batches = batches
@@ -145,6 +194,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-progress-bar", action="store_true", help="time Lightning without its tqdm bar")
+    p.add_argument("--floor", action="store_true",
+                   help="also time a minimal LightningModule (automatic and manual optimization) against the bare loop")
     p.add_argument("overrides", nargs="*", help="extra config overrides for the Lightning side, e.g. guard=off")
     args = p.parse_args()
     if args.threads:
@@ -185,6 +236,13 @@ def main() -> int:
         print(f"{what}: bare PyTorch loop {n / tb:8.0f} tokens/s, train/run.py path {n / tl:8.0f} tokens/s; ratio "
               f"(train/run.py / bare): total {tb / tl:.3f}, median of chunks {med:.3f} -> Lightning overhead "
               f"{100 * (1 - tb / tl):+.1f} %")  # fmt: skip
+    if args.floor:
+        for manual in (False, True):
+            ratios = floor_ratios(vocab, cfg.optim, batches, steps, args, manual)
+            what = "manual" if manual else "automatic"
+            print(f"Lightning floor ({what} optimization, minimal module, nothing else): median of chunks bare / "
+                  f"Lightning {statistics.median(r[0] for r in ratios):.3f} wall, "
+                  f"{statistics.median(r[1] for r in ratios):.3f} CPU")  # fmt: skip
     return 0
 
 
