@@ -197,6 +197,23 @@ def load_model_config_dict(step_path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{f} is not valid JSON ({e}); the checkpoint is corrupt.") from e
 
 
+# ------------------------------------------------------------------------------------------------ model.init_from
+def init_source(init_from: str) -> Path:
+    """The path `model.init_from` names; FileNotFoundError (naming what it may be) when it does not exist."""
+    src = Path(init_from).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(
+            f"model.init_from={init_from} does not exist; give an HF folder, a checkpoint or a run dir."
+        )
+    return src
+
+
+def is_hf_folder(src: Path) -> bool:
+    """An HF model folder (config.json, no meta.json) rather than one of our checkpoints or run dirs."""
+    return (src / "config.json").is_file() and not (src / META_NAME).is_file()
+
+
+
 # ------------------------------------------------------------------------------------------------ resuming
 def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     """The checkpoint a run continues from (`resume`: null | auto | <step dir or run dir>), or None for a fresh start.
@@ -226,7 +243,9 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
 
 def check_compatible(step_path: Path, model_config, model_class: Optional[str] = None) -> None:
     """A checkpoint of another model size or task head fails here with the difference named, not deep in
-    load_state_dict. model_config: the GPT2Config this run builds; model_class: its class name (meta.json "task")."""
+    load_state_dict. model_config: the GPT2Config this run builds, or any object with some of its shape fields (those
+    it lacks are not compared: train/job.py checks the fields the config fixes before the tokenizer is known);
+    model_class: its class name (meta.json "task")."""
     saved_task = read_meta(step_path).get("task")
     if model_class and saved_task and saved_task != model_class:
         raise ConfigError(
@@ -241,7 +260,7 @@ def check_compatible(step_path: Path, model_config, model_class: Optional[str] =
             f"num_labels={model_config.num_labels}; resume with the same task settings."
         )
     for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "tie_word_embeddings"):
-        if key in saved and saved[key] != getattr(model_config, key):
+        if key in saved and hasattr(model_config, key) and saved[key] != getattr(model_config, key):
             raise ConfigError(
                 f"checkpoint {step_path} was written by a model with {key}={saved[key]}, but this run builds "
                 f"{key}={getattr(model_config, key)}; resume with the same model settings."
