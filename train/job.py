@@ -1,8 +1,8 @@
 """The training job: `train(cfg)` runs every task (lm, cls, token_cls, qa, mc) through one sequence, top to bottom:
 
     input checks (run dir, resume, data files, hardware: before Lightning is imported) -> tokenizer -> config.yaml
-    -> seed -> data -> model -> compatibility check -> LightningModule -> callbacks + loggers -> Trainer -> fit -> interruption / preemption -> final validation
-    -> summary -> export (+ what the task adds: samples.txt for lm)
+    -> seed -> data -> model -> compatibility check -> LightningModule -> callbacks + loggers -> Trainer -> fit
+    -> interruption / preemption -> final validation -> summary -> export (+ what the task adds: samples.txt for lm)
 
 What differs per task is the `Task` object of train/tasks/<name>.py (torchtitan's TrainSpec): its data module, model,
 LightningModule, best checkpoint, summary fields. train/run.py is the Hydra shell around this function; tests call

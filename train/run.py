@@ -3,8 +3,9 @@
 The Hydra shell of the training job: compose conf/ -> the typed `Config` (a bad value fails here, before torch and
 Lightning are imported) -> `check_inputs(cfg)` (a used run dir, a missing or unreadable data file, a corrupt
 checkpoint, hardware this machine lacks: before Lightning is imported) -> `train(cfg)` (train/job.py, an ordinary
-function tests call directly) -> one line of outcome. Expected errors end with one sentence on stderr and exit code 1 (set HYDRA_FULL_ERROR=1 for the
-traceback); Ctrl-C exits 130, a SIGTERM stop 143, a SIGUSR1 stop (SLURM requeue) 0.
+function tests call directly) -> one line of outcome. Expected errors end with one sentence on stderr and exit
+code 1 (set HYDRA_FULL_ERROR=1 for the traceback); Ctrl-C exits 130, a SIGTERM stop 143, a SIGUSR1 stop (SLURM
+requeue) 0.
 """
 
 from __future__ import annotations
