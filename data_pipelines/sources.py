@@ -112,7 +112,7 @@ class DocumentSource:
     def _check_jsonl_head(self, file: Path, head_bytes: int) -> None:
         with open(file, "rb") as fh:
             head = fh.read(head_bytes)
-        text = head.decode("utf-8", errors="replace")
+        text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
         first = text.lstrip()[:1]
         if first and first not in "[{":  # not a JSON object per line, nor one JSON document (which datasets reads too)
             line = text.lstrip().splitlines()[0]
