@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import math
 import re
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from data_pipelines.corpus import build_corpus, corpus_fingerprint
 
 DOC_BATCH = 1024  # documents pulled from `datasets` per batch: big enough that per-batch overhead vanishes
 PIECE_CHARS = 1 << 20  # a text file is read and encoded in pieces of about this many characters
+HEAD_BYTES = 1 << 20  # what DocumentSource.check_head reads of each file before anything heavy is imported
 HUB_ROWS_PER_UNIT = 100_000  # a downloaded hub split is read in contiguous row ranges of this size
 
 # A cut right after a lone "\n" that sits between two non-space characters: GPT-2's pre-tokenizer regex
@@ -88,6 +90,54 @@ class DocumentSource:
             for f in self.files:
                 if f.stat().st_size == 0 and len(self.files) == 1:
                     raise ValueError(f"{key}={path} is an empty file; give a file with text in it.")
+
+    def check_head(self, head_bytes: int = HEAD_BYTES) -> None:
+        """Refuse a file whose first `head_bytes` show it cannot be read as this source, before torch, Lightning or
+        `datasets` is imported: text that is not UTF-8, data=jsonl that is not JSON objects or lacks `text_column`.
+
+        Only what is certain from the head is refused (a file that passes may still fail later, where the full read
+        raises the same messages). Compressed files and csv / parquet are left to that full read.
+        Raises ValueError naming the file and the fix.
+        """
+        for f in self.files:
+            if f.name.lower().endswith(".gz"):
+                continue
+            if self.kind == "text":
+                found = _first_utf8_error(f, limit=head_bytes)
+                if found is not None:
+                    raise ValueError(_not_utf8_message(f, *found))
+            elif self.kind == "jsonl":
+                self._check_jsonl_head(f, head_bytes)
+
+    def _check_jsonl_head(self, file: Path, head_bytes: int) -> None:
+        with open(file, "rb") as fh:
+            head = fh.read(head_bytes)
+        text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
+        first = text.lstrip()[:1]
+        if first and first not in "[{":  # not a JSON object per line, nor one JSON document (which datasets reads too)
+            line = text.lstrip().splitlines()[0]
+            raise ValueError(
+                f"{file} is not JSON lines (line 1 starts {line[:40]!r}); data=jsonl reads one JSON object per line "
+                f"- convert the file, or use data=text for plain text."
+            )
+        rows = []
+        for line in text.splitlines()[:-1] if len(head) == head_bytes else text.splitlines():  # whole lines only
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                return  # maybe one JSON document over many lines: the full read decides
+            if isinstance(row, dict):
+                rows.append(row)
+        column = self.cfg.text_column
+        if rows and not any(column in r for r in rows):
+            raise ValueError(self._missing_column_message(column, dict.fromkeys(k for r in rows for k in r)))
+
+    def _missing_column_message(self, column: str, columns) -> str:
+        key = "data.path" if self.files else "data.name"
+        return (
+            f"{self.label()} has no column {column!r} (columns: {', '.join(map(str, columns)) or 'none'}); "
+            f"set data.text_column=<one of them> (checked for {key})."
+        )
 
     def label(self) -> str:
         if self.files:
@@ -228,11 +278,7 @@ class DocumentSource:
             if first:
                 first = False
                 if column not in batch:
-                    key = "data.path" if self.files else "data.name"
-                    raise ValueError(
-                        f"{self.label()} has no column {column!r} (columns: {', '.join(map(str, batch)) or 'none'}); "
-                        f"set data.text_column=<one of them> (checked for {key})."
-                    )
+                    raise ValueError(self._missing_column_message(column, batch))
             col = batch[column]
             for d in col:
                 if d is not None and not isinstance(d, str):
@@ -249,21 +295,28 @@ class DocumentSource:
             if found is not None:
                 where, (offset, byte, reason) = f, found
                 break
-        return (
-            f"{where} is not valid UTF-8 (byte 0x{byte.hex() or '?'} at offset {offset}: {reason}); "
-            f"re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out`."
-        )
+        return _not_utf8_message(where, offset, byte, reason)
 
 
-def _first_utf8_error(file: Path, chunk: int = 1 << 24) -> tuple[int, bytes, str] | None:
-    """(file offset, byte, reason) of the first invalid UTF-8 byte, read in chunks (bounded memory); None if valid."""
+def _not_utf8_message(where, offset: int, byte: bytes, reason: str) -> str:
+    return (
+        f"{where} is not valid UTF-8 (byte 0x{byte.hex() or '?'} at offset {offset}: {reason}); "
+        f"re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out`."
+    )
+
+
+def _first_utf8_error(file: Path, chunk: int = 1 << 24, limit: int | None = None) -> tuple[int, bytes, str] | None:
+    """(file offset, byte, reason) of the first invalid UTF-8 byte, read in chunks (bounded memory); None if valid.
+    limit: read only the first `limit` bytes (a character cut at the limit is not an error)."""
     import codecs
 
     dec = codecs.getincrementaldecoder("utf-8")()
     pos = 0
     with open(file, "rb") as f:
         while True:
-            data = f.read(chunk)
+            if limit is not None and pos >= limit:
+                return None
+            data = f.read(chunk if limit is None else min(chunk, limit - pos))
             try:
                 dec.decode(data, final=not data)
             except UnicodeDecodeError as e:
@@ -273,6 +326,19 @@ def _first_utf8_error(file: Path, chunk: int = 1 << 24) -> tuple[int, bytes, str
             if not data:
                 return None
             pos += len(data)
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Refuse LM data that cannot work, reading only the file system and each file's first MiB: a path that does not
+    exist, an empty file, text that is not UTF-8, data=jsonl that is not JSON lines or has no `data.text_column`.
+
+    Cheap and import-light (no torch, Lightning or `datasets`): train/job.py calls it before the training stack is
+    imported, so a wrong path or file gets its one sentence in well under a second. The same checks run again where
+    the data is read (DocumentSource, its batches), which also catch what a file's head cannot show.
+    Raises FileNotFoundError / ValueError naming the key or file and the fix.
+    """
+    for split in ("train", "val") if cfg.val_path else ("train",):
+        DocumentSource(cfg, split).check_head()
 
 
 def iter_texts(source: DocumentSource, max_chars: int | None = None) -> Iterator[str]:
@@ -286,4 +352,4 @@ def iter_texts(source: DocumentSource, max_chars: int | None = None) -> Iterator
                 return
 
 
-__all__ = ["DocumentSource", "resolve_files", "iter_texts", "Source"]
+__all__ = ["DocumentSource", "check_source", "resolve_files", "iter_texts", "Source"]

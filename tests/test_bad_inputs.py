@@ -163,12 +163,36 @@ if "deepspeed_zero2" in _strategies():  # DeepSpeed trains on CUDA GPUs and on t
                   r"strategy=deepspeed_zero2 cannot train in trainer.precision=64-true"))
 
 
+# Runs an entry point as `python <script> <args>` does (its folder first on sys.path, __main__) and, at exit, prints
+# which of the heavy libraries it had imported by then: the last line of stderr, "imported: lightning torch".
+_PROBE = """import atexit, os, runpy, sys
+atexit.register(lambda: print("imported:", *sorted({"torch", "lightning"} & set(sys.modules)), file=sys.stderr))
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(sys.argv[0])
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+# Refused from the config, the file system and the first bytes of a file, before torch (~1 s) and Lightning (~4 s)
+# are imported: a wrong path or option gets its sentence at once.
+BEFORE_TORCH = {
+    "unknown-option", "wrong-type", "out-of-range-lr", "out-of-range-val-fraction", "unknown-group-option",
+    "missing-data-file", "empty-data-file", "undecodable-data-file", "wrong-format-jsonl", "missing-column-jsonl",
+    "block-size-over-n-positions", "checkpoint-of-another-model", "resume-auto-no-checkpoint",
+    "resume-corrupt-safetensors", "fresh-run-into-used-run-dir", "init-from-missing", "export-into-non-empty-dir",
+    "export-corrupt-checkpoint", "generate-missing-path", "generate-corrupt-checkpoint", "generate-bad-temperature",
+    "prepare-unknown-key", "swept-run-dir-under-multirun", "lm-data-override-on-finetune", "slurm-bad-nodes",
+}  # fmt: skip
+# ... and these need torch (is there a CUDA GPU?), but not Lightning
+BEFORE_LIGHTNING = BEFORE_TORCH | {"too-many-devices", "flash-on-cpu", "deepspeed-fp64", "plan-unknown-model",
+                                   "plan-bad-number"}  # fmt: skip
+
+
 def _run_case(w, case) -> subprocess.CompletedProcess:
     _, script, args, _ = case
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "GPT2_FORGE_DEBUG")}
     env["GPT2_FORGE_CACHE"] = str(w["cache"])
-    return subprocess.run([sys.executable, str(ROOT / script), *args(w)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=240)  # fmt: skip
+    return subprocess.run([sys.executable, "-c", _PROBE, str(ROOT / script), *args(w)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +212,16 @@ def test_bad_input_is_one_clear_sentence(case, results):
     assert r.returncode != 0, f"{name}: exit 0\n{r.stdout[-2000:]}"
     assert "Traceback" not in err, f"{name}: traceback\n{err[-3000:]}"
     assert re.search(pattern, err), f"{name}: message does not match {pattern!r}:\n{err[-2000:]}"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in BEFORE_LIGHTNING], ids=lambda c: c[0])
+def test_early_errors_come_before_the_training_stack_is_imported(case, results):
+    """A wrong path, file or option is named at once, not after torch and Lightning have been imported."""
+    name = case[0]
+    imported = set(results[name].stderr.strip().splitlines()[-1].split()[1:])
+    assert "lightning" not in imported, f"{name}: refused only after importing Lightning"
+    if name in BEFORE_TORCH:
+        assert "torch" not in imported, f"{name}: refused only after importing torch"
 
 
 def test_existing_outputs_untouched(world, results):

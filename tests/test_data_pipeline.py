@@ -334,6 +334,27 @@ def test_error_missing_text_column(tmp_path, tok_dir):
     assert "'text'" in msg and "body, title" in msg and "data.text_column" in msg
 
 
+def test_check_source_refuses_from_a_files_head_with_the_full_reads_message(tmp_path, tok_dir):
+    """check_source (run before torch / Lightning / datasets are imported) says what reading the data would say, and
+    passes what only the full read can judge: one JSON document over many lines, a later row holding the column."""
+    from data_pipelines.sources import check_source
+
+    (tmp_path / "d.jsonl").write_text('{"body": "a", "title": "b"}\n')
+    (tmp_path / "l.txt").write_bytes(("fine\n" * 10 + "caf\xe9\n").encode("latin-1"))
+    for name, source in (("d.jsonl", "jsonl"), ("l.txt", "text")):
+        spec = {"source": source, "path": str(tmp_path / name), "tokenizer": str(tok_dir)}
+        with pytest.raises(ValueError) as early:
+            check_source(DataConfig(cache_dir=str(tmp_path / "c"), **spec))
+        assert str(early.value) == _err(spec, tmp_path)
+    (tmp_path / "p.jsonl").write_text("plain text, not JSON lines\n" * 3)
+    with pytest.raises(ValueError, match=r"p\.jsonl is not JSON lines \(line 1 starts 'plain text.*data=text"):
+        check_source(DataConfig(source="jsonl", path=str(tmp_path / "p.jsonl"), tokenizer=str(tok_dir)))
+    (tmp_path / "doc.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=2))
+    (tmp_path / "later.jsonl").write_text('{"id": 1}\n{"id": 2, "text": "b"}\n')
+    for name in ("doc.json", "later.jsonl"):
+        check_source(DataConfig(source="jsonl", path=str(tmp_path / name), tokenizer=str(tok_dir)))
+
+
 def test_error_bad_source_and_block_size(tmp_path):
     assert "data.source='bogus'" in _err({"source": "bogus"}, tmp_path) and "jsonl" in _err({"source": "x"}, tmp_path)
     assert "data.block_size=1" in _err({"block_size": 1}, tmp_path)

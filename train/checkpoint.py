@@ -16,6 +16,9 @@ weights without training state, a valid `model.init_from` (`save_model_dir`, `lo
 everything goes into `step-N.tmp-<pid>/`, then one `os.rename` publishes it; `checkpoints/last` (a text file with
 the newest complete step dir's name) is replaced with `os.replace`. A crash leaves at worst a `*.tmp-*` folder,
 which is never loaded and is removed by the next run.
+
+Finding and checking checkpoints needs no torch: that part lives in train/checkpoint_dirs.py (re-exported here), so
+the entry points refuse a bad run dir or checkpoint before they import torch and Lightning.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import enum
 import errno
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -35,28 +37,37 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from train.config import ConfigError
-
-FORMAT = "gpt2-forge-checkpoint"
-FORMAT_VERSION = 1
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-STATE_NAME = "training_state.pt"
-META_NAME = "meta.json"
-LAST_NAME = "last"
-# The LightningModule holds the network as `self.model`, so Lightning's state-dict keys are "model.<our key>".
-MODULE_PREFIX = "model."
-# Extra checkpoint keys our LightningModule adds in on_save_checkpoint; they go to config.json / meta.json.
-MODEL_CONFIG_KEY = "gpt2_config"
-META_KEY = "gpt2_forge_meta"
-
-BEST_NAME = "best"
-
-_STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, partial, corrupt or not ours; the message names the file and the fix."""
+from train.checkpoint_dirs import (  # noqa: F401 - re-exported: this module is the checkpoint format's one name
+    BEST_NAME,
+    CONFIG_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    LAST_NAME,
+    META_KEY,
+    META_NAME,
+    MODEL_CONFIG_KEY,
+    MODULE_PREFIX,
+    STATE_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    best_dir,
+    check_compatible,
+    check_weights_file,
+    checkpoints_dir,
+    clean_partial,
+    corrupt_weights_error,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model_config_dict,
+    publish_dir,
+    read_meta,
+    resolve_checkpoint,
+    resolve_resume,
+    retain,
+    step_dir,
+    tokenizer_dir_for,
+    write_last,
+)
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -78,14 +89,13 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """The state dict `save_weights` wrote, aliases restored (they share the stored tensor)."""
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; the checkpoint is incomplete.")
+    check_weights_file(path)  # missing, or a header safetensors cannot parse
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         sd = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated / garbage files
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); the checkpoint is corrupt.") from e
+        raise corrupt_weights_error(path, e) from e
     for alias, target in json.loads(meta.get("aliases", "{}")).items():
         sd[alias] = sd[target]
     return sd
@@ -205,23 +215,6 @@ class DirCheckpointIO(CheckpointIO):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def publish_dir(tmp: Path, path: Path) -> Path:
-    """Move a fully written folder `tmp` to `path` by rename, replacing an existing `path` as a whole.
-
-    Readers see the old folder or the new one, never a mix: checkpoints, `checkpoints/best` and HF exports are all
-    written into a temporary sibling first and published here.
-    """
-    tmp, path = Path(tmp), Path(path)
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
-    return path
-
-
 def _fsync_dir(path: Path) -> None:
     """Flush a directory entry so a rename survives a power cut (POSIX; a no-op where dirs cannot be opened)."""
     try:
@@ -235,201 +228,6 @@ def _fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-# ------------------------------------------------------------------------------------------------ finding checkpoints
-def read_meta(step_dir: Path) -> dict[str, Any]:
-    step_dir = Path(step_dir)
-    f = step_dir / META_NAME
-    if not step_dir.is_dir():
-        raise CheckpointError(f"checkpoint {step_dir} does not exist or is not a folder.")
-    if not f.is_file():
-        raise CheckpointError(
-            f"{step_dir} is not a gpt2-forge checkpoint ({META_NAME} missing); "
-            f"pass a run_dir/checkpoints/step-N folder or a run dir."
-        )
-    try:
-        meta = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f} is not valid JSON ({e}); the checkpoint is corrupt.") from e
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{step_dir} is not a gpt2-forge checkpoint (format={meta.get('format')!r}).")
-    return meta
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def step_dir(run_dir: Path, step: int) -> Path:
-    return checkpoints_dir(run_dir) / f"step-{step}"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints in run_dir, oldest first (partial `*.tmp-*` folders are not listed)."""
-    d = checkpoints_dir(run_dir)
-    if not d.is_dir():
-        return []
-    found = []
-    for p in d.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / META_NAME).is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def clean_partial(run_dir: Path) -> list[Path]:
-    """Remove folders a crashed save left behind (`step-N.tmp-<pid>`, `step-N.old-<pid>`)."""
-    d = checkpoints_dir(run_dir)
-    removed = []
-    if d.is_dir():
-        for p in d.iterdir():
-            if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-    return removed
-
-
-def write_last(run_dir: Path, step_path: Path) -> None:
-    d = checkpoints_dir(run_dir)
-    tmp = d / f"{LAST_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(Path(step_path).name + "\n")
-    os.replace(tmp, d / LAST_NAME)
-
-
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint: the `last` pointer if it names one, else the highest complete step dir."""
-    d = checkpoints_dir(run_dir)
-    last = d / LAST_NAME
-    if last.is_file():
-        p = d / last.read_text().strip()
-        if _STEP_RE.match(p.name) and (p / META_NAME).is_file():
-            # a newer complete step dir can exist if the process died between rename and pointer update
-            newer = list_checkpoints(run_dir)
-            return newer[-1] if newer and _step_of(newer[-1]) > _step_of(p) else p
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def _step_of(p: Path) -> int:
-    m = _STEP_RE.match(Path(p).name)
-    return int(m.group(1)) if m else -1
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A step dir, or a run dir (-> its newest complete checkpoint), or a checkpoints/ dir."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"checkpoint path {p} does not exist.")
-    if (p / META_NAME).is_file():
-        read_meta(p)
-        return p
-    if p.name == "checkpoints":
-        p = p.parent
-    found = latest_checkpoint(p)
-    if found is None:
-        raise CheckpointError(
-            f"{p} holds no complete checkpoint (looked for {checkpoints_dir(p)}/step-N/{META_NAME})."
-        )
-    return found
-
-
-def retain(run_dir: Path, keep_last: int, protect: tuple[Path, ...] = ()) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints (0 keeps all); `protect`ed dirs are never deleted."""
-    if keep_last <= 0:
-        return []
-    ckpts = list_checkpoints(run_dir)
-    keep = set(ckpts[-keep_last:]) | {Path(p).resolve() for p in protect if p}
-    removed = []
-    for p in ckpts[:-keep_last]:
-        if p.resolve() in keep or p in keep:
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
-
-
-def tokenizer_dir_for(step_path: Path) -> Optional[Path]:
-    """Where a checkpoint's tokenizer lives: meta.json's `tokenizer_dir` (relative to the step dir) or run_dir/tokenizer."""
-    step_path = Path(step_path)
-    candidates = []
-    try:
-        rel = read_meta(step_path).get("tokenizer_dir")
-        if rel:
-            candidates.append((step_path / rel).resolve())
-    except CheckpointError:
-        pass
-    candidates += [step_path / "tokenizer", step_path.parent.parent / "tokenizer"]
-    for c in candidates:
-        if (c / "tokenizer.json").is_file() or (c / "vocab.json").is_file():
-            return c
-    return None
-
-
-def load_model_config_dict(step_path: Path) -> dict[str, Any]:
-    f = Path(step_path) / CONFIG_NAME
-    if not f.is_file():
-        raise CheckpointError(f"{f} is missing; the checkpoint is incomplete.")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f} is not valid JSON ({e}); the checkpoint is corrupt.") from e
-
-
-# ------------------------------------------------------------------------------------------------ resuming
-def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
-    """The checkpoint a run continues from (`resume`: null | auto | <step dir or run dir>), or None for a fresh start.
-
-    A fresh start in a run_dir that already holds checkpoints is refused (it would mix two runs); partial folders a
-    crashed save left behind are removed first. Raises ConfigError / CheckpointError naming the fix.
-    """
-    if resume is None:
-        existing = list_checkpoints(run_dir)
-        if existing:
-            raise ConfigError(
-                f"run_dir={run_dir} already holds checkpoints (newest {existing[-1].name}); pass resume=auto to "
-                f"continue that run or choose another run_dir."
-            )
-        return None
-    clean_partial(run_dir)
-    if resume == "auto":
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            raise ConfigError(
-                f"resume=auto found no complete checkpoint in {checkpoints_dir(run_dir)}; drop resume to start "
-                f"fresh, or set run_dir to the run you want to continue."
-            )
-        return found
-    return resolve_checkpoint(resume)
-
-
-def check_compatible(step_path: Path, model_config, model_class: Optional[str] = None) -> None:
-    """A checkpoint of another model size or task head fails here with the difference named, not deep in
-    load_state_dict. model_config: the GPT2Config this run builds; model_class: its class name (meta.json "task")."""
-    saved_task = read_meta(step_path).get("task")
-    if model_class and saved_task and saved_task != model_class:
-        raise ConfigError(
-            f"checkpoint {step_path} holds a {saved_task} (another task head), but this run builds a {model_class}; "
-            f"resume with the task it was trained with, or start a new run_dir with model.init_from={step_path}."
-        )
-    saved = load_model_config_dict(step_path)
-    n_saved = saved.get("num_labels", len(saved["id2label"]) if isinstance(saved.get("id2label"), dict) else None)
-    if n_saved is not None and n_saved != getattr(model_config, "num_labels", n_saved):
-        raise ConfigError(
-            f"checkpoint {step_path} has a head of num_labels={n_saved}, but this run builds "
-            f"num_labels={model_config.num_labels}; resume with the same task settings."
-        )
-    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "tie_word_embeddings"):
-        if key in saved and saved[key] != getattr(model_config, key):
-            raise ConfigError(
-                f"checkpoint {step_path} was written by a model with {key}={saved[key]}, but this run builds "
-                f"{key}={getattr(model_config, key)}; resume with the same model settings."
-            )
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints/best
-def best_dir(run_dir: str | os.PathLike) -> Path:
-    """run_dir/checkpoints/best: a fine-tuning task's model at the best value of its monitored metric."""
-    return checkpoints_dir(Path(run_dir)) / BEST_NAME
 
 
 def save_model_dir(state_dict: dict[str, torch.Tensor], config, out: Path, meta: dict[str, Any]) -> Path:

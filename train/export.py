@@ -68,11 +68,9 @@ def _is_hf_export(d: Path) -> bool:
     return (d / "config.json").is_file() and any((d / m).is_file() for m in HF_MARKERS[1:])
 
 
-def export_hf(model: Any, tokenizer: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write `model` (+ tokenizer) as an HF folder at out_dir, atomically (tmp folder + rename).
-
-    An existing out_dir is replaced only when it is an earlier HF export (or empty), or with overwrite=True.
-    """
+def check_export_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The export folder as a Path, or FileExistsError when writing there would replace something that is not an
+    earlier HF export (a file, or a non-empty folder without overwrite=True / --force). Reads the folder only."""
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is a file; choose another output folder.")
@@ -80,6 +78,15 @@ def export_hf(model: Any, tokenizer: Any, out_dir: str | os.PathLike, overwrite:
         raise FileExistsError(
             f"{out} is not empty and holds no earlier export; choose an empty folder or pass --force to replace it."
         )
+    return out
+
+
+def export_hf(model: Any, tokenizer: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `model` (+ tokenizer) as an HF folder at out_dir, atomically (tmp folder + rename).
+
+    An existing out_dir is replaced only when it is an earlier HF export (or empty), or with overwrite=True.
+    """
+    out = check_export_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
     from train.checkpoint import publish_dir
@@ -124,19 +131,28 @@ def _alive(pid: int) -> bool:
 
 def load_for_export(src: str | os.PathLike):
     """(model, tokenizer, step_dir) from a checkpoint step dir or a run dir (-> its newest complete checkpoint)."""
-    from gpt2 import GPT2TokenizerFast
+    from train.checkpoint_dirs import (
+        WEIGHTS_NAME,
+        CheckpointError,
+        check_weights_file,
+        resolve_checkpoint,
+        tokenizer_dir_for,
+    )
 
-    from train.checkpoint import CheckpointError, resolve_checkpoint, tokenizer_dir_for
-    from train.model import load_checkpoint_model
-
+    # what the folder shows is checked before torch and Lightning are imported (~5 s)
     step = resolve_checkpoint(src)
-    model = load_checkpoint_model(step)
+    check_weights_file(step / WEIGHTS_NAME)
     tok_dir: Optional[Path] = tokenizer_dir_for(step)
     if tok_dir is None:
         raise CheckpointError(
             f"no tokenizer found for {step} (looked in its run dir's tokenizer/ folder); copy the run's tokenizer/ "
             f"folder next to checkpoints/."
         )
+    from gpt2 import GPT2TokenizerFast
+
+    from train.model import load_checkpoint_model
+
+    model = load_checkpoint_model(step)
     return model, GPT2TokenizerFast.from_pretrained(str(tok_dir)), step
 
 
@@ -147,6 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--force", action="store_true", help="replace a non-empty out folder that is not an export")
     args = p.parse_args(argv)
     try:
+        check_export_dir(args.out, overwrite=args.force)  # before the checkpoint is loaded
         model, tok, step = load_for_export(args.src)
         out = export_hf(model, tok, args.out, overwrite=args.force)
     except (ValueError, OSError, KeyError) as e:

@@ -12,30 +12,33 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
+# torch is imported where it is used: a wrong path or option is refused before its ~1 s import
 
 
 def load_model_and_tokenizer(src: str | os.PathLike):
     """An HF folder (config.json + weights + tokenizer files) or a checkpoint / run dir of ours."""
-    from gpt2 import GPT2LMHeadModel, GPT2TokenizerFast
-
     p = Path(src).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist; give an HF folder, a checkpoints/step-N folder or a run dir.")
     if (p / "config.json").is_file() and not (p / "meta.json").is_file():
         if not ((p / "tokenizer.json").is_file() or (p / "vocab.json").is_file()):
             raise FileNotFoundError(f"{p} has no tokenizer files (tokenizer.json or vocab.json + merges.txt).")
+        import torch
+
+        from gpt2 import GPT2LMHeadModel, GPT2TokenizerFast
+
         return GPT2LMHeadModel.from_pretrained(str(p), dtype=torch.float32), GPT2TokenizerFast.from_pretrained(str(p))
     from train.export import load_for_export
 
-    model, tok, step = load_for_export(p)
+    model, tok, step = load_for_export(p)  # checks the folder before it imports torch
+    from gpt2 import GPT2LMHeadModel
+
     if not isinstance(model, GPT2LMHeadModel):
         raise ValueError(f"{step} holds a {type(model).__name__} (a fine-tuned task head), which does not generate "
                          f"text; sample from an LM run or checkpoint instead.")
     return model, tok
 
 
-@torch.no_grad()
 def sample(
     model: Any,
     tokenizer: Any,
@@ -52,6 +55,8 @@ def sample(
     top_k / top_p None: generate's default (the model's generation_config.json, else transformers' top_k=50 and no
     top-p); top_k=0: no top-k filtering (transformers' and OpenAI's meaning). Greedy passes no sampling settings.
     """
+    import torch
+
     model.eval()
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) if prompt else []
@@ -70,13 +75,14 @@ def sample(
         knobs = {"do_sample": True, "temperature": temperature}
         knobs.update({k: v for k, v in (("top_k", top_k), ("top_p", top_p)) if v is not None})
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(
-        torch.tensor([ids], dtype=torch.long, device=device),
-        max_new_tokens=n_new,
-        eos_token_id=None,  # None = no eos stop (transformers' meaning): a demo keeps going to max_new_tokens
-        generator=gen,
-        **knobs,
-    )
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids], dtype=torch.long, device=device),
+            max_new_tokens=n_new,
+            eos_token_id=None,  # None = no eos stop (transformers' meaning): a demo keeps going to max_new_tokens
+            generator=gen,
+            **knobs,
+        )
     return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
 
 

@@ -1,8 +1,8 @@
 """The training job: `train(cfg)` runs every task (lm, cls, token_cls, qa, mc) through one sequence, top to bottom:
 
-    run dir -> hardware check -> resume -> tokenizer -> config.yaml -> seed -> data -> model -> compatibility check
-    -> LightningModule -> callbacks + loggers -> Trainer -> fit -> interruption / preemption -> final validation
-    -> summary -> export (+ what the task adds: samples.txt for lm)
+    input checks (run dir, resume, data files, hardware: before Lightning is imported) -> tokenizer -> config.yaml
+    -> seed -> data -> model -> compatibility check -> LightningModule -> callbacks + loggers -> Trainer -> fit
+    -> interruption / preemption -> final validation -> summary -> export (+ what the task adds: samples.txt for lm)
 
 What differs per task is the `Task` object of train/tasks/<name>.py (torchtitan's TrainSpec): its data module, model,
 LightningModule, best checkpoint, summary fields. train/run.py is the Hydra shell around this function; tests call
@@ -20,11 +20,55 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from types import SimpleNamespace
+from typing import Any, Optional, Sequence
 
 from train.config import Config, ConfigError, to_config, write_config
 
 log = logging.getLogger(__name__)
+
+
+def check_inputs(cfg: Config) -> Optional[Path]:
+    """Refuse, with one sentence, what the job would refuse later but the config and small file reads already show;
+    returns the checkpoint the run resumes from (None: a fresh start).
+
+    In order: the run dir and `resume` (a fresh run into a used run dir, resume=auto with nothing to resume, a corrupt
+    model.safetensors header, a checkpoint of another model shape), a model.init_from that does not exist, the LM
+    data source (missing / empty / not UTF-8 / not JSON lines / no text column: data_pipelines' check_source), then,
+    after `import torch` (~1 s) but before Lightning (~4 s), the hardware (devices, flash attention, DeepSpeed
+    precision) and the resumed checkpoint's strategy family. train/run.py calls it before it imports Lightning;
+    `train` calls it first too, so every check also holds for a direct call. Reads small files only: calling it twice
+    costs milliseconds.
+
+    Raises:
+        ConfigError / CheckpointError / OSError: naming the key or file and the fix.
+    """
+    from data_pipelines.sources import check_source
+
+    from train.checkpoint_dirs import WEIGHTS_NAME, check_compatible, check_weights_file, init_source, resolve_resume
+
+    run_dir = Path(cfg.run_dir).expanduser()
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    if cfg.model.init_from:
+        init_source(cfg.model.init_from)
+    if resume_from is not None:
+        if (resume_from / WEIGHTS_NAME).exists():
+            check_weights_file(resume_from / WEIGHTS_NAME)
+        if not cfg.model.init_from:  # the shape the config fixes (vocab_size waits for the tokenizer unless set)
+            m = cfg.model
+            shape = {"n_positions": m.n_positions, "n_embd": m.n_embd, "n_layer": m.n_layer, "n_head": m.n_head,
+                     "n_inner": m.n_inner, **({"vocab_size": m.vocab_size} if m.vocab_size is not None else {})}
+            check_compatible(resume_from, SimpleNamespace(**shape))
+    # the LM data: an LM's training set, or the corpus a fine-tune's tokenizer is trained on when none is given
+    if cfg.task.name == "lm" or not (cfg.model.init_from or cfg.data.tokenizer or resume_from):
+        check_source(cfg.data)
+
+    from train.strategies import check_hardware, check_resume  # imports torch, not Lightning
+
+    check_hardware(cfg.strategy, cfg.trainer, cfg.attention.implementation)
+    if resume_from is not None:
+        check_resume(resume_from, cfg.strategy)  # FSDP / ZeRO / full training state resume only under their own kind
+    return resume_from
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -35,29 +79,27 @@ def train(cfg: Config) -> dict[str, Any]:
     export. Raises ConfigError / CheckpointError / OSError (bad input: one sentence naming the fix), GuardError (the
     loss guard stopped a diverging run), KeyboardInterrupt (Ctrl-C; the newest checkpoint resumes it).
     """
+    t_start = time.perf_counter()
+    cfg = to_config(cfg)
+    # -- refused up front, before Lightning is imported or any data is prepared: a used run dir, nothing to resume,
+    # unreadable data, what this machine cannot run, a checkpoint that cannot resume
+    resume_from = check_inputs(cfg)
+
     import lightning as L
     import torch
 
     from train.callbacks import BestCheckpoint, Preemption, StepCheckpoint, check_finite_weights
-    from train.checkpoint import check_compatible, load_best_into, read_meta, resolve_resume
+    from train.checkpoint import check_compatible, load_best_into, read_meta
     from train.export import export_hf
     from train.loggers import build_loggers, plot_losses, read_metrics
     from train.model import tokenizer_source
-    from train.strategies import check_hardware, check_resume, model_for_export
+    from train.strategies import model_for_export
     from train.tasks import get_task
     from train.trainer import build_trainer
 
-    t_start = time.perf_counter()
-    cfg = to_config(cfg)
     task, tcfg, fast = get_task(cfg.task.name), cfg.trainer, cfg.trainer.fast_dev_run
     run_dir = Path(cfg.run_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    # -- refused up front, before any data is prepared: what this machine cannot run, a checkpoint that cannot resume
-    check_hardware(cfg.strategy, tcfg, cfg.attention.implementation)
-    resume_from = resolve_resume(cfg.resume, run_dir)
-    if resume_from is not None:
-        check_resume(resume_from, cfg.strategy)  # FSDP / ZeRO / full training state resume only under their own kind
     resume_step = read_meta(resume_from)["global_step"] if resume_from else None
     if cfg.eval.tasks:  # in-training lm_eval tasks: installed, known, an LM; nothing of lm_eval is imported when off
         from train.callbacks.evaluation import check_eval
@@ -200,4 +242,4 @@ def outcome_lines(summary: dict[str, Any], prompt: str, overrides: Sequence[str]
     return lines
 
 
-__all__ = ["outcome_lines", "train"]
+__all__ = ["check_inputs", "outcome_lines", "train"]

@@ -17,7 +17,6 @@ import gpt2
 from gpt2 import GPT2Config
 
 from train.checkpoint import (
-    META_NAME,
     WEIGHTS_NAME,
     CheckpointError,
     load_model_config_dict,
@@ -26,6 +25,7 @@ from train.checkpoint import (
     resolve_checkpoint,
     tokenizer_dir_for,
 )
+from train.checkpoint_dirs import init_source, is_hf_folder  # re-exported: where model.init_from points, torch-free
 from train.config import AttentionConfig, ConfigError, ModelConfig, StabilityConfig
 
 # The head classes gpt2 exports, by name: a checkpoint's meta.json "task" names the one it holds.
@@ -82,21 +82,6 @@ def runtime_overrides(model_cfg, attention_cfg, stability_cfg) -> dict[str, Any]
         scale_attn_by_inverse_layer_idx=stability_cfg.scale_attn_by_inverse_layer_idx,
         reorder_and_upcast_attn=stability_cfg.reorder_and_upcast_attn,
     )
-
-
-def init_source(init_from: str) -> Path:
-    """The path `model.init_from` names; FileNotFoundError (naming what it may be) when it does not exist."""
-    src = Path(init_from).expanduser()
-    if not src.exists():
-        raise FileNotFoundError(
-            f"model.init_from={init_from} does not exist; give an HF folder, a checkpoint or a run dir."
-        )
-    return src
-
-
-def is_hf_folder(src: Path) -> bool:
-    """An HF model folder (config.json, no meta.json) rather than one of our checkpoints or run dirs."""
-    return (src / "config.json").is_file() and not (src / META_NAME).is_file()
 
 
 def check_vocab(model: nn.Module, vocab_size: int, init_from: str) -> None:

@@ -1,9 +1,11 @@
 """Train / fine-tune a GPT-2: `python train/run.py [group=option ...] [key=value ...]`.
 
 The Hydra shell of the training job: compose conf/ -> the typed `Config` (a bad value fails here, before torch and
-Lightning are imported) -> `train(cfg)` (train/job.py, an ordinary function tests call directly) -> one line of
-outcome. Expected errors end with one sentence on stderr and exit code 1 (set HYDRA_FULL_ERROR=1 for the
-traceback); Ctrl-C exits 130, a SIGTERM stop 143, a SIGUSR1 stop (SLURM requeue) 0.
+Lightning are imported) -> `check_inputs(cfg)` (a used run dir, a missing or unreadable data file, a corrupt
+checkpoint, hardware this machine lacks: before Lightning is imported) -> `train(cfg)` (train/job.py, an ordinary
+function tests call directly) -> one line of outcome. Expected errors end with one sentence on stderr and exit
+code 1 (set HYDRA_FULL_ERROR=1 for the traceback); Ctrl-C exits 130, a SIGTERM stop 143, a SIGUSR1 stop (SLURM
+requeue) 0.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from omegaconf import DictConfig
 
 from data_pipelines.config import register_configs as register_data_configs
 from train.config import ConfigError, check_overrides, register_configs, sweep_root_from_run_dir, to_config
-from train.job import outcome_lines, train
+from train.job import check_inputs, outcome_lines, train
 
 register_configs()  # the typed schemas must be in Hydra's ConfigStore before composition
 register_data_configs()  # data_schema, the data group's own schema name
@@ -68,6 +70,7 @@ def main(dcfg: DictConfig) -> Optional[float]:
         dcfg.run_dir = HydraConfig.get().runtime.output_dir
         cfg = to_config(dcfg)  # a bad value fails here, before torch and Lightning are imported
         check_overrides(cfg, HydraConfig.get().overrides.task)  # a data override the task would ignore
+        check_inputs(cfg)  # run dir, resume, data files, hardware: before Lightning's ~4 s import
         _route_lightning_logs()
         summary = train(cfg)
     except _expected_errors() as e:

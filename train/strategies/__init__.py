@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from train import checkpoint as ck
+from train import checkpoint_dirs as ck
 from train.config import ConfigError
 
 DEEPSPEED_STRATEGIES = ("deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
-from train import checkpoint as ck
+from train import checkpoint_dirs as ck  # torch-free: check_cpu_precision runs before Lightning is imported
 from train.config import ConfigError
 
 
@@ -25,6 +25,8 @@ def finalize_zero_checkpoint(tmp: Path, path: Path, model_config: Optional[dict]
 
     convert(checkpoint_dir, out_file): the consolidation; default deepspeed_config.zero_checkpoint_to_safetensors.
     """
+    from train.checkpoint import to_plain
+
     if convert is None:
         from train.strategies.deepspeed_config import zero_checkpoint_to_safetensors as convert
     tmp, path = Path(tmp), Path(path)
@@ -32,11 +34,11 @@ def finalize_zero_checkpoint(tmp: Path, path: Path, model_config: Optional[dict]
         raise ck.CheckpointError(f"{tmp} holds no DeepSpeed checkpoint ('latest' missing); the save did not finish.")
     convert(tmp, tmp / ck.WEIGHTS_NAME)
     if model_config is not None:
-        (tmp / ck.CONFIG_NAME).write_text(json.dumps(ck.to_plain(model_config), indent=2, sort_keys=True) + "\n")
+        (tmp / ck.CONFIG_NAME).write_text(json.dumps(to_plain(model_config), indent=2, sort_keys=True) + "\n")
     meta = dict(meta or {})
     meta.update(format=ck.FORMAT, format_version=ck.FORMAT_VERSION, global_step=int(global_step),
                 module_prefix=ck.MODULE_PREFIX, strategy="deepspeed")  # fmt: skip
-    (tmp / ck.META_NAME).write_text(json.dumps(ck.to_plain(meta), indent=2, sort_keys=True) + "\n")
+    (tmp / ck.META_NAME).write_text(json.dumps(to_plain(meta), indent=2, sort_keys=True) + "\n")
     return ck.publish_dir(tmp, path)
 
 
