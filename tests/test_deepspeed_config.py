@@ -115,9 +115,10 @@ _WRITER = textwrap.dedent(
     """
     import os, sys, torch
     os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    import deepspeed, deepspeed.comm.torch
-    # the shared-memory all-reduce kernel serves CPU inference only; building it is a 2-minute C++ compile
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    import deepspeed
+    # the shared-memory all-reduce kernel serves CPU inference only; building it is a 2-minute C++ compile. DeepSpeed
+    # builds it only when its cached table of compatible ops says so (the same switch as train/strategies/deepspeed.py)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     import gpt2
     from safetensors.torch import save_file
     from train.strategies.deepspeed_config import deepspeed_config
