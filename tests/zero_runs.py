@@ -26,9 +26,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from helpers import corpus_text
@@ -321,19 +320,11 @@ def make_runs(d: Path) -> Path:
         resume = overrides(corpus, cache, z2, "deepspeed_zero2", S, "resume=auto")
         kill_and_resume(wrapper, killed, resume, z2, z2 / "probe")
 
-    zero3_done, zero3_ok = threading.Event(), []
-
-    def zero3():
-        try:
-            lm("deepspeed_zero3", "deepspeed_zero3")()
-            zero3_ok.append(True)
-        finally:
-            zero3_done.set()
+    jobs: dict[str, Future] = {}  # by name, in the order submitted: a job waits only for one submitted before it
 
     def cls():
         # fine-tuning under ZeRO-3, started from the ZeRO-3 LM checkpoint (model.init_from reads its model.safetensors)
-        zero3_done.wait()
-        assert zero3_ok, "the ZeRO-3 run the fine-tuning starts from failed"
+        jobs["deepspeed_zero3"].result()
         train(wrapper, [
             "task=cls", "strategy=deepspeed_zero3", "strategy.stage3_param_persistence_threshold=0",
             "trainer.devices=2", "trainer.accelerator=cpu", f"run_dir={d / 'cls'}", f"data.cache_dir={cache}",
@@ -344,18 +335,8 @@ def make_runs(d: Path) -> Path:
             "trainer.enable_progress_bar=false", "guard=off",
         ], "cls under deepspeed_zero3")  # fmt: skip
 
-    zero1_done, zero1_ok = threading.Event(), []
-
-    def zero1():
-        try:
-            lm("deepspeed_zero1", "deepspeed_zero1")()
-            zero1_ok.append(True)
-        finally:
-            zero1_done.set()
-
     def export_zero1():
-        zero1_done.wait()
-        assert zero1_ok, "the ZeRO-1 run whose checkpoint is exported failed"
+        jobs["deepspeed_zero1"].result()
         script("export zero1", [str(ROOT / "train" / "export.py"),
                                 str(d / "deepspeed_zero1" / "checkpoints" / f"step-{S}"), str(d / "hf-zero1")])
 
@@ -370,22 +351,25 @@ def make_runs(d: Path) -> Path:
     # the longest first; the first launch writes the token cache every LM run reads, the others start after it;
     # the single-process scripts last, to fill the core a launch leaves idle while its rank 1 starts
     first = zero2_killed_and_resumed
-    rest = [zero3, lm("deepspeed_zero3_offload", "deepspeed_zero3_offload"),
-            lm("zero2-uninterrupted", "deepspeed_zero2"), zero1, lm("ddp", "ddp", probe=False), cls,
-            scripts_job("zero2-bf16-mixed", BF16_WRITER, port=True),
-            scripts_job("validate-then-save", VALIDATE_THEN_SAVE), export_zero1]
+    rest = {name: lm(name, name) for name in ("deepspeed_zero3", "deepspeed_zero3_offload")}
+    rest.update({"zero2-uninterrupted": lm("zero2-uninterrupted", "deepspeed_zero2"),
+                 "deepspeed_zero1": lm("deepspeed_zero1", "deepspeed_zero1"), "ddp": lm("ddp", "ddp", probe=False),
+                 "cls": cls, "zero2-bf16-mixed": scripts_job("zero2-bf16-mixed", BF16_WRITER, port=True),
+                 "validate-then-save": scripts_job("validate-then-save", VALIDATE_THEN_SAVE),
+                 "export zero1": export_zero1})
     t0 = time.monotonic()
     with ThreadPoolExecutor(CONCURRENT_LAUNCHES) as pool:
-        futures = [pool.submit(first)]
-        while not any(cache.glob("tokens/*/index.json")) and not futures[0].done():
+        jobs["deepspeed_zero2"] = pool.submit(first)
+        while not any(cache.glob("tokens/*/index.json")) and not jobs["deepspeed_zero2"].done():
             time.sleep(0.1)
-        futures += [pool.submit(job) for job in rest]
+        for name, job in rest.items():
+            jobs[name] = pool.submit(job)
         try:
-            for f in futures:
+            for f in jobs.values():
                 f.result()  # the first failure's assertion, with the run's output
         except BaseException:
-            for f in futures:
-                f.cancel()  # the launches not started yet; the running ones finish
+            for f in jobs.values():
+                f.cancel()  # the jobs not started yet; the running ones finish
             raise
     print(f"\nDeepSpeed CPU runs (s): {round(time.monotonic() - t0, 1)} wall, per launch",
           {k: round(v, 1) for k, v in TIMES.items()}, "load:", os.getloadavg())
