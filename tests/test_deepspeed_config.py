@@ -1,11 +1,8 @@
 """train/strategies/deepspeed_config.py: the generated DeepSpeed JSON for every ZeRO option, and ZeRO checkpoint -> safetensors
-through real DeepSpeed checkpoints (DeepSpeed's CPU accelerator, one gloo process)."""
+through real DeepSpeed checkpoints (DeepSpeed's CPU accelerator over gloo: the fp32 ZeRO-1/2/3/3-offload ones the
+session's 2-rank ZeRO runs wrote, and a bf16-mixed ZeRO-2 one written here by one process)."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -108,104 +105,60 @@ def test_strip_wrapper_prefix():
 
 
 # ------------------------------------------------------------------------------------ real ZeRO checkpoints
-# One subprocess (DeepSpeed initializes torch.distributed, which must not leak into the test process) trains the
-# tiny model one step under ZeRO 1, 2 and 3 and saves each with engine.save_checkpoint, the way Lightning's
-# DeepSpeedStrategy does: tag "checkpoint", the model wrapped as `_forward_module` with the network at `.model`.
-_WRITER = textwrap.dedent(
-    """
-    import os, sys, torch
-    os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    import deepspeed, deepspeed.comm.torch
-    # the shared-memory all-reduce kernel serves CPU inference only; building it is a 2-minute C++ compile
-    deepspeed.comm.torch.build_shm_op = lambda: None
-    import gpt2
-    from safetensors.torch import save_file
-    from train.strategies.deepspeed_config import deepspeed_config
+# The ZeRO checkpoints of the session's DeepSpeed runs (tests/zero_runs.py, shared with tests/test_deepspeed_cpu.py):
+# ZeRO-1/2/3/3-offload in fp32 on 2 ranks, the reference being each run's live weights at the end of fit (ZeRO-3's
+# gathered from both ranks), and a bf16-mixed ZeRO-2 one from one process, against the module's own bf16 weights.
+def _zero_checkpoint(zero_runs, name):
+    """(ZeRO checkpoint folder, reference weights file, model config) for one parametrized case."""
+    if name == "zero2-bf16-mixed":
+        from zero_runs import SCRIPTS
 
-    class LitLike(torch.nn.Module):  # our LightningModule holds the network as self.model
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
+        r = SCRIPTS[name]
+        assert r.returncode == 0, f"DeepSpeed on CPU failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        cfg = gpt2.GPT2Config.from_preset("tiny", vocab_size=320, n_positions=64)
+        return zero_runs / name / "checkpoint", zero_runs / name / "reference.safetensors", cfg
+    from zero_runs import S
 
-    class Wrapper(torch.nn.Module):  # lightning's _LightningModuleWrapperBase
-        def __init__(self, module):
-            super().__init__()
-            self._forward_module = module
-
-        def forward(self, x):
-            return self._forward_module.model(x, labels=x).loss
-
-    out = sys.argv[1]
-    deepspeed.init_distributed(dist_backend="gloo")
-    for stage, precision in [(1, "32-true"), (2, "32-true"), (3, "32-true"), (2, "bf16-mixed")]:
-        torch.manual_seed(stage)
-        model = gpt2.GPT2LMHeadModel(gpt2.GPT2Config.from_preset("tiny", vocab_size=320, n_positions=64))
-        cfg = deepspeed_config(stage, micro_batch_size=2, precision=precision, gradient_clip_val=1.0, world_size=1)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        engine, *_ = deepspeed.initialize(model=Wrapper(LitLike(model)), optimizer=opt, config=cfg)
-        x = torch.randint(0, 320, (2, 16))
-        for _ in range(2):
-            engine.backward(engine(x)); engine.step()
-        name = f"zero{stage}-{precision}"
-        engine.save_checkpoint(os.path.join(out, name), tag="checkpoint")
-        if stage == 3:  # gather the partitioned weights to read the reference
-            with deepspeed.zero.GatheredParameters(list(model.parameters())):
-                ref = {k: v.detach().clone().float() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        else:
-            ref = {k: v.detach().clone().float() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        save_file(ref, os.path.join(out, name + "-reference.safetensors"))
-        print("saved", name, flush=True)
-    """
-)
+    step = zero_runs / name / "checkpoints" / f"step-{S}"  # the 2-rank run's last checkpoint, fp32
+    cfg = gpt2.GPT2Config.from_dict(json.loads((step / "config.json").read_text()))
+    return step, zero_runs / name / "probe" / "live.safetensors", cfg
 
 
-@pytest.fixture(scope="module")
-def zero_checkpoints(tmp_path_factory):
-    pytest.importorskip("deepspeed")
-    out = tmp_path_factory.mktemp("zero")
-    script = out / "write.py"
-    script.write_text(_WRITER)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(29500 + os.getpid() % 1000),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=600,
-                          env=env)
-    if proc.returncode != 0:
-        pytest.fail(f"DeepSpeed on CPU failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return out
-
-
-@pytest.mark.parametrize("name", ["zero1-32-true", "zero2-32-true", "zero3-32-true", "zero2-bf16-mixed"])
-def test_zero_checkpoint_converts_to_our_safetensors(zero_checkpoints, name, tmp_path):
+@pytest.mark.slow  # it reads the session's DeepSpeed runs
+@pytest.mark.parametrize("name", ["deepspeed_zero1", "zero2-uninterrupted", "deepspeed_zero3",
+                                  "deepspeed_zero3_offload", "zero2-bf16-mixed"])
+def test_zero_checkpoint_converts_to_our_safetensors(zero_runs, name, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    checkpoint_dir, reference_file, cfg = _zero_checkpoint(zero_runs, name)
     out_file = tmp_path / "model.safetensors"
-    zero_checkpoint_to_safetensors(zero_checkpoints / name, out_file)
+    zero_checkpoint_to_safetensors(checkpoint_dir, out_file)
 
     with safe_open(str(out_file), framework="pt") as f:
         meta = f.metadata()
     assert meta["format"] == "pt"
     assert json.loads(meta["aliases"]) == {"lm_head.weight": "transformer.wte.weight"}  # tied: stored once
     converted = load_file(str(out_file))
-    reference = load_file(str(zero_checkpoints / f"{name}-reference.safetensors"))
+    reference = load_file(str(reference_file))
     assert set(converted) == set(reference)  # our key names, no _forward_module./model. prefixes
+    fp32 = not name.endswith("bf16-mixed")
     for k, ref in reference.items():
         assert converted[k].dtype == torch.float32
-        if name.endswith("32-true"):
+        if fp32:
             torch.testing.assert_close(converted[k], ref, rtol=0, atol=0, msg=k)
         else:  # the fp32 master weights vs the bf16 copy the module computes with
             torch.testing.assert_close(converted[k], ref, rtol=1e-2, atol=1e-2, msg=k)
 
     # the file loads into our model (strict) and gives the logits the trained weights give
-    cfg = gpt2.GPT2Config.from_preset("tiny", vocab_size=320, n_positions=64)
     model = gpt2.GPT2LMHeadModel(cfg).eval()
     model.load_state_dict({**converted, "lm_head.weight": converted["transformer.wte.weight"]}, strict=True)
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # still tied
     ref_model = gpt2.GPT2LMHeadModel(cfg).eval()
     ref_model.load_state_dict({**reference, "lm_head.weight": reference["transformer.wte.weight"]}, strict=True)
-    x = torch.randint(0, 320, (1, 12))
+    x = torch.randint(0, cfg.vocab_size, (1, 12))
     with torch.no_grad():
-        tol = 0 if name.endswith("32-true") else 5e-2
+        tol = 0 if fp32 else 5e-2
         torch.testing.assert_close(model(x).logits, ref_model(x).logits, rtol=tol, atol=tol)
 
 
