@@ -36,9 +36,9 @@ def check_inputs(cfg: Config) -> Optional[Path]:
     model.safetensors header, a checkpoint of another model shape), a model.init_from that does not exist, the LM
     data source (missing / empty / not UTF-8 / not JSON lines / no text column: data_pipelines' check_source), then,
     after `import torch` (~1 s) but before Lightning (~4 s), the hardware (devices, flash attention, DeepSpeed
-    precision) and the resumed checkpoint's strategy family. train/run.py calls it before it imports Lightning;
-    `train` calls it first too, so every check also holds for a direct call. Reads small files only: calling it twice
-    costs milliseconds.
+    precision) and the resumed checkpoint's strategy family. train/run.py calls it before it imports Lightning and
+    tells `train` so (inputs_checked=True); a direct `train(cfg)` calls it first, so every check holds there too.
+    Reads the run dir, small checkpoint files and the first MiB of each LM data file.
 
     Raises:
         ConfigError / CheckpointError / OSError: naming the key or file and the fix.
@@ -71,9 +71,12 @@ def check_inputs(cfg: Config) -> Optional[Path]:
     return resume_from
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config, inputs_checked: bool = False) -> dict[str, Any]:
     """Run the training job `cfg` describes; returns the summary it writes to run_dir/summary.json (rank 0): paths,
     step count, first/last train loss, timings and the task's own fields (fine-tuning: the final and best metrics).
+
+    `check_inputs(cfg)` runs first, unless `inputs_checked` says the caller already ran it on this cfg (train/run.py
+    does, before it imports Lightning): it reads the head of every LM data file, which need not happen twice.
 
     A run stopped by SIGUSR1/SIGTERM returns {"preempted", "requeued", "checkpoint", ...} after its checkpoint, without
     export. Raises ConfigError / CheckpointError / OSError (bad input: one sentence naming the fix), GuardError (the
@@ -83,7 +86,12 @@ def train(cfg: Config) -> dict[str, Any]:
     cfg = to_config(cfg)
     # -- refused up front, before Lightning is imported or any data is prepared: a used run dir, nothing to resume,
     # unreadable data, what this machine cannot run, a checkpoint that cannot resume
-    resume_from = check_inputs(cfg)
+    if inputs_checked:
+        from train.checkpoint_dirs import resolve_resume
+
+        resume_from = resolve_resume(cfg.resume, Path(cfg.run_dir).expanduser())
+    else:
+        resume_from = check_inputs(cfg)
 
     import lightning as L
     import torch

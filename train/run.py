@@ -72,7 +72,7 @@ def main(dcfg: DictConfig) -> Optional[float]:
         check_overrides(cfg, HydraConfig.get().overrides.task)  # a data override the task would ignore
         check_inputs(cfg)  # run dir, resume, data files, hardware: before Lightning's ~4 s import
         _route_lightning_logs()
-        summary = train(cfg)
+        summary = train(cfg, inputs_checked=True)
     except _expected_errors() as e:
         if _debug():
             raise
