@@ -1,5 +1,6 @@
 """The per-step path of train/run.py after its overhead cuts: clipping that reuses the loss guard's gradient norm trains
-bit-identical weights to the stock clip_grad_norm_, the progress bar still shows loss / lr / tokens/s, and nothing
+bit-identical weights to the stock clip_grad_norm_, gradients freed after each optimizer step train the same weights
+as Lightning's order, the progress bar still shows loss / lr / tokens/s, and nothing
 optional (W&B, TensorBoard, datasets, DeepSpeed, lm-evaluation-harness) is imported before the first step."""
 
 from __future__ import annotations
@@ -75,6 +76,32 @@ def test_clipping_with_the_guards_norm_equals_clip_grad_norm(monkeypatch, tokens
     assert with_guard.keys() == without.keys()
     for name, w in with_guard.items():
         assert torch.equal(w, without[name]), name
+
+
+def test_gradients_are_freed_after_each_optimizer_step_and_the_weights_stay_the_same(monkeypatch, tokens, tmp_path):
+    """The module frees the gradients right after optimizer.step() (a hand-written loop's order; Lightning's closure
+    frees them between the next forward and backward, so they were alive during every forward). With gradient
+    accumulation the window's later micro-batches still see the accumulated gradients, and the weights equal those
+    of Lightning's own order bit for bit."""
+    from train.module import GPT2LitModule
+
+    seen: list[tuple[int, bool]] = []  # (micro-batch index, whether every .grad was None when its forward began)
+    step = GPT2LitModule.training_step
+
+    def probe(self, batch, batch_idx):
+        seen.append((batch_idx, all(p.grad is None for p in self.parameters())))
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(GPT2LitModule, "training_step", probe)
+    train(cfg_for(tokens, tmp_path / "ours", "trainer.accumulate_grad_batches=2", "trainer.max_steps=6"))
+    assert [i for i, _ in seen] == list(range(12))
+    assert all(freed == (i % 2 == 0) for i, freed in seen), seen  # None at each window's start, kept inside it
+    monkeypatch.setattr(GPT2LitModule, "_frees_grads_after_step", lambda self: False)
+    seen.clear()
+    train(cfg_for(tokens, tmp_path / "stock", "trainer.accumulate_grad_batches=2", "trainer.max_steps=6"))
+    assert not all(freed for i, freed in seen if i % 2 == 0 and i > 0)  # Lightning's order: still alive then
+    ours, stock = final_weights(tmp_path / "ours"), final_weights(tmp_path / "stock")
+    assert ours.keys() == stock.keys() and all(torch.equal(w, stock[k]) for k, w in ours.items())
 
 
 def test_bf16_mixed_with_fused_adamw_clips(tokens, tmp_path):

@@ -16,7 +16,7 @@ After `max_events` skips + rollbacks together the run stops with `GuardError`, n
 logged to metrics.csv as guard/skipped and guard/rollbacks, and the guard's state (running average, events) is
 saved in every checkpoint so a resumed run continues it exactly.
 
-Cost: one host sync per optimizer step (a 3-element tensor: loss, non-finite flag, grad norm) in
+Cost: one host sync per optimizer step (a 2-element tensor: loss, grad norm) in
 `on_before_optimizer_step`, before the optimizer runs; guard.enabled=false removes it. The loss of every micro-batch
 is summed on the device (`on_before_backward`), so accumulation adds no syncs. The gradient norm is not computed twice:
 `GPT2LitModule` clips with the guard's total norm (`grad_norm`) where it equals clip_grad_norm_'s bit for bit.
@@ -68,6 +68,7 @@ class LossGuard(Callback):
         self._loss_sum: Optional[torch.Tensor] = None
         self._rollback_pending = False
         self._logged_step = -1  # the optimizer step of the last counts row (accumulation ends many batches per step)
+        self._param_order: Optional[tuple] = None  # (optimizer, its module parameters in order, the others)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._logged_step = trainer.global_step  # step 0, or the resumed step whose row is already on disk
@@ -81,22 +82,22 @@ class LossGuard(Callback):
         if not at_accumulation_boundary(trainer):  # DeepSpeed: called after every micro-batch; decide once per step
             return
         loss_sum, self._loss_sum = self._loss_sum, None
-        params = [p for p in pl_module.parameters() if p.grad is not None]
-        grads = [p.grad for p in params]
         dev = pl_module.device
-        if grads:
+        in_optimizer, others = self._params_in_optimizer_order(pl_module, optimizer)
+        grads = [p.grad for p in in_optimizer if p.grad is not None]
+        outside = [p.grad for p in others if p.grad is not None]  # not the optimizer's: clip_grad_norm_ skips them
+        if grads or outside:
             # one fused norm kernel per dtype/device group; a NaN/Inf anywhere makes the total non-finite
-            norms = torch._foreach_norm(grads)
-            plain = not any(isinstance(n, DTensor) for n in norms)
-            # FSDP2: per-shard norms come back as DTensors (a pending sum over ranks); full_tensor() reduces each
-            # to the whole parameter's norm, so every rank sees the true global norm
-            norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
-            if plain:  # summed in the optimizer's group order, as Lightning's clip_grad_norm_ sums them
-                by_param = {id(p): n for p, n in zip(params, norms)}
-                ordered = [by_param[id(p)] for g in optimizer.param_groups for p in g["params"] if id(p) in by_param]
-                plain = len(ordered) == len(norms)
-                norms = ordered if plain else norms
-            gnorm = torch.linalg.vector_norm(torch.stack([n.float().to(dev) for n in norms]))
+            norms = torch._foreach_norm(grads + outside)
+            sharded = any(isinstance(n, DTensor) for n in norms)
+            plain = not outside and not sharded
+            if sharded:
+                # FSDP2: per-shard norms come back as DTensors (a pending sum over ranks); full_tensor() reduces
+                # each to the whole parameter's norm, so every rank sees the true global norm
+                norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+            if not all(n.dtype == torch.float32 and n.device == dev for n in norms):
+                norms = [n.float().to(dev) for n in norms]  # (a dispatcher call each: only where needed)
+            gnorm = torch.linalg.vector_norm(torch.stack(norms))
             if plain and hasattr(pl_module, "grad_norm") and all(g.dtype == torch.float32 for g in grads):
                 # the very number clip_grad_norm_ would compute (same kernels, same order): the module's clipping
                 # scales by it instead of a second pass over the gradients
@@ -104,17 +105,15 @@ class LossGuard(Callback):
         else:  # DeepSpeed ZeRO keeps the gradients in its own partitions (and skips a non-finite step itself)
             gnorm = torch.zeros((), device=dev)
         loss = loss_sum if loss_sum is not None else torch.zeros((), device=dev)
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            # fp16 + GradScaler: overflowing gradients are routine and the scaler already skips those steps
-            bad = (~torch.isfinite(loss)).float()
-        else:
-            bad = (~torch.isfinite(loss) | ~torch.isfinite(gnorm)).float()
-        stats = torch.stack([loss.to(dev), bad, gnorm])
-        if trainer.world_size > 1:  # every rank must take the same decision
+        stats = torch.stack([loss if loss.device == dev else loss.to(dev), gnorm])
+        if trainer.world_size > 1:  # every rank must take the same decision; a mean keeps any rank's NaN/Inf
             stats = trainer.strategy.reduce(stats, reduce_op="mean")
-        loss_v, bad_v, _ = stats.tolist()  # the guard's one host sync per optimizer step
+        loss_v, gnorm_v = stats.tolist()  # the guard's one host sync per optimizer step
+        # fp16 + GradScaler: overflowing gradients are routine and the scaler already skips those steps
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        bad = not math.isfinite(loss_v) or (not scaled and not math.isfinite(gnorm_v))
         step = trainer.global_step + 1  # the step this update would complete
-        if bad_v > 0 or not math.isfinite(loss_v):
+        if bad:
             self._drop_update(pl_module)
             self.skipped += 1
             self._record(trainer, step, "nan", loss_v, -1)
@@ -126,6 +125,19 @@ class LossGuard(Callback):
             return
         self.ema = loss_v if self.ema is None else self.ema_decay * self.ema + (1 - self.ema_decay) * loss_v
         self.n_good += 1
+
+    def _params_in_optimizer_order(self, pl_module, optimizer) -> tuple[list, list]:
+        """The module's parameters in the optimizer's group order (how clip_grad_norm_ sums their norms), and those
+        the optimizer does not hold. Computed once per optimizer: walking the module tree and matching ids every
+        step cost ~0.1 ms of Python (2-core VM, 4-layer model). Under DeepSpeed ZeRO the optimizer holds its own
+        flat partitions, so every module parameter lands in the second list (and has no `.grad` there)."""
+        if self._param_order is None or self._param_order[0] is not optimizer:
+            params = list(pl_module.parameters())
+            ids = {id(p) for p in params}
+            ordered = [p for g in optimizer.param_groups for p in g["params"] if id(p) in ids]
+            held = {id(p) for p in ordered}
+            self._param_order = (optimizer, ordered, [p for p in params if id(p) not in held])
+        return self._param_order[1], self._param_order[2]
 
     def _is_spike(self, loss: float) -> bool:
         return (
