@@ -14,7 +14,7 @@ time ratio (the wall time also counts the moments other processes hold the cores
 
 `--floor` adds two more fits, each interleaved with its own bare loop in the same way: a minimal LightningModule
 (forward + loss in `training_step`, the same optimizer, schedule and clipping; no callback, logger, progress bar or
-checkpointing) under Lightning's automatic optimization, and the same module under manual optimization
+checkpointing) under Lightning's automatic optimization (gradients freed after the optimizer step, as GPT2LitModule), and the same module under manual optimization
 (`manual_backward`, clip, step, schedule and zero_grad written in `training_step`). They separate what Lightning's
 loop costs by itself at these dims from what train/run.py's module and callbacks add.
 """
@@ -156,6 +156,12 @@ class FloorModule(L.LightningModule):
             sched.step()
             opt.zero_grad(set_to_none=True)
         return loss
+
+    # automatic optimization frees the gradients after optimizer.step(), as GPT2LitModule does (see there): the floor
+    # is Lightning's loop at its cheapest for this module, not a closure order train/run.py no longer uses
+    _frees_grads_after_step = GPT2LitModule._frees_grads_after_step
+    optimizer_step = GPT2LitModule.optimizer_step
+    optimizer_zero_grad = GPT2LitModule.optimizer_zero_grad
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
