@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,17 +114,24 @@ def test_hf_export_matches_transformers(trained):
     assert gen["eos_token_id"] == ours.config.eos_token_id == tok.eos_token_id
 
 
-def test_export_and_generate_cli(trained, tmp_path):
+def test_export_and_generate_cli(trained, tmp_path, monkeypatch):
+    """Export a run and sample from the export and from a checkpoint; neither command imports Lightning (~3 s of
+    each call): Python's own import log (-X importtime) of the three calls names no lightning module."""
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # what -X importtime prints, on stderr
     run_dir, _ = trained
     out = tmp_path / "export"
     r = run_cli("train/export.py", str(run_dir), str(out))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    imported = [r.stderr]
     # (a non-empty target without --force and a missing source are cases of tests/test_bad_inputs.py)
     for src in (out, run_dir / "checkpoints" / "step-40"):
         r = run_cli("train/generate.py", str(src), "--prompt", "To be", "--max-new-tokens", "5", "--greedy")
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout.startswith("To be") and len(r.stdout) > len("To be\n")  # prompt + new tokens
+        imported.append(r.stderr)
+    assert all(re.search(r"^import time:.*\|\s+torch$", log, re.M) for log in imported)  # the log is there ...
+    assert not [line for log in imported for line in log.splitlines() if re.search(r"\|\s+lightning", line)]
 
 
 def test_cli_ends_with_val_perplexity_and_a_line_whose_commands_work(corpus, cache_dir, tmp_path):

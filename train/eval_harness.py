@@ -77,7 +77,7 @@ def load_model(src: str | os.PathLike, device: str | torch.device = "cpu"):
             run_dir = p.parent
         return model.to(device).eval(), tok, p, run_dir
     # our checkpoints: train.checkpoint / train.export import Lightning (seconds), so only on this path
-    from train.checkpoint import META_NAME, latest_checkpoint
+    from train.checkpoint_dirs import META_NAME, latest_checkpoint
     from train.export import load_for_export
 
     if (p / META_NAME).is_file():  # a checkpoint of ours

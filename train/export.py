@@ -89,7 +89,7 @@ def export_hf(model: Any, tokenizer: Any, out_dir: str | os.PathLike, overwrite:
     out = check_export_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
-    from train.checkpoint import publish_dir
+    from train.checkpoint_dirs import publish_dir
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -16,17 +16,18 @@ from torch import nn
 import gpt2
 from gpt2 import GPT2Config
 
-from train.checkpoint import (
+from train.checkpoint_dirs import (
     WEIGHTS_NAME,
     CheckpointError,
+    init_source,  # re-exported: where model.init_from points, torch-free
+    is_hf_folder,  # re-exported
     load_model_config_dict,
-    load_weights,
     read_meta,
     resolve_checkpoint,
     tokenizer_dir_for,
 )
-from train.checkpoint_dirs import init_source, is_hf_folder  # re-exported: where model.init_from points, torch-free
 from train.config import AttentionConfig, ConfigError, ModelConfig, StabilityConfig
+from train.weights import load_weights  # not train.checkpoint: loading a model must not import Lightning
 
 # The head classes gpt2 exports, by name: a checkpoint's meta.json "task" names the one it holds.
 HEAD_MODELS: dict[str, type] = {

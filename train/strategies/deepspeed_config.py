@@ -206,7 +206,7 @@ def zero_checkpoint_to_safetensors(checkpoint_dir: str | os.PathLike, out_file: 
     Tied weights (lm_head.weight = transformer.wte.weight) are stored once and listed as aliases in the metadata,
     the same file format as train/checkpoint.py writes (safetensors refuses tensors that share memory).
     """
-    from train.checkpoint import save_weights  # lazily: importing this module must not pull in Lightning
+    from train.weights import save_weights  # lazily; train.weights (not train.checkpoint) imports no Lightning
 
     sd = zero_checkpoint_to_state_dict(checkpoint_dir, tag)
     out_file = Path(out_file)
