@@ -159,7 +159,7 @@ class FloorModule(L.LightningModule):
 
     # automatic optimization frees the gradients after optimizer.step(), as GPT2LitModule does (see there): the floor
     # is Lightning's loop at its cheapest for this module, not a closure order train/run.py no longer uses
-    _frees_grads_after_step = GPT2LitModule._frees_grads_after_step
+    frees_grads_after_step = GPT2LitModule.frees_grads_after_step
     optimizer_step = GPT2LitModule.optimizer_step
     optimizer_zero_grad = GPT2LitModule.optimizer_zero_grad
 

@@ -96,7 +96,7 @@ def test_gradients_are_freed_after_each_optimizer_step_and_the_weights_stay_the_
     train(cfg_for(tokens, tmp_path / "ours", "trainer.accumulate_grad_batches=2", "trainer.max_steps=6"))
     assert [i for i, _ in seen] == list(range(12))
     assert all(freed == (i % 2 == 0) for i, freed in seen), seen  # None at each window's start, kept inside it
-    monkeypatch.setattr(GPT2LitModule, "_frees_grads_after_step", lambda self: False)
+    monkeypatch.setattr(GPT2LitModule, "frees_grads_after_step", lambda self: False)
     seen.clear()
     train(cfg_for(tokens, tmp_path / "stock", "trainer.accumulate_grad_batches=2", "trainer.max_steps=6"))
     assert not all(freed for i, freed in seen if i % 2 == 0 and i > 0)  # Lightning's order: still alive then

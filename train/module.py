@@ -153,23 +153,26 @@ class GPT2LitModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     # -- when the gradients are freed
-    # Lightning's automatic optimization sets the gradients to None inside its closure, after the forward and before
-    # the backward, so the previous step's gradients are still alive while the forward allocates its activations. A
-    # hand-written loop (and nanoGPT) frees them right after optimizer.step(). The order changes no number (the next
-    # backward writes fresh gradients either way), but at nanoGPT's CPU dims the closure's order cost 2-3 % of a step
-    # (benchmarks/overhead.py --floor, 2-core Xeon VM, 1 thread: bare/Lightning 0.953-0.971 with Lightning's order,
-    # 0.980-0.984 with this one). So the gradients are freed after each optimizer step here. DeepSpeed is left
-    # alone: its engine owns accumulation and zeroes its own gradient partitions at its boundaries.
-    def _frees_grads_after_step(self) -> bool:
+    def frees_grads_after_step(self) -> bool:
+        """Whether this module sets the gradients to None right after each optimizer step (True except under
+        DeepSpeed, whose engine owns accumulation and zeroes its own gradient partitions at its boundaries).
+
+        Lightning's automatic optimization frees them inside its closure, after the next forward and before its
+        backward, so the previous step's gradients stay alive while the forward allocates its activations; a
+        hand-written loop (and nanoGPT) frees them after optimizer.step(). The order changes no number (the next
+        backward writes fresh gradients either way), but at nanoGPT's CPU dims Lightning's order cost 2-3 % of a step
+        (benchmarks/overhead.py --floor, 2-core Xeon VM, 1 thread: bare/Lightning 0.953-0.971 with Lightning's order,
+        0.980-0.984 with this one).
+        """
         return not self.trainer.strategy.handles_gradient_accumulation
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         optimizer.step(closure=optimizer_closure)
-        if self._frees_grads_after_step():
+        if self.frees_grads_after_step():
             optimizer.zero_grad(set_to_none=True)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
-        if not self._frees_grads_after_step():
+        if not self.frees_grads_after_step():
             optimizer.zero_grad()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
