@@ -11,6 +11,7 @@ Weights are never read with pickle (no torch.load): a folder holding only pytorc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -232,6 +233,29 @@ def _contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
+# torch.nn.init's in-place initializers, made no-ops while a model is built on the meta device (`_no_init`)
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+
+
+@contextlib.contextmanager
+def _no_init():
+    """torch.nn.init's initializers as no-ops inside the block (transformers' `no_init_weights` does the same).
+
+    For a build on the meta device: there is nothing to initialize there, and torch's meta kernels for `normal_` /
+    `uniform_` run through torch._refs, whose first call imports torch._dynamo (~1 s of every `from_pretrained` on
+    the 2-core dev VM). Not thread-safe (it swaps module attributes), as transformers' is not.
+    """
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def load_pretrained(cls, path, dtype="auto", config: GPT2Config | None = None, subfolder: str = "",
                     hub_kwargs: dict | None = None, **config_overrides):
     folder = resolve_model_dir(path, subfolder, **(hub_kwargs or {}))
@@ -244,7 +268,7 @@ def load_pretrained(cls, path, dtype="auto", config: GPT2Config | None = None, s
     target = _resolve_dtype(dtype, config, hf_sd)
     # Build on the meta device (no memory, no init) and assign the loaded tensors; only a head the folder lacks
     # (a classifier loaded from an LM folder) needs a real build + init.
-    with torch.device("meta"):
+    with _no_init(), torch.device("meta"):
         probe = cls(config)
     ours, unexpected = convert_hf_state_dict(hf_sd, with_trunk_prefix=_has_trunk_prefix(probe))
     del hf_sd

@@ -171,3 +171,30 @@ def test_gpt2_init_statistics_and_meta_device_build():
     assert abs(block.mlp.c_proj.weight.std().item() - resid) < 0.1 * resid
     assert torch.all(block.attn.c_attn.bias == 0) and torch.all(block.ln_1.weight == 1)
     assert isinstance(model.transformer.h, torch.nn.ModuleList) and isinstance(block, gpt2.modeling.GPT2Block)
+
+
+def test_from_pretrained_skips_meta_init_and_leaves_torch_init_intact(tmp_path):
+    """from_pretrained builds its model on the meta device with torch.nn.init switched off (transformers'
+    no_init_weights): the meta kernels of normal_ / uniform_ would import torch._dynamo (~1 s of every load on a 2-core
+    CPU). In a fresh process: the loaded logits equal the saved model's, torch._dynamo was not imported, and
+    torch.nn.init works again afterwards."""
+    import subprocess
+    import sys
+
+    ours = tiny()
+    ours.save_pretrained(tmp_path)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.save(ours(ids).logits, tmp_path / "logits.pt")
+    code = f"""
+import sys, torch, gpt2
+model = gpt2.GPT2LMHeadModel.from_pretrained({str(tmp_path)!r}).eval()
+with torch.no_grad():
+    assert torch.equal(model(torch.tensor([[1, 2, 3, 4]])).logits, torch.load({str(tmp_path / "logits.pt")!r}))
+assert "torch._dynamo" not in sys.modules, "from_pretrained imported torch._dynamo"
+w = torch.empty(64, 64)
+torch.nn.init.normal_(w, std=0.02)
+assert 0.015 < w.std().item() < 0.025  # the real initializer again
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
