@@ -71,9 +71,13 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (d / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "precious").mkdir()
     (d / "precious" / "notes.txt").write_text("keep me")
+    # a user's model folder: an export plus their own files (it looks like an export, but is not only one)
+    shutil.copytree(w["pre"] / "hf", d / "mymodel")
+    (d / "mymodel" / "NOTES.md").write_text("my evaluation notes")
     w["hashes"] = {k: _hash_tree(w[k]) for k in ("pre",)}
     w["hashes"]["corrupt_ckpt"] = _hash_tree(w["corrupt"] / "checkpoints")
     w["hashes"]["precious"] = _hash_tree(d / "precious")
+    w["hashes"]["mymodel"] = _hash_tree(d / "mymodel")
     return w
 
 
@@ -132,6 +136,10 @@ CASES = [
     ("too-many-devices", RUN, run("trainer.devices=64"), r"devices"),
     ("flash-on-cpu", RUN, run("attention=flash"), r"flash.*(CUDA|GPU)"),
     ("export-into-non-empty-dir", EXPORT, lambda w: [str(w["pre"]), str(w["d"] / "precious")], r"not empty.*--force"),
+    # config.json + model.safetensors are in both, but a checkpoint and a folder with other files are no earlier export
+    ("export-into-a-checkpoint", EXPORT, lambda w: [str(w["pre"]), str(w["pre"] / "checkpoints" / "step-2")],
+     r"not empty.*--force"),
+    ("export-into-a-model-folder", EXPORT, lambda w: [str(w["pre"]), str(w["d"] / "mymodel")], r"not empty.*--force"),
     ("export-corrupt-checkpoint", EXPORT, lambda w: [str(w["corrupt"]), str(w["d"] / "out")], r"corrupt"),
     ("generate-missing-path", GEN, lambda w: [str(w["d"] / "nope"), "--prompt", "x"], r"nope does not exist"),
     ("generate-corrupt-checkpoint", GEN, lambda w: [str(w["corrupt"]), "--prompt", "x"], r"corrupt"),
@@ -179,7 +187,8 @@ BEFORE_TORCH = {
     "missing-data-file", "empty-data-file", "undecodable-data-file", "wrong-format-jsonl", "missing-column-jsonl",
     "block-size-over-n-positions", "checkpoint-of-another-model", "resume-auto-no-checkpoint",
     "resume-corrupt-safetensors", "fresh-run-into-used-run-dir", "init-from-missing", "export-into-non-empty-dir",
-    "export-corrupt-checkpoint", "generate-missing-path", "generate-corrupt-checkpoint", "generate-bad-temperature",
+    "export-into-a-checkpoint", "export-into-a-model-folder", "export-corrupt-checkpoint", "generate-missing-path",
+    "generate-corrupt-checkpoint", "generate-bad-temperature",
     "prepare-unknown-key", "swept-run-dir-under-multirun", "lm-data-override-on-finetune", "slurm-bad-nodes",
 }  # fmt: skip
 # ... and these need torch (is there a CUDA GPU?), but not Lightning
@@ -229,4 +238,17 @@ def test_existing_outputs_untouched(world, results):
     assert _hash_tree(world["pre"]) == world["hashes"]["pre"]
     assert _hash_tree(world["corrupt"] / "checkpoints") == world["hashes"]["corrupt_ckpt"]
     assert _hash_tree(world["d"] / "precious") == world["hashes"]["precious"]
+    assert _hash_tree(world["d"] / "mymodel") == world["hashes"]["mymodel"]
     assert not (world["d"] / "out").exists()  # no half export from the failed ones
+
+
+def test_export_replaces_an_earlier_export_without_force(world, tmp_path):
+    """Exporting again into a folder that holds only an earlier export replaces it (no --force needed); the refusals
+    above cover folders that merely contain config.json and model.safetensors."""
+    out = tmp_path / "again"
+    shutil.copytree(world["pre"] / "hf", out)
+    (out / "model.safetensors").write_bytes(b"stale")  # whatever was there is replaced as a whole
+    r = subprocess.run([sys.executable, str(ROOT / "train" / "export.py"), str(world["pre"]), str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "model.safetensors").read_bytes() == (world["pre"] / "hf" / "model.safetensors").read_bytes()

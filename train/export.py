@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -64,8 +65,20 @@ def export_tokenizer(tokenizer: Any, model_config: Any, pad_token_id: Optional[i
     return tok
 
 
-def _is_hf_export(d: Path) -> bool:
-    return (d / "config.json").is_file() and any((d / m).is_file() for m in HF_MARKERS[1:])
+# Everything an export writes (the model's save_pretrained, the tokenizer's, generation_config.json): a folder holding
+# anything else (a training checkpoint's meta.json / training_state.pt, a user's notes or eval results) is not one.
+EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                          "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                          "merges.txt", "added_tokens.json", "chat_template.jinja"})  # fmt: skip
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def is_hf_export(d: Path) -> bool:
+    """Whether folder `d` is an earlier export that a new one may replace without --force: it has config.json and
+    weights, and nothing but the files an export writes."""
+    if not ((d / "config.json").is_file() and any((d / m).is_file() for m in HF_MARKERS[1:])):
+        return False
+    return all(p.is_file() and (p.name in EXPORT_FILES or _SHARD.fullmatch(p.name)) for p in d.iterdir())
 
 
 def check_export_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -74,7 +87,7 @@ def check_export_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Pat
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is a file; choose another output folder.")
-    if out.is_dir() and any(out.iterdir()) and not (overwrite or _is_hf_export(out)):
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or is_hf_export(out)):
         raise FileExistsError(
             f"{out} is not empty and holds no earlier export; choose an empty folder or pass --force to replace it."
         )
