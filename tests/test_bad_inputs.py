@@ -144,6 +144,7 @@ CASES = [
     ("generate-missing-path", GEN, lambda w: [str(w["d"] / "nope"), "--prompt", "x"], r"nope does not exist"),
     ("generate-corrupt-checkpoint", GEN, lambda w: [str(w["corrupt"]), "--prompt", "x"], r"corrupt"),
     ("generate-bad-temperature", GEN, lambda w: [str(w["pre"]), "--temperature", "0"], r"--temperature=0\.0 must be"),
+    ("generate-zero-samples", GEN, lambda w: [str(w["pre"]), "--num-samples", "0"], r"--num-samples=0 must be >= 1"),
     ("prepare-missing-file", PREP, lambda w: ["data=text", f"data.path={w['d'] / 'nope.txt'}",
                                               f"data.cache_dir={w['cache']}"], r"nope\.txt"),
     ("prepare-empty-file", PREP, lambda w: ["data=text", f"data.path={w['d'] / 'empty.txt'}",
@@ -188,7 +189,7 @@ BEFORE_TORCH = {
     "block-size-over-n-positions", "checkpoint-of-another-model", "resume-auto-no-checkpoint",
     "resume-corrupt-safetensors", "fresh-run-into-used-run-dir", "init-from-missing", "export-into-non-empty-dir",
     "export-into-a-checkpoint", "export-into-a-model-folder", "export-corrupt-checkpoint", "generate-missing-path",
-    "generate-corrupt-checkpoint", "generate-bad-temperature",
+    "generate-corrupt-checkpoint", "generate-bad-temperature", "generate-zero-samples",
     "prepare-unknown-key", "swept-run-dir-under-multirun", "lm-data-override-on-finetune", "slurm-bad-nodes",
 }  # fmt: skip
 # ... and these need torch (is there a CUDA GPU?), but not Lightning

@@ -127,6 +127,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError(f"--top-p={args.top_p} must be in (0, 1].")
         if args.top_k is not None and args.top_k < 0:
             raise ValueError(f"--top-k={args.top_k} must be >= 0 (0 = no top-k filtering).")
+        if args.num_samples < 1:
+            raise ValueError(f"--num-samples={args.num_samples} must be >= 1.")
         model, tok = load_model_and_tokenizer(args.src)
         for i in range(args.num_samples):
             text = sample(model, tok, args.prompt, args.max_new_tokens, greedy=args.greedy,
