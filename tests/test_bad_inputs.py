@@ -144,6 +144,8 @@ CASES = [
     ("generate-missing-path", GEN, lambda w: [str(w["d"] / "nope"), "--prompt", "x"], r"nope does not exist"),
     ("generate-corrupt-checkpoint", GEN, lambda w: [str(w["corrupt"]), "--prompt", "x"], r"corrupt"),
     ("generate-bad-temperature", GEN, lambda w: [str(w["pre"]), "--temperature", "0"], r"--temperature=0\.0 must be"),
+    ("generate-file-as-source", GEN, lambda w: [str(w["d"] / "empty.txt"), "--prompt", "x"], r"empty\.txt is a file"),
+    ("export-file-as-source", EXPORT, lambda w: [str(w["d"] / "empty.txt"), str(w["d"] / "out")], r"empty\.txt is a file"),
     ("generate-zero-samples", GEN, lambda w: [str(w["pre"]), "--num-samples", "0"], r"--num-samples=0 must be >= 1"),
     ("prepare-missing-file", PREP, lambda w: ["data=text", f"data.path={w['d'] / 'nope.txt'}",
                                               f"data.cache_dir={w['cache']}"], r"nope\.txt"),
@@ -189,7 +191,8 @@ BEFORE_TORCH = {
     "block-size-over-n-positions", "checkpoint-of-another-model", "resume-auto-no-checkpoint",
     "resume-corrupt-safetensors", "fresh-run-into-used-run-dir", "init-from-missing", "export-into-non-empty-dir",
     "export-into-a-checkpoint", "export-into-a-model-folder", "export-corrupt-checkpoint", "generate-missing-path",
-    "generate-corrupt-checkpoint", "generate-bad-temperature", "generate-zero-samples",
+    "generate-corrupt-checkpoint", "generate-bad-temperature", "generate-zero-samples", "generate-file-as-source",
+    "export-file-as-source",
     "prepare-unknown-key", "swept-run-dir-under-multirun", "lm-data-override-on-finetune", "slurm-bad-nodes",
 }  # fmt: skip
 # ... and these need torch (is there a CUDA GPU?), but not Lightning

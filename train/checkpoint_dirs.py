@@ -142,6 +142,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist.")
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is a file, not a folder; pass a run dir or one of its checkpoints/step-N folders.")
     if (p / META_NAME).is_file():
         read_meta(p)
         return p
