@@ -3,9 +3,15 @@
 nanoGPT's shakespeare-char recipe with the CPU overrides of its README (`config/train_shakespeare_char.py
 --device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4
 --n_embd=128 --dropout=0.0`), evaluated only at step 0 and saving no checkpoint, against our `python train/run.py
-data=tokens` on the same `train.bin`/`val.bin` and the same dims and hyper-parameters (lr 1e-3, beta2 0.99, 100
-warm-up steps, cosine to lr/10), validation and periodic checkpoints off. Both are launched as the user launches them:
-one fresh process per run, timed from `Popen` to exit.
+data=tokens` on the same `train.bin`/`val.bin` and the same dims, activation and hyper-parameters (lr 1e-3, beta2
+0.99, 100 warm-up steps, cosine to lr/10), validation and periodic checkpoints off. Both are launched as the user
+launches them: one fresh process per run, timed from `Popen` to exit.
+
+The models: nanoGPT's MLP uses exact GELU (`nn.GELU()`), so ours runs `model.activation_function=gelu` too (GPT-2's
+own `gelu_new` is the tanh approximation, whose CPU kernel costs ~4x erf's forward at these shapes; pass
+`model.activation_function=gelu_new` after the checkout path to time it). One difference stays: nanoGPT's recipe
+runs `bias=False`, GPT-2 has a bias in every Linear and LayerNorm (ours keeps them: the weights are transformers'
+GPT-2), 52 parameter tensors against 27 and a bias add + bias gradient per projection on our side.
 
 - per-step time = (wall(long) - wall(short)) / (long - short), default long 600 and short 100 steps: start-up and
   tear-down (imports, data, model, nanoGPT's step-0 evaluation, our export) cancel;
@@ -68,7 +74,7 @@ def ours_args(steps: int, data_dir: Path, vocab: int, run_dir: Path, root: Path 
     return [str(root / "train" / "run.py"), "data=tokens", f"data.path={data_dir}", f"data.vocab_size={vocab}",
             f"data.block_size={d['block_size']}", f"data.batch_size={d['batch_size']}",
             f"model.n_layer={d['n_layer']}", f"model.n_head={d['n_head']}", f"model.n_embd={d['n_embd']}",
-            f"model.n_positions={d['block_size']}", "model.dropout=0.0",
+            f"model.n_positions={d['block_size']}", "model.dropout=0.0", "model.activation_function=gelu",
             "optim.lr=1e-3", "optim.betas=[0.9,0.99]", "optim.warmup_steps=100", "optim.min_lr_ratio=0.1",
             f"trainer.max_steps={steps}", "trainer.accelerator=cpu", "trainer.devices=1",
             "trainer.limit_val_batches=0", "checkpoint.every_n_steps=100000000", f"run_dir={run_dir}"]  # fmt: skip
@@ -110,12 +116,14 @@ def prepare_nanogpt(checkout: Path, work: Path, n_chars: int) -> tuple[Path, int
 
 
 class Run:
-    """One timed process: wall and CPU seconds (user + system, all threads), and both at its first optimizer step."""
+    """One timed process: wall and CPU seconds (user + system, all threads), and both at its first optimizer step;
+    its minor page faults."""
 
     def __init__(self, cmd: list[str], cwd: Path, env: dict, first_step: Callable[["Run"], bool]):
         self.cmd, self.cwd, self.env, self.first_step = cmd, cwd, env, first_step
         self.lines: list[tuple[float, str]] = []
         self.wall = self.cpu = self.startup = self.startup_cpu = float("nan")
+        self.minor_faults = 0
 
     def go(self) -> "Run":
         t0 = time.perf_counter()
@@ -137,6 +145,7 @@ class Run:
             time.sleep(0.005)
         self.wall = time.perf_counter() - t0
         self.cpu = usage.ru_utime + usage.ru_stime
+        self.minor_faults = usage.ru_minflt  # pages the kernel had to map (and zero) for the process
         proc.returncode = os.waitstatus_to_exitcode(status)
         reader.join()
         if proc.returncode != 0:
@@ -246,6 +255,7 @@ def main() -> int:
         names = list(sides)
         wall_ms: dict[str, list[float]] = {s: [] for s in names}
         cpu_ms: dict[str, list[float]] = {s: [] for s in names}
+        faults: dict[str, list[float]] = {s: [] for s in names}
         start_s: dict[str, list[float]] = {s: [] for s in names}
         start_cpu: dict[str, list[float]] = {s: [] for s in names}
         nano_eval: list[float] = []
@@ -262,6 +272,7 @@ def main() -> int:
             for s in names:
                 wall_ms[s].append(1000 * (runs[s, args.long].wall - runs[s, args.short].wall) / span)
                 cpu_ms[s].append(1000 * (runs[s, args.long].cpu - runs[s, args.short].cpu) / span)
+                faults[s].append((runs[s, args.long].minor_faults - runs[s, args.short].minor_faults) / span)
             parts = [f"{s} {wall_ms[s][-1]:6.2f} ms/step ({cpu_ms[s][-1]:6.2f} CPU)" for s in names]
             parts += [f"{s}/nanoGPT {wall_ms['nanoGPT'][-1] / wall_ms[s][-1]:.3f}x" for s in names[1:]]
             print(f"round {r + 1}: {', '.join(parts)}; {load()}", flush=True)
@@ -269,8 +280,9 @@ def main() -> int:
         med = statistics.median
         print(f"\nmedians of {args.rounds} rounds; speed = nanoGPT's time per step / ours (> 1: ours is faster)")
         for s in names:
-            print(f"  {s:9s} per step {med(wall_ms[s]):7.2f} ms wall, {med(cpu_ms[s]):7.2f} ms CPU; start-up "
-                  f"{med(start_s[s]):5.2f} s wall, {med(start_cpu[s]):5.2f} s CPU")  # fmt: skip
+            print(f"  {s:9s} per step {med(wall_ms[s]):7.2f} ms wall, {med(cpu_ms[s]):7.2f} ms CPU, "
+                  f"{med(faults[s]):6.0f} minor page faults; start-up {med(start_s[s]):5.2f} s wall, "
+                  f"{med(start_cpu[s]):5.2f} s CPU")  # fmt: skip
         for s in names[1:]:
             for label, per in (("wall", wall_ms), ("CPU ", cpu_ms)):
                 x = [n / o for n, o in zip(per["nanoGPT"], per[s])]
