@@ -34,6 +34,7 @@ from hydra import compose, initialize_config_dir
 
 import gpt2
 from train.config import register_configs, to_config
+from train.malloc import tune_glibc_malloc
 from train.module import GPT2LitModule, WarmupDecay, build_optimizer
 from train.trainer import build_trainer
 
@@ -206,6 +207,7 @@ def main() -> int:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    tune_glibc_malloc()  # as train/run.py does (both sides share this process, so both run with it)
     register_configs()
     tmp = Path(tempfile.mkdtemp(prefix="overhead-"))
     steps = args.warmup + args.chunks * args.chunk

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from data_pipelines.config import register_configs as register_data_configs
 from train.config import ConfigError, check_overrides, register_configs, sweep_root_from_run_dir, to_config
 from train.job import check_inputs, outcome_lines, train
+from train.malloc import tune_glibc_malloc
 
 register_configs()  # the typed schemas must be in Hydra's ConfigStore before composition
 register_data_configs()  # data_schema, the data group's own schema name
@@ -71,6 +72,7 @@ def main(dcfg: DictConfig) -> Optional[float]:
         cfg = to_config(dcfg)  # a bad value fails here, before torch and Lightning are imported
         check_overrides(cfg, HydraConfig.get().overrides.task)  # a data override the task would ignore
         check_inputs(cfg)  # run dir, resume, data files, hardware: before Lightning's ~4 s import
+        tune_glibc_malloc()  # this process owns the allocator: keep each step's freed memory for the next step
         _route_lightning_logs()
         summary = train(cfg, inputs_checked=True)
     except _expected_errors() as e:

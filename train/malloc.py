@@ -1,0 +1,67 @@
+"""Keep glibc from handing the training step's memory back to the kernel after every step (Linux, glibc only).
+
+A CPU training step allocates and frees the same activation and gradient buffers every step. glibc's malloc returns
+the free space at the top of its heap to the kernel once it exceeds M_TRIM_THRESHOLD, and serves a request above
+M_MMAP_THRESHOLD with a fresh mmap that is unmapped again at free; both start small (128 KiB) and only grow, to at most
+32 MiB / 64 MiB, as freed chunks teach glibc larger sizes ("dynamic threshold", glibc malloc.c). Until then, and
+whenever a step's peak tops the learned threshold, the next step touches fresh pages: a page fault and a zeroed 4 KiB
+page each. Measured on the 2-core Xeon VM at nanoGPT's shakespeare-char dims (4 x 128, batch 12 x 64; ~30 ms a step):
+300-2,700 minor faults a step and 1-3 ms of kernel time, ~0 faults with the thresholds below (benchmarks/peer_nanogpt.py
+prints both sides' page faults).
+
+`tune_glibc_malloc()` sets at start what glibc's dynamic rule converges to at most: M_MMAP_THRESHOLD = 32 MiB (the
+largest value glibc accepts on 64-bit) and M_TRIM_THRESHOLD = 64 MiB (glibc's own 2 x mmap threshold). Requests of
+32 MiB and more are still mmapped and returned at free, so a large model's logits do not stay resident; what stays
+is at most 64 MiB of free heap top per malloc arena, memory the next step allocates again anyway.
+
+Why by hand: the usual remedy is a different allocator (jemalloc / tcmalloc through LD_PRELOAD, as torch's
+`torch.backends.xeon.run_cpu` launcher does), which no pip package installs and which must be set before the process
+starts. glibc's own `mallopt(3)` does the same job from inside the process in two calls. A user's own allocator
+settings win: with any MALLOC_*_ variable, a `glibc.malloc.` tunable in GLIBC_TUNABLES, or an allocator in LD_PRELOAD,
+nothing is changed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: the largest value mallopt accepts
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # what glibc's dynamic rule sets beside that mmap threshold
+
+_USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
+                  "MALLOC_ARENA_MAX", "MALLOC_CONF")  # fmt: skip
+
+
+def user_allocator_settings(env: dict[str, str] | os._Environ = os.environ) -> str | None:
+    """The first allocator setting the user made in `env` (a variable name, or LD_PRELOAD's value), else None."""
+    for name in _USER_SETTINGS:
+        if name in env:
+            return name
+    if "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
+        return "GLIBC_TUNABLES"
+    if "malloc" in env.get("LD_PRELOAD", ""):  # libjemalloc, libtcmalloc, libmimalloc
+        return "LD_PRELOAD"
+    return None
+
+
+def tune_glibc_malloc() -> bool:
+    """Set glibc's mmap and trim thresholds to their dynamic maxima (see the module docstring); True if set.
+
+    Does nothing (False) off Linux, under another C library, or when the user set allocator options of their own
+    (`user_allocator_settings`). Process-wide and permanent for the process: call it from an entry point
+    (train/run.py), not from library code. Never raises.
+    """
+    if not sys.platform.startswith("linux") or user_allocator_settings() is not None:
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+        libc = ctypes.CDLL(None)  # the C library the interpreter runs on
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
+                                                                                            TRIM_THRESHOLD))
+    except (OSError, ValueError, AttributeError):  # no confstr name, no mallopt symbol: not glibc
+        return False
