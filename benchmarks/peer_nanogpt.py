@@ -288,6 +288,10 @@ def main() -> int:
                 x = [n / o for n, o in zip(per["nanoGPT"], per[s])]
                 print(f"  speed {s}/nanoGPT ({label}): median {med(x):.3f}x  min {min(x):.3f}x  max {max(x):.3f}x  "
                       f"(rounds: {', '.join(f'{v:.3f}' for v in x)})")  # fmt: skip
+        if args.compare:  # the effect of the change, round by round (both ours, so no model difference)
+            x = [c / o for c, o in zip(wall_ms["compared"], wall_ms["ours"])]
+            print(f"  speed ours/compared (wall): median {med(x):.3f}x  min {min(x):.3f}x  max {max(x):.3f}x  "
+                  f"(rounds: {', '.join(f'{v:.3f}' for v in x)})")  # fmt: skip
         nano_start = med(start_s["nanoGPT"])
         nano_noeval = med([t - e for t, e in zip(start_s["nanoGPT"], nano_eval)])
         print(f"  start-up = launch -> first optimizer step done; nanoGPT's includes its step-0 evaluation "
