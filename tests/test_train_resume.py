@@ -85,6 +85,8 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path):
                              cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step-{killed_at}" in resumed.stdout + resumed.stderr  # "Restoring states from ..."
+    # the outcome line counts the steps this process took, not the run's total
+    assert f"done: {MAX_STEPS - killed_at} more steps ({killed_at} -> {MAX_STEPS}) in " in resumed.stdout, resumed.stdout
 
     ref_text = (ref_dir / "metrics.csv").read_text().splitlines()
     run_text = (run_dir / "metrics.csv").read_text().splitlines()

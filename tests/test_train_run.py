@@ -164,6 +164,17 @@ def test_cli_ends_with_val_perplexity_and_a_line_whose_commands_work(corpus, cac
     assert (run_dir / "checkpoints" / "last").read_text().strip() == "step-4"
 
 
+def test_a_resumed_runs_last_line_counts_the_steps_this_process_took(tmp_path):
+    """After a resume from step 900 to 1800, the 63 s belong to 900 steps, not to 1800."""
+    from train.job import outcome_lines
+
+    summary = {"run_dir": str(tmp_path), "global_step": 1800, "resumed_step": 900, "seconds": 63.2,
+               "first_train_loss": 8.33, "last_train_loss": 3.9}  # fmt: skip
+    assert outcome_lines(summary, "", [])[0].startswith("done: 900 more steps (900 -> 1800) in 63s, train loss 8.330")
+    del summary["resumed_step"]
+    assert outcome_lines(summary, "", [])[0].startswith("done: 1800 steps in 63s")
+
+
 def test_resume_auto_without_checkpoint_is_a_clear_error(corpus, cache_dir, tmp_path):
     with pytest.raises(ConfigError, match="resume=auto found no complete checkpoint"):
         train(compose_cfg(small(corpus, cache_dir, tmp_path / "empty", "resume=auto")))

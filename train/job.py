@@ -185,6 +185,8 @@ def train(cfg: Config, inputs_checked: bool = False) -> dict[str, Any]:
     summary: dict[str, Any] = {"run_dir": str(run_dir), "global_step": trainer.global_step,
                                "checkpoint": str(ckpt_cb.saved[-1]) if ckpt_cb.saved else None,
                                "train_seconds": time.perf_counter() - t_start}  # fmt: skip
+    if resume_step is not None:
+        summary["resumed_step"] = resume_step  # `seconds` count this process only: from that step on
     if init_report is not None:
         summary["init"] = init_report
     if eval_cb is not None and eval_cb.last_metrics:  # the newest in-training evaluation (rank 0)
@@ -230,7 +232,9 @@ def outcome_lines(summary: dict[str, Any], prompt: str, overrides: Sequence[str]
     if summary.get("first_train_loss") is not None:
         val = summary.get("last_val_loss")
         val_txt = f", validation loss {val:.3f} (perplexity {math.exp(val):.1f})" if val is not None else ""
-        lines.append(f"done: {summary['global_step']} steps in {summary['seconds']:.0f}s, train loss "
+        start, end = summary.get("resumed_step"), summary["global_step"]
+        steps = f"{end - start} more steps ({start} -> {end})" if start is not None else f"{end} steps"
+        lines.append(f"done: {steps} in {summary['seconds']:.0f}s, train loss "
                      f"{summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}{val_txt}; "
                      f"run dir {summary['run_dir']}")  # fmt: skip
     best = summary.get("best")
