@@ -144,6 +144,8 @@ def test_cli_ends_with_val_perplexity_and_a_line_whose_commands_work(corpus, cac
                                        "checkpoint.every_n_steps=2", "model.n_layer=1", "model.n_embd=32"))  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     done, last = r.stdout.strip().splitlines()[-2:]
+    # Lightning's lines reach the console once, through Hydra's handler (not again through Lightning's own)
+    assert (r.stdout + r.stderr).count("`Trainer.fit` stopped: `max_steps=4` reached.") == 1, r.stderr[-3000:]
     val_loss = read_metrics(run_dir / "metrics.csv")[-1]["val/loss"]
     assert done.startswith("done: 4 steps") and f"validation loss {val_loss:.3f} (perplexity " in done, done
     assert f"open {run_dir / 'samples.txt'} and {run_dir / 'plots' / 'loss.png'};" in last, last

@@ -47,13 +47,14 @@ def _debug() -> bool:
 
 
 def _route_lightning_logs() -> None:
-    """Lightning installs its own console handler; under Hydra (console + run.log) every line would print twice."""
+    """Lightning installs console handlers of its own (on `lightning` and `lightning.pytorch`); under Hydra (console +
+    run.log) every line would print twice. Its records go to Hydra's handlers only."""
     import logging
     import warnings
 
     import lightning.pytorch  # noqa: F401 - installs its handler at import; remove it after
 
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
