@@ -1,23 +1,24 @@
 """Keep glibc from handing the training step's memory back to the kernel after every step (Linux, glibc only).
 
-A CPU training step allocates and frees the same activation and gradient buffers every step. glibc's malloc returns
-the free space at the top of its heap to the kernel once it exceeds M_TRIM_THRESHOLD, and serves a request above
-M_MMAP_THRESHOLD with a fresh mmap that is unmapped again at free; both start small (128 KiB) and only grow, to at most
-32 MiB / 64 MiB, as freed chunks teach glibc larger sizes ("dynamic threshold", glibc malloc.c). Until then, and
-whenever a step's peak tops the learned threshold, the next step touches fresh pages: a page fault and a zeroed 4 KiB
-page each. Measured on the 2-core Xeon VM at nanoGPT's shakespeare-char dims (4 x 128, batch 12 x 64; ~30 ms a step):
-300-2,700 minor faults a step and 1-3 ms of kernel time, ~0 faults with the thresholds below (benchmarks/peer_nanogpt.py
-prints both sides' page faults).
+A CPU training step allocates and frees the same activation and gradient buffers every step. glibc's malloc serves a
+request above M_MMAP_THRESHOLD with a fresh mmap that is unmapped again at free, and returns the free space at the top
+of its heap to the kernel once it exceeds M_TRIM_THRESHOLD. Both start at 128 KiB and grow only as freed chunks teach
+glibc larger sizes (at most 32 MiB / 64 MiB: the "dynamic threshold" of glibc's malloc.c), so whenever a step's freed
+memory tops the trim threshold, the next step touches fresh pages again: a page fault and a zeroed 4 KiB page each.
+Measured on the 2-core Xeon VM, minor faults a step: at nanoGPT's shakespeare-char dims (4 x 128, batch 12 x 64,
+~30 ms a step) 300-2,700 with glibc's defaults, 0 with the settings below; `model=tiny` and the default `demo` model
+~4,000-16,000 (12-25 ms of kernel time a step) even with a fixed 64 MiB trim threshold, 0-40 with trimming off.
 
-`tune_glibc_malloc()` sets at start what glibc's dynamic rule converges to at most: M_MMAP_THRESHOLD = 32 MiB (the
-largest value glibc accepts on 64-bit) and M_TRIM_THRESHOLD = 64 MiB (glibc's own 2 x mmap threshold). Requests of
-32 MiB and more are still mmapped and returned at free, so a large model's logits do not stay resident; what stays
-is at most 64 MiB of free heap top per malloc arena, memory the next step allocates again anyway.
+`tune_glibc_malloc()` sets M_MMAP_THRESHOLD = 32 MiB (the largest value glibc accepts on 64-bit) and turns heap
+trimming off (M_TRIM_THRESHOLD = -1, mallopt(3)): the heap stays at the largest size a step needed, the way torch's
+CUDA caching allocator keeps device memory, so steady-state RSS is the step's peak, which the process reaches every
+step anyway. Requests of 32 MiB and more are still mmapped and returned at free, so a large model's logits do not
+stay resident between steps.
 
 Why by hand: the usual remedy is a different allocator (jemalloc / tcmalloc through LD_PRELOAD, as torch's
 `torch.backends.xeon.run_cpu` launcher does), which no pip package installs and which must be set before the process
-starts. glibc's own `mallopt(3)` does the same job from inside the process in two calls. A user's own allocator
-settings win: with any MALLOC_*_ variable, a `glibc.malloc.` tunable in GLIBC_TUNABLES, or an allocator in LD_PRELOAD,
+starts. glibc's own `mallopt(3)` does the job from inside the process in two calls. A user's own allocator settings
+win: with any MALLOC_*_ variable, a `glibc.malloc.` tunable in GLIBC_TUNABLES, or an allocator in LD_PRELOAD,
 nothing is changed.
 """
 
@@ -30,7 +31,7 @@ import sys
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: the largest value mallopt accepts
-TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # what glibc's dynamic rule sets beside that mmap threshold
+TRIM_THRESHOLD = -1  # mallopt(3): "-1 disables trimming completely"
 
 _USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
                   "MALLOC_ARENA_MAX", "MALLOC_CONF")  # fmt: skip
@@ -49,7 +50,7 @@ def user_allocator_settings(env: dict[str, str] | os._Environ = os.environ) -> s
 
 
 def tune_glibc_malloc() -> bool:
-    """Set glibc's mmap and trim thresholds to their dynamic maxima (see the module docstring); True if set.
+    """Fix glibc's mmap threshold at 32 MiB and turn heap trimming off (see the module docstring); True if set.
 
     Does nothing (False) off Linux, under another C library, or when the user set allocator options of their own
     (`user_allocator_settings`). Process-wide and permanent for the process: call it from an entry point
