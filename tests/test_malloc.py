@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from train.malloc import is_glibc, user_allocator_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A training step's shape in miniature: each "step" allocates 96 MiB in 1 MiB blocks, writes them and frees them all
@@ -40,10 +42,10 @@ def _faults_per_step(mode: str, **env: str) -> tuple[str, float]:
     return out[0], float(out[1])
 
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
-                                reason="glibc's allocator only")  # fmt: skip
+glibc_only = pytest.mark.skipif(not is_glibc(), reason="glibc's allocator only")
 
 
+@glibc_only
 def test_tuned_allocator_keeps_a_steps_memory_for_the_next_step():
     said, tuned = _faults_per_step("tune")
     _, default = _faults_per_step("default")
@@ -54,6 +56,7 @@ def test_tuned_allocator_keeps_a_steps_memory_for_the_next_step():
     assert tuned < default / 20, f"{tuned:.0f} faults a step with the tuned thresholds vs {default:.0f} without"
 
 
+@glibc_only
 @pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "131072"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"},
                                  {"MALLOC_ARENA_MAX": "2"}])  # fmt: skip
 def test_a_users_allocator_settings_win(env):
@@ -61,3 +64,15 @@ def test_a_users_allocator_settings_win(env):
     assert said == "False"
     if "MALLOC_ARENA_MAX" not in env:  # the user's 128 KiB trim threshold is the one in force: faults every step
         assert faults > 1000
+
+
+@pytest.mark.parametrize("env, found", [
+    ({"MALLOC_PERTURB_": "85"}, "MALLOC_PERTURB_"),
+    ({"MALLOC_CONF": "background_thread:true"}, "MALLOC_CONF"),  # jemalloc's
+    ({"GLIBC_TUNABLES": "glibc.rtld.nns=2:glibc.malloc.arena_max=2"}, "GLIBC_TUNABLES"),
+    ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "LD_PRELOAD"),
+    ({"LD_PRELOAD": "libtcmalloc_minimal.so.4", "PATH": "/usr/bin"}, "LD_PRELOAD"),
+    ({"GLIBC_TUNABLES": "glibc.rtld.nns=2", "LD_PRELOAD": "libfoo.so", "PATH": "/usr/bin"}, None),
+])  # fmt: skip
+def test_which_environments_count_as_the_users_allocator_settings(env, found):
+    assert user_allocator_settings(env) == found

@@ -85,8 +85,11 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path):
                              cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step-{killed_at}" in resumed.stdout + resumed.stderr  # "Restoring states from ..."
-    # the outcome line counts the steps this process took, not the run's total
-    assert f"done: {MAX_STEPS - killed_at} more steps ({killed_at} -> {MAX_STEPS}) in " in resumed.stdout, resumed.stdout
+    # the outcome line counts the steps this process took, not the run's total, and their losses
+    done = next(line for line in resumed.stdout.splitlines() if line.startswith("done: "))
+    assert done.startswith(f"done: {MAX_STEPS - killed_at} more steps ({killed_at} -> {MAX_STEPS}) in "), done
+    first_loss = next(r["train/loss"] for r in read_metrics(run_dir / "metrics.csv") if r["step"] == killed_at + 1)
+    assert f"train loss {first_loss:.3f} -> " in done, done
 
     ref_text = (ref_dir / "metrics.csv").read_text().splitlines()
     run_text = (run_dir / "metrics.csv").read_text().splitlines()

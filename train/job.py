@@ -196,7 +196,9 @@ def train(cfg: Config, inputs_checked: bool = False) -> dict[str, Any]:
     export_net = model_for_export(trainer, module) if not fast and tokenizer is not None else None  # every rank
     if trainer.is_global_zero:
         rows = read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
-        losses = [r["train/loss"] for r in rows if r.get("train/loss") is not None]
+        # this process's steps (after a resume: from the resumed step on, like the step count and seconds printed)
+        losses = [r["train/loss"] for r in rows
+                  if r.get("train/loss") is not None and (resume_step is None or r["step"] > resume_step)]
         summary.update(first_train_loss=losses[0] if losses else None, last_train_loss=losses[-1] if losses else None,
                        **task.summary(module, dm, rows))  # fmt: skip
         if rows:

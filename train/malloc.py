@@ -9,7 +9,8 @@ Measured on the 2-core Xeon VM, minor faults a step: at nanoGPT's shakespeare-ch
 ~30 ms a step) 300-2,700 with glibc's defaults, 0 with the settings below; `model=tiny` and the default `demo` model
 ~4,000-16,000 (12-25 ms of kernel time a step) even with a fixed 64 MiB trim threshold, 0-40 with trimming off.
 
-`tune_glibc_malloc()` sets M_MMAP_THRESHOLD = 32 MiB (the largest value glibc accepts on 64-bit) and turns heap
+`tune_glibc_malloc()` sets M_MMAP_THRESHOLD = 32 MiB (the largest value glibc's dynamic rule reaches on 64-bit,
+DEFAULT_MMAP_THRESHOLD_MAX) and turns heap
 trimming off (M_TRIM_THRESHOLD = -1, mallopt(3)): the heap stays at the largest size a step needed, the way torch's
 CUDA caching allocator keeps device memory, so steady-state RSS is the step's peak, which the process reaches every
 step anyway. Requests of 32 MiB and more are still mmapped and returned at free, so a large model's logits do not
@@ -18,8 +19,8 @@ stay resident between steps.
 Why by hand: the usual remedy is a different allocator (jemalloc / tcmalloc through LD_PRELOAD, as torch's
 `torch.backends.xeon.run_cpu` launcher does), which no pip package installs and which must be set before the process
 starts. glibc's own `mallopt(3)` does the job from inside the process in two calls. A user's own allocator settings
-win: with any MALLOC_*_ variable, a `glibc.malloc.` tunable in GLIBC_TUNABLES, or an allocator in LD_PRELOAD,
-nothing is changed.
+win: with any MALLOC_* variable (glibc's MALLOC_*_ settings, jemalloc's MALLOC_CONF), a `glibc.malloc.` tunable in
+GLIBC_TUNABLES, or an allocator in LD_PRELOAD, nothing is changed.
 """
 
 from __future__ import annotations
@@ -27,26 +28,32 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Mapping
 
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: the largest value mallopt accepts
+MMAP_THRESHOLD = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: larger requests stay mmapped, returned at free
 TRIM_THRESHOLD = -1  # mallopt(3): "-1 disables trimming completely"
 
-_USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
-                  "MALLOC_ARENA_MAX", "MALLOC_CONF")  # fmt: skip
 
-
-def user_allocator_settings(env: dict[str, str] | os._Environ = os.environ) -> str | None:
-    """The first allocator setting the user made in `env` (a variable name, or LD_PRELOAD's value), else None."""
-    for name in _USER_SETTINGS:
-        if name in env:
+def user_allocator_settings(env: Mapping[str, str] = os.environ) -> str | None:
+    """The first allocator setting the user made in `env` (a variable's name), else None."""
+    for name in env:
+        if name.startswith("MALLOC_"):  # glibc's MALLOC_*_ (thresholds, arenas, checks), jemalloc's MALLOC_CONF
             return name
     if "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
         return "GLIBC_TUNABLES"
     if "malloc" in env.get("LD_PRELOAD", ""):  # libjemalloc, libtcmalloc, libmimalloc
         return "LD_PRELOAD"
     return None
+
+
+def is_glibc() -> bool:
+    """True when this process runs on GNU libc (Linux). `os.confstr` names it; musl knows the name but raises."""
+    try:
+        return sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (OSError, ValueError):
+        return False
 
 
 def tune_glibc_malloc() -> bool:
@@ -56,13 +63,11 @@ def tune_glibc_malloc() -> bool:
     (`user_allocator_settings`). Process-wide and permanent for the process: call it from an entry point
     (train/run.py), not from library code. Never raises.
     """
-    if not sys.platform.startswith("linux") or user_allocator_settings() is not None:
+    if not is_glibc() or user_allocator_settings() is not None:
         return False
     try:
-        if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return False
         libc = ctypes.CDLL(None)  # the C library the interpreter runs on
         return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
                                                                                             TRIM_THRESHOLD))
-    except (OSError, ValueError, AttributeError):  # no confstr name, no mallopt symbol: not glibc
+    except (OSError, AttributeError):  # no mallopt symbol
         return False
