@@ -14,8 +14,9 @@ time ratio (the wall time also counts the moments other processes hold the cores
 
 `--floor` adds two more fits, each interleaved with its own bare loop in the same way: a minimal LightningModule
 (forward + loss in `training_step`, the same optimizer, schedule and clipping; no callback, logger, progress bar or
-checkpointing) under Lightning's automatic optimization (gradients freed after the optimizer step, as GPT2LitModule), and the same module under manual optimization
-(`manual_backward`, clip, step, schedule and zero_grad written in `training_step`). They separate what Lightning's
+checkpointing) under Lightning's automatic optimization (gradients freed after the optimizer step, as
+GPT2LitModule), and the same module under manual optimization (`manual_backward`, clip, step, schedule and zero_grad
+written in `training_step`). They separate what Lightning's
 loop costs by itself at these dims from what train/run.py's module and callbacks add.
 """
 

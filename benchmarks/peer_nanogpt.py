@@ -283,15 +283,16 @@ def main() -> int:
             print(f"  {s:9s} per step {med(wall_ms[s]):7.2f} ms wall, {med(cpu_ms[s]):7.2f} ms CPU, "
                   f"{med(faults[s]):6.0f} minor page faults; start-up {med(start_s[s]):5.2f} s wall, "
                   f"{med(start_cpu[s]):5.2f} s CPU")  # fmt: skip
+        def speed(label: str, base: list[float], side: list[float]) -> None:  # per-round ratios base / side
+            x = [b / o for b, o in zip(base, side)]
+            print(f"  speed {label}: median {med(x):.3f}x  min {min(x):.3f}x  max {max(x):.3f}x  "
+                  f"(rounds: {', '.join(f'{v:.3f}' for v in x)})")  # fmt: skip
+
         for s in names[1:]:
             for label, per in (("wall", wall_ms), ("CPU ", cpu_ms)):
-                x = [n / o for n, o in zip(per["nanoGPT"], per[s])]
-                print(f"  speed {s}/nanoGPT ({label}): median {med(x):.3f}x  min {min(x):.3f}x  max {max(x):.3f}x  "
-                      f"(rounds: {', '.join(f'{v:.3f}' for v in x)})")  # fmt: skip
+                speed(f"{s}/nanoGPT ({label})", per["nanoGPT"], per[s])
         if args.compare:  # the effect of the change, round by round (both ours, so no model difference)
-            x = [c / o for c, o in zip(wall_ms["compared"], wall_ms["ours"])]
-            print(f"  speed ours/compared (wall): median {med(x):.3f}x  min {min(x):.3f}x  max {max(x):.3f}x  "
-                  f"(rounds: {', '.join(f'{v:.3f}' for v in x)})")  # fmt: skip
+            speed("ours/compared (wall)", wall_ms["compared"], wall_ms["ours"])
         nano_start = med(start_s["nanoGPT"])
         nano_noeval = med([t - e for t, e in zip(start_s["nanoGPT"], nano_eval)])
         print(f"  start-up = launch -> first optimizer step done; nanoGPT's includes its step-0 evaluation "

@@ -57,8 +57,8 @@ def test_tuned_allocator_keeps_a_steps_memory_for_the_next_step():
 
 
 @glibc_only
-@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "131072"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"},
-                                 {"MALLOC_ARENA_MAX": "2"}])  # fmt: skip
+@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "131072"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}, {"MALLOC_ARENA_MAX": "2"}])
 def test_a_users_allocator_settings_win(env):
     said, faults = _faults_per_step("tune", **env)
     assert said == "False"
