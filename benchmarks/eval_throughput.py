@@ -1,4 +1,4 @@
-"""Evaluation throughput (issue 14): requests/s of our lm-evaluation-harness backend (train/eval_harness.py,
+"""Evaluation throughput (issue 14): requests/s of our lm-evaluation-harness backend (train/eval/harness.py,
 "gpt2-forge") vs lm_eval's own `hf` backend (HFLM on transformers' GPT2LMHeadModel), same weights, same requests,
 same batch size, CPU.
 
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from train.eval_harness import GPT2ForgeLM
+    from train.eval.harness import GPT2ForgeLM
 
     print(machine_line())
     with tempfile.TemporaryDirectory() as tmp:

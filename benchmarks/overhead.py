@@ -35,7 +35,7 @@ from hydra import compose, initialize_config_dir
 
 import gpt2
 from train.config import register_configs, to_config
-from train.malloc import tune_glibc_malloc
+from train.cli.malloc import tune_glibc_malloc
 from train.module import GPT2LitModule, WarmupDecay, build_optimizer
 from train.trainer import build_trainer
 
@@ -224,7 +224,7 @@ def main() -> int:
           f"{args.chunks} interleaved chunks of {args.chunk} steps ({args.warmup} warm-up), torch threads "
           f"{torch.get_num_threads()}", flush=True)  # fmt: skip
 
-    from train.loggers import MetricsCSV
+    from train.callbacks.loggers import MetricsCSV
 
     bare = BareLoop(vocab, cfg.optim, steps, cfg.trainer.log_every_n_steps)
     inter = Interleave([bare], batches, args.warmup, args.chunk)

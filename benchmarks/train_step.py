@@ -137,7 +137,7 @@ def compose_cfg(run_dir: Path, spec: Spec, steps: int):
 
 
 def run_config(spec: Spec, chunks: int, chunk: int) -> dict[str, float]:
-    from train.loggers import MetricsCSV
+    from train.callbacks.loggers import MetricsCSV
 
     tmp = Path(tempfile.mkdtemp(prefix=f"train-step-{spec.name}-"))
     steps = WARMUP + chunks * chunk

@@ -37,7 +37,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     from hydra import compose, initialize_config_dir
 
     from train.config import register_configs, to_config
-    from train.run import train
+    from train.job import train
 
     d = tmp_path_factory.mktemp("bad_inputs")
     w = {"d": d, "cache": d / "cache", "corpus": d / "corpus.txt", "pre": d / "pre"}
@@ -96,7 +96,7 @@ def _strategies() -> set[str]:
 
 
 # (id, entry point, args(w) -> list[str], regex the message must match)
-RUN, EXPORT, GEN, PREP, PLAN, SLURM = ("train/run.py", "train/export.py", "train/generate.py",
+RUN, EXPORT, GEN, PREP, PLAN, SLURM = ("train/run.py", "train/cli/export.py", "train/cli/generate.py",
                                         "data_pipelines/prepare.py", "launch/plan.py", "launch/slurm.py")  # fmt: skip
 
 
@@ -252,7 +252,7 @@ def test_export_replaces_an_earlier_export_without_force(world, tmp_path):
     out = tmp_path / "again"
     shutil.copytree(world["pre"] / "hf", out)
     (out / "model.safetensors").write_bytes(b"stale")  # whatever was there is replaced as a whole
-    r = subprocess.run([sys.executable, str(ROOT / "train" / "export.py"), str(world["pre"]), str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, str(ROOT / "train" / "cli" / "export.py"), str(world["pre"]), str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=240)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "model.safetensors").read_bytes() == (world["pre"] / "hf" / "model.safetensors").read_bytes()

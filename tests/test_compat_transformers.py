@@ -422,7 +422,8 @@ def test_generate_refuses_what_transformers_refuses_or_we_do_not_implement(lm_pa
 
 
 def test_generate_cli_top_k_zero(folder, capsys):
-    from train.generate import main, sample
+    from train.cli.generate import main
+    from train.eval.samples import sample
 
     assert main([str(folder), "--prompt", "Return the", "--top-k", "0", "--top-p", "0.92",
                  "--max-new-tokens", "5"]) == 0  # was "--top-k=0 must be >= 1"

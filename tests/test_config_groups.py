@@ -29,7 +29,7 @@ from train.config import (
     register_configs,
     to_config,
 )
-from train.model import build_model_config
+from train.tasks.model import build_model_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-1/2/3/3-offload trained for real on the CPU (DeepSpeed's CPU accelerator, 2 processes over gloo):
 every DeepSpeed path of the project — strategy construction, the generated JSON in use, ZeRO checkpoints and their
 consolidation, resume after SIGKILL, ZeRO-3 weight gathering for `best` and the export, the loss-spike rollback,
-train/export.py and `model.init_from` from a ZeRO checkpoint.
+train/cli/export.py and `model.init_from` from a ZeRO checkpoint.
 
 Cost: DeepSpeed runs are expensive (process start, DeepSpeed's import and engine set-up), so one session-scoped
 fixture (`zero_runs`, tests/conftest.py; the runs themselves: tests/zero_runs.py) makes the runs and every test reads
@@ -32,7 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train.loggers import read_metrics
+from train.callbacks.loggers import read_metrics
 from zero_runs import EVERY, KILL_AFTER, S, SCRIPTS, SPIKE_AT, ZERO, losses
 
 RTOL = 1e-5
@@ -97,13 +97,13 @@ def test_consolidated_checkpoint_equals_the_live_gathered_weights(zero_runs, nam
 
 
 def test_hf_exports_of_zero_runs_give_transformers_our_logits(zero_runs):
-    """The run's own export (ZeRO-3: gathered live weights) and train/export.py from a ZeRO-1 checkpoint load in
+    """The run's own export (ZeRO-3: gathered live weights) and train/cli/export.py from a ZeRO-1 checkpoint load in
     transformers, whose logits equal ours on the checkpoint's weights."""
     transformers = pytest.importorskip("transformers")
-    from train.model import load_checkpoint_model
+    from train.tasks.model import load_checkpoint_model
 
     d = zero_runs
-    out = d / "hf-zero1"  # python train/export.py <the ZeRO-1 run's checkpoints/step-20> <out>, run by zero_runs
+    out = d / "hf-zero1"  # python train/cli/export.py <the ZeRO-1 run's checkpoints/step-20> <out>, run by zero_runs
     r = SCRIPTS["export zero1"]
     assert r.returncode == 0, r.stderr[-2000:]
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))

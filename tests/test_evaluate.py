@@ -1,4 +1,4 @@
-"""train/evaluate.py: lm-evaluation-harness tasks scored with our model give lm_eval's own `hf` backend's numbers.
+"""train/cli/evaluate.py: lm-evaluation-harness tasks scored with our model give lm_eval's own `hf` backend's numbers.
 
 A tiny model is trained for a few hundred steps (train(cfg), ~10 s) on made-up facts ("alice lives in paris."), so
 that it gets some answers right and some wrong; four local tasks of lm_eval's four output types are built from the same
@@ -28,8 +28,8 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 import train.evaluate as ev  # noqa: E402
 from train.config import register_configs, to_config  # noqa: E402
-from train.eval_harness import GPT2ForgeLM, load_model  # noqa: E402
-from train.run import train  # noqa: E402
+from train.eval.harness import GPT2ForgeLM, load_model  # noqa: E402
+from train.job import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -308,7 +308,7 @@ def test_data_parallel_over_two_processes_equals_one(world, both, tmp_path):
     out = tmp_path / "dp.json"
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(ROOT / "train" / "evaluate.py"), str(world["hf"]), "--tasks", "forge_mc,forge_ll,forge_roll",
+         str(ROOT / "train" / "cli" / "evaluate.py"), str(world["hf"]), "--tasks", "forge_mc,forge_ll,forge_roll",
          "--include-path", str(world["tasks"]), "--batch-size", str(BATCH), "--device", "cpu",
          "--bootstrap-iters", "0", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,

@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 
 import gpt2
 from train.config import register_configs, to_config
-from train.run import train
+from train.job import train
 
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]

@@ -19,7 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from train.config import register_configs, to_config
-from train.run import train
+from train.job import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -134,7 +134,7 @@ def test_finetune_from_lm_export_learns_and_export_matches_transformers(task, lm
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert metric in header and "val/loss" in header
     # the export is the best model: its weights equal checkpoints/best's
-    from train.checkpoint import load_weights
+    from train.checkpoint.weights import load_weights
 
     hf = Path(s["hf_dir"])
     assert (run_dir / "checkpoints" / "best" / "meta.json").is_file()
@@ -195,8 +195,8 @@ def test_string_labels_reach_the_export_and_label_count_mismatch_reinitialises(l
     assert cfg["label2id"] == {"negative": 0, "positive": 1}
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(s["hf_dir"])
     assert hf.config.id2label == {0: "negative", 1: "positive"} and hf.config.num_labels == 2
-    # train/export.py on the run dir exports the head the checkpoint records, not an LM
-    from train.export import main as export_main
+    # train/cli/export.py on the run dir exports the head the checkpoint records, not an LM
+    from train.cli.export import main as export_main
 
     assert export_main([str(tmp_path / "two"), str(tmp_path / "exported")]) == 0
     again = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported")
@@ -232,14 +232,14 @@ def test_task_resume_continues_the_data_order_exactly(lm_export, cache, tmp_path
     run(tmp_path / "parts", 6)
     s = run(tmp_path / "parts", 12, "resume=auto")
     assert s["global_step"] == 12
-    from train.loggers import read_metrics
+    from train.callbacks.loggers import read_metrics
 
     def losses(d: Path) -> dict:
         return {int(r["step"]): r["train/loss"] for r in read_metrics(d / "metrics.csv") if r["train/loss"] is not None}
 
     whole, parts = losses(tmp_path / "whole"), losses(tmp_path / "parts")
     assert sorted(parts) == list(range(1, 13)) and parts == whole
-    from train.checkpoint import load_weights
+    from train.checkpoint.weights import load_weights
 
     a = load_weights(tmp_path / "whole" / "checkpoints" / "step-12" / "model.safetensors")
     b = load_weights(tmp_path / "parts" / "checkpoints" / "step-12" / "model.safetensors")

@@ -185,7 +185,7 @@ def test_every_class_path_in_conf_imports():
             value = value.split("#")[0].strip().strip("'\"")
             if key.strip() in ("_target_", "wrap_class") and value.split(".")[0] in FLOORS:
                 paths.add(value)
-    assert "train.sweep.SweepSummary" in paths  # the sweep callback at least
+    assert "train.cli.sweep.SweepSummary" in paths  # the sweep callback at least
     for path in sorted(paths):
         module, _, attr = path.rpartition(".")
         assert hasattr(importlib.import_module(module), attr), path

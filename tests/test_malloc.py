@@ -1,4 +1,4 @@
-"""train/malloc.py: a step that frees and reallocates the same memory stops paying page faults, and a user's own
+"""train/cli/malloc.py: a step that frees and reallocates the same memory stops paying page faults, and a user's own
 allocator settings are left alone. Each case runs in a fresh interpreter: mallopt changes the process for good."""
 
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from train.malloc import is_glibc, user_allocator_settings
+from train.cli.malloc import is_glibc, user_allocator_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = textwrap.dedent("""
     import resource, sys
     sys.path.insert(0, sys.argv[1])
-    from train.malloc import tune_glibc_malloc
+    from train.cli.malloc import tune_glibc_malloc
     print(tune_glibc_malloc() if sys.argv[2] == "tune" else None)
     def step():
         blocks = [bytearray(1 << 20) for _ in range(96)]  # zero-filled: every page is written

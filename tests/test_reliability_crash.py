@@ -20,10 +20,12 @@ from safetensors.torch import load_file
 from test_train_resume import launch, overrides
 
 from helpers import corpus_text, sigkill_when
-from train import checkpoint as ck
-from train.loggers import read_metrics
+from train.checkpoint import io as ck_io
+from train.checkpoint import layout as ck
+from train.checkpoint import weights as ck_weights
+from train.callbacks.loggers import read_metrics
 from train.config import register_configs, to_config
-from train.run import train
+from train.job import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 24
@@ -36,7 +38,7 @@ import train.checkpoint as ck
 import train.export as ex
 
 pause_step, marker = os.environ["PAUSE_AT"], os.environ["PAUSE_MARKER"]
-orig_save_weights, orig_gen = ck.save_weights, ex.generation_config
+orig_save_weights, orig_gen = ck_weights.save_weights, ex.generation_config
 
 def save_weights(sd, path):
     orig_save_weights(sd, path)
@@ -50,7 +52,7 @@ def generation_config(*a, **k):
         time.sleep(120)
     return orig_gen(*a, **k)
 
-ck.save_weights, ex.generation_config = save_weights, generation_config
+ck_weights.save_weights, ex.generation_config = save_weights, generation_config
 import runpy
 import train
 run_py = os.path.join(os.path.dirname(train.__file__), "run.py")
@@ -108,7 +110,7 @@ def test_sigkill_during_checkpoint_write_and_export_then_resume_matches(tmp_path
     # the partial folder is never taken: the newest complete checkpoint is step-8, and it loads
     assert ck.latest_checkpoint(run_dir).name == "step-8"
     assert (run_dir / "checkpoints" / "last").read_text().strip() == "step-8"
-    ck.DirCheckpointIO().load_checkpoint(ck.step_dir(run_dir, 8))
+    ck_io.DirCheckpointIO().load_checkpoint(ck.step_dir(run_dir, 8))
 
     # resume=auto continues from step-8; this time it is killed in the middle of the final export
     resumed, marker = launch_paused(tmp_path, args(corpus, cache, run_dir, "resume=auto"), "export",
@@ -120,7 +122,7 @@ def test_sigkill_during_checkpoint_write_and_export_then_resume_matches(tmp_path
     assert [p for p in run_dir.iterdir() if p.name.startswith(".hf.tmp-")] and not (run_dir / "hf").exists()
     newest = ck.latest_checkpoint(run_dir)
     assert newest.name == f"step-{MAX_STEPS}"
-    ck.DirCheckpointIO().load_checkpoint(newest)
+    ck_io.DirCheckpointIO().load_checkpoint(newest)
 
     # resume=auto again: nothing left to train, the export is redone and the half one cleaned up
     done = run_plain(args(corpus, cache, run_dir, "resume=auto"))
@@ -154,7 +156,7 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(monkeypatch, tmp_pa
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             return to_config(compose(config_name="config", overrides=[*run_args, *extra]))
 
-    orig = ck.save_weights
+    orig = ck_weights.save_weights
 
     def full_disk(state_dict, path):
         if path.parent.name.startswith("step-10.tmp-"):
@@ -162,14 +164,14 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(monkeypatch, tmp_pa
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         orig(state_dict, path)
 
-    monkeypatch.setattr(ck, "save_weights", full_disk)
+    monkeypatch.setattr(ck_io, "save_weights", full_disk)
     with pytest.raises(ck.CheckpointError, match=r"no space left on the device writing checkpoint .*step-10.*"
                                                  r"previous checkpoint .*step-5 is intact.*resume=auto"):
         train(compose_run())
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name != "last"] == ["step-5"]
     assert (run_dir / "checkpoints" / "last").read_text().strip() == "step-5"
-    ck.DirCheckpointIO().load_checkpoint(ck.step_dir(run_dir, 5))
+    ck_io.DirCheckpointIO().load_checkpoint(ck.step_dir(run_dir, 5))
 
-    monkeypatch.setattr(ck, "save_weights", orig)  # space freed
+    monkeypatch.setattr(ck_io, "save_weights", orig)  # space freed
     summary = train(compose_run("resume=auto"))
     assert summary["global_step"] == 12 and ck.latest_checkpoint(run_dir).name == "step-12"

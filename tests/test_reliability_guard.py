@@ -16,12 +16,13 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from helpers import corpus_text
-from train import checkpoint as ck
-from train.loggers import read_metrics
+from train.checkpoint import layout as ck
+from train.checkpoint import weights as ck_weights
+from train.callbacks.loggers import read_metrics
 from train.config import GuardConfig, register_configs, to_config
 from train.callbacks.guard import GuardError, LossGuard
 from train.module import GPT2LitModule
-from train.run import train
+from train.job import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -114,7 +115,7 @@ def test_nan_step_is_skipped_and_spike_rolls_back(monkeypatch, corpus, cache_dir
 
     def rollback(self, trainer, pl_module):
         target = orig_rollback(self, trainer, pl_module)
-        saved = ck.load_weights(ck.step_dir(run_dir, target) / ck.WEIGHTS_NAME)
+        saved = ck_weights.load_weights(ck.step_dir(run_dir, target) / ck.WEIGHTS_NAME)
         rolled.append((trainer.global_step, target, saved, snapshot(pl_module), adam_steps(pl_module)))
         return target
 
@@ -147,7 +148,7 @@ def test_nan_step_is_skipped_and_spike_rolls_back(monkeypatch, corpus, cache_dir
     assert last["step"] == 30 and last["guard/skipped"] == 1 and last["guard/rollbacks"] == 1
     assert next(r for r in rows if r["step"] == 7)["guard/skipped"] == 1
     assert next(r for r in rows if r["step"] == 23)["guard/rollbacks"] == 1
-    final = ck.load_weights(run_dir / "checkpoints" / "step-30" / ck.WEIGHTS_NAME)
+    final = ck_weights.load_weights(run_dir / "checkpoints" / "step-30" / ck.WEIGHTS_NAME)
     assert all(torch.isfinite(t).all() for t in final.values())
     assert summary["last_train_loss"] < summary["first_train_loss"]
 
@@ -169,7 +170,7 @@ def test_guard_off_applies_the_nan(monkeypatch, corpus, cache_dir, tmp_path):
     with pytest.raises(GuardError, match=r"weights hold NaN/Inf .* at step 4: .*guard=off"):
         train(cfg_for(corpus, cache_dir, run_dir, "guard=off", "trainer.max_steps=4", "checkpoint.every_n_steps=4"))
     assert not (run_dir / "hf").exists() and not (run_dir / "samples.txt").exists()
-    final = ck.load_weights(run_dir / "checkpoints" / "step-4" / ck.WEIGHTS_NAME)
+    final = ck_weights.load_weights(run_dir / "checkpoints" / "step-4" / ck.WEIGHTS_NAME)
     assert not all(torch.isfinite(t).all() for t in final.values())
 
 

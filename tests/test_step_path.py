@@ -16,10 +16,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from train import checkpoint as ck
+from train.checkpoint import layout as ck
+
+from train.checkpoint import weights as ck_weights
 from train.config import register_configs, to_config
-from train.loggers import read_metrics
-from train.run import train
+from train.callbacks.loggers import read_metrics
+from train.job import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -53,7 +55,7 @@ def cfg_for(tokens: Path, run_dir: Path, *extra: str):
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return ck.load_weights(ck.latest_checkpoint(run_dir) / ck.WEIGHTS_NAME)
+    return ck_weights.load_weights(ck.latest_checkpoint(run_dir) / ck.WEIGHTS_NAME)
 
 
 def test_clipping_with_the_guards_norm_equals_clip_grad_norm(monkeypatch, tokens, tmp_path):
@@ -134,7 +136,7 @@ def test_no_optional_stack_is_imported_before_the_first_step(tokens, tmp_path):
 import json, sys
 from hydra import compose, initialize_config_dir
 from train.config import register_configs, to_config
-from train.loggers import read_metrics
+from train.callbacks.loggers import read_metrics
 from train.job import train
 from train.module import GPT2LitModule
 

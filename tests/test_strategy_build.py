@@ -16,7 +16,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from train import checkpoint as ck
+from train.checkpoint import layout as ck
+
+from train.checkpoint import weights as ck_weights
 from train.config import ConfigError, register_configs, to_config
 from train.callbacks.preemption import Preemption, requeue, slurm_job_id
 from train.strategies import build_plugins, build_strategy, check_hardware, check_resume
@@ -186,14 +188,14 @@ def _fake_zero_dir(tmp: Path) -> None:
 def _fake_convert(weights: dict):
     def convert(src, out):
         assert (Path(src) / "latest").is_file() and Path(out).parent == Path(src)
-        ck.save_weights(weights, Path(out))
+        ck_weights.save_weights(weights, Path(out))
 
     return convert
 
 
 def test_zero_checkpoint_is_published_as_our_step_dir(tmp_path):
     import gpt2
-    from train.model import load_checkpoint_model
+    from train.tasks.model import load_checkpoint_model
 
     model = gpt2.GPT2LMHeadModel(gpt2.GPT2Config.from_preset("tiny", vocab_size=300, n_positions=32))
     sd = {k: v for k, v in model.state_dict().items()}

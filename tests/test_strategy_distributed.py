@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import corpus_text
-from train.loggers import read_metrics
+from train.callbacks.loggers import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 8  # steps before the stop; the runs continue to 2N
@@ -145,10 +145,10 @@ def test_fsdp_checkpoint_exports_to_transformers_with_equal_logits(setup, tmp_pa
     if not step_dir.is_dir():  # run alone: make the FSDP checkpoint here
         _stop_and_resume(setup, "fsdp")
     out = tmp_path / "hf"
-    r = subprocess.run([sys.executable, str(ROOT / "train" / "export.py"), str(step_dir), str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, str(ROOT / "train" / "cli" / "export.py"), str(step_dir), str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=_env())  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    from train.model import load_checkpoint_model
+    from train.tasks.model import load_checkpoint_model
 
     ours = load_checkpoint_model(step_dir).eval()
     theirs = transformers.GPT2LMHeadModel.from_pretrained(str(out)).eval()

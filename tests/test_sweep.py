@@ -63,7 +63,7 @@ def test_sweep_summary_reads_job_folders(tmp_path):
     """write_summary on hand-made job folders: overrides become columns, missing metrics stay empty."""
     import json
 
-    from train.sweep import write_summary
+    from train.cli.sweep import write_summary
 
     for i, (lr, acc) in enumerate([("1e-4", 0.7), ("1e-3", None)]):
         d = tmp_path / str(i)

@@ -10,9 +10,10 @@ import torch
 from safetensors import safe_open
 
 import gpt2
-from train import checkpoint as ck
+from train.checkpoint import io as ck_io
+from train.checkpoint import layout as ck
 from train.config import OptimConfig
-from train.model import load_checkpoint_model
+from train.tasks.model import load_checkpoint_model
 from train.module import WarmupDecay, param_groups
 
 
@@ -42,7 +43,7 @@ def fake_lightning_checkpoint(model) -> dict:
 
 def test_roundtrip_is_safe_and_exact(tmp_path):
     model = tiny_model()
-    io = ck.DirCheckpointIO()
+    io = ck_io.DirCheckpointIO()
     path = tmp_path / "checkpoints" / "step-7"
     io.save_checkpoint(fake_lightning_checkpoint(model), path)
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "meta.json", "model.safetensors",
@@ -68,12 +69,12 @@ def test_unsafe_objects_are_refused_at_save(tmp_path):
     ckpt = fake_lightning_checkpoint(tiny_model())
     ckpt["callbacks"]["Bad"] = {"fn": object()}
     with pytest.raises(TypeError, match="Bad"):
-        ck.DirCheckpointIO().save_checkpoint(ckpt, tmp_path / "step-1")
+        ck_io.DirCheckpointIO().save_checkpoint(ckpt, tmp_path / "step-1")
     assert not list(tmp_path.iterdir())  # nothing half-written is left
 
 
 def test_partial_checkpoints_are_never_picked(tmp_path):
-    io = ck.DirCheckpointIO()
+    io = ck_io.DirCheckpointIO()
     model = tiny_model()
     for step in (2, 4):
         io.save_checkpoint(fake_lightning_checkpoint(model), ck.step_dir(tmp_path, step))
@@ -88,7 +89,7 @@ def test_partial_checkpoints_are_never_picked(tmp_path):
 
 
 def test_corrupt_and_foreign_checkpoints_give_clear_errors(tmp_path):
-    io = ck.DirCheckpointIO()
+    io = ck_io.DirCheckpointIO()
     path = ck.step_dir(tmp_path, 3)
     io.save_checkpoint(fake_lightning_checkpoint(tiny_model()), path)
     (path / "model.safetensors").write_bytes(b"\x00garbage")
@@ -104,7 +105,7 @@ def test_corrupt_and_foreign_checkpoints_give_clear_errors(tmp_path):
 
 
 def test_retention_keeps_newest_and_the_protected(tmp_path):
-    io = ck.DirCheckpointIO()
+    io = ck_io.DirCheckpointIO()
     model = tiny_model()
     for step in (1, 2, 3, 4, 5):
         io.save_checkpoint(fake_lightning_checkpoint(model), ck.step_dir(tmp_path, step))

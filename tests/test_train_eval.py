@@ -1,6 +1,6 @@
 """In-training evaluation (the `eval` group, train/callbacks/evaluation.py): lm_eval tasks scored on the live model at
 the configured optimizer steps and at the end, logged as eval/<task>/<metric> rows equal to a standalone
-`train/evaluate.py` on the checkpoint of the same step; a SIGKILLed run resumed with resume=auto has every eval row
+`train/cli/evaluate.py` on the checkpoint of the same step; a SIGKILLed run resumed with resume=auto has every eval row
 exactly once; off, nothing of lm_eval is imported; bad values get one sentence.
 
 One tiny run (2 layers, 64 wide) trains 25 steps on test_evaluate's made-up facts and evaluates three local tasks of
@@ -28,8 +28,8 @@ from test_train_resume import last_step  # noqa: E402
 from helpers import sigkill_when  # noqa: E402
 import train.evaluate as ev  # noqa: E402
 from train.config import ConfigError, register_configs, to_config  # noqa: E402
-from train.loggers import read_metrics  # noqa: E402
-from train.run import train  # noqa: E402
+from train.callbacks.loggers import read_metrics  # noqa: E402
+from train.job import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -174,7 +174,7 @@ def spy(*args, **kwargs):
 train.trainer.build_trainer = spy
 from hydra import compose, initialize_config_dir
 from train.config import register_configs, to_config
-from train.run import train
+from train.job import train
 register_configs()
 with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
     cfg = to_config(compose(config_name="config", overrides=sys.argv[2:]))

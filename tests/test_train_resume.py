@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import corpus_text, sigkill_when
-from train.loggers import read_metrics
+from train.callbacks.loggers import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 60

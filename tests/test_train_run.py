@@ -14,9 +14,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from helpers import corpus_text
-from train.loggers import read_metrics
+from train.callbacks.loggers import read_metrics
 from train.config import ConfigError, register_configs, to_config
-from train.run import train
+from train.job import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -99,7 +99,7 @@ def test_loss_falls_and_metrics_are_step_indexed(trained):
 def test_hf_export_matches_transformers(trained):
     transformers = pytest.importorskip("transformers")
     import gpt2
-    from train.model import load_checkpoint_model
+    from train.tasks.model import load_checkpoint_model
 
     run_dir, _ = trained
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(run_dir / "hf")).eval()
@@ -120,13 +120,13 @@ def test_export_and_generate_cli(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # what -X importtime prints, on stderr
     run_dir, _ = trained
     out = tmp_path / "export"
-    r = run_cli("train/export.py", str(run_dir), str(out))
+    r = run_cli("train/cli/export.py", str(run_dir), str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     imported = [r.stderr]
     # (a non-empty target without --force and a missing source are cases of tests/test_bad_inputs.py)
     for src in (out, run_dir / "checkpoints" / "step-40"):
-        r = run_cli("train/generate.py", str(src), "--prompt", "To be", "--max-new-tokens", "5", "--greedy")
+        r = run_cli("train/cli/generate.py", str(src), "--prompt", "To be", "--max-new-tokens", "5", "--greedy")
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout.startswith("To be") and len(r.stdout) > len("To be\n")  # prompt + new tokens
         imported.append(r.stderr)
@@ -153,7 +153,7 @@ def test_cli_ends_with_val_perplexity_and_a_line_whose_commands_work(corpus, cac
     sample_cmd, train_cmd = (shlex.split(part.split(": ", 1)[1]) for part in last.split("; ")[1:])
     py = os.path.relpath(sys.executable, ROOT)  # the interpreter that ran it, as typed from the repository root
     py = sys.executable if py.startswith("..") else py
-    assert sample_cmd[:3] == [py, "train/generate.py", str(run_dir / "hf")], last
+    assert sample_cmd[:3] == [py, "train/cli/generate.py", str(run_dir / "hf")], last
     g = run_cli(*sample_cmd[1:], "--max-new-tokens", "3")
     prompt = compose_cfg([]).sample.prompts[0]  # the line suggests the first default prompt
     assert g.returncode == 0 and g.stdout.startswith(prompt), g.stderr[-2000:]
@@ -168,7 +168,7 @@ def test_cli_ends_with_val_perplexity_and_a_line_whose_commands_work(corpus, cac
 
 def test_a_resumed_runs_last_line_counts_the_steps_this_process_took(tmp_path):
     """After a resume from step 900 to 1800, the 63 s belong to 900 steps, not to 1800."""
-    from train.job import outcome_lines
+    from train.cli.run import outcome_lines
 
     summary = {"run_dir": str(tmp_path), "global_step": 1800, "resumed_step": 900, "seconds": 63.2,
                "first_train_loss": 8.33, "last_train_loss": 3.9}  # fmt: skip

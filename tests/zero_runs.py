@@ -10,7 +10,7 @@ uninterrupted one (`zero2-uninterrupted`), and a fine-tuning run under ZeRO-3 st
 `probe/probe-rank{0,1}.json`, the elements each rank held at step 3. The run settings and why they are what they are:
 tests/test_deepspeed_cpu.py's docstring. Three single-process scripts run alongside, their outcome in SCRIPTS: a
 bf16-mixed ZeRO-2 checkpoint (`zero2-bf16-mixed/`, for the conversion test), a Lightning script that saves under ZeRO-3
-after a validate() that follows fit (`validate-then-save/`), and train/export.py of the ZeRO-1 checkpoint
+after a validate() that follows fit (`validate-then-save/`), and train/cli/export.py of the ZeRO-1 checkpoint
 (`hf-zero1/`).
 
 Cost: a launch is mostly start-up, not training (20 steps of this model take ~1-2 s): rank 0 imports torch, Lightning
@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from helpers import corpus_text
-from train.loggers import read_metrics
+from train.callbacks.loggers import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 S, SPIKE_AT, EVERY, KILL_AFTER = 20, 6, 5, 12
@@ -280,7 +280,7 @@ ref = {k: v.detach().clone().float() for k, v in model.state_dict().items() if k
 save_file(ref, os.path.join(out, "reference.safetensors"))
 '''
 
-# The single-process scripts of the session (the bf16 writer, the validate-then-save script, train/export.py of the
+# The single-process scripts of the session (the bf16 writer, the validate-then-save script, train/cli/export.py of the
 # ZeRO-1 checkpoint), by name: their tests assert on the outcome, so one failing script fails only its own test.
 SCRIPTS: dict[str, subprocess.CompletedProcess] = {}
 
@@ -337,7 +337,7 @@ def make_runs(d: Path) -> Path:
 
     def export_zero1():
         jobs["deepspeed_zero1"].result()
-        script("export zero1", [str(ROOT / "train" / "export.py"),
+        script("export zero1", [str(ROOT / "train" / "cli" / "export.py"),
                                 str(d / "deepspeed_zero1" / "checkpoints" / f"step-{S}"), str(d / "hf-zero1")])
 
     def scripts_job(name: str, text: str, port: bool = False):

@@ -323,7 +323,7 @@ class GuardConfig:
 @dataclass
 class EvalConfig:
     """In-training evaluation on lm-evaluation-harness tasks (conf/eval/*.yaml; train/callbacks/evaluation.py): the
-    evaluator of `train/evaluate.py` runs on rank 0 every `every_n_steps` optimizer steps and at the end of training,
+    evaluator of `train/cli/evaluate.py` runs on rank 0 every `every_n_steps` optimizer steps and at the end of training,
     and logs eval/<task>/<metric>. Off while `tasks` is empty (the default): then nothing of lm_eval is imported.
 
     The names are lm_eval's (`simple_evaluate`: tasks, limit, num_fewshot, batch_size, include_path, max_gen_toks).

@@ -45,7 +45,7 @@ def check_inputs(cfg: Config) -> Optional[Path]:
     """
     from data_pipelines.sources import check_source
 
-    from train.checkpoint_dirs import WEIGHTS_NAME, check_compatible, check_weights_file, init_source, resolve_resume
+    from train.checkpoint.layout import WEIGHTS_NAME, check_compatible, check_weights_file, init_source, resolve_resume
 
     run_dir = Path(cfg.run_dir).expanduser()
     resume_from = resolve_resume(cfg.resume, run_dir)
@@ -87,7 +87,7 @@ def train(cfg: Config, inputs_checked: bool = False) -> dict[str, Any]:
     # -- refused up front, before Lightning is imported or any data is prepared: a used run dir, nothing to resume,
     # unreadable data, what this machine cannot run, a checkpoint that cannot resume
     if inputs_checked:
-        from train.checkpoint_dirs import resolve_resume
+        from train.checkpoint.layout import resolve_resume
 
         resume_from = resolve_resume(cfg.resume, Path(cfg.run_dir).expanduser())
     else:
@@ -96,11 +96,14 @@ def train(cfg: Config, inputs_checked: bool = False) -> dict[str, Any]:
     import lightning as L
     import torch
 
-    from train.callbacks import BestCheckpoint, Preemption, StepCheckpoint, check_finite_weights
-    from train.checkpoint import check_compatible, load_best_into, read_meta
-    from train.export import export_hf
-    from train.loggers import build_loggers, plot_losses, read_metrics
-    from train.model import tokenizer_source
+    from train.callbacks.guard import check_finite_weights
+    from train.callbacks.preemption import Preemption
+    from train.checkpoint.callbacks import BestCheckpoint, StepCheckpoint
+    from train.checkpoint.layout import check_compatible, read_meta
+    from train.checkpoint.weights import load_best_into
+    from train.checkpoint.export import export_hf
+    from train.callbacks.loggers import build_loggers, plot_losses, read_metrics
+    from train.tasks.model import tokenizer_source
     from train.strategies import model_for_export
     from train.tasks import get_task
     from train.trainer import build_trainer
@@ -110,7 +113,7 @@ def train(cfg: Config, inputs_checked: bool = False) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_step = read_meta(resume_from)["global_step"] if resume_from else None
     if cfg.eval.tasks:  # in-training lm_eval tasks: installed, known, an LM; nothing of lm_eval is imported when off
-        from train.callbacks.evaluation import check_eval
+        from train.eval.callback import check_eval
 
         check_eval(cfg.eval, cfg.task.name)
 
@@ -156,7 +159,7 @@ def train(cfg: Config, inputs_checked: bool = False) -> dict[str, Any]:
         tcfg.limit_val_batches = 1.0 if tcfg.limit_val_batches > 0 else 0
     eval_cb = None
     if cfg.eval.tasks:
-        from train.callbacks.evaluation import build_eval
+        from train.eval.callback import build_eval
 
         eval_cb = build_eval(cfg.eval, tokenizer, run_dir, tcfg.val_check_interval, fast)
     # best before step: a step-N checkpoint written after validation N holds BestCheckpoint's state of step N;
@@ -222,38 +225,6 @@ def train(cfg: Config, inputs_checked: bool = False) -> dict[str, Any]:
 
 
 
-def outcome_lines(summary: dict[str, Any], prompt: str, overrides: Sequence[str]) -> list[str]:
-    """What train/run.py prints after a finished run: the losses (+ validation perplexity), a fine-tune's best
-    metric, and for an LM run a last line saying what to open and what to type next (sample from hf/, resume for as
-    many steps again with this run's own overrides). Paths are shown as the user types them."""
-
-    def shown(path: str) -> str:  # relative to the working directory when below it
-        return path if os.path.relpath(path).startswith("..") else os.path.relpath(path)
-
-    lines = []
-    if summary.get("first_train_loss") is not None:
-        val = summary.get("last_val_loss")
-        val_txt = f", validation loss {val:.3f} (perplexity {math.exp(val):.1f})" if val is not None else ""
-        start, end = summary.get("resumed_step"), summary["global_step"]
-        steps = f"{end - start} more steps ({start} -> {end})" if start is not None else f"{end} steps"
-        lines.append(f"done: {steps} in {summary['seconds']:.0f}s, train loss "
-                     f"{summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}{val_txt}; "
-                     f"run dir {summary['run_dir']}")  # fmt: skip
-    best = summary.get("best")
-    if best:  # a fine-tuning task: the monitored metric of the exported (best) model
-        lines.append(f"best {best['metric']}={best['value']:.4f} at step {best['step']}; "
-                     f"export {summary.get('hf_dir')}")
-    if summary.get("samples"):
-        rd = shown(summary["run_dir"])
-        skip = ("run_dir", "resume", "trainer.max_steps")  # replaced below
-        again = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in skip]
-        again += [f"run_dir={rd}", "resume=auto", f"trainer.max_steps={2 * summary['global_step']}"]
-        py = shlex.quote(shown(sys.executable))  # `make run`'s .venv/bin/python works without an activated venv
-        lines.append(f"open {shown(summary['samples'])} and {shown(summary.get('plot', rd + '/plots'))}; sample: {py} "
-                     f"train/generate.py {shlex.quote(shown(summary['hf_dir']))} --prompt {shlex.quote(prompt)}; "
-                     f"resume for {summary['global_step']} more steps: {py} train/run.py "
-                     f"{' '.join(map(shlex.quote, again))}")  # fmt: skip
-    return lines
 
 
-__all__ = ["check_inputs", "outcome_lines", "train"]
+__all__ = ["check_inputs", "train"]

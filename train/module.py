@@ -1,6 +1,6 @@
 """The LightningModule: a plain `gpt2` model + AdamW + warm-up/decay schedule + step-wise metric rows + validation.
 
-The network is built outside (train/model.py) and passed in, so the module owns no model-construction logic and the
+The network is built outside (train/tasks/model.py) and passed in, so the module owns no model-construction logic and the
 same `nn.Module` can be wrapped by any strategy (lightning-hydra-template: "the LightningModule wraps a plain
 nn.Module"). Nothing here calls `.item()` in the step: the loss is synced to the host only at logging intervals.
 
@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import nn
 
-from train.checkpoint import META_KEY, MODEL_CONFIG_KEY
+from train.checkpoint.layout import META_KEY, MODEL_CONFIG_KEY
 from train.config import OptimConfig
 
 # Lightning's DeepSpeed strategy warns whenever a module overrides configure_gradient_clipping. Ours falls through to
@@ -94,7 +94,7 @@ class GPT2LitModule(L.LightningModule):
     """Training of a `gpt2` model; the causal LM unless a subclass overrides `step` / `collect` / `val_metrics`.
 
     Args:
-        model: the network (built by train/model.py).
+        model: the network (built by train/tasks/model.py).
         optim: the optim group.
         max_steps: trainer.max_steps (the schedule's default decay horizon).
         log_every_n_steps: optimizer steps between logged rows (the loss is synced to the host only then).

@@ -30,8 +30,11 @@ def build_trainer(cfg: Config, run_dir: Path, loggers: list, extra_callbacks: li
     """
     import lightning as L
 
-    from train.callbacks import RNGState, StepProgressBar, StepSeed, Throughput, build_guard
-    from train.checkpoint import DirCheckpointIO
+    from train.callbacks.guard import build_guard
+    from train.callbacks.progress import StepProgressBar
+    from train.callbacks.rng import RNGState, StepSeed
+    from train.callbacks.throughput import Throughput
+    from train.checkpoint.io import DirCheckpointIO
     from train.strategies import build_plugins, build_strategy, resolve_precision
 
     tcfg = cfg.trainer

@@ -1,36 +1,13 @@
-"""The Lightning callbacks of a training run (train/trainer.py puts them on the Trainer, in this order):
+"""The Lightning callbacks and loggers of a training run (train/trainer.py puts the callbacks on the Trainer, in
+this order; train/job.py adds the run's own checkpoint, evaluation and preemption callbacks between the guard and the
+progress bar):
 
 - `StepSeed` (rng.py): reseeds torch before every micro-batch from (seed, rank, index), so dropout masks do not
   depend on what ran before; `RNGState` (rng.py): every RNG state in each checkpoint, restored on resume.
 - `Throughput` (throughput.py): tokens/s over each logging interval, and MFU on known GPUs.
 - `LossGuard` (guard.py): skips non-finite updates, rolls loss spikes back to the last checkpoint.
-- `HarnessEval` (evaluation.py): lm-evaluation-harness tasks on rank 0 every N steps and at the end (eval group;
-  only when eval.tasks is set, and before StepCheckpoint so checkpoint N is published after eval row N).
-- `BestCheckpoint` (checkpointing.py): checkpoints/best at the best value of a fine-tuning task's monitored metric.
-- `StepCheckpoint` (checkpointing.py): checkpoints/step-N every N steps and at the end, `last`, keep-last-k.
+- `HarnessEval` (train/eval/callback.py), `BestCheckpoint` and `StepCheckpoint` (train/checkpoint/callbacks.py).
 - `Preemption` (preemption.py): SIGUSR1 / SIGTERM -> a checkpoint at the next step boundary, stop, SLURM requeue.
 - `StepProgressBar` (progress.py): Lightning's bar, counting optimizer steps.
+- loggers.py: run_dir/metrics.csv (always), W&B and TensorBoard (the logger group).
 """
-
-from train.callbacks.checkpointing import BestCheckpoint, StepCheckpoint
-from train.callbacks.evaluation import HarnessEval
-from train.callbacks.guard import GuardError, LossGuard, build_guard, check_finite_weights
-from train.callbacks.preemption import Preemption
-from train.callbacks.progress import StepProgressBar
-from train.callbacks.rng import RNGState, StepSeed
-from train.callbacks.throughput import Throughput
-
-__all__ = [
-    "BestCheckpoint",
-    "GuardError",
-    "HarnessEval",
-    "LossGuard",
-    "Preemption",
-    "RNGState",
-    "StepCheckpoint",
-    "StepProgressBar",
-    "StepSeed",
-    "Throughput",
-    "build_guard",
-    "check_finite_weights",
-]

@@ -32,7 +32,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from lightning.pytorch.callbacks import Callback
 
-from train import checkpoint as ckpt_io
+from train.checkpoint.layout import latest_checkpoint
 from train.strategies import at_accumulation_boundary
 
 
@@ -206,7 +206,7 @@ class LossGuard(Callback):
 
     def rollback(self, trainer, pl_module) -> int:
         """Reload model, optimizer and LR schedule from checkpoints/last; the step it came from, or -1 if none."""
-        target = ckpt_io.latest_checkpoint(self.run_dir)
+        target = latest_checkpoint(self.run_dir)
         if target is None:
             return -1
         # through the strategy, as a resume loads: FSDP2 and DeepSpeed ZeRO load their sharded model and optimizer

@@ -9,7 +9,7 @@
     deepspeed_zero3_offload  source of truth: micro-batch = data.batch_size, accumulation / clipping / precision =
                              trainer's); after each DeepSpeed save rank 0 consolidates the shards into model.safetensors
 
-Every strategy's checkpoints/step-N holds the same `model.safetensors` + config.json + meta.json, so train/export.py
+Every strategy's checkpoints/step-N holds the same `model.safetensors` + config.json + meta.json, so train/cli/export.py
 and `model.init_from` read any of them; `resume=auto` resumes with the strategy that wrote the checkpoint
 (`check_resume`). After fit, `full_state_dict` and `model_for_export` give the whole trained network under any of
 them (FSDP2 and ZeRO-3 gather their shards).
@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from train import checkpoint_dirs as ck
+from train.checkpoint import layout as ck
 from train.config import ConfigError
 
 DEEPSPEED_STRATEGIES = ("deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
-from train import checkpoint_dirs as ck  # torch-free: check_cpu_precision runs before Lightning is imported
+from train.checkpoint import layout as ck  # torch-free: check_cpu_precision runs before Lightning is imported
 from train.config import ConfigError
 
 
@@ -25,7 +25,7 @@ def finalize_zero_checkpoint(tmp: Path, path: Path, model_config: Optional[dict]
 
     convert(checkpoint_dir, out_file): the consolidation; default deepspeed_config.zero_checkpoint_to_safetensors.
     """
-    from train.checkpoint import to_plain
+    from train.checkpoint.weights import to_plain
 
     if convert is None:
         from train.strategies.deepspeed_config import zero_checkpoint_to_safetensors as convert

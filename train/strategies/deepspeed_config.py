@@ -204,9 +204,9 @@ def zero_checkpoint_to_safetensors(checkpoint_dir: str | os.PathLike, out_file: 
     """Consolidate a ZeRO checkpoint into one fp32 `model.safetensors` with our key names; returns the state dict.
 
     Tied weights (lm_head.weight = transformer.wte.weight) are stored once and listed as aliases in the metadata,
-    the same file format as train/checkpoint.py writes (safetensors refuses tensors that share memory).
+    the same file format as train/checkpoint/io.py writes (safetensors refuses tensors that share memory).
     """
-    from train.weights import save_weights  # lazily; train.weights (not train.checkpoint) imports no Lightning
+    from train.checkpoint.weights import save_weights  # lazily; train.checkpoint.weights (not train.checkpoint) imports no Lightning
 
     sd = zero_checkpoint_to_state_dict(checkpoint_dir, tag)
     out_file = Path(out_file)

@@ -2,7 +2,7 @@
 (torchtitan's recipe), through Lightning's ModelParallelStrategy; also runs on CPU with gloo.
 
 Checkpoints keep our step-dir layout: the DCP shards of model + optimizer under `sharded/`, plus the gathered
-`model.safetensors`, config.json, training_state.pt and meta.json (train/checkpoint.py), published with one rename.
+`model.safetensors`, config.json, training_state.pt and meta.json (train/checkpoint/io.py), published with one rename.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from train import checkpoint as ck
+from train.checkpoint import io as ck_io
+
+from train.checkpoint import layout as ck
 from train.config import ConfigError
 
 SHARDED_DIR = "sharded"  # inside checkpoints/step-N: the FSDP2 DCP shards of model + optimizer
@@ -130,7 +132,7 @@ class FSDP2Strategy(_model_parallel_base()):
                 if meta.get("task") == type(net).__name__:  # the model's class, not fully_shard's FSDP<class>
                     meta["task"] = plain_class(net).__name__
                 # DirCheckpointIO writes the rest into the same tmp dir and publishes it with one rename
-                ck.DirCheckpointIO().save_checkpoint(checkpoint, path, storage_options={"tmp_dir": tmp})
+                ck_io.DirCheckpointIO().save_checkpoint(checkpoint, path, storage_options={"tmp_dir": tmp})
         except BaseException:
             if self.is_global_zero:
                 shutil.rmtree(tmp, ignore_errors=True)

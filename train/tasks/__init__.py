@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-NOT_TASKS = ("base",)  # modules of this package that hold shared code, not a task
+NOT_TASKS = ("base", "model")  # modules of this package that hold shared code, not a task
 
 
 def task_names() -> tuple[str, ...]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from train.config import ConfigError
-from train.model import build_head_model
+from train.tasks.model import build_head_model
 from train.module import GPT2LitModule
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class FineTuneTask(Task):
         return {"num_labels": dm.num_labels, "id2label": dm.id2label, "label2id": dm.label2id}
 
     def build_model(self, model_cfg, attention_cfg, stability_cfg, dm) -> tuple[nn.Module, Optional[dict[str, Any]]]:
-        """The head model (train.model.build_head_model); the log names every parameter that did not come from
+        """The head model (train.tasks.model.build_head_model); the log names every parameter that did not come from
         model.init_from, and warns when a head of another shape (another label count) was re-initialised."""
         log.info("%s", dm.summary())
         tok = dm.tokenizer

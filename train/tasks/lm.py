@@ -12,7 +12,7 @@ from torch import nn
 
 import gpt2
 
-from train.model import build_model
+from train.tasks.model import build_model
 from train.module import GPT2LitModule
 from train.tasks.base import Task
 
@@ -44,7 +44,7 @@ class LMTask(Task):
         return {"last_val_loss": val_losses[-1] if val_losses else None}
 
     def after_export(self, net: nn.Module, tokenizer, sample_cfg, run_dir: Path) -> dict[str, Any]:
-        from train.generate import write_samples
+        from train.eval.samples import write_samples
 
         return {"samples": str(write_samples(net, tokenizer, sample_cfg, run_dir / "samples.txt"))}
 

@@ -1,8 +1,8 @@
-"""In-training evaluation on lm-evaluation-harness tasks: `HarnessEval` runs train/evaluate.py's evaluator on the live
+"""In-training evaluation on lm-evaluation-harness tasks: `HarnessEval` runs train/cli/evaluate.py's evaluator on the live
 model every `every_n_steps` optimizer steps and once at the end of training, and logs eval/<task>/<metric>.
 
 llm.c scores HellaSwag inside its training loop and every GPT-2 reproduction reports benchmark numbers next to its loss
-curve; lm_eval does the benchmark (task registry, prompts, metrics, aggregation), train/eval_harness.py answers its
+curve; lm_eval does the benchmark (task registry, prompts, metrics, aggregation), train/eval/harness.py answers its
 requests with our model.
 
 - Rank 0 evaluates; the other ranks wait for its outcome (a broadcast, so an error on rank 0 stops every rank instead
@@ -108,7 +108,7 @@ class HarnessEval(Callback):
         return values
 
     def _evaluate_on_rank_zero(self, trainer, pl_module, model, step: int) -> dict[str, float]:
-        from train.evaluate import evaluate, metrics, write_json
+        from train.eval.evaluate import evaluate, metrics, write_json
 
         t0 = time.perf_counter()
         # bootstrap_iters=0: the stderr columns cost seconds to minutes per task and are not logged
@@ -139,7 +139,7 @@ def check_eval(eval_cfg, task_name: str) -> None:
     ConfigError (one sentence naming the fix). Builds the task index `HarnessEval` reuses (~10 s for lm_eval's
     built-in tasks; a task list that the include path alone defines skips it)."""
     from train.config import ConfigError
-    from train.evaluate import EvaluationError, check_tasks
+    from train.eval.evaluate import EvaluationError, check_tasks
 
     if task_name != "lm":
         raise ConfigError(f"eval.tasks scores a language model, and task={task_name} trains a fine-tuning head; "

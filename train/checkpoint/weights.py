@@ -2,9 +2,8 @@
 stored once, its aliases in the file's metadata), the weights-only model folder (`save_model_dir`: weights +
 config.json + meta.json, what `checkpoints/best/` holds) and `to_plain`, the weights_only-loadable form of a state.
 
-train/checkpoint.py (the checkpoint format and Lightning's CheckpointIO plugin) re-exports all of it. It lives apart so
-that export, generate and evaluation load a checkpoint's weights without importing Lightning (~3 s of a CLI call on
-the 2-core dev VM: `python -X importtime`).
+It lives apart from train/checkpoint/io.py (Lightning's CheckpointIO plugin) so that export, generate and evaluation
+load a checkpoint's weights without importing Lightning (seconds of every such command).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from train.checkpoint_dirs import (
+from train.checkpoint.layout import (
     CONFIG_NAME,
     FORMAT,
     FORMAT_VERSION,

@@ -16,18 +16,18 @@ from torch import nn
 import gpt2
 from gpt2 import GPT2Config
 
-from train.checkpoint_dirs import (
+from train.checkpoint.layout import (
     WEIGHTS_NAME,
     CheckpointError,
-    init_source,  # re-exported: where model.init_from points, torch-free
-    is_hf_folder,  # re-exported
+    init_source,
+    is_hf_folder,
     load_model_config_dict,
     read_meta,
     resolve_checkpoint,
     tokenizer_dir_for,
 )
 from train.config import AttentionConfig, ConfigError, ModelConfig, StabilityConfig
-from train.weights import load_weights  # not train.checkpoint: loading a model must not import Lightning
+from train.checkpoint.weights import load_weights  # not checkpoint.io: loading a model must not import Lightning
 
 # The head classes gpt2 exports, by name: a checkpoint's meta.json "task" names the one it holds.
 HEAD_MODELS: dict[str, type] = {
@@ -229,8 +229,6 @@ __all__ = [
     "build_model",
     "build_model_config",
     "check_vocab",
-    "init_source",
-    "is_hf_folder",
     "load_checkpoint_model",
     "runtime_overrides",
     "tokenizer_source",

@@ -1,4 +1,4 @@
-"""The checkpoint callbacks (the format and its IO: train/checkpoint.py).
+"""The checkpoint callbacks (the format and its IO: train/checkpoint/io.py).
 
 - `StepCheckpoint`: checkpoints/step-N every `every_n_steps` optimizer steps and at the end (training state
   included: what `resume` continues from), the `last` pointer, keep-last-k.
@@ -16,7 +16,8 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from train import checkpoint as ckpt_io
+from train.checkpoint.layout import best_dir, retain, step_dir, write_last
+from train.checkpoint.weights import save_model_dir
 from train.config import ConfigError
 from train.strategies import full_state_dict
 from train.strategies.fsdp import plain_class
@@ -73,7 +74,7 @@ class StepCheckpoint(Callback):
 
     def save(self, trainer: L.Trainer) -> Path:
         self._due = None
-        path = ckpt_io.step_dir(self.run_dir, trainer.global_step)
+        path = step_dir(self.run_dir, trainer.global_step)
         if self.saved and self.saved[-1] == path:
             return path
         log_train_step = getattr(trainer.lightning_module, "log_train_step", None)
@@ -81,8 +82,8 @@ class StepCheckpoint(Callback):
             log_train_step()  # row N reaches metrics.csv before step-N is published
         trainer.save_checkpoint(path, weights_only=False)  # -> DirCheckpointIO (rank 0 writes for single-device/DDP)
         if trainer.is_global_zero:
-            ckpt_io.write_last(self.run_dir, path)
-            ckpt_io.retain(self.run_dir, self.keep_last, protect=(self.protect,) if self.protect else ())
+            write_last(self.run_dir, path)
+            retain(self.run_dir, self.keep_last, protect=(self.protect,) if self.protect else ())
         trainer.strategy.barrier("StepCheckpoint.save")
         self.saved.append(path)
         return path
@@ -96,7 +97,7 @@ class BestCheckpoint(Callback):
     """
 
     def __init__(self, run_dir: str | os.PathLike, monitor: str, mode: str = "max", meta: Optional[dict] = None):
-        self.path = ckpt_io.best_dir(run_dir)
+        self.path = best_dir(run_dir)
         self.monitor, self.mode = monitor, mode
         self.meta = dict(meta or {})
         self.best: Optional[float] = None
@@ -127,7 +128,7 @@ class BestCheckpoint(Callback):
         if trainer.is_global_zero:
             meta = dict(self.meta, global_step=trainer.global_step, task=plain_class(pl_module.model).__name__,
                         monitor=self.monitor, mode=self.mode, value=v, metrics=dict(metrics))  # fmt: skip
-            ckpt_io.save_model_dir(state, pl_module.model.config, self.path, meta)
+            save_model_dir(state, pl_module.model.config, self.path, meta)
         trainer.strategy.barrier("BestCheckpoint.save")
 
     def state_dict(self) -> dict[str, Any]:

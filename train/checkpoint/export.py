@@ -1,6 +1,5 @@
-"""Export a checkpoint (or a run's newest one) as a Hugging Face GPT-2 folder.
-
-    python train/export.py <checkpoint-or-run-dir> <out-dir> [--force]
+"""Hugging Face folders in and out: `export_hf` writes one from a trained model (`python train/cli/export.py` and
+the end of every run), `load_for_export` / `load_model_and_tokenizer` read a checkpoint, run dir or HF folder back.
 
 The folder holds config.json, model.safetensors (HF key names and Conv1D layout, via gpt2's save_pretrained),
 the tokenizer files and generation_config.json, and works as it is in transformers: the Auto* classes and the
@@ -12,7 +11,6 @@ n_positions), and `generate(max_new_tokens=...)` does not warn. It is written in
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -104,7 +102,7 @@ def export_hf(model: Any, tokenizer: Any, out_dir: str | os.PathLike, overwrite:
     out = check_export_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
-    from train.checkpoint_dirs import publish_dir
+    from train.checkpoint.layout import publish_dir
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -146,7 +144,7 @@ def _alive(pid: int) -> bool:
 
 def load_for_export(src: str | os.PathLike):
     """(model, tokenizer, step_dir) from a checkpoint step dir or a run dir (-> its newest complete checkpoint)."""
-    from train.checkpoint_dirs import (
+    from train.checkpoint.layout import (
         WEIGHTS_NAME,
         CheckpointError,
         check_weights_file,
@@ -165,30 +163,34 @@ def load_for_export(src: str | os.PathLike):
         )
     from gpt2 import GPT2TokenizerFast
 
-    from train.model import load_checkpoint_model
+    from train.tasks.model import load_checkpoint_model
 
     model = load_checkpoint_model(step)
     return model, GPT2TokenizerFast.from_pretrained(str(tok_dir)), step
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("src", help="a checkpoints/step-N folder, or a run dir (its newest complete checkpoint)")
-    p.add_argument("out", help="the HF folder to write")
-    p.add_argument("--force", action="store_true", help="replace a non-empty out folder that is not an export")
-    args = p.parse_args(argv)
-    try:
-        check_export_dir(args.out, overwrite=args.force)  # before the checkpoint is loaded
-        model, tok, step = load_for_export(args.src)
-        out = export_hf(model, tok, args.out, overwrite=args.force)
-    except (ValueError, OSError, KeyError) as e:
-        if os.environ.get("GPT2_FORGE_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
-        return 1
-    print(f"exported {step} -> {out}")
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+
+def load_model_and_tokenizer(src: str | os.PathLike):
+    """An HF folder (config.json + weights + tokenizer files) or a checkpoint / run dir of ours."""
+    p = Path(src).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist; give an HF folder, a checkpoints/step-N folder or a run dir.")
+    if (p / "config.json").is_file() and not (p / "meta.json").is_file():
+        if not ((p / "tokenizer.json").is_file() or (p / "vocab.json").is_file()):
+            raise FileNotFoundError(f"{p} has no tokenizer files (tokenizer.json or vocab.json + merges.txt).")
+        import torch
+
+        from gpt2 import GPT2LMHeadModel, GPT2TokenizerFast
+
+        return GPT2LMHeadModel.from_pretrained(str(p), dtype=torch.float32), GPT2TokenizerFast.from_pretrained(str(p))
+    from train.checkpoint.export import load_for_export
+
+    model, tok, step = load_for_export(p)  # checks the folder before it imports torch
+    from gpt2 import GPT2LMHeadModel
+
+    if not isinstance(model, GPT2LMHeadModel):
+        raise ValueError(f"{step} holds a {type(model).__name__} (a fine-tuned task head), which does not generate "
+                         f"text; sample from an LM run or checkpoint instead.")
+    return model, tok

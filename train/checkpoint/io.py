@@ -17,9 +17,9 @@ everything goes into `step-N.tmp-<pid>/`, then one `os.rename` publishes it; `ch
 the newest complete step dir's name) is replaced with `os.replace`. A crash leaves at worst a `*.tmp-*` folder,
 which is never loaded and is removed by the next run.
 
-Finding and checking checkpoints needs no torch: that part lives in train/checkpoint_dirs.py, so the entry points refuse
-a bad run dir or checkpoint before they import torch and Lightning; reading and writing weights needs no Lightning:
-train/weights.py, so export, generate and evaluation never import it. Both are re-exported here.
+Finding and checking checkpoints needs no torch (train/checkpoint/layout.py), so the entry points refuse a bad run
+dir or checkpoint before they import torch and Lightning; reading and writing weights needs no Lightning
+(train/checkpoint/weights.py), so export, generate and evaluation never import it.
 """
 
 from __future__ import annotations
@@ -34,12 +34,10 @@ from typing import Any, Optional
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
-from train.checkpoint_dirs import (  # noqa: F401 - re-exported: this module is the checkpoint format's one name
-    BEST_NAME,
+from train.checkpoint.layout import (
     CONFIG_NAME,
     FORMAT,
     FORMAT_VERSION,
-    LAST_NAME,
     META_KEY,
     META_NAME,
     MODEL_CONFIG_KEY,
@@ -47,25 +45,11 @@ from train.checkpoint_dirs import (  # noqa: F401 - re-exported: this module is 
     STATE_NAME,
     WEIGHTS_NAME,
     CheckpointError,
-    best_dir,
-    check_compatible,
-    check_weights_file,
-    checkpoints_dir,
-    clean_partial,
-    corrupt_weights_error,
     latest_checkpoint,
-    list_checkpoints,
-    load_model_config_dict,
     publish_dir,
     read_meta,
-    resolve_checkpoint,
-    resolve_resume,
-    retain,
-    step_dir,
-    tokenizer_dir_for,
-    write_last,
 )
-from train.weights import load_best_into, load_weights, save_model_dir, save_weights, to_plain  # noqa: F401 - re-exported
+from train.checkpoint.weights import load_weights, save_weights, to_plain
 
 
 # Lightning adds these when a module/datamodule called save_hyperparameters(); we never need them to resume and they

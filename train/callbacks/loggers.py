@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from train.checkpoint import to_plain
+from train.checkpoint.weights import to_plain
 
 BASE_COLUMNS = ["step", "train/loss", "val/loss", "val/ppl", "lr", "tokens_per_sec", "mfu"]
 

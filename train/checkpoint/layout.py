@@ -1,10 +1,9 @@
-"""Checkpoint folders, read without torch or Lightning: the layout of `run_dir/checkpoints/step-N/` (train/checkpoint.py
+"""Checkpoint folders, read without torch or Lightning: the layout of `run_dir/checkpoints/step-N/` (train/checkpoint/io.py
 describes the format and writes it), finding the newest complete one, what a run may resume, and the checks a
 checkpoint must pass before any weights are loaded (its meta.json and config.json, the safetensors header).
 
-Everything here reads small files only, so train/run.py, train/export.py and train/generate.py refuse a bad checkpoint
-or run dir in well under a second, before they import torch and Lightning (~5 s). train/checkpoint.py re-exports
-these names: `from train import checkpoint` still sees the whole format.
+Everything here reads small files only, so train/run.py, train/cli/export.py and train/cli/generate.py refuse a bad
+checkpoint or run dir in well under a second, before they import torch and Lightning.
 """
 
 from __future__ import annotations

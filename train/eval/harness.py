@@ -63,7 +63,7 @@ def load_model(src: str | os.PathLike, device: str | torch.device = "cpu"):
     """
     from gpt2 import GPT2LMHeadModel
 
-    from train.generate import load_model_and_tokenizer
+    from train.checkpoint.export import load_model_and_tokenizer
 
     p = Path(src).expanduser()
     if not p.exists():
@@ -77,8 +77,8 @@ def load_model(src: str | os.PathLike, device: str | torch.device = "cpu"):
             run_dir = p.parent
         return model.to(device).eval(), tok, p, run_dir
     # our checkpoints: train.checkpoint / train.export import Lightning (seconds), so only on this path
-    from train.checkpoint_dirs import META_NAME, latest_checkpoint
-    from train.export import load_for_export
+    from train.checkpoint.layout import META_NAME, latest_checkpoint
+    from train.checkpoint.export import load_for_export
 
     if (p / META_NAME).is_file():  # a checkpoint of ours
         step = p

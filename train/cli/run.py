@@ -1,0 +1,144 @@
+"""The Hydra shell of the training job, behind `python train/run.py [group=option ...] [key=value ...]`.
+
+compose conf/ -> the typed `Config` (a bad value fails here, before torch and Lightning are imported) ->
+`check_inputs(cfg)` (a used run dir, a missing or unreadable data file, a corrupt checkpoint, hardware this machine
+lacks: before Lightning is imported) -> `train(cfg, checked)` (train/job.py, an ordinary function tests call
+directly) -> the outcome lines. Expected errors end with one sentence on stderr and exit code 1 (HYDRA_FULL_ERROR=1
+or GPT2_FORGE_DEBUG=1 for the traceback); Ctrl-C exits 130, a SIGTERM stop 143, a SIGUSR1 stop (SLURM requeue) 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import hydra
+from omegaconf import DictConfig
+
+from data_pipelines.config import register_configs as register_data_configs
+from train.cli import EXPECTED_ERRORS, debug, error_line
+from train.cli.malloc import tune_glibc_malloc
+from train.config import ConfigError, check_overrides, register_configs, sweep_root_from_run_dir, to_config
+from train.job import check_inputs, train
+
+register_configs()  # the typed schemas must be in Hydra's ConfigStore before composition
+register_data_configs()  # data_schema, the data group's own schema name
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from omegaconf.errors import OmegaConfBaseException
+
+    errors: tuple = (*EXPECTED_ERRORS, OmegaConfBaseException)
+    # only from modules already imported: a config error must not pay for importing torch + Lightning (~5 s)
+    if "lightning.fabric" in sys.modules:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        errors += (MisconfigurationException,)
+    if "train.callbacks.guard" in sys.modules:  # the loss guard stopped a diverging run
+        from train.callbacks.guard import GuardError
+
+        errors += (GuardError,)
+    return errors
+
+
+def _route_lightning_logs() -> None:
+    """Lightning installs console handlers of its own (on `lightning` and `lightning.pytorch`); under Hydra (console +
+    run.log) every line would print twice. Its records go to Hydra's handlers only."""
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401 - installs its handler at import; remove it after
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+    # we run single-process under a SLURM allocation only through launch/slurm.py (srun); the hint is noise
+    warnings.filterwarnings("ignore", message=".*srun.*command is available on your system.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+
+
+# an absolute path: Hydra reads a relative config_path as a module path when this file is imported as train.cli.run
+@hydra.main(config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="config", version_base="1.3")
+def main(dcfg: DictConfig) -> Optional[float]:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        # run_dir is hydra's output dir: equal to ${run_dir} in a single run, the job's folder under -m
+        dcfg.run_dir = HydraConfig.get().runtime.output_dir
+        cfg = to_config(dcfg)  # a bad value fails here, before torch and Lightning are imported
+        check_overrides(cfg, HydraConfig.get().overrides.task)  # a data override the task would ignore
+        check_inputs(cfg)  # run dir, resume, data files, hardware: before Lightning's ~4 s import
+        tune_glibc_malloc()  # this process owns the allocator: keep each step's freed memory for the next step
+        _route_lightning_logs()
+        summary = train(cfg, inputs_checked=True)
+    except _expected_errors() as e:
+        if debug():
+            raise
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as e:
+        print(f"stopped: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
+    if summary.get("preempted"):
+        requeued = " and requeued the SLURM job" if summary.get("requeued") else ""
+        print(f"stopped: {summary['preempted']} at step {summary['global_step']}; saved {summary['checkpoint']}"
+              f"{requeued}; continue with resume=auto run_dir={summary['run_dir']}", file=sys.stderr)
+        # a requeued job's exit does not matter; a SIGTERM stop is 128+15, as if the signal had ended it
+        sys.exit(0 if summary["preempted"] == "SIGUSR1" else 143)
+    prompt = dcfg.sample.prompts[0] if dcfg.sample.prompts else ""
+    print("\n".join(outcome_lines(summary, prompt, HydraConfig.get().overrides.task)))
+    best = summary.get("best")
+    # the value a sweeper optimises (hydra/sweeper=optuna_lr): the task's best metric, else the LM's val loss
+    return best["value"] if best else summary.get("last_val_loss")
+
+
+def outcome_lines(summary: dict[str, Any], prompt: str, overrides: Sequence[str]) -> list[str]:
+    """What train/run.py prints after a finished run: the losses (+ validation perplexity), a fine-tune's best
+    metric, and for an LM run a last line saying what to open and what to type next (sample from hf/, resume for as
+    many steps again with this run's own overrides). Paths are shown as the user types them."""
+
+    def shown(path: str) -> str:  # relative to the working directory when below it
+        return path if os.path.relpath(path).startswith("..") else os.path.relpath(path)
+
+    lines = []
+    if summary.get("first_train_loss") is not None:
+        val = summary.get("last_val_loss")
+        val_txt = f", validation loss {val:.3f} (perplexity {math.exp(val):.1f})" if val is not None else ""
+        start, end = summary.get("resumed_step"), summary["global_step"]
+        steps = f"{end - start} more steps ({start} -> {end})" if start is not None else f"{end} steps"
+        lines.append(f"done: {steps} in {summary['seconds']:.0f}s, train loss "
+                     f"{summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}{val_txt}; "
+                     f"run dir {summary['run_dir']}")  # fmt: skip
+    best = summary.get("best")
+    if best:  # a fine-tuning task: the monitored metric of the exported (best) model
+        lines.append(f"best {best['metric']}={best['value']:.4f} at step {best['step']}; "
+                     f"export {summary.get('hf_dir')}")
+    if summary.get("samples"):
+        rd = shown(summary["run_dir"])
+        skip = ("run_dir", "resume", "trainer.max_steps")  # replaced below
+        again = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in skip]
+        again += [f"run_dir={rd}", "resume=auto", f"trainer.max_steps={2 * summary['global_step']}"]
+        py = shlex.quote(shown(sys.executable))  # `make run`'s .venv/bin/python works without an activated venv
+        lines.append(f"open {shown(summary['samples'])} and {shown(summary.get('plot', rd + '/plots'))}; sample: {py} "
+                     f"train/cli/generate.py {shlex.quote(shown(summary['hf_dir']))} --prompt {shlex.quote(prompt)}; "
+                     f"resume for {summary['global_step']} more steps: {py} train/run.py "
+                     f"{' '.join(map(shlex.quote, again))}")
+    return lines
+
+
+def cli() -> None:
+    """`python train/run.py`: under -m a plain run_dir=X becomes the sweep's root, then Hydra's main."""
+    try:
+        sys.argv = sweep_root_from_run_dir(sys.argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    main()
+
+
+__all__ = ["cli", "main", "outcome_lines"]
