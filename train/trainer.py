@@ -6,9 +6,7 @@ time exactly this Trainer.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
-from train.config import Config
+from typing import Any, Optional, Sequence
 
 
 def build_profiler(name: Optional[str], run_dir: Path):
@@ -18,12 +16,21 @@ def build_profiler(name: Optional[str], run_dir: Path):
     from lightning.pytorch import profilers
 
     cls = {"simple": profilers.SimpleProfiler, "advanced": profilers.AdvancedProfiler,
-           "pytorch": profilers.PyTorchProfiler}[name]  # fmt: skip
+           "pytorch": profilers.PyTorchProfiler}[name]
     return cls(dirpath=str(run_dir), filename="profile")
 
 
-def build_trainer(cfg: Config, run_dir: Path, loggers: list, extra_callbacks: list = ()):
+def build_trainer(trainer_cfg, guard_cfg, seed: int, strategy: Any, precision: str, run_dir: Path, loggers: list,
+                  extra_callbacks: Sequence = ()):
     """The Lightning Trainer of a run (also what benchmarks/overhead.py times).
+
+    Args:
+        trainer_cfg: the `trainer` group (TrainerConfig); guard_cfg: the `guard` group; seed: the run's seed (the
+            per-micro-batch reseeding of StepSeed).
+        strategy: the Lightning strategy (train.strategies.build_strategy) or "auto"; precision: the resolved
+            Lightning precision string (train.strategies.Hardware.precision).
+        run_dir, loggers: where the run writes, and its loggers (train.callbacks.loggers.build_loggers).
+        extra_callbacks: the run's own callbacks (checkpoints, evaluation, preemption), after the loss guard.
 
     Callbacks, in order: StepSeed, RNGState, Throughput, the loss guard (before the checkpoint callbacks in
     `extra_callbacks`, so a step-N save holds a rolled-back state, not the spiking one), then the progress bar.
@@ -35,14 +42,11 @@ def build_trainer(cfg: Config, run_dir: Path, loggers: list, extra_callbacks: li
     from train.callbacks.rng import RNGState, StepSeed
     from train.callbacks.throughput import Throughput
     from train.checkpoint.io import DirCheckpointIO
-    from train.strategies import build_plugins, build_strategy, resolve_precision
+    from train.strategies import build_plugins
 
-    tcfg = cfg.trainer
-    fast = tcfg.fast_dev_run
-    # DeepSpeed's train_micro_batch_size_per_gpu: the loader's batch (a fine-tuning task's is task.data.batch_size)
-    micro_batch = cfg.data.batch_size if cfg.task.name == "lm" else cfg.task.data.batch_size
-    callbacks: list = [StepSeed(cfg.seed), RNGState(), Throughput(tcfg.log_every_n_steps),
-                       *build_guard(cfg.guard, run_dir), *extra_callbacks]  # fmt: skip
+    tcfg, fast = trainer_cfg, trainer_cfg.fast_dev_run
+    callbacks: list = [StepSeed(seed), RNGState(), Throughput(tcfg.log_every_n_steps), *build_guard(guard_cfg, run_dir),
+                       *extra_callbacks]
     if tcfg.enable_progress_bar:
         # the bar's numbers change only at logging steps; redrawing it every batch costs ~1 ms a step
         callbacks.append(StepProgressBar(refresh_rate=tcfg.log_every_n_steps))
@@ -50,8 +54,8 @@ def build_trainer(cfg: Config, run_dir: Path, loggers: list, extra_callbacks: li
         accelerator=tcfg.accelerator,
         devices=tcfg.devices,
         num_nodes=tcfg.num_nodes,
-        strategy=build_strategy(cfg.strategy, tcfg, micro_batch),
-        precision=resolve_precision(tcfg.precision, tcfg.accelerator),
+        strategy=strategy,
+        precision=precision,
         max_steps=1 if fast else tcfg.max_steps,
         max_epochs=-1,
         accumulate_grad_batches=tcfg.accumulate_grad_batches,

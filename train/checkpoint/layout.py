@@ -215,6 +215,25 @@ def is_hf_folder(src: Path) -> bool:
 
 
 
+def tokenizer_source(tokenizer: Optional[str], init_from: Optional[str], resume_from: Optional[Path]) -> Optional[str]:
+    """The tokenizer a run uses: `data.tokenizer` when set, else the one that came with `model.init_from` (an HF
+    folder's own tokenizer files, or a checkpoint's / run dir's tokenizer/ folder): a fine-tune must keep it, since
+    its ids index the embedding table of those weights. None: train (or reuse the cached) BPE on the data source.
+    """
+    if tokenizer:
+        return tokenizer
+    # A resumed run keeps data.tokenizer as it was: the BPE trained on the source is cached (and deterministic), so
+    # the cached token files are reused; a changed vocabulary is caught by check_compatible.
+    if init_from and resume_from is None:
+        src = Path(init_from).expanduser()
+        if (src / "tokenizer.json").is_file() or (src / "vocab.json").is_file():
+            return str(src)
+        if src.exists():
+            d = tokenizer_dir_for(resolve_checkpoint(src))
+            return str(d) if d else None
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ resuming
 def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     """The checkpoint a run continues from (`resume`: null | auto | <step dir or run dir>), or None for a fresh start.
@@ -242,12 +261,29 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     return resolve_checkpoint(resume)
 
 
-def check_compatible(step_path: Path, model_config, model_class: Optional[str] = None) -> None:
+def model_shape(model_cfg) -> dict[str, Any]:
+    """The shape fields a `model` config group fixes before any data is read (vocab_size only when it is set): what
+    `check_compatible` compares against a checkpoint before torch is imported."""
+    shape = {k: getattr(model_cfg, k) for k in ("n_positions", "n_embd", "n_layer", "n_head", "n_inner")}
+    if model_cfg.vocab_size is not None:
+        shape["vocab_size"] = model_cfg.vocab_size
+    return shape
+
+
+def check_compatible(step_path: Path, meta: dict[str, Any], model_config, model_class: Optional[str] = None) -> None:
     """A checkpoint of another model size or task head fails here with the difference named, not deep in
-    load_state_dict. model_config: the GPT2Config this run builds, or any object with some of its shape fields (those
-    it lacks are not compared: train/job.py checks the fields the config fixes before the tokenizer is known);
-    model_class: its class name (meta.json "task")."""
-    saved_task = read_meta(step_path).get("task")
+    load_state_dict.
+
+    Args:
+        step_path: the checkpoint; meta: its meta.json (`read_meta`, read once by the caller).
+        model_config: what this run builds: a GPT2Config, or a dict of some of its shape fields (`model_shape`:
+            the fields the config fixes, checked before the tokenizer is known); fields it lacks are not compared.
+        model_class: the class name this run builds (meta.json "task" names the checkpoint's).
+    Raises:
+        ConfigError: naming the field, both values and the fix.
+    """
+    fields = model_config if isinstance(model_config, dict) else vars(model_config)
+    saved_task = meta.get("task")
     if model_class and saved_task and saved_task != model_class:
         raise ConfigError(
             f"checkpoint {step_path} holds a {saved_task} (another task head), but this run builds a {model_class}; "
@@ -255,16 +291,16 @@ def check_compatible(step_path: Path, model_config, model_class: Optional[str] =
         )
     saved = load_model_config_dict(step_path)
     n_saved = saved.get("num_labels", len(saved["id2label"]) if isinstance(saved.get("id2label"), dict) else None)
-    if n_saved is not None and n_saved != getattr(model_config, "num_labels", n_saved):
+    if n_saved is not None and n_saved != fields.get("num_labels", n_saved):
         raise ConfigError(
             f"checkpoint {step_path} has a head of num_labels={n_saved}, but this run builds "
-            f"num_labels={model_config.num_labels}; resume with the same task settings."
+            f"num_labels={fields['num_labels']}; resume with the same task settings."
         )
     for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "tie_word_embeddings"):
-        if key in saved and hasattr(model_config, key) and saved[key] != getattr(model_config, key):
+        if key in saved and key in fields and saved[key] != fields[key]:
             raise ConfigError(
                 f"checkpoint {step_path} was written by a model with {key}={saved[key]}, but this run builds "
-                f"{key}={getattr(model_config, key)}; resume with the same model settings."
+                f"{key}={fields[key]}; resume with the same model settings."
             )
 
 

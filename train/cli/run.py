@@ -72,10 +72,10 @@ def main(dcfg: DictConfig) -> Optional[float]:
         dcfg.run_dir = HydraConfig.get().runtime.output_dir
         cfg = to_config(dcfg)  # a bad value fails here, before torch and Lightning are imported
         check_overrides(cfg, HydraConfig.get().overrides.task)  # a data override the task would ignore
-        check_inputs(cfg)  # run dir, resume, data files, hardware: before Lightning's ~4 s import
+        checked = check_inputs(cfg)  # run dir, resume, data files, hardware: before Lightning's ~4 s import
         tune_glibc_malloc()  # this process owns the allocator: keep each step's freed memory for the next step
         _route_lightning_logs()
-        summary = train(cfg, inputs_checked=True)
+        summary = train(cfg, checked)
     except _expected_errors() as e:
         if debug():
             raise

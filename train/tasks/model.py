@@ -204,23 +204,6 @@ def load_checkpoint_model(step_path: Path, cls: Optional[type] = None, **overrid
     return model
 
 
-def tokenizer_source(tokenizer: Optional[str], init_from: Optional[str], resume_from: Optional[Path]) -> Optional[str]:
-    """The tokenizer a run uses: `data.tokenizer` when set, else the one that came with `model.init_from` (an HF
-    folder's own tokenizer files, or a checkpoint's / run dir's tokenizer/ folder): a fine-tune must keep it, since
-    its ids index the embedding table of those weights. None: train (or reuse the cached) BPE on the data source.
-    """
-    if tokenizer:
-        return tokenizer
-    # A resumed run keeps data.tokenizer as it was: the BPE trained on the source is cached (and deterministic), so
-    # the cached token files are reused; a changed vocabulary is caught by checkpoint.check_compatible.
-    if init_from and resume_from is None:
-        src = Path(init_from).expanduser()
-        if (src / "tokenizer.json").is_file() or (src / "vocab.json").is_file():
-            return str(src)
-        if src.exists():
-            d = tokenizer_dir_for(resolve_checkpoint(src))
-            return str(d) if d else None
-    return None
 
 
 __all__ = [
@@ -231,5 +214,4 @@ __all__ = [
     "check_vocab",
     "load_checkpoint_model",
     "runtime_overrides",
-    "tokenizer_source",
 ]
