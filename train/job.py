@@ -11,7 +11,6 @@ tests call it directly (lightning-hydra-template's `train(cfg)`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -74,7 +73,7 @@ def check_inputs(cfg: Config) -> CheckedInputs:
         if not cfg.model.init_from:  # the shape the config fixes (vocab_size waits for the tokenizer unless set)
             layout.check_compatible(resume_from, meta, layout.model_shape(cfg.model))
     # the LM data: an LM's training set, or the corpus a fine-tune's tokenizer is trained on when none is given
-    if cfg.task.name == "lm" or not (tokenizer or resume_from):
+    if cfg.task.name == "lm" or not (cfg.model.init_from or cfg.data.tokenizer or resume_from):
         check_source(cfg.data)
 
     from train.strategies import check_hardware, check_resume  # imports torch, not Lightning
@@ -121,7 +120,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     if checked.tokenizer:
         cfg.data.tokenizer = checked.tokenizer
     tokenizer = task.tokenizer(cfg.data, cfg.model.init_from, checked.resume_from, run_dir)  # None: the data's own
-    write_config(cfg, run_dir)
+    hparams = write_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -153,7 +152,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     monitor = task.monitor(cfg.task, dm)  # (metric, mode) of checkpoints/best, or None: the export is the final model
     best_cb = BestCheckpoint(run_dir, *monitor, meta=meta) if monitor else None
     preempt = Preemption(ckpt_cb)  # SIGUSR1/SIGTERM -> checkpoint at a step boundary, stop (+ SLURM requeue)
-    loggers = build_loggers(cfg.logger, run_dir, checked.resume_step, dataclasses.asdict(cfg))
+    loggers = build_loggers(cfg.logger, run_dir, checked.resume_step, hparams)
     if task.full_validation:  # the task metrics need the whole validation set (every qa window of an example)
         tcfg.limit_val_batches = 1.0 if tcfg.limit_val_batches > 0 else 0
     eval_cb = build_eval(cfg.eval, tokenizer, run_dir, tcfg.val_check_interval, tcfg.fast_dev_run)
@@ -171,15 +170,17 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
         cfg.sample, t_start, fast=tcfg.fast_dev_run, val_every=1 if tcfg.fast_dev_run else tcfg.val_check_interval))
 
 
-def write_config(cfg: Config, run_dir: Path) -> None:
+def write_config(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """run_dir/config.yaml (run_dir created if needed): the fully resolved config of the run, written before anything
-    runs (tmp + replace)."""
+    runs (tmp + replace). Returns it as plain containers: the hyper-parameters the loggers record."""
     from omegaconf import OmegaConf
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    node = OmegaConf.structured(cfg)
     tmp = run_dir / f"config.yaml.tmp-{os.getpid()}"
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True))
+    tmp.write_text(OmegaConf.to_yaml(node, resolve=True))
     os.replace(tmp, run_dir / "config.yaml")
+    return OmegaConf.to_container(node, resolve=True)
 
 
 @dataclass

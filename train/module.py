@@ -81,7 +81,7 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
     """AdamW over `param_groups(model)` with the run's hyper-parameters (conf/optim/adamw.yaml).
 
     fused=null: torch's single-kernel AdamW wherever it exists (CUDA and CPU): one pass over each parameter instead
-    of foreach's ~10 (2-core dev box, 53 M parameters: 31 ms a step instead of 261 ms).
+    of foreach's several.
     """
     fused = cfg.fused
     if fused is None:
@@ -160,9 +160,8 @@ class GPT2LitModule(L.LightningModule):
         Lightning's automatic optimization frees them inside its closure, after the next forward and before its
         backward, so the previous step's gradients stay alive while the forward allocates its activations; a
         hand-written loop (and nanoGPT) frees them after optimizer.step(). The order changes no number (the next
-        backward writes fresh gradients either way), but at nanoGPT's CPU dims Lightning's order cost 2-3 % of a step
-        (benchmarks/overhead.py --floor, 2-core Xeon VM, 1 thread: bare/Lightning 0.953-0.971 with Lightning's order,
-        0.980-0.984 with this one).
+        backward writes fresh gradients either way), but the earlier free lowers the step's peak memory and time
+        (benchmarks/overhead.py --floor measures both orders; figures in benchmarks/RESULTS.md).
         """
         return not self.trainer.strategy.handles_gradient_accumulation
 

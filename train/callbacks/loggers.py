@@ -19,7 +19,6 @@ import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from train.checkpoint.weights import to_plain
 
 BASE_COLUMNS = ["step", "train/loss", "val/loss", "val/ppl", "lr", "tokens_per_sec", "mfu"]
 
@@ -216,8 +215,8 @@ def wandb_mode(logger_cfg) -> str:
 
 
 def build_loggers(logger_cfg, run_dir: Path, resume_step: Optional[int], hparams: dict[str, Any]) -> list:
-    """The `logger` group -> [MetricsCSV, + WandbLogger, + TensorBoardLogger]; `hparams` (the resolved config, which
-    holds no secrets) is logged as the run's hyper-parameters by the loggers that show them."""
+    """The `logger` group -> [MetricsCSV, + WandbLogger, + TensorBoardLogger]; `hparams` (the resolved config as plain
+    containers, which holds no secrets) is logged as the run's hyper-parameters by the loggers that show them."""
     loggers: list = [MetricsCSV(run_dir, resume_step=resume_step)]
     if logger_cfg.wandb:
         from lightning.pytorch.loggers import WandbLogger
@@ -236,10 +235,8 @@ def build_loggers(logger_cfg, run_dir: Path, resume_step: Optional[int], hparams
         from lightning.pytorch.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
-    if len(loggers) > 1:
-        params = to_plain(hparams)
-        for lg in loggers[1:]:
-            lg.log_hyperparams(params)
+    for lg in loggers[1:]:
+        lg.log_hyperparams(hparams)
     return loggers
 
 

@@ -2,8 +2,8 @@
 scheduler's "stop now") -> a checkpoint at the next optimizer-step boundary, then a clean stop; under SLURM a USR1
 also requeues the job, and the requeued job resumes from that checkpoint (launch/slurm.py adds resume=auto).
 
-Why not Lightning's own handling: its SLURM handler saves `hpc_ckpt_N.ckpt` *inside the signal handler* (collectives
-from a signal handler: it deadlocked once under DDP) next to checkpoints/ where resume=auto never looks, and its
+Why not Lightning's own handling: its SLURM handler saves `hpc_ckpt_N.ckpt` *inside the signal handler* (a collective
+run from a signal handler can deadlock under DDP) next to checkpoints/ where resume=auto never looks, and its
 SIGTERM handler broadcasts inside the handler too. Here the handlers only set a flag; the ranks agree on it with one
 all-reduce per optimizer step (`reduce_boolean_decision(any)`), then every rank saves through the same
 `StepCheckpoint` path as the periodic checkpoints (checkpoints/step-N, atomic, `last` updated) and stops together.

@@ -4,16 +4,13 @@ A CPU training step allocates and frees the same activation and gradient buffers
 request above M_MMAP_THRESHOLD with a fresh mmap that is unmapped again at free, and returns the free space at the top
 of its heap to the kernel once it exceeds M_TRIM_THRESHOLD. Both start at 128 KiB and grow only as freed chunks teach
 glibc larger sizes (at most 32 MiB / 64 MiB: the "dynamic threshold" of glibc's malloc.c), so whenever a step's freed
-memory tops the trim threshold, the next step touches fresh pages again: a page fault and a zeroed 4 KiB page each.
-Measured on the 2-core Xeon VM, minor faults a step: at nanoGPT's shakespeare-char dims (4 x 128, batch 12 x 64,
-~30 ms a step) 300-2,700 with glibc's defaults, 0 with the settings below; `model=tiny` and the default `demo` model
-~4,000-16,000 (12-25 ms of kernel time a step) even with a fixed 64 MiB trim threshold, 0-40 with trimming off.
+memory tops the trim threshold, the next step touches fresh pages again: a page fault and a zeroed 4 KiB page each
+(the measured fault counts per step are in benchmarks/RESULTS.md).
 
 `tune_glibc_malloc()` sets M_MMAP_THRESHOLD = 32 MiB (the largest value glibc's dynamic rule reaches on 64-bit,
 DEFAULT_MMAP_THRESHOLD_MAX) and turns heap trimming off (M_TRIM_THRESHOLD = -1, mallopt(3)): the heap stays at the
 largest size a step needed, the way torch's CUDA caching allocator keeps device memory, so steady-state RSS is the
-step's peak, which the process reaches every step anyway (peak RSS with vs without: 616 vs 602 MiB for `demo`,
-2,760 vs 2,729 MiB for `model=gpt2`). Requests of 32 MiB and more are still mmapped and returned at free, so a large
+step's peak, which the process reaches every step anyway. Requests of 32 MiB and more are still mmapped and returned at free, so a large
 model's logits do not stay resident between steps.
 
 Why by hand: the usual remedy is a different allocator (jemalloc / tcmalloc through LD_PRELOAD, as torch's

@@ -33,7 +33,7 @@ LM_EVAL_HINT = "pip install 'gpt2-forge[eval]' (or pip install 'lm_eval>=0.4.9')
 # lm_eval's defaults (its CLI and simple_evaluate)
 DEFAULT_BOOTSTRAP_ITERS = 100_000
 
-# TaskManager indexes every task YAML it may load (14,683 names in lm_eval 0.4.13, ~10 s on a 2-core CPU); the
+# TaskManager indexes every task YAML it may load (thousands of names: seconds of work); the
 # training loop evaluates repeatedly, so each index is built once per process.
 _TASK_MANAGERS: dict[tuple, Any] = {}
 
