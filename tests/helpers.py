@@ -10,6 +10,22 @@ from typing import Callable
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def compose_config(overrides):
+    """conf/config.yaml composed with `overrides` (Hydra's syntax, as on the command line) -> the validated
+    `train.config.Config`, exactly what train/run.py hands to `train()`. Raises ConfigError / Hydra's errors as the
+    command line would."""
+    from hydra import compose, initialize_config_dir
+
+    from train.config import register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=list(overrides)))
+
 
 def corpus_text(n_chars: int) -> str:
     """The first `n_chars` characters of the embedded default corpus (data_pipelines.corpus: CPython's documentation

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import compose_config
 
 pytestmark = pytest.mark.slow  # ~31 subprocesses, most importing torch: ~2.5 min CPU
 
@@ -34,18 +35,16 @@ def _hash_tree(d: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     """One small trained run (checkpoints/step-2, tokenizer/, hf/) and the bad files the cases point at."""
-    from hydra import compose, initialize_config_dir
 
-    from train.config import register_configs, to_config
+    from train.config import register_configs
     from train.job import train
 
     d = tmp_path_factory.mktemp("bad_inputs")
     w = {"d": d, "cache": d / "cache", "corpus": d / "corpus.txt", "pre": d / "pre"}
     w["corpus"].write_text(TEXT)
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = to_config(compose(config_name="config", overrides=[*tiny(w), "trainer.max_steps=2",
-                                                                   "checkpoint.every_n_steps=2", f"run_dir={w['pre']}"]))  # fmt: skip
+    cfg = compose_config([*tiny(w), "trainer.max_steps=2",
+                                                               "checkpoint.every_n_steps=2", f"run_dir={w['pre']}"])
     train(cfg)
     # a copy whose weights are garbage
     w["corrupt"] = d / "corrupt"

@@ -18,16 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import compose_config
 
 pytest.importorskip("lm_eval")
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-import train.evaluate as ev  # noqa: E402
-from train.config import register_configs, to_config  # noqa: E402
+import train.cli.evaluate as ev_cli  # noqa: E402
+import train.eval.evaluate as ev  # noqa: E402
+from train.config import register_configs  # noqa: E402
 from train.eval.harness import GPT2ForgeLM, load_model  # noqa: E402
 from train.job import train  # noqa: E402
 
@@ -139,8 +140,7 @@ def world(tmp_path_factory):
         "trainer.log_every_n_steps=50", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=200",
         "optim.lr=1e-2", "optim.warmup_steps=5", "sample.max_new_tokens=4", f"run_dir={run_dir}",
     ]  # fmt: skip
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = to_config(compose(config_name="config", overrides=overrides))
+    cfg = compose_config(overrides)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 64-wide model gains nothing from a second thread on a shared 2-core machine
     try:
@@ -278,14 +278,14 @@ def test_model_paths_resolve(world, tmp_path):
         (lone / "hf" / f.name).write_bytes(f.read_bytes())
     model, _, resolved, run_dir = load_model(lone)
     assert (resolved, run_dir) == (lone / "hf", lone)
-    assert ev.default_output(resolved, run_dir).parent == lone / "eval"
-    assert ev.default_output(hf, None).parent == hf / "eval"  # a standalone HF folder: beside its weights
+    assert ev_cli.default_output(resolved, run_dir).parent == lone / "eval"
+    assert ev_cli.default_output(hf, None).parent == hf / "eval"  # a standalone HF folder: beside its weights
 
 
 def test_cli_prints_lm_eval_table_and_writes_json_into_the_run(world, capsys):
     """A run's hf/ export is evaluated into the run's eval/ folder (run dirs and checkpoints: test_model_paths_resolve;
     the script itself runs in test_data_parallel_over_two_processes_equals_one)."""
-    rc = ev.main([str(world["hf"]), "--tasks", "forge_mc,forge_gen", "--include-path", str(world["tasks"]),
+    rc = ev_cli.main([str(world["hf"]), "--tasks", "forge_mc,forge_gen", "--include-path", str(world["tasks"]),
                   "--limit", "6", "--num-fewshot", "1", "--batch-size", "3", "--device", "cpu",
                   "--bootstrap-iters", "0"])  # fmt: skip
     out, err = capsys.readouterr()
@@ -323,7 +323,7 @@ def test_data_parallel_over_two_processes_equals_one(world, both, tmp_path):
 
 
 def run_main(capsys, *argv: str) -> tuple[int, str]:
-    rc = ev.main(list(argv))
+    rc = ev_cli.main(list(argv))
     err = capsys.readouterr().err.strip()
     return rc, err
 

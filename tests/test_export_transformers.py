@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import gpt2
-from train.config import register_configs, to_config
+from train.config import register_configs
 from train.job import train
+from helpers import compose_config
 
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
@@ -36,10 +36,9 @@ STEPS = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_v
 
 
 def run(run_dir: Path, cache: Path, *overrides: str) -> Path:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = to_config(compose(config_name="config", overrides=[
-            f"run_dir={run_dir}", f"data.cache_dir={cache}", f"task.data.cache_dir={cache}", "guard=off",
-            "trainer.enable_progress_bar=false", "sample.max_new_tokens=4", *STEPS, *overrides]))
+    cfg = compose_config([
+        f"run_dir={run_dir}", f"data.cache_dir={cache}", f"task.data.cache_dir={cache}", "guard=off",
+        "trainer.enable_progress_bar=false", "sample.max_new_tokens=4", *STEPS, *overrides])
     return Path(train(cfg)["hf_dir"])
 
 

@@ -6,7 +6,6 @@ import logging
 import random
 import unicodedata
 
-import numpy as np
 import pytest
 import tiktoken
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from train.config import register_configs, to_config
+from train.config import register_configs
 from train.job import train
+from helpers import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -42,8 +42,7 @@ HF_CLASS = {"cls": "AutoModelForSequenceClassification", "token_cls": "AutoModel
 
 
 def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=overrides))
+    return compose_config(overrides)
 
 
 @pytest.fixture(scope="module")

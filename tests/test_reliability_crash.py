@@ -15,16 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from test_train_resume import launch, overrides
 
-from helpers import corpus_text, sigkill_when
+from helpers import compose_config, corpus_text, sigkill_when
 from train.checkpoint import io as ck_io
 from train.checkpoint import layout as ck
 from train.checkpoint import weights as ck_weights
 from train.callbacks.loggers import read_metrics
-from train.config import register_configs, to_config
+from train.config import register_configs
 from train.job import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +34,7 @@ register_configs()
 WRAPPER = r'''
 import os, sys, time
 import train.checkpoint as ck
-import train.export as ex
+import train.checkpoint.export as ex
 
 pause_step, marker = os.environ["PAUSE_AT"], os.environ["PAUSE_MARKER"]
 orig_save_weights, orig_gen = ck_weights.save_weights, ex.generation_config
@@ -93,8 +92,7 @@ def test_sigkill_during_checkpoint_write_and_export_then_resume_matches(tmp_path
     cache, ref_dir, run_dir = tmp_path / "cache", tmp_path / "ref", tmp_path / "victim"
     from data_pipelines import LMDataModule
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = to_config(compose(config_name="config", overrides=args(corpus, cache, ref_dir)))
+    cfg = compose_config(args(corpus, cache, ref_dir))
     LMDataModule(cfg.data).prepare_data()  # tokenize once; both runs below only read the cache
 
     ref = launch(args(corpus, cache, ref_dir), tmp_path / "ref.log")
@@ -153,8 +151,7 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(monkeypatch, tmp_pa
     run_args = [a if not a.startswith("trainer.max_steps=") else "trainer.max_steps=12" for a in run_args]
 
     def compose_run(*extra):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            return to_config(compose(config_name="config", overrides=[*run_args, *extra]))
+        return compose_config([*run_args, *extra])
 
     orig = ck_weights.save_weights
 

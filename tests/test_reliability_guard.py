@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 
-from helpers import corpus_text
+from helpers import compose_config, corpus_text
 from train.checkpoint import layout as ck
 from train.checkpoint import weights as ck_weights
 from train.callbacks.loggers import read_metrics
-from train.config import GuardConfig, register_configs, to_config
+from train.config import GuardConfig, register_configs
 from train.callbacks.guard import GuardError, LossGuard
 from train.module import GPT2LitModule
 from train.job import train
@@ -53,8 +52,7 @@ def cfg_for(corpus: Path, cache: Path, run_dir: Path, *extra: str):
         "guard.warmup_steps=8", "guard.spike_factor=3.0", "sample.max_new_tokens=2", "sample.prompts=[To]",
         f"run_dir={run_dir}", *extra,
     ]  # fmt: skip
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=overrides))
+    return compose_config(overrides)
 
 
 def inject(monkeypatch, faults: dict[int, float], probe=None):

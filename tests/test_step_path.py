@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from train.checkpoint import layout as ck
 
 from train.checkpoint import weights as ck_weights
-from train.config import register_configs, to_config
+from train.config import register_configs
 from train.callbacks.loggers import read_metrics
 from train.job import train
+from helpers import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -50,8 +50,7 @@ def overrides(tokens: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def cfg_for(tokens: Path, run_dir: Path, *extra: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=overrides(tokens, run_dir, *extra)))
+    return compose_config(overrides(tokens, run_dir, *extra))
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

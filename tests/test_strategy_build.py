@@ -14,24 +14,23 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from train.checkpoint import layout as ck
 
 from train.checkpoint import weights as ck_weights
-from train.config import ConfigError, register_configs, to_config
+from train.config import ConfigError, register_configs
 from train.callbacks.preemption import Preemption, requeue, slurm_job_id
 from train.strategies import build_plugins, build_strategy, check_hardware, check_resume
 from train.strategies.deepspeed import finalize_zero_checkpoint
 from train.strategies.fsdp import FSDP2Strategy, apply_fsdp, import_class, mixed_precision_policy
+from helpers import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
 
 
 def cfg_for(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=list(overrides)))
+    return compose_config(list(overrides))
 
 
 @pytest.fixture

@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 import gpt2
 import train.tasks
-from helpers import corpus_text
-from train.config import ConfigError, TaskConfig, register_configs, to_config
+from helpers import compose_config, corpus_text
+from train.config import ConfigError, TaskConfig, register_configs
 from train.job import train as run_job
 from train.tasks import get_task, task_names
 
@@ -66,15 +65,14 @@ def test_a_sixth_task_is_one_file_and_one_yaml(tmp_path, monkeypatch):
     corpus = tmp_path / "input.txt"
     corpus.write_text(corpus_text(60_000))
     run_dir = tmp_path / "run"
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = to_config(compose(config_name="config", overrides=[
-            f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "task=cls_f1", f"run_dir={run_dir}",
-            "data=text", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=512",
-            f"task.data.cache_dir={tmp_path / 'cache'}", "task.data.demo_train_size=64", "task.data.demo_val_size=16",
-            "task.data.batch_size=8", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
-            "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
-            "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=4", "guard=off",
-        ]))  # fmt: skip
+    cfg = compose_config([
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "task=cls_f1", f"run_dir={run_dir}",
+        "data=text", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=512",
+        f"task.data.cache_dir={tmp_path / 'cache'}", "task.data.demo_train_size=64", "task.data.demo_val_size=16",
+        "task.data.batch_size=8", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+        "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=4", "guard=off",
+    ])
     try:
         assert cfg.task.name == "cls_f1" and "cls_f1" in task_names()
         summary = run_job(cfg)

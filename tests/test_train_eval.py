@@ -21,13 +21,13 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 from test_evaluate import facts, write_tasks  # noqa: E402
 from test_train_resume import last_step  # noqa: E402
 
-from helpers import sigkill_when  # noqa: E402
-import train.evaluate as ev  # noqa: E402
-from train.config import ConfigError, register_configs, to_config  # noqa: E402
+from helpers import compose_config, sigkill_when  # noqa: E402
+import train.cli.evaluate as ev_cli  # noqa: E402
+import train.eval.evaluate as ev  # noqa: E402
+from train.config import ConfigError, register_configs  # noqa: E402
 from train.callbacks.loggers import read_metrics  # noqa: E402
 from train.job import train  # noqa: E402
 
@@ -54,8 +54,7 @@ def overrides(world: dict, run_dir: Path, *extra: str) -> list[str]:
 
 
 def config(args: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=args))
+    return compose_config(args)
 
 
 def eval_rows(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -103,7 +102,7 @@ def test_eval_rows_at_the_configured_steps_equal_a_standalone_evaluate(run, worl
     for step in EVAL_STEPS:
         ckpt = run_dir / "checkpoints" / f"step-{step}"
         out = world["root"] / f"standalone-{step}.json"
-        rc = ev.main([str(ckpt), "--tasks", ",".join(TASKS), "--include-path", str(world["tasks"]), "--limit", "6",
+        rc = ev_cli.main([str(ckpt), "--tasks", ",".join(TASKS), "--include-path", str(world["tasks"]), "--limit", "6",
                       "--batch-size", "4", "--device", "cpu", "--bootstrap-iters", "0", "--out", str(out)])  # fmt: skip
         assert rc == 0, capsys.readouterr().err[-2000:]
         standalone = ev.metrics(json.loads(out.read_text()))

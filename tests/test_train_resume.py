@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import corpus_text, sigkill_when
+from helpers import compose_config, corpus_text, sigkill_when
 from train.callbacks.loggers import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,14 +56,12 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "victim"
 
     # tokenize once up front, so the two concurrent runs below only read the cache
-    from hydra import compose, initialize_config_dir
 
     from data_pipelines import LMDataModule
-    from train.config import register_configs, to_config
+    from train.config import register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = to_config(compose(config_name="config", overrides=overrides(corpus, cache, ref_dir)))
+    cfg = compose_config(overrides(corpus, cache, ref_dir))
     LMDataModule(cfg.data).prepare_data()
 
     ref = launch(overrides(corpus, cache, ref_dir), tmp_path / "ref.log")

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from helpers import corpus_text
+from helpers import compose_config, corpus_text
 from train.callbacks.loggers import read_metrics
-from train.config import ConfigError, register_configs, to_config
+from train.config import ConfigError, register_configs
 from train.job import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +50,7 @@ def small(corpus: Path, cache_dir: Path, run_dir: Path, *extra: str) -> list[str
 
 
 def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=overrides))
+    return compose_config(overrides)
 
 
 def run_cli(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

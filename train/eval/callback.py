@@ -15,7 +15,7 @@ requests with our model.
   resumed from it has eval row N exactly once; the rows after N are dropped by MetricsCSV and the resumed run
   evaluates those steps again.
 - The model is scored in eval mode and in its own dtype, under torch.inference_mode; its train/eval mode and the
-  global random states are restored (train.evaluate.evaluate), so evaluating does not change the training run.
+  global random states are restored (train.eval.evaluate.evaluate), so evaluating does not change the training run.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class HarnessEval(Callback):
         tasks: lm_eval task / group / tag names (checked up front by `check_tasks`).
         every_n_steps: optimizer steps between evaluations (step N evaluates when N % every_n_steps == 0).
         run_dir: the run directory; results JSON go to run_dir/eval/step-<N>.json.
-        limit, num_fewshot, batch_size, include_path, max_gen_toks: as `train.evaluate.evaluate` (lm_eval's terms).
+        limit, num_fewshot, batch_size, include_path, max_gen_toks: as `train.eval.evaluate.evaluate` (lm_eval's terms).
         at_end: also evaluate the last step of a finished run when it is not a multiple of every_n_steps (like the
             final validation); a run stopped early (preemption) is not finished and is not evaluated.
     After fit, `evaluated` lists the steps evaluated by this process and `last_metrics` the newest eval/... values.

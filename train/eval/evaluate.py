@@ -16,15 +16,12 @@ One GPU, or all GPUs of a node as lm_eval's data-parallel mode: `torchrun --npro
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import random
-import sys
-import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch

@@ -24,7 +24,6 @@ from train.checkpoint.layout import (
     load_model_config_dict,
     read_meta,
     resolve_checkpoint,
-    tokenizer_dir_for,
 )
 from train.config import AttentionConfig, ConfigError, ModelConfig, StabilityConfig
 from train.checkpoint.weights import load_weights  # not checkpoint.io: loading a model must not import Lightning
