@@ -37,6 +37,7 @@ import gpt2
 from train.config import register_configs, to_config
 from train.cli.malloc import tune_glibc_malloc
 from train.module import GPT2LitModule, WarmupDecay, build_optimizer
+from train.strategies import build_strategy, check_hardware
 from train.trainer import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,7 +231,10 @@ def main() -> int:
     inter = Interleave([bare], batches, args.warmup, args.chunk)
     module = GPT2LitModule(make_model(vocab), cfg.optim, max_steps=steps,
                            log_every_n_steps=cfg.trainer.log_every_n_steps)  # fmt: skip
-    trainer = build_trainer(cfg, tmp, [MetricsCSV(tmp)], extra_callbacks=[inter])
+    hardware = check_hardware(cfg.strategy, cfg.trainer)
+    strategy = build_strategy(cfg.strategy, cfg.trainer, cfg.data.batch_size, hardware)
+    trainer = build_trainer(cfg.trainer, cfg.guard, cfg.seed, strategy, hardware.precision, tmp, [MetricsCSV(tmp)],
+                            extra_callbacks=[inter])
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Loader(batches), batch_size=None))
 
     tokens = args.chunk * BATCH * BLOCK

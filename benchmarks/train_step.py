@@ -46,6 +46,7 @@ from common import corpus_text, machine_line  # benchmarks/common.py and overhea
 from overhead import ROOT, BareLoop, Interleave, _Loader, char_batches
 from train.config import register_configs, to_config
 from train.module import GPT2LitModule, WarmupDecay, build_optimizer, param_groups
+from train.strategies import build_strategy, check_hardware
 from train.trainer import build_trainer
 
 
@@ -157,7 +158,10 @@ def run_config(spec: Spec, chunks: int, chunk: int) -> dict[str, float]:
              Loop(theirs_fused, cfg.optim, steps, log_every)]  # (d): (b)'s loop exactly  # fmt: skip
     inter = Interleave(sides, batches, WARMUP, chunk)
     module = GPT2LitModule(make_ours(spec, vocab), cfg.optim, max_steps=steps, log_every_n_steps=log_every)
-    trainer = build_trainer(cfg, tmp, [MetricsCSV(tmp)], extra_callbacks=[inter])
+    hardware = check_hardware(cfg.strategy, cfg.trainer)
+    strategy = build_strategy(cfg.strategy, cfg.trainer, cfg.data.batch_size, hardware)
+    trainer = build_trainer(cfg.trainer, cfg.guard, cfg.seed, strategy, hardware.precision, tmp, [MetricsCSV(tmp)],
+                            extra_callbacks=[inter])
     print(f"[{spec.name}] {spec.n_layer}x{spec.n_embd} ({spec.n_head} heads), block {spec.block}, batch "
           f"{spec.batch}, vocab {vocab}; {chunks} interleaved chunks of {chunk} steps ({WARMUP} warm-up)",
           file=sys.stderr, flush=True)  # fmt: skip

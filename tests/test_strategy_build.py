@@ -317,9 +317,14 @@ def test_deepspeed_micro_batch_is_the_loader_batch_of_the_task(tmp_path):
     """DeepSpeed's train_micro_batch_size_per_gpu is what the loader yields: data.batch_size for the LM,
     task.data.batch_size for a fine-tuning task."""
     pytest.importorskip("deepspeed")
+    from train.tasks import get_task
     from train.trainer import build_trainer
 
     common = ["strategy=deepspeed_zero2", "trainer.accelerator=cpu", "trainer.devices=1", "data.batch_size=6"]
     for extra, want in ((["task=lm"], 6), (["task=cls", "task.data.batch_size=10"], 10)):
-        trainer = build_trainer(cfg_for(*common, *extra), tmp_path, loggers=[])
+        cfg = cfg_for(*common, *extra)
+        hardware = check_hardware(cfg.strategy, cfg.trainer)
+        micro_batch = get_task(cfg.task.name).micro_batch_size(cfg.data, cfg.task)
+        strategy = build_strategy(cfg.strategy, cfg.trainer, micro_batch, hardware)
+        trainer = build_trainer(cfg.trainer, cfg.guard, cfg.seed, strategy, hardware.precision, tmp_path, loggers=[])
         assert trainer.strategy.config["train_micro_batch_size_per_gpu"] == want, extra

@@ -80,7 +80,7 @@ def check_inputs(cfg: Config) -> CheckedInputs:
 
     hardware = check_hardware(cfg.strategy, cfg.trainer, cfg.attention.implementation)
     if resume_from is not None:
-        check_resume(meta, resume_from, cfg.strategy)
+        check_resume(resume_from, cfg.strategy, meta)
     if cfg.eval.tasks:  # installed, known, an LM; nothing of lm_eval is imported while eval.tasks is empty
         from train.eval.callback import check_eval
 
@@ -159,7 +159,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     # best before step: a step-N checkpoint written after validation N holds BestCheckpoint's state of step N;
     # eval before step: checkpoint N is published after eval row N is on disk (fast_dev_run: the eval alone)
     run_callbacks = (eval_cb,) if tcfg.fast_dev_run else (best_cb, eval_cb, ckpt_cb, preempt)
-    strategy = build_strategy(cfg.strategy, tcfg, checked.hardware, task.micro_batch_size(cfg.data, cfg.task))
+    strategy = build_strategy(cfg.strategy, tcfg, task.micro_batch_size(cfg.data, cfg.task), checked.hardware)
     trainer = build_trainer(tcfg, cfg.guard, cfg.seed, strategy, checked.hardware.precision, run_dir, loggers,
                             [cb for cb in run_callbacks if cb is not None])
 

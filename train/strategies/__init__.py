@@ -21,6 +21,7 @@ variables) and turns off Lightning's SLURM auto-requeue, which train/callbacks/p
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Optional
@@ -28,15 +29,24 @@ from typing import Optional
 import torch
 from torch import nn
 
-from train.checkpoint import layout as ck
 from train.config import ConfigError
 
 DEEPSPEED_STRATEGIES = ("deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
 
 
 # ------------------------------------------------------------------------------------------------ up-front checks
-def check_hardware(strategy_cfg, trainer_cfg, attention: Optional[str] = None) -> None:
-    """Refuse, with one sentence, a strategy / device count / attention kernel this machine cannot run."""
+@dataclass(frozen=True)
+class Hardware:
+    """What `check_hardware` resolved for a run: whether it trains on CUDA GPUs (`on_gpu`; else the CPU) and the
+    Lightning precision string `trainer.precision` resolves to there (`resolve_precision`)."""
+
+    on_gpu: bool
+    precision: str
+
+
+def check_hardware(strategy_cfg, trainer_cfg, attention: Optional[str] = None) -> Hardware:
+    """Refuse, with one sentence, a strategy / device count / attention kernel this machine cannot run; returns the
+    resolved `Hardware`. Raises ConfigError naming the setting and the fix."""
     name = strategy_cfg.name
     cuda = torch.cuda.is_available()
     n_gpus = torch.cuda.device_count() if cuda else 0
@@ -50,9 +60,12 @@ def check_hardware(strategy_cfg, trainer_cfg, attention: Optional[str] = None) -
         if accel not in ("cpu", "auto"):
             raise ConfigError(f"strategy={name} runs on CUDA GPUs or the CPU, not trainer.accelerator={accel}; use "
                               f"trainer.accelerator=cpu.")
+    # on a GPU the precision asks the device for bf16 support: after the device checks below
+    precision = None if on_gpu else resolve_precision(trainer_cfg.precision, "cpu")
+    if name in DEEPSPEED_STRATEGIES and not on_gpu:
         from train.strategies.deepspeed import check_cpu_precision
 
-        check_cpu_precision(name, resolve_precision(trainer_cfg.precision, "cpu"))
+        check_cpu_precision(name, precision)
     devices = trainer_cfg.devices
     if isinstance(devices, int) and devices > 0:
         if on_gpu and devices > n_gpus:
@@ -70,6 +83,7 @@ def check_hardware(strategy_cfg, trainer_cfg, attention: Optional[str] = None) -
         bad = [d for d in devices if int(d) >= n_gpus]
         if bad:
             raise ConfigError(f"trainer.devices={list(devices)} names GPU(s) {bad} but this node has {n_gpus}.")
+    return Hardware(on_gpu, precision or resolve_precision(trainer_cfg.precision, accel))
 
 
 def checkpoint_family(strategy_name: str) -> str:
@@ -79,10 +93,15 @@ def checkpoint_family(strategy_name: str) -> str:
     return "deepspeed" if strategy_name in DEEPSPEED_STRATEGIES else "full"
 
 
-def check_resume(step_path: Path, strategy_cfg) -> None:
+def check_resume(step_path: Path, strategy_cfg, meta: Optional[dict] = None) -> None:
     """resume= a checkpoint whose training state another strategy family wrote: one sentence, before anything runs.
-    (The weights are the same model.safetensors everywhere: model.init_from=<it> starts a new run from them.)"""
-    saved = ck.read_meta(step_path).get("strategy") or "full"
+    meta: the checkpoint's meta.json when the caller has read it already (else it is read here). (The weights are the
+    same model.safetensors everywhere: model.init_from=<it> starts a new run from them.)"""
+    if meta is None:
+        from train.checkpoint.layout import read_meta
+
+        meta = read_meta(step_path)
+    saved = meta.get("strategy") or "full"
     want = checkpoint_family(strategy_cfg.name)
     if saved != want:
         names = {"fsdp": "strategy=fsdp", "deepspeed": "a deepspeed_* strategy", "full": "strategy=ddp or auto"}
@@ -94,15 +113,15 @@ def check_resume(step_path: Path, strategy_cfg) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ build
-def build_strategy(strategy_cfg, trainer_cfg, micro_batch_size: int = 1, precision: Optional[str] = None):
+def build_strategy(strategy_cfg, trainer_cfg, micro_batch_size: int = 1, hardware: Optional[Hardware] = None):
     """`strategy` group -> a Lightning strategy object (or "auto").
 
-    micro_batch_size: data.batch_size (DeepSpeed's train_micro_batch_size_per_gpu); precision: the resolved
-    trainer precision (Lightning string) for FSDP's MixedPrecisionPolicy and DeepSpeed's fp16/bf16 section.
+    micro_batch_size: the loader's batch (DeepSpeed's train_micro_batch_size_per_gpu; the Task says which).
+    hardware: what `check_hardware` resolved (the training job passes it: the checks ran before Lightning was
+    imported); None checks here. Its precision sets FSDP's MixedPrecisionPolicy and DeepSpeed's fp16/bf16 section.
     """
-    check_hardware(strategy_cfg, trainer_cfg)
-    name, accel = strategy_cfg.name, trainer_cfg.accelerator
-    precision = precision or resolve_precision(trainer_cfg.precision, accel)
+    hardware = hardware or check_hardware(strategy_cfg, trainer_cfg)
+    name, precision = strategy_cfg.name, hardware.precision
     timeout = timedelta(minutes=strategy_cfg.timeout_minutes)
     if name == "auto":
         return "auto"
@@ -131,7 +150,7 @@ def build_strategy(strategy_cfg, trainer_cfg, micro_batch_size: int = 1, precisi
         from train.strategies.deepspeed_config import STRATEGY_STAGES, deepspeed_config
 
         stage, offload = STRATEGY_STAGES[name]
-        if not (accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())):
+        if not hardware.on_gpu:
             select_cpu_accelerator()
         config = deepspeed_config(
             stage,
@@ -243,6 +262,7 @@ def model_for_export(trainer, module) -> Optional[nn.Module]:
 
 __all__ = [
     "DEEPSPEED_STRATEGIES",
+    "Hardware",
     "at_accumulation_boundary",
     "build_plugins",
     "build_strategy",

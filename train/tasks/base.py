@@ -45,6 +45,10 @@ class Task:
         """(config key, value) of the longest sequence the data produce; must fit the model's n_positions."""
         raise NotImplementedError
 
+    def micro_batch_size(self, data_cfg, task_cfg) -> int:
+        """Examples per loader batch on each rank (DeepSpeed's train_micro_batch_size_per_gpu): the LM's data.batch_size."""
+        return data_cfg.batch_size
+
     def module(self, model: nn.Module, dm, task_cfg, trainer_cfg, optim_cfg, meta: dict) -> GPT2LitModule:
         """The LightningModule that trains `model` (its loss and validation metrics)."""
         raise NotImplementedError
@@ -114,6 +118,10 @@ class FineTuneTask(Task):
     full_validation = True
     module_class: type[TaskModule] = TaskModule
     data_task: Optional[str] = None  # the data_pipelines task whose data it trains on; None: its own name
+
+    def micro_batch_size(self, data_cfg, task_cfg) -> int:
+        """A fine-tuning task's loader batch is task.data.batch_size (the `data` group is the LM corpus)."""
+        return task_cfg.data.batch_size
 
     def tokenizer(self, data_cfg, init_from: Optional[str], resume_from: Optional[Path], run_dir: Path):
         """The tokenizer of model.init_from (its ids index that embedding table; the job put it into
