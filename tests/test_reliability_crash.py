@@ -33,11 +33,11 @@ register_configs()
 # Runs train/run.py's Hydra main with one step's checkpoint write (or the export) paused after its first file.
 WRAPPER = r'''
 import os, sys, time
-import train.checkpoint as ck
+import train.checkpoint.io as ck_io
 import train.checkpoint.export as ex
 
 pause_step, marker = os.environ["PAUSE_AT"], os.environ["PAUSE_MARKER"]
-orig_save_weights, orig_gen = ck_weights.save_weights, ex.generation_config
+orig_save_weights, orig_gen = ck_io.save_weights, ex.generation_config
 
 def save_weights(sd, path):
     orig_save_weights(sd, path)
@@ -51,7 +51,7 @@ def generation_config(*a, **k):
         time.sleep(120)
     return orig_gen(*a, **k)
 
-ck_weights.save_weights, ex.generation_config = save_weights, generation_config
+ck_io.save_weights, ex.generation_config = save_weights, generation_config
 import runpy
 import train
 run_py = os.path.join(os.path.dirname(train.__file__), "run.py")

@@ -65,6 +65,8 @@ def check_inputs(cfg: Config) -> CheckedInputs:
 
     run_dir = Path(cfg.run_dir).expanduser()
     resume_from = layout.resolve_resume(cfg.resume, run_dir)
+    if cfg.model.init_from:
+        layout.init_source(cfg.model.init_from)
     tokenizer = layout.tokenizer_source(cfg.data.tokenizer, cfg.model.init_from, resume_from)
     meta: dict[str, Any] = {}
     if resume_from is not None:
