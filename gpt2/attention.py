@@ -1,4 +1,5 @@
-"""Attention backends: plain functions with one signature, in a registry keyed by `config.attn_implementation`.
+"""Attention backends: plain functions with one signature, in the registry `ATTENTION_BACKENDS` keyed by
+`config.attn_implementation` — the one place that names them; every other module reads the registry.
 
     out, weights = ATTENTION_BACKENDS[name](q, k, v, mask=..., is_causal=..., scale=..., dropout_p=..., upcast=...)
 
@@ -15,11 +16,11 @@ Backends own no parameters, so any checkpoint runs on any backend (torchtitan-st
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
-import torch
-import torch.nn.functional as F
-
+# torch is imported inside the kernels, not here: the registry below (names and facts) is read by config validation
+# before torch is imported (a wrong option is refused in well under a second); a local import is a dict lookup.
 _warned: set[str] = set()
 
 
@@ -31,6 +32,9 @@ def _warn_once(key: str, msg: str) -> None:
 
 def eager_attention(q, k, v, *, mask=None, is_causal=False, scale, dropout_p=0.0, upcast=False):
     """Explicit softmax(QK^T * scale + mask) V — the reference maths (= transformers' eager path)."""
+    import torch
+    import torch.nn.functional as F
+
     B, nh, Tq, hs = q.shape
     Tk = k.size(-2)
     if upcast:
@@ -59,7 +63,9 @@ def eager_attention(q, k, v, *, mask=None, is_causal=False, scale, dropout_p=0.0
     return torch.matmul(att, v), att  # (B, nh, Tq, hs), (B, nh, Tq, Tk)
 
 
-def _needs_upcast_fallback(q: torch.Tensor, upcast: bool) -> bool:
+def _needs_upcast_fallback(q, upcast: bool) -> bool:
+    import torch
+
     # In fp32 a fused kernel already computes QK^T and softmax in fp32, so the flag is honoured as is. In fp16/bf16
     # (autocast or a half model) it is not: then only the explicit upcast path gives the flag's numerics.
     return upcast and q.dtype != torch.float32
@@ -67,6 +73,8 @@ def _needs_upcast_fallback(q: torch.Tensor, upcast: bool) -> bool:
 
 def sdpa_attention(q, k, v, *, mask=None, is_causal=False, scale, dropout_p=0.0, upcast=False):
     """torch.nn.functional.scaled_dot_product_attention; the scale is always passed explicitly."""
+    import torch.nn.functional as F
+
     if _needs_upcast_fallback(q, upcast):
         _warn_once("sdpa-upcast", "reorder_and_upcast_attn=True with fp16/bf16 attention inputs: SDPA cannot compute "
                    "QK^T and softmax in fp32, so these calls use the eager upcast path (slower, exact).")
@@ -85,6 +93,8 @@ def _flash_attn_func() -> Callable | None:
 
 def flash_available() -> bool:
     """True when the flash backend can run here: the flash-attn package or torch's SDPA flash kernel, on CUDA."""
+    import torch
+
     if not torch.cuda.is_available():
         return False
     return _flash_attn_func() is not None or torch.backends.cuda.is_flash_attention_available()
@@ -92,18 +102,21 @@ def flash_available() -> bool:
 
 def flash_attention(q, k, v, *, mask=None, is_causal=False, scale, dropout_p=0.0, upcast=False):
     """FlashAttention: the flash-attn package when importable, else SDPA restricted to its flash kernel."""
+    import torch
+    import torch.nn.functional as F
+
     if q.device.type != "cuda" or not flash_available():
         raise RuntimeError(
-            f"attn_implementation='flash' needs a CUDA GPU with FlashAttention (the flash-attn package or a torch build "
-            f"with the SDPA flash kernel); this tensor is on {q.device.type}. Use attn_implementation='sdpa' instead.")
+            f"FlashAttention needs a CUDA GPU with the flash-attn package or a torch build with the SDPA flash kernel; "
+            f"this tensor is on {q.device.type}. Use attn_implementation={DEFAULT_ATTENTION!r} instead.")
     if _needs_upcast_fallback(q, upcast):
         _warn_once("flash-upcast", "reorder_and_upcast_attn=True: FlashAttention cannot compute QK^T in fp32, so these "
                    "calls use the eager upcast path (slower, exact).")
         return eager_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p, upcast=True)
     if mask is not None or q.dtype not in (torch.float16, torch.bfloat16):
         # Flash kernels take neither an arbitrary mask (padding, cache offsets) nor fp32 inputs.
-        _warn_once("flash-mask", "attn_implementation='flash': calls with a padding/offset mask or fp32 inputs cannot "
-                   "use the flash kernel and run through generic SDPA instead.")
+        _warn_once("flash-mask", "FlashAttention: calls with a padding/offset mask or fp32 inputs cannot use the flash "
+                   "kernel and run through generic SDPA instead.")
         return sdpa_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p, upcast=upcast)
     fa = _flash_attn_func()
     if fa is not None:
@@ -118,8 +131,31 @@ def flash_attention(q, k, v, *, mask=None, is_causal=False, scale, dropout_p=0.0
     return y, None
 
 
-ATTENTION_BACKENDS: dict[str, Callable] = {
-    "eager": eager_attention,
-    "sdpa": sdpa_attention,
-    "flash": flash_attention,
+@dataclass(frozen=True)
+class AttentionBackend:
+    """A registry entry: the kernel `fn` (the signature above; calling the entry calls it) and the facts the rest of
+    the stack needs without calling it.
+
+    needs_cuda: it runs on CUDA GPUs only (the training job refuses it up front on a machine without one).
+    returns_weights: it computes the attention probabilities, so `output_attentions=True` runs on it.
+    stores_probabilities: autograd keeps the (B, nh, T, T) probabilities for backward (launch/plan.py's memory
+        estimate); fused kernels recompute them instead (FlashAttention paper, Dao et al. 2022, §3.1).
+    """
+
+    fn: Callable
+    needs_cuda: bool = False
+    returns_weights: bool = False
+    stores_probabilities: bool = False
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
+    "eager": AttentionBackend(eager_attention, returns_weights=True, stores_probabilities=True),
+    "sdpa": AttentionBackend(sdpa_attention),
+    "flash": AttentionBackend(flash_attention, needs_cuda=True),
 }
+DEFAULT_ATTENTION = "sdpa"  # torch's fused kernels where they apply, on every device
+# output_attentions=True switches a call to the backend that computes the probabilities (as transformers does)
+WEIGHTS_ATTENTION = next(name for name, backend in ATTENTION_BACKENDS.items() if backend.returns_weights)

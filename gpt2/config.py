@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION
 from .hub import resolve_model_dir
 
 # Activation names a GPT-2 config may carry; the same keys as transformers' ACT2FN (activations.py).
@@ -21,7 +22,7 @@ ACTIVATION_NAMES = (
     "gelu_accurate", "hardswish", "laplace", "leaky_relu", "linear", "mish", "quick_gelu", "relu", "relu2",
     "relu6", "sigmoid", "silu", "swish", "tanh", "sqrtsoftplus",
 )
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash")
+ATTN_IMPLEMENTATIONS = tuple(ATTENTION_BACKENDS)
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 SUMMARY_TYPES = ("last", "first", "mean", "cls_index")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -81,7 +82,7 @@ class GPT2Config:
     architectures: list[str] | None = None
     dtype: str | None = None  # the dtype the weights were saved in ("float32", "bfloat16", ...)
     # --- ours ---
-    attn_implementation: str = "sdpa"  # "eager" | "sdpa" | "flash": a runtime choice, not written to config.json
+    attn_implementation: str = DEFAULT_ATTENTION  # a key of ATTENTION_BACKENDS: a runtime choice, not in config.json
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -190,8 +191,8 @@ class GPT2Config:
         """Write config.json in the Hugging Face format (loadable by transformers.GPT2Config)."""
         os.makedirs(save_directory, exist_ok=True)
         d = self.to_dict()
-        # attn_implementation is a runtime choice (any checkpoint runs on any backend), and "flash" is not a value
-        # transformers accepts, so it stays out of the HF file.
+        # attn_implementation is a runtime choice (any checkpoint runs on any backend), and not every backend name is
+        # a value transformers accepts, so it stays out of the HF file.
         d.pop("attn_implementation")
         with open(os.path.join(save_directory, "config.json"), "w", encoding="utf-8") as f:
             json.dump(d, f, indent=2, sort_keys=True)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import generation, hf_io
-from .attention import ATTENTION_BACKENDS
+from .attention import ATTENTION_BACKENDS, WEIGHTS_ATTENTION
 from .cache import StaticKVCache
 from .config import GPT2Config
 
@@ -112,7 +112,7 @@ class GPT2Attention(nn.Module):
             v = torch.cat((past_v, v), dim=-2)
         present = (k, v) if use_cache else None
         # Attention probabilities exist only on the eager path; asking for them switches this call to eager (like HF).
-        backend = ATTENTION_BACKENDS["eager" if output_attentions else self.attn_implementation]
+        backend = ATTENTION_BACKENDS[WEIGHTS_ATTENTION if output_attentions else self.attn_implementation].fn
         y, att = backend(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale,
                          dropout_p=self.attn_pdrop if self.training else 0.0, upcast=self.upcast)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh, hs) -> (B, T, C): re-assemble the heads
@@ -409,7 +409,7 @@ class GPT2PreTrainedModel(nn.Module):
         <folder>/<subfolder>; revision / cache_dir / token / local_files_only / force_download: for hub ids.
         trust_remote_code, low_cpu_mem_usage and use_safetensors=True change nothing here (no remote code; the
         weights are always loaded without a second copy, from safetensors). Other keyword arguments override config
-        fields (e.g. attn_implementation="eager", num_labels=3); anything else raises one sentence naming it.
+        fields (e.g. attn_implementation, num_labels=3); anything else raises one sentence naming it.
         """
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes the folder and keyword arguments only; got "

@@ -216,7 +216,7 @@ def pipeline(task: str, model: Any, tokenizer: Any = None, dtype: Any = "auto", 
              model_kwargs: dict | None = None, torch_dtype: Any = None, **kwargs: Any) -> TextGenerationPipeline:
     """Build a text-generation pipeline from a folder / hub id (model + tokenizer files) or from objects.
 
-    As transformers' `pipeline`: model_kwargs go to from_pretrained (e.g. {"attn_implementation": "eager"});
+    As transformers' `pipeline`: model_kwargs go to from_pretrained (e.g. {"attn_implementation": ...});
     batch_size, generation arguments (max_new_tokens, do_sample, ...) and pipeline parameters (return_full_text, ...)
     given here apply to every call. device: -1 / "cpu" / 0 / "cuda:0" / a torch.device.
     """

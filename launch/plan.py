@@ -48,7 +48,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from gpt2 import PRESETS, GPT2Config
+from gpt2 import ATTENTION_BACKENDS, DEFAULT_ATTENTION, PRESETS, GPT2Config
 # DeepSpeed bucket sizes: the numbers train/strategies/deepspeed_config.py writes into the DeepSpeed JSON (a pure module: importing
 # it pulls in neither Lightning nor DeepSpeed)
 from train.strategies.deepspeed_config import REDUCE_BUCKET_SIZE
@@ -58,7 +58,6 @@ GiB = 1024**3
 # Preference order of the recommendation: the least communication first (ddp), the most last (offload).
 STRATEGIES = ("ddp", "deepspeed_zero1", "deepspeed_zero2", "fsdp", "deepspeed_zero3", "deepspeed_zero3_offload")
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "bf16-true")
-ATTENTIONS = ("eager", "sdpa", "flash")
 MICRO_BATCHES = (64, 32, 16, 8, 4, 2, 1)  # powers of two tried, largest first
 
 
@@ -98,7 +97,7 @@ def activation_bytes(cfg: GPT2Config, micro_batch: int, seq: int, act_bytes: int
     # Korthikanti Eq. 1 linear terms: 16 tensors of e bytes (2 LN inputs, QKV input, Q/K/V, attention output,
     # MLP input, 4h pre- and post-GeLU) + the two residual-dropout masks (1 byte each) = 34·sbh at e = 2
     per_layer = sbh * (16 * e + 2 * (cfg.resid_pdrop > 0))
-    if attention == "eager":  # the s x s probabilities are stored (+ their dropout mask and output): 5·a·s²·b at e = 2
+    if ATTENTION_BACKENDS[attention].stores_probabilities:  # the s x s probabilities (+ dropout mask, output): 5·a·s²·b
         per_layer += a * s * s * b * (e + (2 * e + 1 - e) * (cfg.attn_pdrop > 0))
     # outside the blocks: ln_f and lm_head inputs, the embedding-dropout mask, cross-entropy's fp32 log-softmax
     outside = sbh * (2 * e + (cfg.embd_pdrop > 0)) + 4 * s * b * v
@@ -175,7 +174,7 @@ def _normalize_precision(precision: str) -> str:
 
 
 def estimate(cfg: GPT2Config, strategy: str, world_size: int, micro_batch: int, seq: int, precision: str = "bf16-mixed",
-             attention: str = "sdpa", activation_checkpointing: bool = False) -> Estimate:
+             attention: str = DEFAULT_ATTENTION, activation_checkpointing: bool = False) -> Estimate:
     """Bytes per GPU of `strategy` for this model and run shape (no fit decision: see `plan`)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
@@ -223,7 +222,7 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def plan(model: str = "gpt2", gpus: int = 1, gpu_mem_gb: float = 80.0, micro_batch: int | None = None,
-         seq: int | None = None, precision: str = "bf16-mixed", nodes: int = 1, attention: str = "sdpa",
+         seq: int | None = None, precision: str = "bf16-mixed", nodes: int = 1, attention: str = DEFAULT_ATTENTION,
          activation_checkpointing: bool | None = None, headroom: float = 0.10, **config_overrides) -> Plan:
     """Estimate every strategy and recommend one.
 
@@ -240,8 +239,8 @@ def plan(model: str = "gpt2", gpus: int = 1, gpu_mem_gb: float = 80.0, micro_bat
         raise ValueError(f"gpu_mem_gb must be positive, got {gpu_mem_gb!r}.")
     if micro_batch is not None and not (isinstance(micro_batch, int) and micro_batch >= 1):
         raise ValueError(f"micro_batch must be a positive integer, got {micro_batch!r}.")
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention={attention!r} is unknown; choose one of {', '.join(ATTENTIONS)}.")
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention={attention!r} is unknown; choose one of {', '.join(ATTENTION_BACKENDS)}.")
     if not 0 <= headroom < 1:
         raise ValueError(f"headroom must be in [0, 1), got {headroom!r}.")
     precision = _normalize_precision(precision)

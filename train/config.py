@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 from data_pipelines.config import DataConfig
+from gpt2.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION  # names and facts only: no torch import
 from data_pipelines.tasks.config import TaskDataConfig
 
 from train.tasks import task_names
@@ -70,14 +71,15 @@ class ModelConfig:
 
 @dataclass
 class AttentionConfig:
-    """Which attention kernel runs (conf/attention/*.yaml); a registry entry in gpt2, so any checkpoint runs on any."""
+    """Which attention kernel runs (conf/attention/*.yaml): a key of `gpt2.ATTENTION_BACKENDS`, whose backends own no
+    parameters, so any checkpoint runs on any. Whether this machine can run it is checked with the hardware."""
 
-    implementation: str = "sdpa"  # eager | sdpa | flash
+    implementation: str = DEFAULT_ATTENTION
 
     def __post_init__(self) -> None:
         _check(
-            self.implementation in ("eager", "sdpa", "flash"),
-            f"attention.implementation={self.implementation!r} is unknown; use eager, sdpa or flash.",
+            self.implementation in ATTENTION_BACKENDS,
+            f"attention.implementation={self.implementation!r} is unknown; use one of {', '.join(ATTENTION_BACKENDS)}.",
         )
 
 

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from gpt2.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION
 from train.config import ConfigError
 
 DEEPSPEED_STRATEGIES = ("deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
@@ -54,8 +55,8 @@ def check_hardware(strategy_cfg, trainer_cfg, attention: Optional[str] = None) -
     on_gpu = accel in ("gpu", "cuda") or (accel == "auto" and cuda)
     if accel in ("gpu", "cuda") and not cuda:
         raise ConfigError(f"trainer.accelerator={accel} but no CUDA GPU is visible; use trainer.accelerator=cpu.")
-    if attention == "flash" and not (cuda and on_gpu):
-        raise ConfigError("attention=flash needs a CUDA GPU; use attention=sdpa on CPU.")
+    if attention is not None and ATTENTION_BACKENDS[attention].needs_cuda and not (cuda and on_gpu):
+        raise ConfigError(f"attention={attention} needs a CUDA GPU; use attention={DEFAULT_ATTENTION} on CPU.")
     if name in DEEPSPEED_STRATEGIES and not on_gpu:  # DeepSpeed's CPU accelerator (gloo) trains ZeRO 1/2/3 too
         if accel not in ("cpu", "auto"):
             raise ConfigError(f"strategy={name} runs on CUDA GPUs or the CPU, not trainer.accelerator={accel}; use "
