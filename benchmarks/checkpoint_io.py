@@ -147,4 +147,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common import recorded  # benchmarks/common.py: appends this run to benchmarks/RESULTS.md
+
+    with recorded("checkpoint_io"):
+        main()

@@ -7,11 +7,16 @@ warming page cache hits both sides alike; the median of the repeats is what gets
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -85,3 +90,52 @@ def corpus_text(n_chars: int) -> str:
     if len(text) < n_chars:
         raise ValueError(f"the embedded corpus has {len(text)} characters, fewer than the {n_chars} asked")
     return text[:n_chars]
+
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+class _Tee(io.TextIOBase):
+    """Writes to the real stream and keeps a copy (what a benchmark printed, for RESULTS.md)."""
+
+    def __init__(self, stream):
+        self.stream, self.copy = stream, io.StringIO()
+
+    def write(self, s: str) -> int:
+        self.copy.write(s)
+        return self.stream.write(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def recorded(benchmark: str, results: Path = RESULTS) -> Iterator[None]:
+    """Run a benchmark's main inside this: what it prints is also appended to benchmarks/RESULTS.md, under the
+    benchmark's own `## <benchmark>` heading (created if missing), as a dated entry with the command line (the
+    machine line is the first thing every benchmark prints). `--no-record` on the command line skips it (the flag is
+    removed before the benchmark parses its arguments); a benchmark that raises records nothing.
+
+    History stays in the file: entries are appended, never replaced, so a figure quoted in README can be traced to
+    the run that produced it.
+    """
+    record = "--no-record" not in sys.argv
+    sys.argv = [a for a in sys.argv if a != "--no-record"]
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        yield
+    if not record or not tee.copy.getvalue().strip():
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    entry = f"### {stamp}\n`{command}`\n\n```\n{tee.copy.getvalue().rstrip()}\n```\n"
+    text = results.read_text(encoding="utf-8") if results.is_file() else "# Benchmark results\n"
+    heading = f"## {benchmark}\n"
+    if heading not in text:
+        text = text.rstrip("\n") + f"\n\n{heading}"
+    start = text.index(heading) + len(heading)
+    nxt = text.find("\n## ", start)
+    end = len(text) if nxt < 0 else nxt + 1
+    text = text[:end].rstrip("\n") + "\n\n" + entry + ("\n" + text[end:] if end < len(text) else "")
+    results.write_text(text, encoding="utf-8")
+    print(f"recorded in {os.path.relpath(results)}", file=sys.stderr)

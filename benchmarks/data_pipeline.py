@@ -354,4 +354,7 @@ def prepare_main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common import recorded  # benchmarks/common.py: appends this run to benchmarks/RESULTS.md
+
+    with recorded("data_pipeline"):
+        main()

@@ -174,4 +174,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common import recorded  # benchmarks/common.py: appends this run to benchmarks/RESULTS.md
+
+    with recorded("eval_throughput"):
+        main()

@@ -302,4 +302,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common import recorded  # benchmarks/common.py: appends this run to benchmarks/RESULTS.md
+
+    with recorded("gpu"):
+        rc = main()
+    sys.exit(rc)

@@ -311,4 +311,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common import recorded  # benchmarks/common.py: appends this run to benchmarks/RESULTS.md
+
+    with recorded("peer_nanogpt"):
+        rc = main()
+    sys.exit(rc)
