@@ -1,4 +1,4 @@
-"""Checkpoint benchmark (issue 6, item 4): save / load GB/s of gpt2-medium-sized weights (355M params, fp32, 1.42 GB).
+"""Checkpoint benchmark: save / load GB/s of gpt2-medium-sized weights (355M params, fp32, 1.42 GB).
 
     python benchmarks/checkpoint_io.py            # gpt2-medium dims, 3 interleaved repeats    (~1.5 min, 2 cores)
     python benchmarks/checkpoint_io.py --quick    # 6 of the 24 layers (~0.6 GB), 2 repeats    (~25 s)

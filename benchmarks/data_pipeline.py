@@ -1,4 +1,4 @@
-"""Data pipeline benchmark (issue 6, item 2): ours vs the common `datasets.map(GPT2TokenizerFast) + group_texts` recipe.
+"""Data pipeline benchmark: ours vs the common `datasets.map(GPT2TokenizerFast) + group_texts` recipe.
 
     python benchmarks/data_pipeline.py [--mb 50] [--vocab 4096] [--block 64] [--batch 12]
 
@@ -15,7 +15,7 @@ Prints each figure and the ratio (targets: >= 2x and >= 20x).
 
     python benchmarks/data_pipeline.py prepare [--mb 500] [--num-proc 2] [--gpt2-vocab gpt2.tiktoken] [--rss-mb 2000]
 
-3. Preparation at OpenWebText scale (issue 15): MB/s per process of `data_pipelines/prepare.py data=jsonl
+3. Preparation at OpenWebText scale: MB/s per process of `data_pipelines/prepare.py data=jsonl
    data.num_proc=N` vs nanoGPT's openwebtext/prepare.py recipe (`load_dataset` + `train_test_split` +
    `datasets.map` of tiktoken's `encode_ordinary` with `num_proc=N`, then one memmap) on the same locally generated
    JSON-lines corpus (documents assembled from the embedded CPython-documentation corpus) with the same vocabulary:
@@ -85,7 +85,7 @@ def main() -> None:
         # ---- ours
         t0 = time.perf_counter()
         cfg = DataConfig(source="text", path=str(corpus), tokenizer=str(tmp / "tok"), cache_dir=str(tmp / "c"),
-                         block_size=args.block, batch_size=args.batch, val_fraction=0.0)  # fmt: skip
+                         block_size=args.block, batch_size=args.batch, val_fraction=0.0)
         root = prepare(cfg)
         ours_s = time.perf_counter() - t0
         n_ours = (root / "train.bin").stat().st_size // 2
@@ -127,7 +127,7 @@ def main() -> None:
         from gpt2 import GPT2Config, GPT2LMHeadModel
 
         mcfg = GPT2Config(vocab_size=len(tok), n_positions=max(256, block), n_layer=4, n_head=4, n_embd=128,
-                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = GPT2LMHeadModel(mcfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         steps = 30
@@ -146,7 +146,7 @@ def main() -> None:
         print(f"delivery / consumption: {load_bps / train_bps:.0f}x  (target >= 20x)")
 
 
-# ------------------------------------------------------------------------------------ 3. preparation (issue 15)
+# ------------------------------------------------------------------------------------ 3. preparation
 def find_gpt2_tiktoken(path: str | None) -> Path | None:
     """OpenAI's GPT-2 ranks: `path`, else whisper/assets/gpt2.tiktoken of an installed `openai-whisper`."""
     if path:
@@ -248,7 +248,7 @@ def _side(side: str, corpus: str, tok_dir: str, work: str, num_proc: str) -> dic
         # OpenAI's file when --gpt2-vocab was used: checked in prepare_main)
         ours = to_tiktoken(GPT2TokenizerFast.from_pretrained(tok_dir).backend_tokenizer)
         enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ours._mergeable_ranks,
-                                special_tokens={"<|endoftext|>": ours.eot_token})  # fmt: skip
+                                special_tokens={"<|endoftext|>": ours.eot_token})
         files = sorted(str(p) for p in Path(corpus).glob("*.jsonl"))
         dataset = datasets.load_dataset("json", data_files=files, num_proc=n, cache_dir=work)
         split_dataset = dataset["train"].train_test_split(test_size=0.0005, seed=2357, shuffle=True)
@@ -280,7 +280,7 @@ def _side(side: str, corpus: str, tok_dir: str, work: str, num_proc: str) -> dic
 def _run_side(side: str, corpus: Path, tok_dir: Path, work: Path, n: int) -> dict:
     load = os.getloadavg()[0]
     r = subprocess.run([sys.executable, __file__, "_side", side, str(corpus), str(tok_dir), str(work), str(n)],
-                       capture_output=True, text=True)  # fmt: skip
+                       capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{side} (num_proc={n}) failed:\n{r.stderr[-3000:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -290,7 +290,7 @@ def _run_side(side: str, corpus: Path, tok_dir: Path, work: Path, n: int) -> dic
 
 def prepare_main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="benchmarks/data_pipeline.py prepare", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=500.0, help="corpus size in MB (>= 500 for the issue's figure)")
     ap.add_argument("--files", type=int, default=8, help="JSON-lines files the corpus is split into")
     ap.add_argument("--num-proc", type=int, default=2)
@@ -305,7 +305,7 @@ def prepare_main(argv: list[str]) -> None:
     from gpt2.tokenizer import GPT2TokenizerFast, train_tokenizer
 
     print(f"cpus: {os.cpu_count()}, load average at start: {os.getloadavg()[0]:.1f} (other processes distort "
-          f"MB/s and scaling; quote this line with the figures)")  # fmt: skip
+          f"MB/s and scaling; quote this line with the figures)")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         mb = write_corpus(tmp / "corpus", args.mb, args.files)
@@ -335,7 +335,7 @@ def prepare_main(argv: list[str]) -> None:
             print(f"{side:8s} num_proc={k}: {r['seconds']:7.1f} s  {mb / r['seconds']:6.2f} MB/s  "
                   f"{mb / r['seconds'] / k:6.2f} MB/s per process  {r['tokens']:,} tokens  ({r['engine']})  "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB, largest child {r['peak_worker_rss_mb']:.0f} MB  "
-                  f"load {r['load']:.1f}", flush=True)  # fmt: skip
+                  f"load {r['load']:.1f}", flush=True)
             shutil.rmtree(tmp / f"{side}-{k}", ignore_errors=True)
         ours_n, ours_1 = runs[("ours", n)], runs[("ours", 1)]
         if ("nanogpt", n) in runs:
@@ -350,7 +350,7 @@ def prepare_main(argv: list[str]) -> None:
             print(f"ours     num_proc={n} on {big:.0f} MB: {r['seconds']:7.1f} s  {big / r['seconds']:6.2f} MB/s  "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB, largest worker {r['peak_worker_rss_mb']:.0f} MB "
                   f"(target < 1500 MB per process; {mb:.0f} MB corpus: {ours_n['peak_rss_mb']:.0f} / "
-                  f"{ours_n['peak_worker_rss_mb']:.0f} MB)  load {r['load']:.1f}")  # fmt: skip
+                  f"{ours_n['peak_worker_rss_mb']:.0f} MB)  load {r['load']:.1f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Evaluation throughput (issue 14): requests/s of our lm-evaluation-harness backend (train/eval/harness.py,
+"""Evaluation throughput: requests/s of our lm-evaluation-harness backend (train/eval/harness.py,
 "gpt2-forge") vs lm_eval's own `hf` backend (HFLM on transformers' GPT2LMHeadModel), same weights, same requests,
 same batch size, CPU.
 
@@ -162,7 +162,7 @@ def main(argv=None) -> None:
         for kind, instances in reqs.items():
             times = interleaved({"ours": lambda: getattr(ours, kind)(instances),
                                  "hf": lambda: quiet(getattr(hf, kind), instances)},
-                                repeats=args.repeats, warmup=0)  # fmt: skip
+                                repeats=args.repeats, warmup=0)
             mo, mh = median(times["ours"]), median(times["hf"])
             total["ours"] += mo
             total["hf"] += mh

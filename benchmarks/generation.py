@@ -1,4 +1,4 @@
-"""Generation benchmark (issue 6, item 3): new tokens/s of gpt2.GPT2LMHeadModel.generate (KV cache) vs
+"""Generation benchmark: new tokens/s of gpt2.GPT2LMHeadModel.generate (KV cache) vs
 transformers' `generate`, the same weights, greedy, batch 1 and a left-padded batch 8.
 
     python benchmarks/generation.py            # both configs, batch 1 and 8, 96 new tokens    (~1.5 min, 2 cores)

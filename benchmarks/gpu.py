@@ -83,7 +83,7 @@ def flash_attn_installed() -> bool:
 def build_model(impl: str, preset: str, attn: str):
     """(model, our GPT2Config of the same architecture) -- ours or transformers', randomly initialised."""
     cfg = gpt2.GPT2Config.from_preset(preset, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                      attn_implementation=attn)  # fmt: skip
+                                      attn_implementation=attn)
     if impl == "gpt2-forge":
         return gpt2.GPT2LMHeadModel(cfg), cfg
     import transformers
@@ -91,7 +91,7 @@ def build_model(impl: str, preset: str, attn: str):
     hf_attn = "flash_attention_2" if attn == "flash" and flash_attn_installed() else "sdpa"
     hf_cfg = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
                                      n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                                     attn_pdrop=0.0)  # fmt: skip
+                                     attn_pdrop=0.0)
     hf_cfg._attn_implementation = hf_attn  # noqa: SLF001 -- transformers' documented way before construction
     return transformers.GPT2LMHeadModel(hf_cfg), cfg
 
@@ -141,7 +141,7 @@ class StepTimer(L.Callback):
 
 
 def run_one(preset: str, impl: str, attn: str, compiled: bool, batch: int, warmup: int, steps: int,
-            device: str) -> dict:  # fmt: skip
+            device: str) -> dict:
     on_cuda = device == "cuda"
     model, cfg = build_model(impl, preset, attn)
     flash_ctx = impl == "transformers" and attn == "flash" and not flash_attn_installed()
@@ -150,15 +150,15 @@ def run_one(preset: str, impl: str, attn: str, compiled: bool, batch: int, warmu
     module = LMModule(model, fused=on_cuda, flash_ctx=flash_ctx)
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, cfg.vocab_size, (batch, BLOCK if preset != "tiny" else cfg.n_positions), generator=g)
-            for _ in range(4)]  # fmt: skip
+            for _ in range(4)]
     seq = data[0].shape[1]
     loader = torch.utils.data.DataLoader([data[i % len(data)] for i in range(warmup + steps)], batch_size=None,
-                                         pin_memory=on_cuda)  # fmt: skip
+                                         pin_memory=on_cuda)
     timer = StepTimer(warmup, steps)
     trainer = L.Trainer(accelerator="cuda" if on_cuda else "cpu", devices=1,
                         precision="bf16-mixed" if on_cuda else "32-true", max_steps=warmup + steps, max_epochs=-1,
                         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer])  # fmt: skip
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer])
     trainer.fit(module, train_dataloaders=loader)
     seconds = timer.t1 - timer.t0
     tok_s = steps * batch * seq / seconds
@@ -185,7 +185,7 @@ def grid(models: list[str], compile_options: list[bool]) -> list[tuple[str, str,
     """Most informative first, so a spent budget drops the least: eager sdpa, then compiled flash, then the rest."""
     order = [("sdpa", False), ("flash", True), ("sdpa", True), ("flash", False)]
     return [(m, impl, attn, c) for m in models for attn, c in order if c in compile_options
-            for impl in ("gpt2-forge", "transformers")]  # fmt: skip
+            for impl in ("gpt2-forge", "transformers")]
 
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
@@ -196,7 +196,7 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
              f"{meta['steps']} timed steps. "
              "FLOPs/token = 6N + 12LHQT with N = non-embedding params + lm_head (gpt2.flops_per_token).", "",
              "| model | impl | attention | compile | batch | tokens/s | MFU | peak mem GiB | step ms | note |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+             "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "tokens_per_s" in r:
             mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     meta = {"device": name, "date": date, "machine": machine_line(), "peak_flops": peak, "warmup": warmup,
             "steps": steps, "precision": "bf16-mixed" if device == "cuda" else "fp32 (smoke)",
             "block": 256 if args.smoke else BLOCK,
-            "flash_attn_package": flash_attn_installed(), "budget_s": budget}  # fmt: skip
+            "flash_attn_package": flash_attn_installed(), "budget_s": budget}
     print(meta["machine"], flush=True)
     rows: list[dict] = []
     start = time.perf_counter()
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
                 mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
                 mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f} GiB"
                 print(f"{preset:8s} {impl:12s} {attn:5s} compile={compiled!s:5s} batch {batch:2d}: "
-                      f"{r['tokens_per_s']:10,.0f} tok/s  MFU {mfu}  peak {mem}", flush=True)  # fmt: skip
+                      f"{r['tokens_per_s']:10,.0f} tok/s  MFU {mfu}  peak {mem}", flush=True)
                 break
             except torch.cuda.OutOfMemoryError:
                 cleanup()

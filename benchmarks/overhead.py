@@ -64,7 +64,7 @@ def char_batches(n: int, seed: int = 0) -> tuple[list[dict[str, torch.Tensor]], 
 def make_model(vocab: int) -> gpt2.GPT2LMHeadModel:
     torch.manual_seed(0)
     cfg = gpt2.GPT2Config(vocab_size=vocab, n_positions=BLOCK, n_embd=N_EMBD, n_layer=N_LAYER, n_head=N_HEAD,
-                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     return gpt2.GPT2LMHeadModel(cfg)
 
 
@@ -182,7 +182,7 @@ def floor_ratios(vocab: int, optim_cfg, batches, steps: int, args, manual: bool)
     inter = Interleave([bare], batches, args.warmup, args.chunk)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, gradient_clip_val=None if manual else 1.0, callbacks=[inter])  # fmt: skip
+                        limit_val_batches=0, gradient_clip_val=None if manual else 1.0, callbacks=[inter])
     module = FloorModule(vocab, optim_cfg, steps, manual)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Loader(batches), batch_size=None))
     return [(b[0] / lt[0], b[1] / lt[1]) for lt, b in zip(inter.light_s, inter.side_s[0])]
@@ -217,20 +217,20 @@ def main() -> int:
                  "trainer.limit_val_batches=0", "trainer.log_every_n_steps=10", "trainer.accelerator=cpu",
                  "trainer.devices=1", f"trainer.enable_progress_bar={not args.no_progress_bar}",
                  f"data.block_size={BLOCK}", f"data.batch_size={BATCH}", "optim.warmup_steps=10",
-                 *args.overrides]  # fmt: skip
+                 *args.overrides]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = to_config(compose(config_name="config", overrides=overrides))
     batches, vocab = char_batches(steps)
     print(f"model {N_LAYER}x{N_EMBD} ({N_HEAD} heads), block {BLOCK}, batch {BATCH}, vocab {vocab} (chars), "
           f"{args.chunks} interleaved chunks of {args.chunk} steps ({args.warmup} warm-up), torch threads "
-          f"{torch.get_num_threads()}", flush=True)  # fmt: skip
+          f"{torch.get_num_threads()}", flush=True)
 
     from train.callbacks.loggers import MetricsCSV
 
     bare = BareLoop(vocab, cfg.optim, steps, cfg.trainer.log_every_n_steps)
     inter = Interleave([bare], batches, args.warmup, args.chunk)
     module = GPT2LitModule(make_model(vocab), cfg.optim, max_steps=steps,
-                           log_every_n_steps=cfg.trainer.log_every_n_steps)  # fmt: skip
+                           log_every_n_steps=cfg.trainer.log_every_n_steps)
     hardware = check_hardware(cfg.strategy, cfg.trainer)
     strategy = build_strategy(cfg.strategy, cfg.trainer, cfg.data.batch_size, hardware)
     trainer = build_trainer(cfg.trainer, cfg.guard, cfg.seed, strategy, hardware.precision, tmp, [MetricsCSV(tmp)],
@@ -241,21 +241,21 @@ def main() -> int:
     light, bare_s = inter.light_s, inter.side_s[0]
     for i, (lt, b) in enumerate(zip(light, bare_s)):
         print(f"chunk {i + 1:2d}: bare {tokens / b[0]:8.0f} tok/s   train/run.py path {tokens / lt[0]:8.0f} tok/s   "
-              f"ratio {b[0] / lt[0]:.3f} (CPU time {b[1] / lt[1]:.3f})", file=sys.stderr)  # fmt: skip
+              f"ratio {b[0] / lt[0]:.3f} (CPU time {b[1] / lt[1]:.3f})", file=sys.stderr)
     n = len(light) * tokens
     for k, what in ((0, "wall"), (1, "CPU ")):
         tb, tl = sum(b[k] for b in bare_s), sum(lt[k] for lt in light)
         med = statistics.median([b[k] / lt[k] for lt, b in zip(light, bare_s)])
         print(f"{what}: bare PyTorch loop {n / tb:8.0f} tokens/s, train/run.py path {n / tl:8.0f} tokens/s; ratio "
               f"(train/run.py / bare): total {tb / tl:.3f}, median of chunks {med:.3f} -> Lightning overhead "
-              f"{100 * (1 - tb / tl):+.1f} %")  # fmt: skip
+              f"{100 * (1 - tb / tl):+.1f} %")
     if args.floor:
         for manual in (False, True):
             ratios = floor_ratios(vocab, cfg.optim, batches, steps, args, manual)
             what = "manual" if manual else "automatic"
             print(f"Lightning floor ({what} optimization, minimal module, nothing else): median of chunks bare / "
                   f"Lightning {statistics.median(r[0] for r in ratios):.3f} wall, "
-                  f"{statistics.median(r[1] for r in ratios):.3f} CPU")  # fmt: skip
+                  f"{statistics.median(r[1] for r in ratios):.3f} CPU")
     return 0
 
 

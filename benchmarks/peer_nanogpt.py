@@ -65,7 +65,7 @@ def nanogpt_args(steps: int, out_dir: Path) -> list[str]:
             # lr_decay_iters > warmup_iters (100): nanoGPT's get_lr divides by their difference
             f"--max_iters={steps}", f"--lr_decay_iters={max(steps, 101)}", "--dropout=0.0",
             "--eval_interval=100000000",  # step 0 only; it saves only when iter_num > 0: no checkpoint
-            f"--out_dir={out_dir}"]  # fmt: skip
+            f"--out_dir={out_dir}"]
 
 
 def ours_args(steps: int, data_dir: Path, vocab: int, run_dir: Path, root: Path = ROOT) -> list[str]:
@@ -77,7 +77,7 @@ def ours_args(steps: int, data_dir: Path, vocab: int, run_dir: Path, root: Path 
             f"model.n_positions={d['block_size']}", "model.dropout=0.0", "model.activation_function=gelu",
             "optim.lr=1e-3", "optim.betas=[0.9,0.99]", "optim.warmup_steps=100", "optim.min_lr_ratio=0.1",
             f"trainer.max_steps={steps}", "trainer.accelerator=cpu", "trainer.devices=1",
-            "trainer.limit_val_batches=0", "checkpoint.every_n_steps=100000000", f"run_dir={run_dir}"]  # fmt: skip
+            "trainer.limit_val_batches=0", "checkpoint.every_n_steps=100000000", f"run_dir={run_dir}"]
 
 
 def write_input_text(path: Path, n_chars: int) -> None:
@@ -91,7 +91,7 @@ def write_input_text(path: Path, n_chars: int) -> None:
 def prepare_nanogpt(checkout: Path, work: Path, n_chars: int) -> tuple[Path, int]:
     """Copy the checkout to `work`, write input.txt, run nanoGPT's prepare.py there; (copy, vocab size)."""
     need = ["train.py", "model.py", "configurator.py", "config/train_shakespeare_char.py",
-            "data/shakespeare_char/prepare.py"]  # fmt: skip
+            "data/shakespeare_char/prepare.py"]
     missing = [n for n in need if not (checkout / n).is_file()]
     if missing:
         sys.exit(f"error: {checkout} is not a nanoGPT checkout (no {missing[0]}); pass the folder holding train.py.")
@@ -128,7 +128,7 @@ class Run:
     def go(self) -> "Run":
         t0 = time.perf_counter()
         proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
 
         def read() -> None:
             for line in proc.stdout:
@@ -228,7 +228,7 @@ def main() -> int:
               f"model {DIMS['n_layer']}x{DIMS['n_embd']} ({DIMS['n_head']} heads), block {DIMS['block_size']}, "
               f"batch {DIMS['batch_size']}; {args.rounds} rounds of {args.short} + {args.long} steps per side; threads per "
               f"run: {args.threads or 'torch default'}",
-              flush=True)  # fmt: skip
+              flush=True)
 
         def nano_run(steps: int, tag: str) -> Run:
             return Run([sys.executable, *nanogpt_args(steps, work / f"out-{tag}")], nano, env, nanogpt_first_step)
@@ -238,7 +238,7 @@ def main() -> int:
             # the checkout's own packages first (an editable install may point at another checkout)
             run_env = dict(env, PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")]))
             return Run([python, *ours_args(steps, data, vocab, run_dir, root), *args.ours_args], root, run_env,
-                       ours_first_step(run_dir / "metrics.csv"))  # fmt: skip
+                       ours_first_step(run_dir / "metrics.csv"))
 
         def compared_run(steps: int, tag: str) -> Run:
             python = args.compare / ".venv" / "bin" / "python"
@@ -282,11 +282,11 @@ def main() -> int:
         for s in names:
             print(f"  {s:9s} per step {med(wall_ms[s]):7.2f} ms wall, {med(cpu_ms[s]):7.2f} ms CPU, "
                   f"{med(faults[s]):6.0f} minor page faults; start-up {med(start_s[s]):5.2f} s wall, "
-                  f"{med(start_cpu[s]):5.2f} s CPU")  # fmt: skip
+                  f"{med(start_cpu[s]):5.2f} s CPU")
         def speed(label: str, base: list[float], side: list[float]) -> None:  # per-round ratios base / side
             x = [b / o for b, o in zip(base, side)]
             print(f"  speed {label}: median {med(x):.3f}x  min {min(x):.3f}x  max {max(x):.3f}x  "
-                  f"(rounds: {', '.join(f'{v:.3f}' for v in x)})")  # fmt: skip
+                  f"(rounds: {', '.join(f'{v:.3f}' for v in x)})")
 
         for s in names[1:]:
             for label, per in (("wall", wall_ms), ("CPU ", cpu_ms)):
@@ -296,11 +296,11 @@ def main() -> int:
         nano_start = med(start_s["nanoGPT"])
         nano_noeval = med([t - e for t, e in zip(start_s["nanoGPT"], nano_eval)])
         print(f"  start-up = launch -> first optimizer step done; nanoGPT's includes its step-0 evaluation "
-              f"({med(nano_eval):.2f} s; without it {nano_noeval:.2f} s)")  # fmt: skip
+              f"({med(nano_eval):.2f} s; without it {nano_noeval:.2f} s)")
         for s in names[1:]:
             d = med(start_s[s]) - nano_start
             print(f"  start-up {s} - nanoGPT: {d:+.2f} s ({d + nano_start - nano_noeval:+.2f} s against nanoGPT "
-                  f"without its evaluation)")  # fmt: skip
+                  f"without its evaluation)")
         print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     finally:
         if args.keep:

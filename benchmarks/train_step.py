@@ -12,7 +12,7 @@ Four sides, one process, the same batches in the same order:
 The Lightning run drives; after every chunk of steps a callback runs the same batches through (b), (c) and (d),
 rotating their order each chunk (benchmarks/common.py), so machine load hits all sides alike. Dropout is off
 everywhere. Reported: the median over chunks of tokens/s per side and of the per-chunk ratios a/c (what training
-with gpt2-forge gains over transformers' model in a plain PyTorch loop; target >= 1.10, issue 6), a/d (the same
+with gpt2-forge gains over transformers' model in a plain PyTorch loop; target >= 1.10), a/d (the same
 optimizer on both sides: what the model alone gains; no target) and a/b (Lightning's overhead; target >= 0.95),
 for two configs:
   nanogpt-char  4 layers, 4 heads, 128 wide, block 64, batch 12, char vocab of the embedded corpus (nanoGPT
@@ -95,7 +95,7 @@ def make_ours(spec: Spec, vocab: int) -> gpt2.GPT2LMHeadModel:
     torch.manual_seed(0)  # (a), (b) and, through save_pretrained, (c) start from these same weights
     cfg = gpt2.GPT2Config(vocab_size=vocab, n_positions=spec.block, n_embd=spec.n_embd, n_layer=spec.n_layer,
                           n_head=spec.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                          eos_token_id=0, attn_implementation="sdpa")  # fmt: skip
+                          eos_token_id=0, attn_implementation="sdpa")
     return gpt2.GPT2LMHeadModel(cfg)
 
 
@@ -114,13 +114,13 @@ class Loop(BareLoop):
     hand-written loop has it."""
 
     def __init__(self, model: torch.nn.Module, optim_cfg, total_steps: int, log_every: int,
-                 framework_optimizer: bool = True):  # fmt: skip
+                 framework_optimizer: bool = True):
         self.model = model.train()
         if framework_optimizer:
             self.opt = build_optimizer(self.model, optim_cfg)
         else:
             self.opt = torch.optim.AdamW(param_groups(self.model, optim_cfg.weight_decay), lr=optim_cfg.lr,
-                                         betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)  # fmt: skip
+                                         betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, WarmupDecay(optim_cfg.warmup_steps, total_steps, optim_cfg.min_lr_ratio)
         )
@@ -132,7 +132,7 @@ def compose_cfg(run_dir: Path, spec: Spec, steps: int):
     overrides = [f"run_dir={run_dir}", f"trainer.max_steps={steps}", "trainer.val_check_interval=1000000",
                  "trainer.limit_val_batches=0", "trainer.log_every_n_steps=10", "trainer.accelerator=cpu",
                  "trainer.devices=1", f"data.block_size={spec.block}", f"data.batch_size={spec.batch}",
-                 "optim.warmup_steps=10"]  # fmt: skip
+                 "optim.warmup_steps=10"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return to_config(compose(config_name="config", overrides=overrides))
 
@@ -155,7 +155,7 @@ def run_config(spec: Spec, chunks: int, chunk: int) -> dict[str, float]:
     theirs_fused = make_theirs(ours_bare)
     sides = [Loop(ours_bare, cfg.optim, steps, log_every),  # (b)
              Loop(theirs, cfg.optim, steps, log_every, framework_optimizer=False),  # (c)
-             Loop(theirs_fused, cfg.optim, steps, log_every)]  # (d): (b)'s loop exactly  # fmt: skip
+             Loop(theirs_fused, cfg.optim, steps, log_every)]  # (d): (b)'s loop exactly
     inter = Interleave(sides, batches, WARMUP, chunk)
     module = GPT2LitModule(make_ours(spec, vocab), cfg.optim, max_steps=steps, log_every_n_steps=log_every)
     hardware = check_hardware(cfg.strategy, cfg.trainer)
@@ -164,7 +164,7 @@ def run_config(spec: Spec, chunks: int, chunk: int) -> dict[str, float]:
                             extra_callbacks=[inter])
     print(f"[{spec.name}] {spec.n_layer}x{spec.n_embd} ({spec.n_head} heads), block {spec.block}, batch "
           f"{spec.batch}, vocab {vocab}; {chunks} interleaved chunks of {chunk} steps ({WARMUP} warm-up)",
-          file=sys.stderr, flush=True)  # fmt: skip
+          file=sys.stderr, flush=True)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Loader(batches), batch_size=None))
 
     tokens = chunk * spec.batch * spec.block
@@ -224,12 +224,12 @@ def main(argv=None) -> int:
         chunks = args.chunks or (spec.quick_chunks if args.quick else spec.chunks)
         r = run_config(spec, chunks, spec.quick_chunk if args.quick else spec.chunk)
         rows.append(f"| {spec.name} | {r['a']:,.0f} | {r['b']:,.0f} | {r['c']:,.0f} | {r['d']:,.0f} | {r['a/c']:.3f} "
-                    f"({r['a/c range']}) | {r['a/d']:.3f} ({r['a/d range']}) | {r['a/b']:.3f} |")  # fmt: skip
+                    f"({r['a/c range']}) | {r['a/d']:.3f} ({r['a/d range']}) | {r['a/b']:.3f} |")
         print(rows[-1], file=sys.stderr, flush=True)
     print(f"\n{time.perf_counter() - t0:.0f} s; tokens/s and ratios are medians over interleaved chunks\n")
     print("| config | (a) ours, train/run.py tok/s | (b) ours, bare loop tok/s | (c) transformers, bare loop, "
           "torch's default AdamW tok/s | (d) transformers, (b)'s loop tok/s | a/c (target >= 1.10; chunk range) | "
-          "a/d (model only) | a/b (target >= 0.95) |")  # fmt: skip
+          "a/d (model only) | a/b (target >= 0.95) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     return 0

@@ -11,7 +11,7 @@ from data_pipelines.config import SOURCES, DataConfig, Source, register_configs,
 __all__ = [
     "SOURCES", "DataConfig", "Source", "register_configs", "to_data_config",
     "LMDataModule", "prepare_tokens", "build_corpus", "ResumableBatchSampler", "PackedBlocks", "read_token_dir",
-]  # fmt: skip
+]
 
 
 def __getattr__(name):  # lazy: `import data_pipelines` stays light (no torch/lightning/datasets until used)

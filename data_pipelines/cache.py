@@ -138,7 +138,7 @@ def prepare_tokens(
     if verbose:
         print(f"  {summary['parts_written']} shard(s), {summary['tokens_written']:,} tokens written by this run "
               f"({encoder.engine}, {cfg.num_proc} process(es)) in {summary['seconds']:.1f} s; peak RSS "
-              f"{summary['peak_rss_mb']:.0f} MB (largest worker {summary['peak_worker_rss_mb']:.0f} MB)")  # fmt: skip
+              f"{summary['peak_rss_mb']:.0f} MB (largest worker {summary['peak_worker_rss_mb']:.0f} MB)")
     if num_tasks == 1:
         write_index(cfg, out, tok, train_src, val_src, encoder.engine, summary["units"], time.perf_counter() - t0)
     return out
@@ -147,7 +147,7 @@ def prepare_tokens(
 def write_index(
     cfg: DataConfig, out: Path, tok, train_src: DocumentSource, val_src: DocumentSource | None, engine: str,
     units: dict[str, int], seconds: float,
-) -> None:  # fmt: skip
+) -> None:
     """Check that every shard exists and publish index.json (the folder is complete from then on)."""
     dtype = token_dtype(len(tok))
 
@@ -190,7 +190,7 @@ def write_index(
                        "val": splits["val"]["stop"] - splits["val"]["start"]},
         "splits": splits,
         "seconds": round(seconds, 3),
-    }  # fmt: skip
+    }
     if cfg.source is Source.default:
         index["corpus_sha256"] = corpus_sha256(build_corpus())
     write_json_atomic(out / INDEX, index)

@@ -56,7 +56,7 @@ _CODE_LINE = re.compile(r">>>|\.\.\.( |$)|\.\. |:\w+:|\+[-=]|\||\$ |%|#")  # how
 _SKIP_DIRS = {
     "site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo",
     "ensurepip", "venv", "__pycache__",
-}  # fmt: skip
+}
 
 
 def prose_paragraphs(text: str) -> list[str]:

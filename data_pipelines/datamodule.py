@@ -1,4 +1,4 @@
-"""`LMDataModule`: the LightningDataModule for causal-LM pre-training (contract: /work/shared/INTERFACE.md).
+"""`LMDataModule`: the LightningDataModule for causal-LM pre-training (the contract is the project's public interface: README.md).
 
 prepare_data (local rank 0 of each node): tokenize + pack + cache (no-op when cached).
 setup: every rank opens the cached token folder (ranks other than local 0 wait for it), builds the datasets.

@@ -1,8 +1,7 @@
 """Bulk document encoding: a byte-level BPE tokenizer of ours as a `tiktoken.Encoding` with the same ids.
 
 `tokenizers` (our `GPT2TokenizerFast` backend) is the reference; `tiktoken` encodes the same byte-level BPE several
-times faster per core (OpenAI's GPT-2 vocabulary, one thread each: 2.9-4.4x in issue 15, 4.7x measured here on a
-shared 2-core VM, interleaved repeats). The two engines run different
+times faster per core (measured in benchmarks/RESULTS.md). The two engines run different
 algorithms on different tables, so `to_tiktoken` only hands out an Encoding when it can show that, for this
 tokenizer, every input gets the same ids from both — otherwise it raises `NotConvertible` with the reason, and
 `DocumentEncoder` falls back to `tokenizers` (saying why, once).
@@ -304,4 +303,4 @@ def encode_stream(
 __all__ = [
     "GPT2_PATTERN", "NotConvertible", "DocumentEncoder", "to_tiktoken", "reference_backend", "bytes_to_unicode",
     "check_pipeline", "mergeable_ranks", "encode_stream",
-]  # fmt: skip
+]

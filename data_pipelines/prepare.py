@@ -59,7 +59,7 @@ def _run(node: DictConfig) -> None:
         root = prepare(cfg, pcfg.task_index, pcfg.num_tasks, verbose=True)
         if pcfg.num_tasks > 1:
             print(f"task {pcfg.task_index} of {pcfg.num_tasks} done: its shards are in {root}; a final run with "
-                  f"num_tasks=1 writes the index")  # fmt: skip
+                  f"num_tasks=1 writes the index")
         else:
             print(summarize(cfg, root))
         print(f"  took {time.perf_counter() - t0:.1f} s")

@@ -49,7 +49,7 @@ class PackedBlocks(Dataset):
             mm = np.memmap(
                 self.file, dtype=self.dtype, mode="r", offset=self.start * self.dtype.itemsize,
                 shape=(self.num_blocks * self.block_size,),
-            )  # fmt: skip
+            )
             self._blocks = mm.reshape(self.num_blocks, self.block_size)  # (N, T)
         return self._blocks
 

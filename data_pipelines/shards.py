@@ -220,7 +220,7 @@ def prepare_shards(
     return {
         "units": units, "items": len(mine), "items_run": len(todo), "parts_written": parts,
         "tokens_written": tokens, "seconds": time.perf_counter() - t0, **peak_rss_mb(),
-    }  # fmt: skip
+    }
 
 
 def peak_rss_mb() -> dict[str, float]:
@@ -256,4 +256,4 @@ def remove_temp_files(root: Path) -> None:
 
 
 __all__ = ["INDEX", "SHARDS", "WorkItem", "ShardJob", "plan", "item_done", "run_item", "run_items",
-           "prepare_shards", "split_shards", "part_path", "manifest_path"]  # fmt: skip
+           "prepare_shards", "split_shards", "part_path", "manifest_path"]

@@ -50,7 +50,7 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
     "max_length": 20, "min_length": 0, "do_sample": False, "use_cache": True, "temperature": 1.0, "top_k": 50,
     "top_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
     "num_return_sequences": 1, "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
-}  # fmt: skip
+}
 SUPPORTED = frozenset(GLOBAL_DEFAULTS) | {"max_new_tokens", "min_new_tokens", "bos_token_id", "eos_token_id",
                                          "pad_token_id", "stopping_criteria"}
 # transformers generation settings not implemented here, with the value at which each changes nothing (accepted
@@ -72,7 +72,7 @@ NO_EFFECT: dict[str, Any] = {
     "assistant_early_exit": None, "assistant_lookbehind": None, "target_lookbehind": None, "constraints": None,
     "force_words_ids": None, "max_cache_len": None, "use_mtp": None, "prefill_chunk_size": None,
     "continuous_batching_config": None, "speculation_type": None, "assistant_ensemble_weight": None,
-}  # fmt: skip
+}
 _SAMPLING_ONLY = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}  # (their no-op / default values)
 _FILE_ONLY_KEYS = ("transformers_version", "_from_model_config", "_commit_hash", "trust_remote_code")
 
@@ -266,11 +266,10 @@ class _Plan:
 # stalls the launch queue); tokens computed past the stop are trimmed, so the output is the same.
 _SYNC_EVERY = 16
 # CPU decoding at 1-3 rows is a chain of GEMVs that stream every weight once per token, and MKL streams the (in, out)
-# layout (HF's Conv1D) markedly faster than nn.Linear's (out, in): measured on a 2-core AMD EPYC, one thread, the
-# gpt2 lm_head (50257 x 384) took 12.0 ms vs 4.2 ms per token, a 4 x 768 trunk ~10 % less; from 4 rows up MKL uses
-# GEMM and both layouts are equal. So a CPU decode loop of enough tokens runs on (in, out) copies of the projection
-# weights and the output embedding. The copies live for one generate() call only (a transpose copy costs ~100 ms
-# for that lm_head, repaid after ~32 tokens): nothing outlives the call, so a model never silently holds its weights
+# layout (HF's Conv1D) markedly faster than nn.Linear's (out, in) (benchmarks/generation.py measures it); from 4
+# rows up MKL uses GEMM and both layouts are equal. So a CPU decode loop of enough tokens runs on (in, out) copies of the projection
+# weights and the output embedding. The copies live for one generate() call only (a transpose copy of the lm_head
+# is repaid after a few dozen tokens): nothing outlives the call, so a model never silently holds its weights
 # twice.
 _T_LAYOUT_MAX_ROWS = 3
 _T_LAYOUT_MIN_TOKENS = 32
@@ -471,7 +470,7 @@ def generate(model, input_ids: torch.LongTensor | None = None, attention_mask: t
         output_scores=bool(s["return_dict_in_generate"] and s["output_scores"]),
         output_logits=bool(s["return_dict_in_generate"] and s["output_logits"]),
         stopping_criteria=list(s.get("stopping_criteria") or ()),
-    )  # fmt: skip
+    )
     was_training = model.training
     model.eval()
     try:

@@ -243,8 +243,8 @@ def _no_init():
     """torch.nn.init's initializers as no-ops inside the block (transformers' `no_init_weights` does the same).
 
     For a build on the meta device: there is nothing to initialize there, and torch's meta kernels for `normal_` /
-    `uniform_` run through torch._refs, whose first call imports torch._dynamo (~1 s of every `from_pretrained` on
-    the 2-core dev VM). Not thread-safe (it swaps module attributes), as transformers' is not.
+    `uniform_` run through torch._refs, whose first call imports torch._dynamo (seconds of every `from_pretrained`).
+    Not thread-safe (it swaps module attributes), as transformers' is not.
     """
     saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
     try:

@@ -612,7 +612,7 @@ class GPT2TokenizerFast:
             return_attention_mask=return_attention_mask, return_overflowing_tokens=return_overflowing_tokens,
             return_special_tokens_mask=return_special_tokens_mask, return_offsets_mapping=return_offsets_mapping,
             return_length=return_length, verbose=verbose, split_special_tokens=split_special_tokens,
-        )  # fmt: skip
+        )
         encoded = self._encode_plus(text, text_pair, max_length=max_length, **common) if text is not None else None
         if text_target is None:
             return encoded

@@ -318,12 +318,12 @@ cd {shlex.quote(str(spec.workdir))}
          f"--output={logs / 'prepare_%A_%a.out'}", "--requeue"],
         f'echo "[launch] prepare task $SLURM_ARRAY_TASK_ID of {spec.array} on $(hostname) at $(date -Is)"\n'
         f"{prepare}{num_proc} num_tasks={spec.array} task_index=$SLURM_ARRAY_TASK_ID",
-    )  # fmt: skip
+    )
     index = script(
         "the index step, after the array",
         [f"--job-name={spec.job_name}-index", "--ntasks=1", *common, f"--output={logs / 'index_%j.out'}", "--requeue"],
         f'echo "[launch] prepare index step on $(hostname) at $(date -Is)"\n{prepare}{num_proc}',
-    )  # fmt: skip
+    )
     return array, index
 
 

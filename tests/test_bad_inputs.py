@@ -29,7 +29,7 @@ TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mi
 def _hash_tree(d: Path) -> dict[str, str]:
     """sha256 of every file under d, except Hydra's job log (run.log), which every invocation appends to."""
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
-            if p.is_file() and p.name != "run.log"}  # fmt: skip
+            if p.is_file() and p.name != "run.log"}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (d / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ctx = "The quick brown fox jumps over the lazy dog."
     rows = [{"id": str(i), "question": "who jumps?", "context": ctx, "answers": {"text": ["fox"], "answer_start": [16]}}
-            for i in range(30)]  # fmt: skip
+            for i in range(30)]
     rows.append({"id": "bad", "question": "who?", "context": ctx, "answers": {"text": ["zebra"], "answer_start": [500]}})
     (d / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "precious").mkdir()
@@ -87,7 +87,7 @@ def tiny(w) -> list[str]:
         "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.n_positions=32",
         "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
         "trainer.enable_progress_bar=false", "sample.max_new_tokens=2", "sample.prompts=[To]",
-    ]  # fmt: skip
+    ]
 
 
 def _strategies() -> set[str]:
@@ -96,7 +96,7 @@ def _strategies() -> set[str]:
 
 # (id, entry point, args(w) -> list[str], regex the message must match)
 RUN, EXPORT, GEN, PREP, PLAN, SLURM = ("train/run.py", "train/cli/export.py", "train/cli/generate.py",
-                                        "data_pipelines/prepare.py", "launch/plan.py", "launch/slurm.py")  # fmt: skip
+                                        "data_pipelines/prepare.py", "launch/plan.py", "launch/slurm.py")
 
 
 def run(*extra):
@@ -193,10 +193,10 @@ BEFORE_TORCH = {
     "generate-corrupt-checkpoint", "generate-bad-temperature", "generate-zero-samples", "generate-file-as-source",
     "export-file-as-source",
     "prepare-unknown-key", "swept-run-dir-under-multirun", "lm-data-override-on-finetune", "slurm-bad-nodes",
-}  # fmt: skip
+}
 # ... and these need torch (is there a CUDA GPU?), but not Lightning
 BEFORE_LIGHTNING = BEFORE_TORCH | {"too-many-devices", "flash-on-cpu", "deepspeed-fp64", "plan-unknown-model",
-                                   "plan-bad-number"}  # fmt: skip
+                                   "plan-bad-number"}
 
 
 def _run_case(w, case) -> subprocess.CompletedProcess:
@@ -204,7 +204,7 @@ def _run_case(w, case) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "GPT2_FORGE_DEBUG")}
     env["GPT2_FORGE_CACHE"] = str(w["cache"])
     return subprocess.run([sys.executable, "-c", _PROBE, str(ROOT / script), *args(w)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=240)  # fmt: skip
+                          capture_output=True, text=True, timeout=240)
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +252,6 @@ def test_export_replaces_an_earlier_export_without_force(world, tmp_path):
     shutil.copytree(world["pre"] / "hf", out)
     (out / "model.safetensors").write_bytes(b"stale")  # whatever was there is replaced as a whole
     r = subprocess.run([sys.executable, str(ROOT / "train" / "cli" / "export.py"), str(world["pre"]), str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=240)  # fmt: skip
+                       capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "model.safetensors").read_bytes() == (world["pre"] / "hf" / "model.safetensors").read_bytes()

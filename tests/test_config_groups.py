@@ -75,7 +75,7 @@ ALL = [(g, o) for g in sorted(p.name for p in CONF.iterdir() if p.is_dir()) for 
 def test_every_group_has_options():
     groups = {g for g, _ in ALL}
     assert {"model", "attention", "stability", "task", "data", "strategy", "trainer", "optim", "logger",
-            "checkpoint", "experiment", "debug"} <= groups  # fmt: skip
+            "checkpoint", "experiment", "debug"} <= groups
     assert {"tiny", "demo", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"} <= set(_options("model"))
     assert {"eager", "sdpa", "flash"} <= set(_options("attention"))
 
@@ -188,7 +188,7 @@ def test_lm_data_override_on_a_finetune_is_never_silent(caplog):
         check_overrides(to_config(_compose(over)), over)
     for fine in (["task=lm", "data=jsonl", "data.path=my.jsonl"],
                  ["task=cls", "task.data.source=jsonl", "task.data.path=c.jsonl", "data=text", "data.path=corpus.txt",
-                  "model.init_from=runs/lm/hf"]):  # fmt: skip
+                  "model.init_from=runs/lm/hf"]):
         caplog.clear()
         check_overrides(to_config(_compose(fine)), fine)
         assert not caplog.records

@@ -67,13 +67,13 @@ def _cli(*args, cwd=ROOT):
     return subprocess.run(
         [sys.executable, str(ROOT / "data_pipelines" / "prepare.py"), *args],
         capture_output=True, text=True, cwd=cwd, timeout=120,
-    )  # fmt: skip
+    )
 
 
 def test_prepare_cli_writes_tokens_and_reports_errors(tmp_path):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"document number {i}. " * 20}) + "\n" for i in range(50)))
     r = _cli("data=jsonl", f"data.path={tmp_path / 'a.jsonl'}", "data.vocab_size=300", f"data.cache_dir={tmp_path}/c",
-             "data.block_size=16", cwd=tmp_path)  # fmt: skip
+             "data.block_size=16", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out_dir = Path(r.stdout.split("tokens written to ")[1].split()[0])
     meta = json.loads((out_dir / "index.json").read_text())

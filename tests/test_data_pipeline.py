@@ -13,7 +13,7 @@ from data_pipelines import DataConfig, LMDataModule, read_token_dir
 from data_pipelines import cache, tokenizing
 from data_pipelines.corpus import (
     build_corpus, corpus_sha256, docstring_documents, prose_paragraphs, topic_documents,
-)  # fmt: skip
+)
 from data_pipelines.prepare import prepare
 from data_pipelines.tokenizing import encode_documents, split_document, token_dtype
 from gpt2.tokenizer import GPT2TokenizerFast, train_tokenizer
@@ -181,7 +181,7 @@ def test_val_file_is_used_instead_of_fraction(tmp_path, docs, tok, tok_dir):
     cfg = DataConfig(
         source="text", path=str(tmp_path / "tr.txt"), val_path=str(tmp_path / "va.txt"),
         tokenizer=str(tok_dir), cache_dir=str(tmp_path / "c"),
-    )  # fmt: skip
+    )
     root = prepare(cfg)
     np.testing.assert_array_equal(split_stream(root, "val"), expected_stream(tok, [docs[1]]))
     np.testing.assert_array_equal(split_stream(root, "train"), expected_stream(tok, [docs[0]]))
@@ -384,7 +384,7 @@ def test_hub_source_with_val_split(tmp_path, docs, tok, tok_dir, streaming):
     (repo / "train.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs[:30]))
     (repo / "validation.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs[30:]))
     cfg = DataConfig(source="hub", name=str(repo), split="train", val_split="validation", text_column="content",
-                     streaming=streaming, tokenizer=str(tok_dir), cache_dir=str(tmp_path / "c"))  # fmt: skip
+                     streaming=streaming, tokenizer=str(tok_dir), cache_dir=str(tmp_path / "c"))
     root = prepare(cfg)
     np.testing.assert_array_equal(split_stream(root, "train"), expected_stream(tok, docs[:30]))
     np.testing.assert_array_equal(split_stream(root, "val"), expected_stream(tok, docs[30:]))

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 register_configs()
 
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory", "oscar",
-         "peggy", "rupert", "sybil", "trent", "victor", "walter"]  # fmt: skip
+         "peggy", "rupert", "sybil", "trent", "victor", "walter"]
 CITIES = ["paris", "rome", "oslo", "lima", "cairo", "delhi", "tokyo", "quito", "dakar", "hanoi", "kyiv", "bern"]
 FOODS = ["tea", "rice", "bread", "soup", "fish", "figs"]
 CITY = {n: CITIES[i % len(CITIES)] for i, n in enumerate(NAMES)}
@@ -72,7 +72,7 @@ def write_tasks(d: Path, cache: Path) -> Path:
         "gen": [{"question": ("so " if i % 3 == 0 else "") + f"{n} lives in", "answer": CITY[n]}
                 for i, n in enumerate(NAMES)],
         "gen_shots": [{"question": f"{n} likes", "answer": FOOD[n]} for n in NAMES[:6]],
-    }  # fmt: skip
+    }
     for name, docs in rows.items():
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in docs))
 
@@ -139,7 +139,7 @@ def world(tmp_path_factory):
         "trainer.max_steps=200", "trainer.val_check_interval=200", "trainer.limit_val_batches=1",
         "trainer.log_every_n_steps=50", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=200",
         "optim.lr=1e-2", "optim.warmup_steps=5", "sample.max_new_tokens=4", f"run_dir={run_dir}",
-    ]  # fmt: skip
+    ]
     cfg = compose_config(overrides)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 64-wide model gains nothing from a second thread on a shared 2-core machine
@@ -155,10 +155,10 @@ def world(tmp_path_factory):
 def both(world):
     """(ours, hf): lm_eval results of our backend and lm_eval's `hf` backend on the same export, every sample kept."""
     ours = ev.evaluate(str(world["hf"]), tasks=TASKS, include_path=world["tasks"], batch_size=BATCH, device="cpu",
-                       bootstrap_iters=0, log_samples=True)  # fmt: skip
+                       bootstrap_iters=0, log_samples=True)
     task_manager = TaskManager(include_path=str(world["tasks"]), include_defaults=False)
     hf = simple_evaluate(model="hf", model_args={"pretrained": str(world["hf"]), "dtype": "float32"}, tasks=TASKS,
-                         device="cpu", batch_size=BATCH, task_manager=task_manager, bootstrap_iters=0)  # fmt: skip
+                         device="cpu", batch_size=BATCH, task_manager=task_manager, bootstrap_iters=0)
     return ours, hf
 
 
@@ -171,7 +171,7 @@ def test_metrics_equal_hf_backend_on_all_four_output_types(both):
     got, want = ev.metrics(ours), ev.metrics(hf)
     assert set(got) == set(want) == {
         "forge_mc/acc", "forge_mc/acc_norm", "forge_ll/perplexity", "forge_ll/acc", "forge_roll/word_perplexity",
-        "forge_roll/byte_perplexity", "forge_roll/bits_per_byte", "forge_gen/exact_match_strip"}  # fmt: skip
+        "forge_roll/byte_perplexity", "forge_roll/bits_per_byte", "forge_gen/exact_match_strip"}
     for key, value in want.items():
         if "perplexity" in key or "bits_per_byte" in key:
             assert got[key] == pytest.approx(value, rel=1e-4), key
@@ -234,7 +234,7 @@ def test_edge_cases_of_tokenization_and_truncation_equal_hf_backend(two_backends
     ll = requests("loglikelihood", [
         ("", "alice lives in paris."), ("alice lives in ", "paris."), ("bob likes", " tea"), ("bob likes", " fish"),
         ("<|endoftext|>carol", " lives in"), (long_ctx, " dave likes soup."), (long_ctx, " so"), ("in", " rome"),
-    ])  # fmt: skip
+    ])
     for (a, ga), (b, gb) in zip(ours.loglikelihood(ll), hf.loglikelihood(ll, disable_tqdm=True), strict=True):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5) and ga == gb
     gen = requests("generate_until", [
@@ -242,7 +242,7 @@ def test_edge_cases_of_tokenization_and_truncation_equal_hf_backend(two_backends
         ("frank", {"until": [" in", "."], "max_gen_toks": 6}),
         ("so grace lives in", {"until": ["."], "max_gen_toks": 8, "do_sample": False}),
         ("heidi likes", {"until": ["\n"], "max_gen_toks": 4}),
-    ])  # fmt: skip
+    ])
     assert ours.generate_until(gen) == hf.generate_until(gen, disable_tqdm=True)
     roll = requests("loglikelihood_rolling", [(facts(n, n),) for n in (1, 10, 25)])
     for a, b in zip(ours.loglikelihood_rolling(roll), hf.loglikelihood_rolling(roll, disable_tqdm=True), strict=True):
@@ -287,7 +287,7 @@ def test_cli_prints_lm_eval_table_and_writes_json_into_the_run(world, capsys):
     the script itself runs in test_data_parallel_over_two_processes_equals_one)."""
     rc = ev_cli.main([str(world["hf"]), "--tasks", "forge_mc,forge_gen", "--include-path", str(world["tasks"]),
                   "--limit", "6", "--num-fewshot", "1", "--batch-size", "3", "--device", "cpu",
-                  "--bootstrap-iters", "0"])  # fmt: skip
+                  "--bootstrap-iters", "0"])
     out, err = capsys.readouterr()
     assert rc == 0, err[-3000:]
     assert "|Tasks|Version|Filter|n-shot|Metric|" in out.replace(" ", "")  # lm_eval's make_table
@@ -313,7 +313,7 @@ def test_data_parallel_over_two_processes_equals_one(world, both, tmp_path):
          "--bootstrap-iters", "0", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
         env=dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"),
-    )  # fmt: skip
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("results: ") == 1  # rank 0 alone reports
     got, single = ev.metrics(json.loads(out.read_text())), ev.metrics(both[0])

@@ -33,7 +33,7 @@ FRAGMENTS = [
     " ", "  ", "\t", "\n", "\n\n", "\r\n", " \n ", "\u00a0", "\u2003", "\u3000", "\u200b", "\u2028", "\x0b", "\x0c",
     "\x00", "\x01", "\x1b[31m", "\x7f", "\x85", "\x9f", "\ufeff", "\ufffd", "\uffff", "\U0010fffd", "\ue000",
     "𝐀𝐁𝐂", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "𓀀𓀁", "ꙮ", "$$$", "...", "!!!", "—–-", "«»", "<|endoftext|>", "<|endoftext", "http://x.y/z?a=1",
-]  # fmt: skip
+]
 SEPARATORS = ["", " ", "  ", "\n", "\t", "   \n", "\u3000", ",", "'"]
 
 
@@ -107,7 +107,7 @@ def test_every_code_point_splits_the_same_in_both_regex_engines():
     cps = [
         c for c in range(0x110000)
         if not 0xD800 <= c < 0xE000 and (c < 0x3000 and unicodedata.category(chr(c)) != "Cn" or c % 61 == 0)
-    ]  # fmt: skip
+    ]
     lines = [f"a{chr(c)} 1{chr(c)} {chr(c)}a {chr(c)}{chr(c)}'s{chr(c)}\n" for c in cps]
     ref = reference_backend(backend).encode_batch_fast(lines, add_special_tokens=False)
     got = enc.encode_ordinary_batch(lines, num_threads=2)
@@ -134,7 +134,7 @@ def test_a_vocabulary_where_tiktoken_would_differ_is_refused_and_encoded_by_toke
     naive = tiktoken.Encoding(
         "naive", pat_str=GPT2_PATTERN, special_tokens={},
         mergeable_ranks={bytes(unicode_to_bytes()[c] for c in s): i for s, i in vocab.items()},
-    )  # fmt: skip
+    )
     ref = reference_ids(backend, ["abc"])[0]
     assert ref == [vocab["a"], vocab["bc"]] and naive.encode_ordinary("abc") == [vocab["abc"]]  # the hazard is real
     with pytest.raises(NotConvertible, match="'abc' as \\['a', 'bc'\\]"):

@@ -26,7 +26,7 @@ CONF = ROOT / "conf"
 register_configs()
 
 BASE = ["model=tiny", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=20", "guard=off",
-        "sample.max_new_tokens=4"]  # fmt: skip
+        "sample.max_new_tokens=4"]
 # task -> (steps, extra overrides, metric, chance, margin): the held-out metric must reach chance + margin.
 # qa's chance is computed from its validation set below (the best random-span baseline); measured on the 2-core CPU
 # (seed 1337): cls 0.62 after 120 steps, token_cls F1 0.45 after 100, qa F1 0.57 (EM 0.50) after 200 steps, mc 0.41 after 150 steps
@@ -38,7 +38,7 @@ TASKS = {
     "mc": (150, ["task.data.demo_train_size=1200", "task.data.demo_val_size=200"], "val/accuracy", 0.25, 0.08),
 }
 HF_CLASS = {"cls": "AutoModelForSequenceClassification", "token_cls": "AutoModelForTokenClassification",
-            "qa": "AutoModelForQuestionAnswering", "mc": "GPT2DoubleHeadsModel"}  # fmt: skip
+            "qa": "AutoModelForQuestionAnswering", "mc": "GPT2DoubleHeadsModel"}
 
 
 def compose_cfg(overrides: list[str]):
@@ -58,7 +58,7 @@ def lm_export(tmp_path_factory, cache) -> Path:
         f"run_dir={run_dir}", f"data.cache_dir={cache}", "trainer.max_steps=150", "data.block_size=64",
         "data.batch_size=16", "trainer.val_check_interval=150", "trainer.limit_val_batches=2",
         "optim.warmup_steps=15", "checkpoint.every_n_steps=150",
-    ]))  # fmt: skip
+    ]))
     assert summary["last_train_loss"] < summary["first_train_loss"] - 1.0
     return Path(summary["hf_dir"])
 
@@ -68,7 +68,7 @@ def finetune(task: str, run_dir: Path, init_from: Path, cache: Path, steps: int,
         f"task={task}", f"run_dir={run_dir}", f"model.init_from={init_from}", f"data.cache_dir={cache}",
         f"task.data.cache_dir={cache}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps // 2}",
         "optim.lr=1e-3", "optim.warmup_steps=10", f"checkpoint.every_n_steps={steps}", *extra,
-    ]))  # fmt: skip
+    ]))
 
 
 def random_span_f1(examples: list[dict], seed: int = 0, draws: int = 20) -> float:
@@ -141,7 +141,7 @@ def test_finetune_from_lm_export_learns_and_export_matches_transformers(task, lm
     cfg = json.loads((hf / "config.json").read_text())
     assert cfg["pad_token_id"] == cfg["eos_token_id"]
     ours_cls = {"cls": "GPT2ForSequenceClassification", "token_cls": "GPT2ForTokenClassification",
-                "qa": "GPT2ForQuestionAnswering", "mc": "GPT2DoubleHeadsModel"}[task]  # fmt: skip
+                "qa": "GPT2ForQuestionAnswering", "mc": "GPT2DoubleHeadsModel"}[task]
     import gpt2
 
     ours = getattr(gpt2, ours_cls).from_pretrained(str(hf), dtype=torch.float32).eval()
@@ -179,7 +179,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 def _cls_rows(labels: list[str], n: int) -> list[dict]:
     words = ["alpha", "beta", "gamma", "delta", "omega"]
     return [{"text": f"The {words[i % len(words)]} case number {i}.", "label": labels[i % len(labels)]}
-            for i in range(n)]  # fmt: skip
+            for i in range(n)]
 
 
 def test_string_labels_reach_the_export_and_label_count_mismatch_reinitialises(lm_export, cache, tmp_path, caplog):
@@ -188,7 +188,7 @@ def test_string_labels_reach_the_export_and_label_count_mismatch_reinitialises(l
     transformers = pytest.importorskip("transformers")
     two = _write_jsonl(tmp_path / "two.jsonl", _cls_rows(["positive", "negative"], 64))
     s = finetune("cls", tmp_path / "two", lm_export, cache, 6, "task.data.source=jsonl", f"task.data.path={two}",
-                 "task.data.batch_size=8")  # fmt: skip
+                 "task.data.batch_size=8")
     cfg = json.loads((Path(s["hf_dir"]) / "config.json").read_text())
     assert cfg["id2label"] == {"0": "negative", "1": "positive"}  # sorted string labels
     assert cfg["label2id"] == {"negative": 0, "positive": 1}
@@ -204,7 +204,7 @@ def test_string_labels_reach_the_export_and_label_count_mismatch_reinitialises(l
     three = _write_jsonl(tmp_path / "three.jsonl", _cls_rows(["red", "green", "blue"], 60))
     with caplog.at_level(logging.INFO, logger="train.tasks"):
         s3 = finetune("cls", tmp_path / "three", tmp_path / "two", cache, 4, "task.data.source=jsonl",
-                      f"task.data.path={three}", "task.data.batch_size=8")  # fmt: skip
+                      f"task.data.path={three}", "task.data.batch_size=8")
     assert s3["num_labels"] == 3
     assert s3["init"]["reinitialized"] and s3["init"]["reinitialized"][0].startswith("score.weight (2, ")
     assert not s3["init"]["new"]  # the trunk came from the checkpoint; only the head changed shape
@@ -225,7 +225,7 @@ def test_task_resume_continues_the_data_order_exactly(lm_export, cache, tmp_path
             "task.data.batch_size=8", "model.dropout=0.1", f"trainer.max_steps={steps}", "optim.decay_steps=12",
             "optim.warmup_steps=2", "trainer.val_check_interval=6", "trainer.log_every_n_steps=1",
             "checkpoint.every_n_steps=6", *extra,
-        ]))  # fmt: skip
+        ]))
 
     run(tmp_path / "whole", 12)
     run(tmp_path / "parts", 6)

@@ -155,7 +155,7 @@ def circles(mods: dict[str, Module]) -> list[list[str]]:
 def floor_breaks(mods: dict[str, Module], floors: tuple[str, ...] = FLOORS) -> list[str]:
     level = {name: i for i, name in enumerate(floors)}
     return [f"{m.name} imports {t} (line {line})" for m in mods.values() for t, line in m.imports.items()
-            if level[t.split(".")[0]] > level[m.name.split(".")[0]]]  # fmt: skip
+            if level[t.split(".")[0]] > level[m.name.split(".")[0]]]
 
 
 @pytest.fixture(scope="module")
@@ -218,5 +218,5 @@ def test_the_checker_finds_each_broken_rule(tmp_path):
     assert floor_breaks(mods) == ["gpt2.low imports train.job (line 4)"]
     assert mods["train.job"].private == ["line 2: from train.model import _private"]
     assert mods["train.model"].private == ["line 8: data_pipelines.dp._z", "line 8: other._w",
-                                           "line 8: getattr(other, '_v')"]  # fmt: skip
+                                           "line 8: getattr(other, '_v')"]
     assert mods["gpt2.low"].private == [] and mods["launch.run"].private == []  # torch._x and launch -> train: fine

@@ -136,7 +136,7 @@ def _wait_for_requeue(job_id: str) -> None:
     ~12 s (pending, Reason=BeginTime, measured on this one-node cluster) before it may run again, time in which the
     test would only wait; what is tested (the job comes back and resumes) is the same either way."""
     info = _wait(job_id, lambda info: (int(info.get("Restarts", 0)) >= 1 and info.get("JobState") != "COMPLETING")
-                 or _finished(info), 90, "a requeue")  # fmt: skip
+                 or _finished(info), 90, "a requeue")
     if info.get("JobState") == "PENDING":
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=30)
 
@@ -239,7 +239,7 @@ def test_hydra_sweep_with_the_slurm_launcher_runs_each_job_on_slurm(tmp_path):
          "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
          "optim.lr=1e-3,2e-3"],
         capture_output=True, text=True, timeout=400, cwd=ROOT,
-    )  # fmt: skip
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     # two SLURM jobs (an array: <id>_0, <id>_1), each with its log and result written by submitit on the node
     results = sorted(p.parent.name for p in (sweep / ".submitit").glob("*/*_result.pkl"))
@@ -254,7 +254,7 @@ def test_hydra_sweep_with_the_slurm_launcher_runs_each_job_on_slurm(tmp_path):
 # ------------------------------------------------------------------------------- data preparation as an array
 def test_prepare_scripts_run_one_share_per_task_then_the_index(tmp_path):
     spec = PrepareSpec(["data=jsonl", "data.path=a.jsonl", f"run_dir={tmp_path}"], array=3, cpus_per_task=4,
-                       workdir=tmp_path)  # fmt: skip
+                       workdir=tmp_path)
     array, index = render_prepare_scripts(spec)
     assert "#SBATCH --array=0-2" in array and "#SBATCH --cpus-per-task=4" in array
     assert "num_tasks=3 task_index=$SLURM_ARRAY_TASK_ID" in array and '"data.num_proc=${SLURM_CPUS_PER_TASK:-1}"' in array
@@ -285,7 +285,7 @@ def test_two_array_tasks_and_the_index_step_equal_one_process(tmp_path):
          "--job-name", "gpt2-forge-test-prepare", "--", *data, f"data.cache_dir={tmp_path / 'cache'}",
          f"run_dir={tmp_path / 'run'}"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert r.returncode == 0, r.stderr
     index_job = r.stdout.strip()
     info = _wait(index_job, _finished, 300, "the end of the index job")
@@ -303,7 +303,7 @@ def test_two_array_tasks_and_the_index_step_equal_one_process(tmp_path):
 
     (root,) = (tmp_path / "cache" / "tokens").glob("*")
     one = prepare(DataConfig(source="jsonl", path=str(corpus), tokenizer=str(tmp_path / "tok"), shard_size_mb=0.02,
-                             cache_dir=str(tmp_path / "one")))  # fmt: skip
+                             cache_dir=str(tmp_path / "one")))
     shards = lambda d: {f.name: f.read_bytes() for f in sorted((d / "shards").glob("*.bin"))}  # noqa: E731
     assert len(shards(one)) > 3 and shards(root) == shards(one)
     a, b = (json.loads((d / "index.json").read_text()) for d in (root, one))
@@ -326,7 +326,7 @@ def test_two_task_cpu_zero2_job_is_requeued_by_usr1_and_completes(tmp_path):
                  if not o.startswith(("strategy=", "data.path=", "model.", "trainer.val_check_interval"))]
     job_id = _submit(["strategy=deepspeed_zero2", f"data.path={corpus}", "model.n_layer=1", "model.n_head=2",
                       "model.n_embd=32", "model.n_positions=32", "trainer.val_check_interval=150",
-                      "trainer.accumulate_grad_batches=2", *overrides])  # fmt: skip
+                      "trainer.accumulate_grad_batches=2", *overrides])
     last = run_dir / "checkpoints" / "last"
     _wait(job_id, lambda info: info.get("JobState") == "RUNNING" and last.is_file(), 240, "a first checkpoint")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)

@@ -38,7 +38,7 @@ def _faults_per_step(mode: str, **env: str) -> tuple[str, float]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES",
                                                                                                 "LD_PRELOAD")}
     out = subprocess.run([sys.executable, "-c", STEPS, str(ROOT), mode], env={**clean, **env}, capture_output=True,
-                         text=True, check=True).stdout.split()  # fmt: skip
+                         text=True, check=True).stdout.split()
     return out[0], float(out[1])
 
 
@@ -73,6 +73,6 @@ def test_a_users_allocator_settings_win(env):
     ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "LD_PRELOAD"),
     ({"LD_PRELOAD": "libtcmalloc_minimal.so.4", "PATH": "/usr/bin"}, "LD_PRELOAD"),
     ({"GLIBC_TUNABLES": "glibc.rtld.nns=2", "LD_PRELOAD": "libfoo.so", "PATH": "/usr/bin"}, None),
-])  # fmt: skip
+])
 def test_which_environments_count_as_the_users_allocator_settings(env, found):
     assert user_allocator_settings(env) == found

@@ -66,7 +66,7 @@ def test_num_proc_1_and_2_write_the_same_shards_and_the_reference_tokens(tmp_pat
     roots = {}
     for n in (1, 2):
         cfg = DataConfig(source="text", path=str(corpus), tokenizer=str(tok_dir), cache_dir=str(tmp_path / f"c{n}"),
-                         num_proc=n, shard_size_mb=0.4, val_fraction=0.01)  # fmt: skip
+                         num_proc=n, shard_size_mb=0.4, val_fraction=0.01)
         roots[n] = prepare(cfg)
     assert shard_bytes(roots[1]) == shard_bytes(roots[2])
     assert len(list((roots[1] / "shards").glob("train-00005-*.bin"))) == 3  # the big file: 3 pieces, 3 shards
@@ -89,7 +89,7 @@ def test_killed_preparation_resumes_with_only_the_missing_shards(tmp_path, tok_d
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "data_pipelines" / "prepare.py"), *args, f"data.cache_dir={cache}",
              "data.num_proc=2"], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
-        )  # fmt: skip
+        )
         shards = lambda: list(cache.glob("tokens/*/shards/*.bin"))  # noqa: E731
         sigkill_when(proc, lambda: len(shards()) >= 3, log, "three shards written")
     (root,) = cache.glob("tokens/*")
@@ -98,14 +98,14 @@ def test_killed_preparation_resumes_with_only_the_missing_shards(tmp_path, tok_d
     r = subprocess.run(
         [sys.executable, str(ROOT / "data_pipelines" / "prepare.py"), *args, f"data.cache_dir={cache}", "data.num_proc=1"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
+    )
     assert r.returncode == 0, r.stderr
     after = {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in shards()}
     assert all(after[name] == st for name, st in before.items())  # finished shards were not rewritten
     assert len(after) > len(before) and not list((root / "shards").glob(".*tmp*"))
     # token for token what one uninterrupted process writes
     one = prepare(DataConfig(source="jsonl", path=str(big), tokenizer=str(tok_dir), shard_size_mb=0.05,
-                             cache_dir=str(tmp_path / "one")))  # fmt: skip
+                             cache_dir=str(tmp_path / "one")))
     assert shard_bytes(one) == shard_bytes(root)
     np.testing.assert_array_equal(flat(one, "val"), flat(root, "val"))
 
@@ -151,7 +151,7 @@ def test_hub_split_is_sharded_without_downloading_it_first(tmp_path, tok_dir, mo
         (repo / f"train-{k:05d}-of-00003.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[30 * k : 30 * (k + 1)]))
     monkeypatch.setattr(sources, "HUB_ROWS_PER_UNIT", 25)  # a downloaded split is cut into row ranges of 25
     cfg = DataConfig(source="hub", name=str(tmp_path / "repo"), streaming=streaming, tokenizer=str(tok_dir),
-                     cache_dir=str(tmp_path / "c"), val_fraction=0.0, shard_size_mb=0.02)  # fmt: skip
+                     cache_dir=str(tmp_path / "c"), val_fraction=0.0, shard_size_mb=0.02)
     assert sources.DocumentSource(cfg).num_units() == (3 if streaming else 4)
     root = prepare(cfg)
     np.testing.assert_array_equal(flat(root), reference_stream(tok_dir, docs))
@@ -160,7 +160,7 @@ def test_hub_split_is_sharded_without_downloading_it_first(tmp_path, tok_dir, mo
 def test_a_damaged_shard_folder_is_refused_with_the_fix(tmp_path, tok_dir):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": english(1000, i)}) + "\n" for i in range(40)))
     root = prepare(DataConfig(source="jsonl", path=str(tmp_path / "a.jsonl"), tokenizer=str(tok_dir),
-                              cache_dir=str(tmp_path / "c"), shard_size_mb=0.01))  # fmt: skip
+                              cache_dir=str(tmp_path / "c"), shard_size_mb=0.01))
     victim = sorted((root / "shards").glob("*.bin"))[1]
     with open(victim, "ab") as f:
         f.write(b"\0\0")

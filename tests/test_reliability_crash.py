@@ -71,13 +71,13 @@ def launch_paused(tmp_path: Path, run_args: list[str], pause_at: str, log: Path)
     marker = tmp_path / f"paused-{pause_at}"
     env = dict(os.environ, PAUSE_AT=pause_at, PAUSE_MARKER=str(marker))
     proc = subprocess.Popen([sys.executable, str(wrapper), *run_args], cwd=ROOT, env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)  # fmt: skip
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
     return proc, marker
 
 
 def run_plain(run_args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), *run_args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_sigkill_during_checkpoint_write_and_export_then_resume_matches(tmp_path
 
     # resume=auto continues from step-8; this time it is killed in the middle of the final export
     resumed, marker = launch_paused(tmp_path, args(corpus, cache, run_dir, "resume=auto"), "export",
-                                    tmp_path / "resume1.log")  # fmt: skip
+                                    tmp_path / "resume1.log")
     sigkill_when(resumed, marker.exists, tmp_path / "resume1.log", "the paused export")
     log1 = (tmp_path / "resume1.log").read_text()
     assert "step-8" in log1  # "Restoring states from .../step-8"
@@ -144,7 +144,7 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(monkeypatch, tmp_pa
     """ENOSPC halfway through a checkpoint: a clear error, the previous checkpoint intact, resume=auto works."""
     run_dir = tmp_path / "run"
     small = ["model.n_layer=1", "model.n_embd=32", "data.vocab_size=384", "trainer.val_check_interval=10",
-             "checkpoint.every_n_steps=5", "sample.max_new_tokens=2", "model.dropout=0.0"]  # fmt: skip
+             "checkpoint.every_n_steps=5", "sample.max_new_tokens=2", "model.dropout=0.0"]
     run_args = [a for a in args(corpus, tmp_path / "cache", run_dir, *small)
                 if not a.startswith(("checkpoint.every_n_steps=4", "model.n_layer=2", "model.n_embd=64",
                                      "data.vocab_size=512", "trainer.val_check_interval=10", "model.dropout=0.1"))]

@@ -51,7 +51,7 @@ def cfg_for(corpus: Path, cache: Path, run_dir: Path, *extra: str):
         "checkpoint.every_n_steps=5", "checkpoint.keep_last=2", "optim.warmup_steps=2",
         "guard.warmup_steps=8", "guard.spike_factor=3.0", "sample.max_new_tokens=2", "sample.prompts=[To]",
         f"run_dir={run_dir}", *extra,
-    ]  # fmt: skip
+    ]
     return compose_config(overrides)
 
 
@@ -178,7 +178,7 @@ def test_accumulation_writes_one_row_per_logged_step(monkeypatch, corpus, cache_
     run_dir = tmp_path / "run"
     inject(monkeypatch, {4: float("nan")})
     train(cfg_for(corpus, cache_dir, run_dir, "trainer.accumulate_grad_batches=3", "trainer.max_steps=10",
-                  "trainer.val_check_interval=10", "checkpoint.every_n_steps=10"))  # fmt: skip
+                  "trainer.val_check_interval=10", "checkpoint.every_n_steps=10"))
     rows = read_metrics(run_dir / "metrics.csv")
     steps = [int(r["step"]) for r in rows]
     assert steps == sorted(set(steps)) and 0 not in steps, steps

@@ -20,7 +20,7 @@ def test_wandb_key_is_in_no_file_of_the_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, WANDB_API_KEY=FAKE_KEY, WANDB_MODE="offline", WANDB_SILENT="true",
                WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
-               WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"), HYDRA_FULL_ERROR="1")  # fmt: skip
+               WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"), HYDRA_FULL_ERROR="1")
     r = subprocess.run(
         [sys.executable, str(ROOT / "train" / "run.py"), "logger=wandb", "data=text", f"data.path={corpus}",
          f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=300", "data.block_size=16", "data.batch_size=4",
@@ -29,7 +29,7 @@ def test_wandb_key_is_in_no_file_of_the_run_dir(tmp_path):
          "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=3",
          "sample.max_new_tokens=2", f"run_dir={run_dir}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     # the run really logged to W&B offline, so its files are among those searched

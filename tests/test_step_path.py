@@ -46,7 +46,7 @@ def overrides(tokens: Path, run_dir: Path, *extra: str) -> list[str]:
         "trainer.max_steps=12", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=4",
         "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=1000", "optim.warmup_steps=2",
         f"run_dir={run_dir}", *extra,
-    ]  # fmt: skip
+    ]
 
 
 def cfg_for(tokens: Path, run_dir: Path, *extra: str):
@@ -111,7 +111,7 @@ def test_bf16_mixed_with_fused_adamw_clips(tokens, tmp_path):
     to unscale. It trains now, with and without the guard, to the same weights (here on the CPU's bf16 autocast)."""
     for name, extra in (("guard", ()), ("off", ("guard=off",))):
         train(cfg_for(tokens, tmp_path / name, "trainer.precision=bf16-mixed", "trainer.accelerator=cpu",
-                      "trainer.max_steps=4", "trainer.gradient_clip_val=0.01", *extra))  # fmt: skip
+                      "trainer.max_steps=4", "trainer.gradient_clip_val=0.01", *extra))
     with_guard, without = final_weights(tmp_path / "guard"), final_weights(tmp_path / "off")
     assert all(torch.equal(w, without[k]) and torch.isfinite(w).all() for k, w in with_guard.items())
 

@@ -113,7 +113,7 @@ def test_cli_refuses_a_deepspeed_request_this_machine_cannot_run_in_one_sentence
     r = subprocess.run([sys.executable, str(ROOT / "train/run.py"), "strategy=deepspeed_zero2",
                         "trainer.accelerator=cpu", f"trainer.devices={(os.cpu_count() or 1) + 1}",
                         f"run_dir={tmp_path}/run"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1, r.stderr[-2000:]
     n = os.cpu_count() or 1
     assert r.stderr.strip() == (f"error: trainer.devices={n + 1} CPU processes but this node has {n} CPU cores; set "
@@ -158,11 +158,11 @@ def test_wrap_class_errors_name_the_key():
 @pytest.mark.parametrize(
     "name,stage,offload", [("deepspeed_zero1", 1, False), ("deepspeed_zero2", 2, False),
                            ("deepspeed_zero3", 3, False), ("deepspeed_zero3_offload", 3, True)],
-)  # fmt: skip
+)
 def test_deepspeed_config_comes_from_our_values(eight_gpus, name, stage, offload):
     pytest.importorskip("deepspeed")
     cfg = cfg_for(f"strategy={name}", "data.batch_size=6", "trainer.accumulate_grad_batches=4",
-                  "trainer.gradient_clip_val=0.5", "trainer.precision=bf16-mixed")  # fmt: skip
+                  "trainer.gradient_clip_val=0.5", "trainer.precision=bf16-mixed")
     s = build_strategy(cfg.strategy, cfg.trainer, micro_batch_size=cfg.data.batch_size)
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -203,7 +203,7 @@ def test_zero_checkpoint_is_published_as_our_step_dir(tmp_path):
     tmp = path.parent / "step-20.tmp-123"
     _fake_zero_dir(tmp)
     out = finalize_zero_checkpoint(tmp, path, model.config.to_dict(), {"task": "GPT2LMHeadModel"}, 20,
-                                   convert=_fake_convert(sd))  # fmt: skip
+                                   convert=_fake_convert(sd))
     assert out == path and not tmp.exists()
     assert ck.latest_checkpoint(run) == path  # a complete checkpoint resume=auto and export find
     meta = ck.read_meta(path)
@@ -275,11 +275,11 @@ class _Ckpt:
 
 def _trainer(step: int):
     return SimpleNamespace(global_step=step, world_size=1, is_global_zero=True, should_stop=False,
-                           strategy=SimpleNamespace(root_device=torch.device("cpu")))  # fmt: skip
+                           strategy=SimpleNamespace(root_device=torch.device("cpu")))
 
 
 @pytest.mark.parametrize("sig,in_slurm,requeued", [(signal.SIGUSR1, True, True), (signal.SIGTERM, True, False),
-                                                   (signal.SIGUSR1, False, False)])  # fmt: skip
+                                                   (signal.SIGUSR1, False, False)])
 def test_preemption_saves_stops_and_requeues_only_usr1_under_slurm(monkeypatch, sig, in_slurm, requeued):
     import train.callbacks.preemption as pre
 

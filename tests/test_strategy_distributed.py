@@ -49,7 +49,7 @@ def overrides(corpus: Path, cache: Path, run_dir: Path, batch: int, max_steps: i
         # the schedule must not depend on where a run stops: decay over 2N steps in every run
         "optim.warmup_steps=2", f"optim.decay_steps={2 * N}", "sample.max_new_tokens=2",
         f"run_dir={run_dir}", *extra,  # the default NaN/spike guard stays on: it must work under ddp and fsdp
-    ]  # fmt: skip
+    ]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -62,9 +62,9 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def run(args: list[str], timeout: int = 240, script: Path = ROOT / "train" / "run.py", **env: str
-        ) -> subprocess.CompletedProcess:  # fmt: skip
+        ) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=timeout, env=_env(**env))  # fmt: skip
+                       text=True, timeout=timeout, env=_env(**env))
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return r
 
@@ -146,7 +146,7 @@ def test_fsdp_checkpoint_exports_to_transformers_with_equal_logits(setup, tmp_pa
         _stop_and_resume(setup, "fsdp")
     out = tmp_path / "hf"
     r = subprocess.run([sys.executable, str(ROOT / "train" / "cli" / "export.py"), str(step_dir), str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, env=_env())  # fmt: skip
+                       capture_output=True, text=True, timeout=120, env=_env())
     assert r.returncode == 0, r.stderr[-2000:]
     from train.tasks.model import load_checkpoint_model
 
@@ -176,7 +176,7 @@ def test_two_nodes_over_loopback_train_like_one_node(setup):
         env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node), WORLD_SIZE="2")
         log = open(d / f"node{node}.log", "w")
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "train" / "run.py"), *args], cwd=ROOT, env=env,
-                                      stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+                                      stdout=log, stderr=subprocess.STDOUT))
     try:
         codes = [p.wait(timeout=240) for p in procs]
     finally:
@@ -197,7 +197,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(setup):
     run_dir = d / "sigterm"
     args = overrides(corpus, cache, run_dir, 8, 100_000, "checkpoint.every_n_steps=1000")
     p = subprocess.Popen([sys.executable, str(ROOT / "train" / "run.py"), *args],
-                         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and p.poll() is None:
         try:
@@ -230,7 +230,7 @@ def test_fsdp_task_best_checkpoint_holds_the_full_model(setup, tmp_path):
          f"task.data.cache_dir={cache}", "task.data.demo_train_size=64", "task.data.demo_val_size=16",
          "task.data.batch_size=8", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "trainer.max_steps=6",
          "trainer.val_check_interval=3", "checkpoint.every_n_steps=3", "checkpoint.keep_last=0",
-         "trainer.enable_progress_bar=false", "guard=off"])  # fmt: skip
+         "trainer.enable_progress_bar=false", "guard=off"])
     best_dir = run_dir / "checkpoints" / "best"
     meta = json.loads((best_dir / "meta.json").read_text())
     assert meta["task"] == "GPT2ForSequenceClassification" and meta["global_step"] in (3, 6)

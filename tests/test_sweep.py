@@ -28,7 +28,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 def run(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     env = dict(os.environ, HYDRA_FULL_ERROR="1")
     return subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)  # fmt: skip
+                          timeout=timeout, cwd=ROOT, env=env)
 
 
 @pytest.mark.slow
@@ -40,7 +40,7 @@ def test_two_by_two_sweep_writes_four_runs_and_a_summary(tmp_path, tokenizer_dir
         f"task.data.cache_dir={tmp_path / 'cache'}", "task.data.demo_train_size=64", "task.data.demo_val_size=16",
         "task.data.batch_size=8", "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=2",
         "trainer.enable_progress_bar=false", "optim.warmup_steps=1", "checkpoint.every_n_steps=4", "guard=off",
-    )  # fmt: skip
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     jobs = sorted(d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit())
     assert [d.name for d in jobs] == ["0", "1", "2", "3"]

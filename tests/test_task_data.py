@@ -33,7 +33,7 @@ def make_dm(task, tok, tmp_path, train_rows, val_rows=None, **cfg) -> TaskDataMo
     train = write_jsonl(tmp_path / "train.jsonl", train_rows)
     val = write_jsonl(tmp_path / "val.jsonl", val_rows if val_rows is not None else train_rows)
     dm = TaskDataModule(task, TaskDataConfig(source="jsonl", path=train, val_path=val, cache_dir=str(tmp_path / "c"),
-                                             **cfg), tok)  # fmt: skip
+                                             **cfg), tok)
     dm.prepare_data()
     dm.setup()
     return dm
@@ -74,7 +74,7 @@ def test_cls_unknown_and_out_of_range_labels_are_named(tok, tmp_path):
 def test_cls_glue_shaped_file_regression_and_batches(tok, tmp_path):
     # GLUE/SST-2 shape: sentence / label / idx — found through the default candidates, no overrides
     rows = [{"sentence": "it is good", "label": 1, "idx": 0},
-            {"sentence": "it is not good at all", "label": 0, "idx": 1}]  # fmt: skip
+            {"sentence": "it is not good at all", "label": 0, "idx": 1}]
     dm = make_dm("cls", tok, tmp_path, rows)
     assert dm.num_labels == 2 and dm.id2label == {0: "0", 1: "1"}
     tok.pad_token = None  # GPT-2 has no pad token: the collator pads with eos
@@ -100,7 +100,7 @@ def test_missing_column_error_lists_available_columns(tok, tmp_path):
     with pytest.raises(ValueError, match=r"no label column 'rating' \(columns: review, stars\).*label_column"):
         make_dm("cls", tok, tmp_path, rows, text_column="review", label_column="rating")
     dm = make_dm("cls", tok, tmp_path, rows + [{"review": "bad", "stars": 0}], text_column="review",
-                 label_column="stars")  # fmt: skip
+                 label_column="stars")
     assert dm.num_labels == 2
 
 
@@ -150,7 +150,7 @@ def test_token_cls_conll_shaped_int_tags_csv_strings_and_errors(tok, tmp_path):
         w.writerow(["call os.path now", '["O", "B-CODE", "O"]'])
         w.writerow(["see 3 items", "O B-NUM O"])
     cfg = TaskDataConfig(source="csv", path=str(path), val_path=str(path), tokens_column="words",
-                         tags_column="labels", cache_dir=str(tmp_path / "c"))  # fmt: skip
+                         tags_column="labels", cache_dir=str(tmp_path / "c"))
     dm = TaskDataModule("token_cls", cfg, tok)
     dm.setup()
     assert dm.train_examples[1] == {"tokens": ["see", "3", "items"], "tags": ["O", "B-NUM", "O"]}
@@ -172,14 +172,14 @@ def _long_context_example(tok, cfg: TaskDataConfig):
         a0 += 1
     a1 = offsets[budget + 1][1]
     return {"id": "long-1", "question": question, "context": context,
-            "answers": {"text": [context[a0:a1]], "answer_start": [a0]}}, budget  # fmt: skip
+            "answers": {"text": [context[a0:a1]], "answer_start": [a0]}}, budget
 
 
 def test_qa_answer_across_window_boundary_is_found_in_the_next_window(tok, tmp_path):
     cfg = dict(max_length=48, doc_stride=16, max_question_length=16)
     ex, budget = _long_context_example(tok, TaskDataConfig(**cfg))
     short = {"id": "s", "question": "Who?", "context": "Alas poor Yorick, I knew him.",
-             "answers": {"text": ["Yorick"], "answer_start": [10]}}  # fmt: skip
+             "answers": {"text": ["Yorick"], "answer_start": [10]}}
     dm = make_dm("qa", tok, tmp_path, [ex, short], **cfg)
     feats = [f for f in dm.val_features if f["example_index"] == 0]
     n_ctx = len(tok.encode(ex["context"]))
@@ -215,9 +215,9 @@ def test_qa_answer_across_window_boundary_is_found_in_the_next_window(tok, tmp_p
 
 def test_qa_answer_not_in_context_names_the_example(tok, tmp_path):
     good = {"id": "q1", "question": "Who?", "context": "Alas poor Yorick.", "answers": {"text": ["Yorick"],
-            "answer_start": [10]}}  # fmt: skip
+            "answer_start": [10]}}
     bad = {"id": "q7", "question": "Who?", "context": "Alas poor Yorick.", "answers": {"text": ["Hamlet"],
-           "answer_start": [10]}}  # fmt: skip
+           "answer_start": [10]}}
     with pytest.raises(ValueError, match=r"qa example 'q7'.*'Hamlet' is not in the context at answer_start=10"):
         make_dm("qa", tok, tmp_path, [good], [good, bad])
 
@@ -233,7 +233,7 @@ def test_qa_squad_shaped_and_flat_columns(tok, tmp_path):
         w.writerow(["q", "ctx", "answer_text", "answer_start"])
         w.writerow(["Where did the cat sit?", "The cat sat on the mat.", "the mat", 15])
     cfg = TaskDataConfig(source="csv", path=str(path), val_path=str(path), question_column="q", context_column="ctx",
-                         cache_dir=str(tmp_path / "c"))  # fmt: skip
+                         cache_dir=str(tmp_path / "c"))
     flat = TaskDataModule("qa", cfg, tok)
     flat.setup()
     for key in ("input_ids", "start_positions", "end_positions"):
@@ -248,12 +248,12 @@ def test_hub_source_glue_classlabel_and_squad_shapes(tok, tmp_path):
     import datasets
 
     sst2 = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"]),
-                              "idx": datasets.Value("int32")})  # fmt: skip
+                              "idx": datasets.Value("int32")})
     repo = tmp_path / "sst2"
     repo.mkdir()
     for split, n in (("train", 12), ("validation", 4)):
         rows = {"sentence": [f"a {'fine' if i % 2 else 'dull'} film {i}" for i in range(n)],
-                "label": [i % 2 for i in range(n)], "idx": list(range(n))}  # fmt: skip
+                "label": [i % 2 for i in range(n)], "idx": list(range(n))}
         datasets.Dataset.from_dict(rows, features=sst2).to_parquet(str(repo / f"{split}.parquet"))
     dm = TaskDataModule("cls", TaskDataConfig(source="hub", name=str(repo), cache_dir=str(tmp_path / "c")), tok)
     dm.prepare_data()
@@ -268,7 +268,7 @@ def test_hub_source_glue_classlabel_and_squad_shapes(tok, tmp_path):
     for split in ("train", "validation"):
         datasets.Dataset.from_list([{"id": "q1", "title": "T", "context": ctx, "question": "Where did the cat sit?",
                                      "answers": {"text": ["the mat"], "answer_start": [15]}}]
-                                   ).to_parquet(str(squad / f"{split}.parquet"))  # fmt: skip
+                                   ).to_parquet(str(squad / f"{split}.parquet"))
     qa = TaskDataModule("qa", TaskDataConfig(source="hub", name=str(squad), cache_dir=str(tmp_path / "c")), tok)
     qa.setup()
     f = qa.train_features[0]
@@ -307,7 +307,7 @@ def test_mc_sequences_summary_tokens_lm_labels_and_swag_columns(tok, tmp_path):
         make_dm("mc", tok, tmp_path, [{"context": "a", "endings": ["b", "c"], "label": 3}])
     with pytest.raises(ValueError, match=r"3 endings, but the first row has 2"):
         make_dm("mc", tok, tmp_path, [{"context": "a", "endings": ["b", "c"], "label": 0},
-                                      {"context": "a", "endings": ["b", "c", "d"], "label": 0}])  # fmt: skip
+                                      {"context": "a", "endings": ["b", "c", "d"], "label": 0}])
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -368,7 +368,7 @@ def test_demo_sets_are_deterministic_and_shaped(demos):
 
 def test_demo_files_cached_and_loaded_through_the_datamodule(tok, tmp_path):
     cfg = TaskDataConfig(source="demo", cache_dir=str(tmp_path), demo_train_size=64, demo_val_size=16, seed=3,
-                         max_length=64, doc_stride=16, max_question_length=24, batch_size=4)  # fmt: skip
+                         max_length=64, doc_stride=16, max_question_length=24, batch_size=4)
     a = demo_files("qa", tmp_path, 3, 64, 16)
     before = a[0].read_bytes()
     assert demo_files("qa", tmp_path, 3, 64, 16) == a and a[0].read_bytes() == before

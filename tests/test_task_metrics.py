@@ -85,14 +85,14 @@ def _end_of_chunk(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
     # conlleval / seqeval `end_of_chunk`
     return (prev_tag in ("E", "S")
             or (prev_tag in ("B", "I") and tag in ("B", "S", "O"))
-            or (prev_tag != "O" and prev_type != type_))  # fmt: skip
+            or (prev_tag != "O" and prev_type != type_))
 
 
 def _start_of_chunk(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
     # conlleval / seqeval `start_of_chunk`
     return (tag in ("B", "S")
             or (prev_tag in ("E", "S", "O") and tag in ("I", "E"))
-            or (tag != "O" and prev_type != type_))  # fmt: skip
+            or (tag != "O" and prev_type != type_))
 
 
 def get_entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
@@ -327,7 +327,7 @@ def test_classification_equals_reference_on_random_predictions(seed):
     choices = torch.randn(n, c, generator=g)
     right = torch.randint(0, c, (n,), generator=g)
     assert multiple_choice_accuracy(choices, right) == pytest.approx(oracle_multiple_choice_accuracy(choices, right),
-                                                                     rel=1e-6)  # fmt: skip
+                                                                     rel=1e-6)
 
 
 def test_classification_all_wrong_and_one_class():

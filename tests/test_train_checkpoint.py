@@ -47,7 +47,7 @@ def test_roundtrip_is_safe_and_exact(tmp_path):
     path = tmp_path / "checkpoints" / "step-7"
     io.save_checkpoint(fake_lightning_checkpoint(model), path)
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "meta.json", "model.safetensors",
-                                                       "training_state.pt"]  # fmt: skip
+                                                       "training_state.pt"]
     # the tied lm_head is stored once and restored as an alias
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -127,7 +127,7 @@ def test_no_decay_on_biases_layernorm_embeddings():
     decayed = {id(p) for p in groups[0]["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
     assert names and all(n.endswith(".weight") and ".ln_" not in n and "wte" not in n and "wpe" not in n
-                         for n in names)  # fmt: skip
+                         for n in names)
     assert groups[1]["weight_decay"] == 0.0
     n_params = sum(p.numel() for g in groups for p in g["params"])
     assert n_params == sum(p.numel() for p in model.parameters())  # each parameter once (tied lm_head included)

@@ -36,7 +36,7 @@ register_configs()
 TASKS = ["forge_mc", "forge_roll", "forge_gen"]
 EVAL_STEPS = [10, 20, 25]  # every 10 steps, and the end of a 25-step run (like the final validation)
 KEYS = {"forge_mc/acc", "forge_mc/acc_norm", "forge_roll/word_perplexity", "forge_roll/byte_perplexity",
-        "forge_roll/bits_per_byte", "forge_gen/exact_match_strip"}  # fmt: skip
+        "forge_roll/bits_per_byte", "forge_gen/exact_match_strip"}
 
 
 def overrides(world: dict, run_dir: Path, *extra: str) -> list[str]:
@@ -50,7 +50,7 @@ def overrides(world: dict, run_dir: Path, *extra: str) -> list[str]:
         "sample.max_new_tokens=4", f"run_dir={run_dir}",
         f"eval.tasks=[{','.join(TASKS)}]", f"eval.include_path={world['tasks']}", "eval.every_n_steps=10",
         "eval.limit=6", "eval.batch_size=4", *extra,
-    ]  # fmt: skip
+    ]
 
 
 def config(args: list[str]):
@@ -103,7 +103,7 @@ def test_eval_rows_at_the_configured_steps_equal_a_standalone_evaluate(run, worl
         ckpt = run_dir / "checkpoints" / f"step-{step}"
         out = world["root"] / f"standalone-{step}.json"
         rc = ev_cli.main([str(ckpt), "--tasks", ",".join(TASKS), "--include-path", str(world["tasks"]), "--limit", "6",
-                      "--batch-size", "4", "--device", "cpu", "--bootstrap-iters", "0", "--out", str(out)])  # fmt: skip
+                      "--batch-size", "4", "--device", "cpu", "--bootstrap-iters", "0", "--out", str(out)])
         assert rc == 0, capsys.readouterr().err[-2000:]
         standalone = ev.metrics(json.loads(out.read_text()))
         assert set(standalone) == KEYS
@@ -142,7 +142,7 @@ def test_sigkill_then_resume_auto_has_every_eval_row_once(run, world, tmp_path):
     # one thread, as this process's runs: the same float reductions, so the resumed scores equal the reference's
     victim = subprocess.Popen([sys.executable, str(ROOT / "train" / "run.py"), *overrides(world, run_dir)], cwd=ROOT,
                               env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=open(log, "w"),
-                              stderr=subprocess.STDOUT)  # fmt: skip
+                              stderr=subprocess.STDOUT)
     sigkill_when(victim, lambda: last_step(run_dir) >= 10, log, "a step-10 checkpoint")
     killed_at, killed = last_step(run_dir), time.time()
     assert 10 <= killed_at < 25, f"the victim must die mid-run (last checkpoint: step-{killed_at})"
@@ -189,7 +189,7 @@ def test_off_by_default_imports_nothing_and_on_leaves_training_unchanged(run, wo
     args = [a for a in overrides(world, tmp_path / "off") if not a.startswith("eval.")]
     assert not config(args).eval.tasks  # off is the default
     r = subprocess.run([sys.executable, "-c", OFF_PROBE, str(ROOT / "conf"), *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["lm_eval"] == []
@@ -213,7 +213,7 @@ def test_off_by_default_imports_nothing_and_on_leaves_training_unchanged(run, wo
     (["eval.tasks=[forge_mc,no_such_task_xyz]"], "unknown task 'no_such_task_xyz'"),
     (["eval.include_path={tmp}/nowhere"], "eval.include_path {tmp}/nowhere does not exist"),
     (["task=cls"], "eval.tasks scores a language model, and task=cls trains a fine-tuning head"),
-])  # fmt: skip
+])
 def test_bad_eval_config_is_one_sentence_before_anything_runs(world, tmp_path, extra, needle):
     run_dir = tmp_path / "bad"
     extra, needle = [e.format(tmp=tmp_path) for e in extra], needle.format(tmp=tmp_path)

@@ -33,12 +33,12 @@ def overrides(corpus: Path, cache: Path, run_dir: Path, *extra: str) -> list[str
         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
         "checkpoint.every_n_steps=4", "checkpoint.keep_last=2", "sample.max_new_tokens=4",
         f"run_dir={run_dir}", *extra,
-    ]  # fmt: skip
+    ]
 
 
 def launch(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "train" / "run.py"), *args], cwd=ROOT,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)  # fmt: skip
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
 def last_step(run_dir: Path) -> int:
@@ -80,7 +80,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path):
 
     resumed = subprocess.run([sys.executable, str(ROOT / "train" / "run.py"),
                               *overrides(corpus, cache, run_dir, "resume=auto")],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step-{killed_at}" in resumed.stdout + resumed.stderr  # "Restoring states from ..."
     # the outcome line counts the steps this process took, not the run's total, and their losses

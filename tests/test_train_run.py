@@ -46,7 +46,7 @@ def small(corpus: Path, cache_dir: Path, run_dir: Path, *extra: str) -> list[str
         "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false",
         "checkpoint.every_n_steps=20", "optim.lr=3e-3", "optim.warmup_steps=5",
         "sample.max_new_tokens=8", f"run_dir={run_dir}", *extra,
-    ]  # fmt: skip
+    ]
 
 
 def compose_cfg(overrides: list[str]):
@@ -56,7 +56,7 @@ def compose_cfg(overrides: list[str]):
 def run_cli(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, HYDRA_FULL_ERROR="0")
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)  # fmt: skip
+                          timeout=timeout, cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def trained(corpus, cache_dir, tmp_path_factory):
 def test_run_dir_has_everything_interface_lists(trained):
     run_dir, summary = trained
     for name in ("config.yaml", "metrics.csv", "checkpoints/last", "hf/config.json", "hf/model.safetensors",
-                 "hf/tokenizer.json", "hf/generation_config.json", "samples.txt", "plots/loss.png"):  # fmt: skip
+                 "hf/tokenizer.json", "hf/generation_config.json", "samples.txt", "plots/loss.png"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "checkpoints" / "last").read_text().strip() == "step-40"
     step = run_dir / "checkpoints" / "step-40"
@@ -139,7 +139,7 @@ def test_cli_ends_with_val_perplexity_and_a_line_whose_commands_work(corpus, cac
 
     run_dir = tmp_path / "run"
     r = run_cli("train/run.py", *small(corpus, cache_dir, run_dir, "trainer.max_steps=4", "trainer.val_check_interval=2",
-                                       "checkpoint.every_n_steps=2", "model.n_layer=1", "model.n_embd=32"))  # fmt: skip
+                                       "checkpoint.every_n_steps=2", "model.n_layer=1", "model.n_embd=32"))
     assert r.returncode == 0, r.stderr[-3000:]
     done, last = r.stdout.strip().splitlines()[-2:]
     # Lightning's lines reach the console once, through Hydra's handler (not again through Lightning's own)
@@ -169,7 +169,7 @@ def test_a_resumed_runs_last_line_counts_the_steps_this_process_took(tmp_path):
     from train.cli.run import outcome_lines
 
     summary = {"run_dir": str(tmp_path), "global_step": 1800, "resumed_step": 900, "seconds": 63.2,
-               "first_train_loss": 8.33, "last_train_loss": 3.9}  # fmt: skip
+               "first_train_loss": 8.33, "last_train_loss": 3.9}
     assert outcome_lines(summary, "", [])[0].startswith("done: 900 more steps (900 -> 1800) in 63s, train loss 8.330")
     del summary["resumed_step"]
     assert outcome_lines(summary, "", [])[0].startswith("done: 1800 steps in 63s")
@@ -192,7 +192,7 @@ def test_init_from_export_fine_tunes(trained, corpus, cache_dir, tmp_path):
     """model.init_from=<hf dir>: starts from those weights (first loss far below a random init's ln V)."""
     run_dir, summary = trained
     s = train(compose_cfg(small(corpus, cache_dir, tmp_path / "ft", f"model.init_from={run_dir / 'hf'}",
-                                "trainer.max_steps=5", "checkpoint.every_n_steps=5")))  # fmt: skip
+                                "trainer.max_steps=5", "checkpoint.every_n_steps=5")))
     assert s["first_train_loss"] < summary["first_train_loss"] - 1.0
 
 

@@ -133,7 +133,7 @@ def overrides(corpus: Path, cache: Path, run_dir: Path, strategy: str, max_steps
         "guard.warmup_steps=3", "guard.spike_factor=3.0", f"run_dir={run_dir}",
         *(["strategy.stage3_param_persistence_threshold=0"] if strategy.startswith("deepspeed_zero3") else []),
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def env(probe: Path | None) -> dict[str, str]:
@@ -141,7 +141,7 @@ def env(probe: Path | None) -> dict[str, str]:
     for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK", "DS_ACCELERATOR"):
         env.pop(k, None)
     env.update(OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1", FORGE_ROOT=str(ROOT), SPIKE_AT=str(SPIKE_AT),
-               SPIKE_FACTOR="10")  # fmt: skip
+               SPIKE_FACTOR="10")
     if probe is not None:
         probe.mkdir(parents=True, exist_ok=True)
         env.update(PROBE_AT="3", PROBE_OUT=str(probe))
@@ -154,7 +154,7 @@ TIMES: dict[str, float] = {}
 def train(wrapper: Path, args: list[str], name: str, probe: Path | None = None) -> None:
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, str(wrapper), *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=env(probe))  # fmt: skip
+                       env=env(probe))
     TIMES[name] = time.monotonic() - t0
     assert r.returncode == 0, (name, r.stdout[-2000:], r.stderr[-4000:])
 
@@ -172,7 +172,7 @@ def kill_and_resume(wrapper: Path, args: list[str], resume: list[str], run_dir: 
     log = run_dir.parent / "zero2-killed.log"
     with open(log, "w") as f:
         p = subprocess.Popen([sys.executable, str(wrapper), *args], cwd=ROOT, env=env(probe), stdout=f,
-                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -291,7 +291,7 @@ def script(name: str, argv: list[str], port: bool = False) -> None:
     t0 = time.monotonic()
     extra = {"MASTER_PORT": str(free_port())} if port else {}
     SCRIPTS[name] = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                                   env={**env(None), **extra})  # fmt: skip
+                                   env={**env(None), **extra})
     TIMES[name] = time.monotonic() - t0
 
 
@@ -333,7 +333,7 @@ def make_runs(d: Path) -> Path:
             "task.data.demo_val_size=8", "task.data.batch_size=4", "task.data.max_length=16", "trainer.max_steps=5",
             "trainer.val_check_interval=2", "checkpoint.every_n_steps=2", "checkpoint.keep_last=0",
             "trainer.enable_progress_bar=false", "guard=off",
-        ], "cls under deepspeed_zero3")  # fmt: skip
+        ], "cls under deepspeed_zero3")
 
     def export_zero1():
         jobs["deepspeed_zero1"].result()

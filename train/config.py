@@ -350,13 +350,13 @@ class EvalConfig:
             self.limit is None or (self.limit > 0 and math.isfinite(self.limit)
                                    and (self.limit < 1 or float(self.limit).is_integer())),
             f"eval.limit={self.limit} must be a whole number of documents per task, a fraction in (0, 1), or null.",
-        )  # fmt: skip
+        )
         if self.limit is not None and self.limit >= 1:
             self.limit = int(self.limit)
         _check(self.num_fewshot is None or self.num_fewshot >= 0, f"eval.num_fewshot={self.num_fewshot} must be >= 0.")
         _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1.")
         _check(self.max_gen_toks is None or self.max_gen_toks >= 1,
-               f"eval.max_gen_toks={self.max_gen_toks} must be >= 1 or null.")  # fmt: skip
+               f"eval.max_gen_toks={self.max_gen_toks} must be >= 1 or null.")
 
 
 @dataclass

@@ -87,7 +87,7 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
     if fused is None:
         fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=fused)  # fmt: skip
+                             fused=fused)
 
 
 class GPT2LitModule(L.LightningModule):
@@ -200,7 +200,7 @@ class GPT2LitModule(L.LightningModule):
                 torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
-                            gradient_clip_algorithm=gradient_clip_algorithm)  # fmt: skip
+                            gradient_clip_algorithm=gradient_clip_algorithm)
 
     # -- batches
     def _maybe_overfit(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from data_pipelines.tasks.config import (
 __all__ = [
     "TASKS", "TASK_SOURCES", "DEFAULT_COLUMNS", "TaskDataConfig", "to_task_data_config", "register_configs",
     "TaskDataModule", "TaskCollator", "MODEL_KEYS", "LabelMap", "build_demo", "demo_files", "DEMO_SIZES",
-]  # fmt: skip
+]
 
 
 def __getattr__(name):  # lazy: importing the config does not pull in torch/lightning/datasets

@@ -37,7 +37,7 @@ def is_regression(examples: list[dict], cfg: TaskDataConfig, where: str) -> bool
     if cfg.problem_type == "regression":
         return True
     fractional = next((e["label"] for e in examples
-                       if isinstance(e["label"], float) and not e["label"].is_integer()), None)  # fmt: skip
+                       if isinstance(e["label"], float) and not e["label"].is_integer()), None)
     if fractional is not None:
         raise ValueError(
             f"{where} has fractional labels (e.g. {fractional}); for a regression task set "
@@ -50,7 +50,7 @@ def label_map(train: list[dict], raw: RawSplit, cfg: TaskDataConfig) -> LabelMap
     regression = is_regression(train, cfg, raw.where)
     label_col = resolve_column(raw, "label", cfg.column_candidates("cls")["label"], config_key="label_column")
     return build_label_map([e["label"] for e in train], cfg, class_names(raw.features, label_col), raw.where,
-                           regression)  # fmt: skip
+                           regression)
 
 
 def encode(examples: list[dict], tokenizer, cfg: TaskDataConfig, labels: LabelMap, where: str) -> list[dict]:

@@ -47,7 +47,7 @@ DEFAULT_COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "mc": {"context": ("context", "startphrase", "sent1"), "context_suffix": (), "endings": ("endings",),
            "label": ("label",)},
-}  # fmt: skip
+}
 
 # TaskDataConfig field -> (task, logical column) it overrides
 COLUMN_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -198,7 +198,7 @@ class TaskDataConfig:
     def explicit_columns(self, task: str) -> set[str]:
         """Logical columns of `task` the user named explicitly (these must exist)."""
         return {logical for f, targets in COLUMN_FIELDS.items() for t, logical in targets
-                if t == task and getattr(self, f) is not None}  # fmt: skip
+                if t == task and getattr(self, f) is not None}
 
 
 def to_task_data_config(node) -> TaskDataConfig:

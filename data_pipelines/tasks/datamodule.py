@@ -72,7 +72,7 @@ class TaskCollator:
         }
         if self.task == "cls":
             out["labels"] = torch.tensor([f["labels"] for f in feats],
-                                         dtype=torch.float32 if self.regression else torch.long)  # fmt: skip
+                                         dtype=torch.float32 if self.regression else torch.long)
         elif self.task == "token_cls":
             out["labels"] = torch.tensor(_pad([f["labels"] for f in feats], IGNORE_INDEX, T))  # (B, T)
         else:  # qa
@@ -212,7 +212,7 @@ class TaskDataModule(L.LightningDataModule):
         if self.task != "qa":
             raise RuntimeError(f"qa_eval_data() is for task=qa, not {self.task}.")
         return (self.val_features, [e["context"] for e in self.val_examples],
-                [e["answers"]["text"] for e in self.val_examples])  # fmt: skip
+                [e["answers"]["text"] for e in self.val_examples])
 
     # ------------------------------------------------------------------ loaders
     @property
@@ -223,7 +223,7 @@ class TaskDataModule(L.LightningDataModule):
     def _loader(self, feats: list[dict], batch_sampler: Sampler[list[int]]) -> DataLoader:
         cfg = self.cfg
         return DataLoader(feats, batch_sampler=batch_sampler, collate_fn=self.collator, num_workers=cfg.num_workers,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0)  # fmt: skip
+                          pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         """Endless seeded batches, a fresh shuffle each pass, sharded across ranks, starting after `consumed_samples`
@@ -233,13 +233,13 @@ class TaskDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = ResumableBatchSampler(len(self.train_features), self.cfg.batch_size, rank=rank, world_size=world,
-                                        seed=self.cfg.seed, consumed_samples=self.consumed_samples)  # fmt: skip
+                                        seed=self.cfg.seed, consumed_samples=self.consumed_samples)
         return self._loader(self.train_features, sampler)
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()
         batches = BatchSampler(SequentialSampler(self.val_features), self.cfg.eval_batch_size or self.cfg.batch_size,
-                               drop_last=False)  # fmt: skip
+                               drop_last=False)
         return self._loader(self.val_features, batches)
 
     # ------------------------------------------------------------------ state (saved in Lightning checkpoints)
@@ -253,7 +253,7 @@ class TaskDataModule(L.LightningDataModule):
         """One line for the run log: examples, features (qa windows), labels."""
         self._require_setup()
         s = (f"task={self.task}: {len(self.train_examples)} train / {len(self.val_examples)} val examples, "
-             f"{len(self.train_features)} / {len(self.val_features)} features")  # fmt: skip
+             f"{len(self.train_features)} / {len(self.val_features)} features")
         if self.label_map is not None:
             s += f", num_labels={self.num_labels}" + (f" {self.label_map.names[:10]}" if self.id2label else "")
         return s

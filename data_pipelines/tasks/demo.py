@@ -34,10 +34,7 @@ split a paragraph after ".", "!" or "?" followed by whitespace and a capital let
 - mc ("context", "endings", "label"; chance 25 %): context = a sentence (6-40 words), the 4 endings = its true next
   sentence in the same paragraph and 3 sentences drawn from OTHER documents, shuffled; label = the true one's index.
 
-Measured learnability (seed 1337, this project's 2-core CPU; the test scale of tests/test_finetune.py: the 2 x 128
-tiny model pre-trained 150 steps on the default corpus, then fine-tuned with lr 1e-3, batch 32 (mc 16), held-out
-validation split): cls 120 steps: accuracy 0.62 (chance 0.50); token_cls 100 steps: entity F1 0.45 (all-"O": 0); qa 300 steps:
-EM 0.37, F1 0.44-0.46 (best random span: F1 0.08); mc 150 steps (mc loss + 0.5 LM loss): accuracy 0.41 (chance 0.25).
+How well the tiny model learns each set at the test scale of tests/test_finetune.py is in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -209,7 +206,7 @@ def _qa(docs: list[list[str]], n: int, rng: random.Random, split: str) -> list[d
         for p in d:
             sents = _sentences(" ".join(p.split()))
             windows = sorted({" ".join(sents[i:j]) for i in range(len(sents))
-                              for j in range(i + 1, min(i + 3, len(sents)) + 1)})  # fmt: skip
+                              for j in range(i + 1, min(i + 3, len(sents)) + 1)})
             rng.shuffle(windows)
             used = set()
             for ctx in windows:
@@ -233,7 +230,7 @@ def _qa(docs: list[list[str]], n: int, rng: random.Random, split: str) -> list[d
     cands = _take(rng, cands, n, "qa", split)
     return [{"id": f"{split}-{i}", "question": QA_QUESTIONS[kind], "context": ctx,
              "answers": {"text": [answer], "answer_start": [a_start]}}
-            for i, (ctx, kind, answer, a_start) in enumerate(cands)]  # fmt: skip
+            for i, (ctx, kind, answer, a_start) in enumerate(cands)]
 
 
 def _mc(docs: list[list[str]], n: int, rng: random.Random, split: str, choices: int = 4) -> list[dict]:
@@ -261,7 +258,7 @@ RECIPES = {"cls": _cls, "token_cls": _token_cls, "qa": _qa, "mc": _mc}
 
 
 def build_demo(task: str, seed: int = 1337, train_size: int | None = None,
-               val_size: int | None = None) -> dict[str, list[dict]]:  # fmt: skip
+               val_size: int | None = None) -> dict[str, list[dict]]:
     """The demo examples of `task` in memory: {"train": [...], "validation": [...]} (deterministic in `seed`)."""
     if task not in RECIPES:
         raise ValueError(f"no demo dataset for task {task!r}; demos exist for {', '.join(RECIPES)}.")
@@ -277,7 +274,7 @@ def build_demo(task: str, seed: int = 1337, train_size: int | None = None,
 
 
 def demo_files(task: str, cache_root: Path, seed: int = 1337, train_size: int | None = None,
-               val_size: int | None = None) -> tuple[Path, Path]:  # fmt: skip
+               val_size: int | None = None) -> tuple[Path, Path]:
     """Build (once) and cache the demo jsonl files; -> (train.jsonl, validation.jsonl)."""
     from data_pipelines.tokenizing import atomic_dir, publish_dir
 

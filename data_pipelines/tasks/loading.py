@@ -29,7 +29,7 @@ class RawSplit:
 
     def take(self, indices: list[int], where: str | None = None) -> "RawSplit":
         return RawSplit({k: [v[i] for i in indices] for k, v in self.columns.items()}, self.features,
-                        where or self.where)  # fmt: skip
+                        where or self.where)
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -44,7 +44,7 @@ def _load(cfg: TaskDataConfig, split: str, path: str | None = None):
         key = "data.path" if split == "train" else "data.val_path"
         files = resolve_files(path, kind, key)
         ds = datasets.load_dataset(FILE_BUILDERS[kind], data_files=[str(f) for f in files], split="train",
-                                   cache_dir=str(cfg.cache_root / "hf_datasets"))  # fmt: skip
+                                   cache_dir=str(cfg.cache_root / "hf_datasets"))
         where = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
         return ds, where
     hub_split = cfg.split if split == "train" else cfg.val_split
@@ -88,7 +88,7 @@ def load_splits(cfg: TaskDataConfig, train_path: str | None = None, val_path: st
 
 # ------------------------------------------------------------------------------------------------------ columns
 def resolve_column(raw: RawSplit, logical: str, candidates: tuple[str, ...], *, required: bool = True,
-                   config_key: str | None = None) -> Optional[str]:  # fmt: skip
+                   config_key: str | None = None) -> Optional[str]:
     """The first of `candidates` that `raw` has; a required column that is missing -> an error listing the columns
     the data has and the config key that names it."""
     for c in candidates:
@@ -193,7 +193,7 @@ def _normalise(value: Any) -> int | str:
 
 
 def build_label_map(values: list, cfg: TaskDataConfig, names: Optional[list[str]], where: str,
-                    regression: bool = False) -> LabelMap:  # fmt: skip
+                    regression: bool = False) -> LabelMap:
     """Label names from (in order of precedence) `cfg.label_list`, a hub ClassLabel's `names`, the sorted set of
     string labels, or range(num_labels) for int labels (num_labels = cfg.num_labels or max label + 1)."""
     if regression:

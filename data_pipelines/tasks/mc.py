@@ -30,7 +30,7 @@ def read_examples(raw: RawSplit, cfg: TaskDataConfig) -> list[dict]:
     c_col = resolve_column(raw, "context", cand["context"], config_key="context_column")
     suffix_cand = cand["context_suffix"] or (("sent2",) if c_col == "sent1" else ())  # SWAG: sent1 + " " + sent2
     s_col = resolve_column(raw, "context suffix", suffix_cand, required="context_suffix" in explicit,
-                           config_key="context_suffix_column") if suffix_cand else None  # fmt: skip
+                           config_key="context_suffix_column") if suffix_cand else None
     y_col = resolve_column(raw, "label", cand["label"], config_key="label_column")
     e_cols: list[str] = []
     e_col = None
@@ -39,13 +39,13 @@ def read_examples(raw: RawSplit, cfg: TaskDataConfig) -> list[dict]:
         missing = [c for c in e_cols if c not in raw.columns]
         if missing:
             raise ValueError(f"{raw.where} has no column(s) {missing} (columns: {', '.join(raw.columns)}); "
-                             f"fix data.ending_columns.")  # fmt: skip
+                             f"fix data.ending_columns.")
     else:
         e_col = resolve_column(raw, "endings", cand["endings"], required="endings" in explicit,
-                               config_key="endings_column")  # fmt: skip
+                               config_key="endings_column")
         if e_col is None:
             e_cols = sorted((c for c in raw.columns if _ENDING_COL.fullmatch(str(c))),
-                            key=lambda c: int(_ENDING_COL.fullmatch(c).group(1)))  # fmt: skip
+                            key=lambda c: int(_ENDING_COL.fullmatch(c).group(1)))
             if not e_cols:
                 raise ValueError(
                     f"{raw.where} has no endings column {cand['endings']} nor ending0, ending1, ... columns "
@@ -59,7 +59,7 @@ def read_examples(raw: RawSplit, cfg: TaskDataConfig) -> list[dict]:
         if s_col is not None and raw.columns[s_col][i]:
             ctx = f"{ctx} {raw.columns[s_col][i]}"
         endings = (as_list(raw.columns[e_col][i], f"column {e_col!r}", raw.where, i) if e_col
-                   else [raw.columns[c][i] for c in e_cols])  # fmt: skip
+                   else [raw.columns[c][i] for c in e_cols])
         endings = ["" if x is None else str(x) for x in endings]
         if n_choices is None:
             n_choices = len(endings)
@@ -107,5 +107,5 @@ def encode(examples: list[dict], tokenizer, cfg: TaskDataConfig) -> list[dict]:
             on = cfg.mc_lm_labels == "all" or (cfg.mc_lm_labels == "correct" and c == e["label"])
             lm.append(list(seq) if on else [IGNORE_INDEX] * len(seq))
         out.append({"input_ids": seqs, "mc_token_ids": cls_idx,
-                    "labels": lm if cfg.mc_lm_labels != "none" else None, "mc_labels": e["label"]})  # fmt: skip
+                    "labels": lm if cfg.mc_lm_labels != "none" else None, "mc_labels": e["label"]})
     return out

@@ -85,7 +85,7 @@ def read_examples(raw: RawSplit, cfg: TaskDataConfig) -> list[dict]:
                 )
         starts = [int(s) for s in starts]
         out.append({"id": ex_id, "question": question, "context": context,
-                    "answers": {"text": list(texts), "answer_start": starts}})  # fmt: skip
+                    "answers": {"text": list(texts), "answer_start": starts}})
     return out
 
 
@@ -122,7 +122,7 @@ def encode(examples: list[dict], tokenizer, cfg: TaskDataConfig, keep_offsets: b
     eos = tokenizer.eos_token_id
     q_ids = [q[: cfg.max_question_length] for q in tokenizer.encode_batch([e["question"] for e in examples])]
     enc = tokenizer([e["context"] for e in examples], add_special_tokens=False, return_attention_mask=False,
-                    return_offsets_mapping=True)  # fmt: skip
+                    return_offsets_mapping=True)
     features = []
     for i, e in enumerate(examples):
         ctx_ids = enc["input_ids"][i]
@@ -142,7 +142,7 @@ def encode(examples: list[dict], tokenizer, cfg: TaskDataConfig, keep_offsets: b
             else:
                 start = end = sep
             f = {"input_ids": q + [eos] + ctx_ids[ws:we], "start_positions": start, "end_positions": end,
-                 "example_index": i, "no_answer_index": sep}  # fmt: skip
+                 "example_index": i, "no_answer_index": sep}
             if keep_offsets:
                 f["offsets"] = [None] * first + offsets[ws:we]
             features.append(f)

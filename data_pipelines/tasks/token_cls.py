@@ -20,7 +20,7 @@ IGNORE_INDEX = -100  # torch cross_entropy's ignore_index
 def _columns(raw: RawSplit, cfg: TaskDataConfig) -> tuple[str, str]:
     cand = cfg.column_candidates("token_cls")
     return (resolve_column(raw, "tokens", cand["tokens"], config_key="tokens_column"),
-            resolve_column(raw, "tags", cand["tags"], config_key="tags_column"))  # fmt: skip
+            resolve_column(raw, "tags", cand["tags"], config_key="tags_column"))
 
 
 def read_examples(raw: RawSplit, cfg: TaskDataConfig) -> list[dict]:

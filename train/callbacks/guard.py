@@ -52,7 +52,7 @@ class LossGuard(Callback):
     """
 
     def __init__(self, run_dir: str | Path, spike_factor: Optional[float] = 3.0, warmup_steps: int = 100,
-                 ema_decay: float = 0.99, max_events: int = 5):  # fmt: skip
+                 ema_decay: float = 0.99, max_events: int = 5):
         self.run_dir = Path(run_dir)
         self.spike_factor = spike_factor
         self.warmup_steps = warmup_steps
@@ -221,7 +221,7 @@ class LossGuard(Callback):
     # -- checkpointed state
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema, "n_good": self.n_good, "skipped": self.skipped, "rollbacks": self.rollbacks,
-                "events": [list(e) for e in self.events]}  # fmt: skip
+                "events": [list(e) for e in self.events]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.ema = state_dict.get("ema")
@@ -236,7 +236,7 @@ def build_guard(guard_cfg, run_dir: str | Path) -> list[Callback]:
     if not guard_cfg.enabled:
         return []
     return [LossGuard(run_dir, spike_factor=guard_cfg.spike_factor, warmup_steps=guard_cfg.warmup_steps,
-                      ema_decay=guard_cfg.ema_decay, max_events=guard_cfg.max_events)]  # fmt: skip
+                      ema_decay=guard_cfg.ema_decay, max_events=guard_cfg.max_events)]
 
 
 def check_finite_weights(model: torch.nn.Module, step: int) -> None:

@@ -187,7 +187,7 @@ def _plot_evals(ax, evals: dict[str, list[tuple[float, float]]]) -> None:
     for i, (key, pts) in enumerate(evals.items()):
         target = right if key in unbounded and right is not None else ax
         target.plot(*zip(*pts), "o--" if key in unbounded else "o-", color=f"C{i % 10}", markersize=4,
-                    label=key.removeprefix("eval/"))  # fmt: skip
+                    label=key.removeprefix("eval/"))
     ax.set_xlabel("optimizer step")
     ax.set_title("evaluation (lm-evaluation-harness)")
     ax.grid(alpha=0.3)

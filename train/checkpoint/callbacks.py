@@ -127,7 +127,7 @@ class BestCheckpoint(Callback):
         state = full_state_dict(trainer, pl_module)  # every rank: FSDP / ZeRO-3 gather their shards
         if trainer.is_global_zero:
             meta = dict(self.meta, global_step=trainer.global_step, task=plain_class(pl_module.model).__name__,
-                        monitor=self.monitor, mode=self.mode, value=v, metrics=dict(metrics))  # fmt: skip
+                        monitor=self.monitor, mode=self.mode, value=v, metrics=dict(metrics))
             save_model_dir(state, pl_module.model.config, self.path, meta)
         trainer.strategy.barrier("BestCheckpoint.save")
 

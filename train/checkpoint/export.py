@@ -66,7 +66,7 @@ def export_tokenizer(tokenizer: Any, model_config: Any, pad_token_id: Optional[i
 # anything else (a training checkpoint's meta.json / training_state.pt, a user's notes or eval results) is not one.
 EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                           "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                          "merges.txt", "added_tokens.json", "chat_template.jinja"})  # fmt: skip
+                          "merges.txt", "added_tokens.json", "chat_template.jinja"})
 # the shard names gpt2.hf_io.save_pretrained writes (and removes before a save); spelled here, not imported from
 # there, because check_export_dir runs before torch is imported
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")

@@ -113,7 +113,7 @@ def outcome_lines(summary: dict[str, Any], prompt: str, overrides: Sequence[str]
         steps = f"{end - start} more steps ({start} -> {end})" if start is not None else f"{end} steps"
         lines.append(f"done: {steps} in {summary['seconds']:.0f}s, train loss "
                      f"{summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}{val_txt}; "
-                     f"run dir {summary['run_dir']}")  # fmt: skip
+                     f"run dir {summary['run_dir']}")
     best = summary.get("best")
     if best:  # a fine-tuning task: the monitored metric of the exported (best) model
         lines.append(f"best {best['metric']}={best['value']:.4f} at step {best['step']}; "

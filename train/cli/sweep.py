@@ -66,7 +66,7 @@ def write_summary(sweep_dir: str | Path) -> tuple[Path, Path, list[dict[str, Any
     """summary.csv + summary.md of every job folder under sweep_dir; -> (csv, md, rows)."""
     sweep_dir = Path(sweep_dir)
     dirs = sorted((d for d in sweep_dir.iterdir() if d.is_dir()),
-                  key=lambda d: (0, int(d.name)) if d.name.isdigit() else (1, d.name))  # fmt: skip
+                  key=lambda d: (0, int(d.name)) if d.name.isdigit() else (1, d.name))
     rows = [r for r in (job_row(d) for d in dirs) if r is not None]
     columns: list[str] = []
     for r in rows:

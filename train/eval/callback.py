@@ -48,7 +48,7 @@ class HarnessEval(Callback):
     def __init__(self, tokenizer: Any, tasks: list[str], every_n_steps: int, run_dir: str | os.PathLike, *,
                  limit: Optional[int | float] = None, num_fewshot: Optional[int] = None, batch_size: int = 8,
                  include_path: Optional[str] = None, max_gen_toks: Optional[int] = None,
-                 at_end: bool = True):  # fmt: skip
+                 at_end: bool = True):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps} must be >= 1.")
         self.tokenizer = tokenizer
@@ -56,7 +56,7 @@ class HarnessEval(Callback):
         self.every_n_steps = every_n_steps
         self.run_dir = Path(run_dir)
         self.kwargs = dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, include_path=include_path,
-                           max_gen_toks=max_gen_toks)  # fmt: skip
+                           max_gen_toks=max_gen_toks)
         self.at_end = at_end
         self.evaluated: list[int] = []
         self.last_metrics: dict[str, float] = {}
@@ -143,7 +143,7 @@ def check_eval(eval_cfg, task_name: str) -> None:
 
     if task_name != "lm":
         raise ConfigError(f"eval.tasks scores a language model, and task={task_name} trains a fine-tuning head; "
-                          f"drop eval.tasks, or evaluate with task=lm.")  # fmt: skip
+                          f"drop eval.tasks, or evaluate with task=lm.")
     try:
         check_tasks(eval_cfg.tasks, eval_cfg.include_path, option="eval.include_path")
     except EvaluationError as e:
@@ -161,11 +161,11 @@ def build_eval(eval_cfg, tokenizer: Any, run_dir: Path, val_check_interval: int,
     if tokenizer is None:
         raise ConfigError("eval.tasks needs the run's tokenizer to turn task text into ids, and this run has "
                           "none (pre-tokenized data=tokens); set data.tokenizer=<tokenizer dir> or drop "
-                          "eval.tasks.")  # fmt: skip
+                          "eval.tasks.")
     return HarnessEval(tokenizer, eval_cfg.tasks, eval_cfg.every_n_steps or val_check_interval, run_dir,
                        limit=1 if fast_dev_run else eval_cfg.limit, num_fewshot=eval_cfg.num_fewshot,
                        batch_size=eval_cfg.batch_size, include_path=eval_cfg.include_path,
-                       max_gen_toks=eval_cfg.max_gen_toks)  # fmt: skip
+                       max_gen_toks=eval_cfg.max_gen_toks)
 
 
 def eval_model(trainer, pl_module):

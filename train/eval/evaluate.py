@@ -104,7 +104,7 @@ def evaluate(
     try:
         lm = harness.GPT2ForgeLM(model, tokenizer=tokenizer, batch_size=batch_size, device=device,
                                  max_gen_toks=max_gen_toks or harness.DEFAULT_MAX_GEN_TOKS, distributed=distributed,
-                                 show_progress=show_progress)  # fmt: skip
+                                 show_progress=show_progress)
         names = _task_names(tasks)
         with _quiet_lm_eval(show_progress):
             for task_manager in _task_managers(names, include_path):
@@ -113,7 +113,7 @@ def evaluate(
                         model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
                         bootstrap_iters=bootstrap_iters, log_samples=log_samples, random_seed=seeds[0],
                         numpy_random_seed=seeds[1], torch_random_seed=seeds[1], fewshot_random_seed=seeds[1],
-                    )  # fmt: skip
+                    )
                     break
                 except KeyError:  # an include-path task names a built-in one: retry with the full index
                     if task_manager is _TASK_MANAGERS.get(_manager_key(include_path, True)):

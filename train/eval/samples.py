@@ -65,7 +65,7 @@ def write_samples(model: Any, tokenizer: Any, sample_cfg: Any, path: str | os.Pa
     for i, prompt in enumerate(sample_cfg.prompts):
         greedy = sample(model, tokenizer, prompt, sample_cfg.max_new_tokens, greedy=True)
         sampled = sample(model, tokenizer, prompt, sample_cfg.max_new_tokens, temperature=sample_cfg.temperature,
-                         top_k=sample_cfg.top_k, top_p=sample_cfg.top_p, seed=sample_cfg.seed + i)  # fmt: skip
+                         top_k=sample_cfg.top_k, top_p=sample_cfg.top_p, seed=sample_cfg.seed + i)
         knobs = f"temperature={sample_cfg.temperature}, top_k={sample_cfg.top_k}, top_p={sample_cfg.top_p}"
         parts.append(f"=== prompt {prompt!r} | greedy\n{greedy}\n\n=== prompt {prompt!r} | sampled ({knobs})\n{sampled}\n")
     model.train(was_training)

@@ -168,7 +168,7 @@ def build_strategy(strategy_cfg, trainer_cfg, micro_batch_size: int = 1, hardwar
             # unless told (DeepSpeedCPUAdam would be faster, at the price of a C++ op build on first use)
             config["zero_force_ds_cpu_optimizer"] = False
         return zero_strategy_class()(config=config, process_group_backend=strategy_cfg.process_group_backend,
-                                     timeout=timeout)  # fmt: skip
+                                     timeout=timeout)
     raise ConfigError(f"strategy.name={name!r} is not available.")
 
 
@@ -176,7 +176,7 @@ def build_plugins() -> list:
     """The cluster environment: under SLURM, Lightning's SLURMEnvironment with its own requeue turned off.
 
     Lightning 2.6 installs SLURMEnvironment(auto_requeue=True) by default; its SIGUSR1 handler saves hpc_ckpt_N.ckpt
-    inside the signal handler (a collective in a signal handler: it deadlocked once under DDP) and requeues.
+    inside the signal handler (a collective in a signal handler can deadlock under DDP) and requeues.
     train/callbacks/preemption.py does the same at a step boundary instead. Outside SLURM, Lightning picks torchrun's
     TorchElasticEnvironment (TORCHELASTIC_RUN_ID) or its own LightningEnvironment (MASTER_ADDR, MASTER_PORT,
     NODE_RANK, WORLD_SIZE; it spawns the other local ranks itself).

@@ -31,7 +31,7 @@ def import_class(path: str) -> type:
         obj = getattr(importlib.import_module(mod), cls)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"strategy.wrap_class={path} cannot be imported ({e}); name a class, e.g. "
-                          f"gpt2.modeling.GPT2Block.") from e  # fmt: skip
+                          f"gpt2.modeling.GPT2Block.") from e
     if not isinstance(obj, type):
         raise ConfigError(f"strategy.wrap_class={path} is not a class.")
     return obj
@@ -67,7 +67,7 @@ def apply_fsdp(model: nn.Module, mesh, wrap_class: Optional[str], reshard_after_
         blocks = [m for m in model.modules() if isinstance(m, cls)]
         if not blocks:
             raise ConfigError(f"strategy.wrap_class={wrap_class} matches no module of {type(model).__name__}; "
-                              f"name its transformer block class.")  # fmt: skip
+                              f"name its transformer block class.")
         for i, block in enumerate(blocks):
             # the last block's params are needed again at once by backward: keeping them saves one all-gather
             fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
@@ -104,7 +104,7 @@ class FSDP2Strategy(_model_parallel_base()):
     def setup(self, trainer) -> None:
         net = self.lightning_module.model
         apply_fsdp(net, self.device_mesh["data_parallel"], self.wrap_class, self.reshard_after_forward,
-                   self.offload, self.param_precision)  # fmt: skip
+                   self.offload, self.param_precision)
         super().setup(trainer)
 
     # -- checkpoints: checkpoints/step-N/{sharded/ (DCP), model.safetensors, config.json, training_state.pt, meta.json}
@@ -163,7 +163,7 @@ class FSDP2Strategy(_model_parallel_base()):
             ostate = {f"optimizer_{i}": get_optimizer_state_dict(self.model, opt)}
             dcp.load(ostate, checkpoint_id=str(shards))
             set_optimizer_state_dict(self.model, opt, optim_state_dict=ostate[f"optimizer_{i}"],
-                                     options=StateDictOptions(cpu_offload=True))  # fmt: skip
+                                     options=StateDictOptions(cpu_offload=True))
         ckpt = torch.load(path / ck.STATE_NAME, map_location="cpu", weights_only=True)
         ckpt[ck.META_KEY] = meta
         return ckpt

@@ -70,7 +70,7 @@ class Task:
         """The GPT2LitModule arguments every task takes from the trainer and optim groups."""
         return dict(optim=optim_cfg, max_steps=1 if trainer_cfg.fast_dev_run else trainer_cfg.max_steps,
                     log_every_n_steps=trainer_cfg.log_every_n_steps, compile=trainer_cfg.compile,
-                    activation_checkpointing=trainer_cfg.activation_checkpointing, meta=meta)  # fmt: skip
+                    activation_checkpointing=trainer_cfg.activation_checkpointing, meta=meta)
 
 
 # ------------------------------------------------------------------------------------------------ fine-tuning
@@ -163,7 +163,7 @@ class FineTuneTask(Task):
         log.info("%s", dm.summary())
         tok = dm.tokenizer
         model, report = build_head_model(self.model_class, model_cfg, attention_cfg, stability_cfg, len(tok),
-                                         tok.eos_token_id, self.head_config(dm))  # fmt: skip
+                                         tok.eos_token_id, self.head_config(dm))
         if report["reinitialized"]:
             log.warning(
                 "model.init_from=%s: the head's shape differs (another label count: %d labels now), so it was "
@@ -171,7 +171,7 @@ class FineTuneTask(Task):
             )
         if report["new"] and report["source"] is not None:
             log.info("model.init_from=%s: new %s head initialised: %s", model_cfg.init_from, self.model_class.__name__,
-                     ", ".join(report["new"]))  # fmt: skip
+                     ", ".join(report["new"]))
         return model, report
 
     def sequence_length(self, data_cfg, task_cfg) -> tuple[str, int]:
@@ -182,7 +182,7 @@ class FineTuneTask(Task):
 
         return self.module_class(model, model_keys=MODEL_KEYS[self.data_task or self.name],
                                  **self.module_options(model, dm, task_cfg),
-                                 **self.module_args(trainer_cfg, optim_cfg, meta))  # fmt: skip
+                                 **self.module_args(trainer_cfg, optim_cfg, meta))
 
     def module_options(self, model: nn.Module, dm, task_cfg) -> dict[str, Any]:
         """The task's own arguments of its module_class."""
@@ -204,7 +204,7 @@ class FineTuneTask(Task):
     def summary(self, module: GPT2LitModule, dm, rows: list[dict[str, Optional[float]]]) -> dict[str, Any]:
         return {"task": self.name, "num_labels": module.model.config.num_labels,
                 "id2label": {str(k): v for k, v in (dm.id2label or {}).items()} or None,
-                "final_metrics": dict(module.last_val_metrics)}  # fmt: skip
+                "final_metrics": dict(module.last_val_metrics)}
 
 
 __all__ = ["FineTuneTask", "Task", "TaskModule"]

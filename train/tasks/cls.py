@@ -31,7 +31,7 @@ def classification_metrics(logits: Any, labels: Any, regression: bool = False) -
         return {"mse": float(mean_squared_error(logits.reshape(-1).double(), labels.reshape(-1).double()))}
     n = logits.shape[-1]
     return {"accuracy": float(multiclass_accuracy(logits, labels, num_classes=n, average="micro")),
-            "macro_f1": float(multiclass_f1_score(logits, labels, num_classes=n, average="macro"))}  # fmt: skip
+            "macro_f1": float(multiclass_f1_score(logits, labels, num_classes=n, average="macro"))}
 
 
 class ClsModule(TaskModule):

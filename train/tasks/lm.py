@@ -37,7 +37,7 @@ class LMTask(Task):
 
     def module(self, model: nn.Module, dm, task_cfg, trainer_cfg, optim_cfg, meta: dict) -> GPT2LitModule:
         return GPT2LitModule(model, overfit_batches=trainer_cfg.overfit_batches,
-                             **self.module_args(trainer_cfg, optim_cfg, meta))  # fmt: skip
+                             **self.module_args(trainer_cfg, optim_cfg, meta))
 
     def summary(self, module: GPT2LitModule, dm, rows: list[dict[str, Optional[float]]]) -> dict[str, Any]:
         val_losses = [r["val/loss"] for r in rows if r.get("val/loss") is not None]

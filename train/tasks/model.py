@@ -33,7 +33,7 @@ HEAD_MODELS: dict[str, type] = {
     name: obj for name in gpt2.__all__
     if isinstance(obj := getattr(gpt2, name), type) and issubclass(obj, gpt2.GPT2PreTrainedModel)
     and obj not in (gpt2.GPT2PreTrainedModel, gpt2.GPT2Model)
-}  # fmt: skip
+}
 
 
 # ------------------------------------------------------------------------------------------------ model building

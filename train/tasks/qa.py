@@ -91,7 +91,7 @@ class QAModule(TaskModule):
 
     def keep(self, outputs: Any, batch: dict[str, torch.Tensor]) -> tuple:
         return (outputs.start_logits.float().cpu(), outputs.end_logits.float().cpu(),
-                batch["feature_index"].cpu())  # (B, T), (B, T), (B,)  # fmt: skip
+                batch["feature_index"].cpu())  # (B, T), (B, T), (B,)
 
     def score(self, kept: list[tuple]) -> dict[str, float]:
         q = self.qa_eval
@@ -99,7 +99,7 @@ class QAModule(TaskModule):
         ends = [row for k in kept for row in k[1]]
         fidx = [int(i) for k in kept for i in k[2]]
         preds = postprocess_qa(starts, ends, q["features"], q["contexts"], n_best_size=q["n_best_size"],
-                                 max_answer_length=q["max_answer_length"], feature_indices=fidx)  # fmt: skip
+                                 max_answer_length=q["max_answer_length"], feature_indices=fidx)
         seen = sorted({q["features"][i]["example_index"] for i in fidx})  # fast_dev_run sees a few windows only
         m = squad_metrics([preds[i] for i in seen], [q["answers"][i] for i in seen])
         return {"val/exact_match": m["exact_match"], "val/f1": m["f1"]}
@@ -115,7 +115,7 @@ class QATask(FineTuneTask):
         features, contexts, answers = dm.qa_eval_data()
         return {"qa_eval": {"features": features, "contexts": contexts, "answers": answers,
                             "n_best_size": task_cfg.data.n_best_size,
-                            "max_answer_length": task_cfg.data.max_answer_length}}  # fmt: skip
+                            "max_answer_length": task_cfg.data.max_answer_length}}
 
     def default_monitor(self, dm) -> tuple[str, str]:
         return "val/f1", "max"

@@ -47,10 +47,10 @@ def token_cls_metrics(pred_ids: Sequence[Any], label_ids: Sequence[Any], id2labe
     precision, recall, f1, _ = precision_recall_fscore_support(
         [[bio_tag(t) for t in row] for row in y_true], [[bio_tag(t) for t in row] for row in y_pred],
         average="micro", zero_division=0,
-    )  # fmt: skip
+    )
     n = sum(len(row) for row in y_true)
     return {"precision": float(precision), "recall": float(recall), "f1": float(f1),
-            "accuracy": float(accuracy_score(y_true, y_pred)) if n else 0.0}  # fmt: skip
+            "accuracy": float(accuracy_score(y_true, y_pred)) if n else 0.0}
 
 
 class TokenClsModule(TaskModule):
@@ -66,7 +66,7 @@ class TokenClsModule(TaskModule):
         labels = [row for k in kept for row in k[1]]
         m = token_cls_metrics(preds, labels, self.id2label)
         return {"val/precision": m["precision"], "val/recall": m["recall"], "val/f1": m["f1"],
-                "val/token_accuracy": m["accuracy"]}  # fmt: skip
+                "val/token_accuracy": m["accuracy"]}
 
 
 class TokenClsTask(FineTuneTask):
