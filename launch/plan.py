@@ -9,11 +9,11 @@ checkpointing to pick — from the config alone (the model is never built).
 The model of memory, per GPU (Ψ = parameter count, N = world size, e = bytes per activation element):
 
 * parameters / gradients / optimizer state, by strategy and precision:
-  - Lightning mixed precision (`bf16-mixed`, `16-mixed`, `32`) under `ddp` keeps fp32 weights and gradients and
+  - Lightning mixed precision (`bf16-mixed`, `16-mixed`, `32`) under DDP keeps fp32 weights and gradients and
     AdamW's two fp32 moments: 4Ψ + 4Ψ + 8Ψ (plus one 4-byte `step` scalar per tensor). `bf16-true`: 2Ψ + 2Ψ + 4Ψ.
-    `gradient_as_bucket_view=True` (conf/strategy/ddp.yaml) makes DDP's all-reduce buckets views of the gradients,
+    `gradient_as_bucket_view=True` (DDPConfig's default) makes DDP's all-reduce buckets views of the gradients,
     so they cost nothing extra.
-  - `fsdp` (FSDP2 `fully_shard`, FULL_SHARD over all N ranks): the same bytes divided by N, plus the working set of
+  - FSDP2 (`fully_shard`, FULL_SHARD over all N ranks): the same bytes divided by N, plus the working set of
     unsharded tensors: the root group (embeddings; not resharded after forward) and two blocks (the one computing and
     the one prefetched) in the compute dtype, and their unsharded gradients in fp32 (reduce dtype).
   - DeepSpeed ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
@@ -25,7 +25,7 @@ The model of memory, per GPU (Ψ = parameter count, N = world size, e = bytes pe
     Buffers: stages 1/2 allocate `reduce_bucket_size` gradient elements (twice with `overlap_comm`,
     deepspeed/runtime/zero/stage_1_and_2.py); stage 3 holds the gathered weights of the live modules
     (the embeddings, or two blocks) and one reduce bucket.
-  - `deepspeed_zero3_offload`: ZeRO-Infinity / ZeRO-Offload — fp32 master weights, moments and gradients and the
+  - ZeRO-3 with offload: ZeRO-Infinity / ZeRO-Offload — fp32 master weights, moments and gradients and the
     16-bit weight partitions live in CPU memory (reported as host bytes); the GPU keeps the stage-3 working set.
 * activations per micro-batch (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
   Models", §4.1, Eq. 1, no tensor/sequence parallelism): per layer s·b·h·(34 + 5·a·s/h) bytes with 16-bit
@@ -51,12 +51,16 @@ from dataclasses import dataclass, field
 from gpt2 import ATTENTION_BACKENDS, DEFAULT_ATTENTION, PRESETS, GPT2Config
 # DeepSpeed bucket sizes: the numbers train/strategies/deepspeed_config.py writes into the DeepSpeed JSON (a pure module: importing
 # it pulls in neither Lightning nor DeepSpeed)
-from train.strategies.deepspeed_config import REDUCE_BUCKET_SIZE
+from train.strategies import get_spec, strategy_specs
+from train.strategies.engines.deepspeed_config import REDUCE_BUCKET_SIZE
 
 GiB = 1024**3
 
-# Preference order of the recommendation: the least communication first (ddp), the most last (offload).
-STRATEGIES = ("ddp", "deepspeed_zero1", "deepspeed_zero2", "fsdp", "deepspeed_zero3", "deepspeed_zero3_offload")
+# The strategies the plan compares, from train/strategies' registry, in its order of preference: the least
+# communication first, the most (host offload) last (StrategySpec.plan_rank).
+SPECS = sorted((s for s in strategy_specs().values() if s.plan_rank is not None), key=lambda s: s.plan_rank)
+STRATEGIES = tuple(s.name for s in SPECS)
+ALONE = tuple(s.name for s in SPECS if s.zero_stage == 0 or s.offload)  # what helps a single rank
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "bf16-true")
 MICRO_BATCHES = (64, 32, 16, 8, 4, 2, 1)  # powers of two tried, largest first
 
@@ -186,11 +190,12 @@ def estimate(cfg: GPT2Config, strategy: str, world_size: int, micro_batch: int, 
     acts = activation_bytes(cfg, micro_batch, seq, act_e, attention, activation_checkpointing)
     step_scalars = 4 * n_tensors  # torch AdamW keeps a float32 `step` tensor per parameter tensor
 
-    if strategy in ("ddp", "fsdp"):
+    spec = get_spec(strategy)
+    if spec.engine == "torch":
         # Lightning's mixed precision is autocast over fp32 weights; bf16-true keeps everything in bf16
         w = 2 if precision == "bf16-true" else 4
         params, grads, optim = w * P, w * P, 2 * w * P + step_scalars
-        if strategy == "ddp":
+        if spec.zero_stage == 0:  # DDP: a full replica of everything
             return Estimate(strategy, params, grads, optim, 0, acts)
         # FSDP2: shards of everything + the unsharded working set (root group + 2 blocks) in the compute dtype and
         # their unsharded gradients in the reduce dtype (fp32 unless bf16-true)
@@ -202,17 +207,16 @@ def estimate(cfg: GPT2Config, strategy: str, world_size: int, micro_batch: int, 
     # DeepSpeed ZeRO
     w = 4 if precision == "32" else 2  # weights and gradients in the engine's dtype
     K = 12  # optimizer bytes per parameter: fp32 master + momentum + variance (a master copy in fp32 too)
-    stage = 3 if strategy.startswith("deepspeed_zero3") else int(strategy[-1])
     bucket = REDUCE_BUCKET_SIZE * w
     gathered = max(emb, 2 * blk) * w  # stage 3: weights of the live modules, gathered from all ranks
-    if stage == 1:
+    if spec.zero_stage == 1:
         return Estimate(strategy, w * P, w * P, _ceil_div(K * P, N), 2 * bucket, acts)
-    if stage == 2:
+    if spec.zero_stage == 2:
         return Estimate(strategy, w * P, _ceil_div(w * P, N), _ceil_div(K * P, N), 2 * bucket, acts)
-    if strategy == "deepspeed_zero3":
+    if not spec.offload:
         return Estimate(strategy, _ceil_div(w * P, N), _ceil_div(w * P, N), _ceil_div(K * P, N),
                         gathered + bucket, acts)
-    # zero3_offload: weights, gradients and optimizer state in host memory (fp32 gradients for the CPU Adam step)
+    # stage 3 with offload: weights, gradients and optimizer state in host memory (fp32 gradients for the CPU Adam)
     cpu = _ceil_div(w * P, N) + _ceil_div(4 * P, N) + _ceil_div(K * P, N)
     return Estimate(strategy, 0, 0, 0, gathered + bucket, acts, cpu=cpu)
 
@@ -262,7 +266,7 @@ def plan(model: str = "gpt2", gpus: int = 1, gpu_mem_gb: float = 80.0, micro_bat
     rec = Recommendation(None, None, None,
                          f"nothing fits in {gpu_mem_gb:g} GB per GPU with {headroom:.0%} headroom, even offloaded; "
                          f"use more GPUs, a shorter seq, or a smaller model.")
-    for s in STRATEGIES if world > 1 else ("ddp", "deepspeed_zero3_offload"):  # sharding needs >1 rank to help
+    for s in STRATEGIES if world > 1 else ALONE:  # sharding needs >1 rank to help
         for ckpt in ckpt_choices:
             mb = next((m for m in sizes if fits(s, m, ckpt)), None)
             if mb is not None:

@@ -87,19 +87,35 @@ def test_option_composes_and_instantiates(group, option):
     if group in SCHEMAS:
         node = getattr(cfg, group)
         assert isinstance(node, SCHEMAS[group])
-        # field for field: the YAML sets exactly the dataclass's fields (nothing silently defaulted)
-        keys = set(yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {})
-        fields = {f.name for f in dataclasses.fields(SCHEMAS[group])}
-        if group == "logger" and option != "csv":  # add-on loggers set only their own keys (they combine)
-            assert keys <= fields, f"{group}/{option}.yaml"
-        else:
-            assert keys == fields, f"{group}/{option}.yaml"
-    if group == "data":
-        keys = set(yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {})
-        assert keys == {f.name for f in dataclasses.fields(type(cfg.data))}
+    if group in SCHEMAS or group == "data":
+        _assert_sets_only_differences(group, option, type(getattr(cfg, group)))
     # every composed config builds a model config (cheap: no weights)
     mc = build_model_config(cfg.model, cfg.attention, cfg.stability, vocab_size=4096, eos_token_id=0)
     assert mc.n_layer == cfg.model.n_layer
+
+
+def _default_of(f: dataclasses.Field):
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    value = getattr(value, "value", value)  # a str enum as its string
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _assert_sets_only_differences(group: str, option: str, schema: type) -> None:
+    """An option's YAML sets only fields of its dataclass, each to a value other than the dataclass's default (the
+    defaults live in one place; `name` names the option)."""
+    text = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in text.items():
+        if key == "defaults":
+            continue
+        assert key in fields, f"{group}/{option}.yaml sets {key}, which {schema.__name__} does not have"
+        default = _default_of(fields[key])
+        if isinstance(value, dict) and isinstance(default, dict):
+            same = [k for k, v in value.items() if default.get(k) == v]
+            assert not same, f"{group}/{option}.yaml repeats the defaults of {key}.{same}"
+        elif key != "name" or group == "data":
+            assert value != default, f"{group}/{option}.yaml repeats the default {key}={value!r}"
+
 
 
 @pytest.mark.parametrize("size", ["tiny", "demo", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])

@@ -8,13 +8,8 @@ import pytest
 import torch
 
 import gpt2
-from train.strategies.deepspeed_config import (
-    STRATEGY_STAGES,
-    deepspeed_config,
-    deepspeed_config_for_strategy,
-    strip_wrapper_prefix,
-    zero_checkpoint_to_safetensors,
-)
+from train.strategies.deepspeed import STRATEGY_STAGES, deepspeed_config_for_strategy
+from train.strategies.engines.deepspeed_config import deepspeed_config, strip_wrapper_prefix, zero_checkpoint_to_safetensors
 
 PRECISIONS = ["32-true", "16-mixed", "bf16-mixed", "bf16-true"]
 

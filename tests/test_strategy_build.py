@@ -21,8 +21,8 @@ from train.checkpoint import weights as ck_weights
 from train.config import ConfigError, register_configs
 from train.callbacks.preemption import Preemption, requeue, slurm_job_id
 from train.strategies import build_plugins, build_strategy, check_hardware, check_resume
-from train.strategies.deepspeed import finalize_zero_checkpoint
-from train.strategies.fsdp import FSDP2Strategy, apply_fsdp, import_class, mixed_precision_policy
+from train.strategies.engines.fsdp2 import FSDP2Strategy, apply_fsdp, import_class, mixed_precision_policy
+from train.strategies.engines.zero import finalize_zero_checkpoint
 from helpers import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -92,7 +92,7 @@ def on_before_optimizer_step(self, optimizer):  # under DeepSpeed: after every m
 
 
 def on_train_end(self):
-    from train.strategies.deepspeed import is_zero3
+    from train.strategies.engines.zero import is_zero3
     if not out or getattr(self.trainer.strategy, "deepspeed_engine", None) is None:
         return
     import contextlib
@@ -204,8 +204,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 import gpt2
-from train.strategies.deepspeed import select_cpu_accelerator, zero_strategy_class
-from train.strategies.deepspeed_config import deepspeed_config
+from train.strategies.engines.deepspeed_config import deepspeed_config
+from train.strategies.engines.zero import ZeroStrategy, select_cpu_accelerator
 
 
 class Net(L.LightningModule):
@@ -227,7 +227,7 @@ class Net(L.LightningModule):
 select_cpu_accelerator()
 config = deepspeed_config(3, False, micro_batch_size=4, precision="32-true", param_persistence_threshold=0,
                           for_lightning=True)
-trainer = L.Trainer(accelerator="cpu", devices=1, strategy=zero_strategy_class()(config=config), max_steps=2,
+trainer = L.Trainer(accelerator="cpu", devices=1, strategy=ZeroStrategy(config=config), max_steps=2,
                     enable_progress_bar=False, logger=False, enable_checkpointing=False, default_root_dir=sys.argv[1])
 data = DataLoader(TensorDataset(torch.randint(0, 64, (16, 8))), batch_size=4)
 trainer.fit(Net(), data, data)
@@ -250,7 +250,7 @@ import deepspeed
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 import gpt2
 from safetensors.torch import save_file
-from train.strategies.deepspeed_config import deepspeed_config
+from train.strategies.engines.deepspeed_config import deepspeed_config
 
 class LitLike(torch.nn.Module):  # our LightningModule holds the network as self.model
     def __init__(self, model):

@@ -128,51 +128,64 @@ class TaskConfig:
 
 
 # ----------------------------------------------------------------------------------------------------- strategy
-STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
+@dataclass
+class StrategyConfig:
+    """How the model is spread over devices (conf/strategy/<name>.yaml): the settings every strategy has. `name` is a
+    key of train/strategies' registry (each option's YAML sets it); a strategy with settings of its own uses one of
+    the subclasses below, so a key it does not have fails at composition, naming the key."""
+
+    name: str = "auto"
+    process_group_backend: Optional[str] = None  # None -> nccl on CUDA, gloo on CPU
+    timeout_minutes: int = 30  # a collective waiting longer than this fails the run
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "strategy.name is empty; choose a strategy with strategy=<option>.")
+        _check(self.timeout_minutes > 0, f"strategy.timeout_minutes={self.timeout_minutes} must be positive.")
 
 
 @dataclass
-class StrategyConfig:
-    """How the model is spread over devices (conf/strategy/*.yaml); built by train/strategies/:build_strategy.
+class DDPConfig(StrategyConfig):
+    """DistributedDataParallel's settings (torch DDP docs)."""
 
-    Every option's YAML sets every field; fields a strategy does not use keep their defaults there.
-    """
+    gradient_as_bucket_view: bool = True  # gradients are views into the all-reduce buckets: one copy less
+    find_unused_parameters: bool = False  # every parameter gets a gradient in GPT-2; true costs a graph walk a step
 
-    name: str = "auto"
-    # DDP: buckets of gradients are views into the all-reduce buffer (saves one copy of the grads; torch DDP docs)
-    gradient_as_bucket_view: bool = True
-    find_unused_parameters: bool = False
-    process_group_backend: Optional[str] = None  # None -> nccl on CUDA, gloo on CPU
-    timeout_minutes: int = 30
-    # FSDP2 (fully_shard): the block class sharded one unit per instance, from outside the model (torchtitan)
-    wrap_class: Optional[str] = None  # "gpt2.modeling.GPT2Block"; None -> only the root is one FSDP unit
+
+@dataclass
+class FSDPConfig(StrategyConfig):
+    """FSDP2's settings (`fully_shard`, applied from outside the model: torchtitan)."""
+
+    wrap_class: Optional[str] = None  # "gpt2.modeling.GPT2Block": one FSDP unit per instance; None -> the root only
     reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3-like); false = ZeRO-2-like
-    # fsdp: parameters, gradients and optimizer state in CPU memory (CPUOffloadPolicy);
-    # deepspeed_*: ZeRO-Offload (optimizer state; + parameters at stage 3) - deepspeed_zero3_offload sets it
-    offload: bool = False
-    # deepspeed_zero3*: a parameter with fewer elements stays whole on every rank (gathering it would cost more than
-    # it weighs). DeepSpeed's default, 1e5, keeps every tensor of a small model whole: tests lower it to really shard
-    stage3_param_persistence_threshold: int = 100_000
+    offload: bool = False  # parameters, gradients and optimizer state in CPU memory (CPUOffloadPolicy)
 
     def __post_init__(self) -> None:
-        _check(
-            self.name in STRATEGIES,
-            f"strategy.name={self.name!r} is not available; use one of {', '.join(STRATEGIES)}.",
-        )
-        _check(self.timeout_minutes > 0, f"strategy.timeout_minutes={self.timeout_minutes} must be positive.")
-        _check(
-            self.stage3_param_persistence_threshold >= 0,
-            f"strategy.stage3_param_persistence_threshold={self.stage3_param_persistence_threshold} must be >= 0.",
-        )
+        super().__post_init__()
         _check(
             self.wrap_class is None or "." in self.wrap_class,
             f"strategy.wrap_class={self.wrap_class!r} must be a dotted class path, e.g. gpt2.modeling.GPT2Block.",
         )
+
+
+@dataclass
+class ZeROConfig(StrategyConfig):
+    """DeepSpeed ZeRO's settings; the stage comes with the strategy (train/strategies/deepspeed.py)."""
+
+    offload: bool = False  # ZeRO-Offload: optimizer state (+ parameters at stage 3) in CPU memory
+    # stage 3: a parameter with fewer elements stays whole on every rank (gathering it would cost more than it
+    # weighs). DeepSpeed's default, 1e5, keeps every tensor of a small model whole: tests lower it to really shard
+    stage3_param_persistence_threshold: int = 100_000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         _check(
-            not self.offload or self.name in ("fsdp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3",
-                                              "deepspeed_zero3_offload"),
-            f"strategy.offload=true needs strategy=fsdp or a deepspeed_* strategy, not {self.name}.",
+            self.stage3_param_persistence_threshold >= 0,
+            f"strategy.stage3_param_persistence_threshold={self.stage3_param_persistence_threshold} must be >= 0.",
         )
+
+
+STRATEGY_SCHEMAS = {"strategy_schema": StrategyConfig, "ddp_schema": DDPConfig, "fsdp_schema": FSDPConfig,
+                    "zero_schema": ZeROConfig}  # conf/strategy/<option>.yaml starts its defaults list with one
 
 
 # ----------------------------------------------------------------------------------------------------- trainer
@@ -417,6 +430,8 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    for name, node in STRATEGY_SCHEMAS.items():
+        cs.store(group="strategy", name=name, node=node)
 
 
 def write_config(cfg: Config, run_dir: Path) -> None:

@@ -20,7 +20,7 @@ from train.checkpoint.layout import best_dir, retain, step_dir, write_last
 from train.checkpoint.weights import save_model_dir
 from train.config import ConfigError
 from train.strategies import full_state_dict
-from train.strategies.fsdp import plain_class
+from train.strategies.engines.fsdp2 import plain_class
 
 
 class StepCheckpoint(Callback):

@@ -65,7 +65,7 @@ class DirCheckpointIO(CheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # storage_options={"tmp_dir": d}: `d` (a step-N.tmp-* folder) already holds more files to publish with this
-        # checkpoint, e.g. FSDP's sharded/ DCP folder (train/strategies/fsdp.py); it is renamed into place with the rest
+        # checkpoint, e.g. FSDP's sharded/ DCP folder (train/strategies/engines/fsdp2.py); it is renamed into place with the rest
         prepared = storage_options.get("tmp_dir") if isinstance(storage_options, dict) else None
         tmp = Path(prepared) if prepared else path.parent / f"{path.name}.tmp-{os.getpid()}"
         if not prepared:

@@ -1,18 +1,17 @@
-"""The `strategy` config group -> a Lightning strategy, refused up front when this machine cannot run it.
+"""The `strategy` config group: one `StrategySpec` per option, in a registry every other part reads.
 
-    auto                     Lightning picks (one device: no wrapper; several: DDP)
-    ddp                      DistributedDataParallel (one replica per process, gradients all-reduced)
-    fsdp                     FSDP2 (fsdp.py): `fully_shard` per block then the root, applied from outside the model
-                             (torchtitan's recipe) through Lightning's ModelParallelStrategy; sharded (DCP) checkpoints
-                             + a consolidated model.safetensors in every step dir; also runs on CPU with gloo
-    deepspeed_zero{1,2,3}    Lightning's DeepSpeedStrategy (deepspeed.py), the JSON from deepspeed_config.py (one
-    deepspeed_zero3_offload  source of truth: micro-batch = data.batch_size, accumulation / clipping / precision =
-                             trainer's); after each DeepSpeed save rank 0 consolidates the shards into model.safetensors
+Each module of this package (not its `engines/` subpackage, which holds the implementations against Lightning, FSDP2
+and DeepSpeed and is imported only when a strategy is built) may define `SPECS`, a tuple of specs; the registry
+collects them on first use:
 
-Every strategy's checkpoints/step-N holds the same `model.safetensors` + config.json + meta.json, so train/cli/export.py
-and `model.init_from` read any of them; `resume=auto` resumes with the strategy that wrote the checkpoint
-(`check_resume`). After fit, `full_state_dict` and `model_for_export` give the whole trained network under any of
-them (FSDP2 and ZeRO-3 gather their shards).
+    ddp.py         auto (Lightning picks), ddp (DistributedDataParallel)
+    fsdp.py        fsdp (FSDP2: `fully_shard` per block then the root, from outside the model: torchtitan's recipe)
+    deepspeed.py   deepspeed_zero1, deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload (DeepSpeed ZeRO)
+
+A new strategy is a module here defining its spec, plus conf/strategy/<name>.yaml selecting it. The registry is read
+before Lightning is imported (the up-front checks), so spec modules import torch at most, and Lightning only inside
+`build`. Every strategy's checkpoints/step-N holds the same `model.safetensors` + config.json + meta.json, so export
+and `model.init_from` read any of them; training state resumes under the strategies of the same checkpoint family.
 
 The cluster side lives here too: `build_plugins` picks the rendezvous (SLURM, torchrun or Lightning's own env
 variables) and turns off Lightning's SLURM auto-requeue, which train/callbacks/preemption.py replaces.
@@ -20,11 +19,14 @@ variables) and turns off Lightning's SLURM auto-requeue, which train/callbacks/p
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -32,10 +34,8 @@ from torch import nn
 from gpt2.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION
 from train.config import ConfigError
 
-DEEPSPEED_STRATEGIES = ("deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
 
-
-# ------------------------------------------------------------------------------------------------ up-front checks
+# ------------------------------------------------------------------------------------------------ the registry
 @dataclass(frozen=True)
 class Hardware:
     """What `check_hardware` resolved for a run: whether it trains on CUDA GPUs (`on_gpu`; else the CPU) and the
@@ -45,10 +45,64 @@ class Hardware:
     precision: str
 
 
+@dataclass(frozen=True)
+class StrategySpec:
+    """One option of the `strategy` group.
+
+    name: `strategy.name` (= conf/strategy/<name>.yaml). config: its config dataclass (train.config: StrategyConfig
+        or a subclass), which its YAML's defaults list names.
+    build: (strategy_cfg, trainer_cfg, micro_batch_size, hardware) -> the Lightning strategy object, or "auto".
+    checkpoint_family: the training state its checkpoints hold: "full" (one file: any strategy of the family
+        resumes it), "fsdp" (DCP shards) or "deepspeed" (ZeRO partitions).
+    check_hardware: (strategy_cfg, trainer_cfg, hardware) -> None, raising ConfigError for what this machine cannot
+        run with it (after the checks every strategy shares); None: nothing more to check.
+    full_state_dict: (trainer, module) -> the full weights on rank 0 (None elsewhere) when the strategy shards
+        parameters, called on every rank; None: every rank holds a replica.
+    zero_stage: what it partitions over the ranks, in ZeRO's terms (Rajbhandari et al. 2020): 0 nothing,
+        1 optimizer state, 2 + gradients, 3 + parameters. engine: "torch" or "deepspeed" (whose buffers and master
+        weights differ). offload: states in host memory. plan_rank: launch/plan.py's order of preference (least
+        communication first); None: not planned (auto).
+    """
+
+    name: str
+    config: type
+    build: Callable[..., Any]
+    checkpoint_family: str = "full"
+    check_hardware: Optional[Callable[..., None]] = None
+    full_state_dict: Optional[Callable[..., Optional[dict]]] = None
+    zero_stage: int = 0
+    engine: str = "torch"
+    offload: bool = False
+    plan_rank: Optional[int] = None
+
+
+@lru_cache(maxsize=1)
+def strategy_specs() -> dict[str, StrategySpec]:
+    """Every registered strategy, by name: the `SPECS` of each module of this package (engines/ excluded)."""
+    specs: dict[str, StrategySpec] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.ispkg:
+            continue
+        for spec in getattr(importlib.import_module(f"{__name__}.{info.name}"), "SPECS", ()):
+            if spec.name in specs:
+                raise RuntimeError(f"strategy {spec.name!r} is registered twice (train/strategies/{info.name}.py)")
+            specs[spec.name] = spec
+    return specs
+
+
+def get_spec(name: str) -> StrategySpec:
+    """The spec of `strategy.name`; ConfigError naming the available strategies if there is none."""
+    specs = strategy_specs()
+    if name not in specs:
+        raise ConfigError(f"strategy.name={name!r} is not available; use one of {', '.join(specs)}.")
+    return specs[name]
+
+
+# ------------------------------------------------------------------------------------------------ up-front checks
 def check_hardware(strategy_cfg, trainer_cfg, attention: Optional[str] = None) -> Hardware:
     """Refuse, with one sentence, a strategy / device count / attention kernel this machine cannot run; returns the
     resolved `Hardware`. Raises ConfigError naming the setting and the fix."""
-    name = strategy_cfg.name
+    spec = get_spec(strategy_cfg.name)
     cuda = torch.cuda.is_available()
     n_gpus = torch.cuda.device_count() if cuda else 0
     accel = trainer_cfg.accelerator
@@ -57,16 +111,10 @@ def check_hardware(strategy_cfg, trainer_cfg, attention: Optional[str] = None) -
         raise ConfigError(f"trainer.accelerator={accel} but no CUDA GPU is visible; use trainer.accelerator=cpu.")
     if attention is not None and ATTENTION_BACKENDS[attention].needs_cuda and not (cuda and on_gpu):
         raise ConfigError(f"attention={attention} needs a CUDA GPU; use attention={DEFAULT_ATTENTION} on CPU.")
-    if name in DEEPSPEED_STRATEGIES and not on_gpu:  # DeepSpeed's CPU accelerator (gloo) trains ZeRO 1/2/3 too
-        if accel not in ("cpu", "auto"):
-            raise ConfigError(f"strategy={name} runs on CUDA GPUs or the CPU, not trainer.accelerator={accel}; use "
-                              f"trainer.accelerator=cpu.")
     # on a GPU the precision asks the device for bf16 support: after the device checks below
-    precision = None if on_gpu else resolve_precision(trainer_cfg.precision, "cpu")
-    if name in DEEPSPEED_STRATEGIES and not on_gpu:
-        from train.strategies.deepspeed import check_cpu_precision
-
-        check_cpu_precision(name, precision)
+    hardware = Hardware(on_gpu, None if on_gpu else resolve_precision(trainer_cfg.precision, "cpu"))
+    if spec.check_hardware is not None:
+        spec.check_hardware(strategy_cfg, trainer_cfg, hardware)
     devices = trainer_cfg.devices
     if isinstance(devices, int) and devices > 0:
         if on_gpu and devices > n_gpus:
@@ -84,14 +132,12 @@ def check_hardware(strategy_cfg, trainer_cfg, attention: Optional[str] = None) -
         bad = [d for d in devices if int(d) >= n_gpus]
         if bad:
             raise ConfigError(f"trainer.devices={list(devices)} names GPU(s) {bad} but this node has {n_gpus}.")
-    return Hardware(on_gpu, precision or resolve_precision(trainer_cfg.precision, accel))
+    return hardware if hardware.precision else Hardware(on_gpu, resolve_precision(trainer_cfg.precision, accel))
 
 
 def checkpoint_family(strategy_name: str) -> str:
     """Which training state a strategy writes: "fsdp" (DCP shards), "deepspeed" (ZeRO shards) or "full" (one file)."""
-    if strategy_name == "fsdp":
-        return "fsdp"
-    return "deepspeed" if strategy_name in DEEPSPEED_STRATEGIES else "full"
+    return get_spec(strategy_name).checkpoint_family
 
 
 def check_resume(step_path: Path, strategy_cfg, meta: Optional[dict] = None) -> None:
@@ -105,7 +151,9 @@ def check_resume(step_path: Path, strategy_cfg, meta: Optional[dict] = None) -> 
     saved = meta.get("strategy") or "full"
     want = checkpoint_family(strategy_cfg.name)
     if saved != want:
-        names = {"fsdp": "strategy=fsdp", "deepspeed": "a deepspeed_* strategy", "full": "strategy=ddp or auto"}
+        writers = {family: [s.name for s in strategy_specs().values() if s.checkpoint_family == family]
+                   for family in {saved, want}}
+        names = {family: "strategy=" + "|".join(writers[family]) for family in writers}
         raise ConfigError(
             f"checkpoint {step_path} holds {saved} training state (written under {names[saved]}) and cannot be resumed "
             f"with strategy={strategy_cfg.name}; resume with {names[saved]}, or start a new run_dir with "
@@ -115,61 +163,23 @@ def check_resume(step_path: Path, strategy_cfg, meta: Optional[dict] = None) -> 
 
 # ------------------------------------------------------------------------------------------------ build
 def build_strategy(strategy_cfg, trainer_cfg, micro_batch_size: int = 1, hardware: Optional[Hardware] = None):
-    """`strategy` group -> a Lightning strategy object (or "auto").
+    """`strategy` group -> a Lightning strategy object (or "auto"), by the spec's `build`.
 
     micro_batch_size: the loader's batch (DeepSpeed's train_micro_batch_size_per_gpu; the Task says which).
     hardware: what `check_hardware` resolved (the training job passes it: the checks ran before Lightning was
     imported); None checks here. Its precision sets FSDP's MixedPrecisionPolicy and DeepSpeed's fp16/bf16 section.
     """
     hardware = hardware or check_hardware(strategy_cfg, trainer_cfg)
-    name, precision = strategy_cfg.name, hardware.precision
-    timeout = timedelta(minutes=strategy_cfg.timeout_minutes)
-    if name == "auto":
-        return "auto"
-    if name == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
+    spec = get_spec(strategy_cfg.name)
+    strategy = spec.build(strategy_cfg, trainer_cfg, micro_batch_size, hardware)
+    if not isinstance(strategy, str):
+        strategy.strategy_spec = spec  # what `full_state_dict` asks after fit
+    return strategy
 
-        return DDPStrategy(
-            find_unused_parameters=strategy_cfg.find_unused_parameters,
-            gradient_as_bucket_view=strategy_cfg.gradient_as_bucket_view,
-            process_group_backend=strategy_cfg.process_group_backend,
-            timeout=timeout,
-        )
-    if name == "fsdp":
-        from train.strategies.fsdp import FSDP2Strategy
 
-        return FSDP2Strategy(
-            wrap_class=strategy_cfg.wrap_class,
-            reshard_after_forward=strategy_cfg.reshard_after_forward,
-            offload=strategy_cfg.offload,
-            param_precision=precision,
-            process_group_backend=strategy_cfg.process_group_backend,
-            timeout=timeout,
-        )
-    if name in DEEPSPEED_STRATEGIES:
-        from train.strategies.deepspeed import select_cpu_accelerator, zero_strategy_class
-        from train.strategies.deepspeed_config import STRATEGY_STAGES, deepspeed_config
-
-        stage, offload = STRATEGY_STAGES[name]
-        if not hardware.on_gpu:
-            select_cpu_accelerator()
-        config = deepspeed_config(
-            stage,
-            offload or strategy_cfg.offload,
-            micro_batch_size=micro_batch_size,
-            accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
-            gradient_clip_val=trainer_cfg.gradient_clip_val,
-            precision=precision,
-            param_persistence_threshold=strategy_cfg.stage3_param_persistence_threshold,
-            for_lightning=True,
-        )
-        if offload or strategy_cfg.offload:
-            # our LightningModule builds torch.optim.AdamW; DeepSpeed refuses a client optimizer with offload
-            # unless told (DeepSpeedCPUAdam would be faster, at the price of a C++ op build on first use)
-            config["zero_force_ds_cpu_optimizer"] = False
-        return zero_strategy_class()(config=config, process_group_backend=strategy_cfg.process_group_backend,
-                                     timeout=timeout)
-    raise ConfigError(f"strategy.name={name!r} is not available.")
+def timeout(strategy_cfg) -> timedelta:
+    """strategy.timeout_minutes as the timeout of the process group's collectives."""
+    return timedelta(minutes=strategy_cfg.timeout_minutes)
 
 
 def build_plugins() -> list:
@@ -216,54 +226,39 @@ def at_accumulation_boundary(trainer) -> bool:
 def full_state_dict(trainer, module) -> Optional[dict[str, torch.Tensor]]:
     """The full (unsharded) weights of `module.model` as of now, on rank 0; None on the other ranks.
 
-    Call on EVERY rank: FSDP2 gathers its DTensor shards (to CPU) and ZeRO-3 its partitioned parameters with a
-    collective. Other strategies hold a full replica: rank 0's own state dict (no copy).
+    Call on EVERY rank: a strategy that shards parameters (its spec's `full_state_dict`: FSDP2, ZeRO-3) gathers them
+    with a collective. Other strategies hold a full replica: rank 0's own state dict (no copy).
     """
-    from train.strategies.deepspeed import is_zero3
-    from train.strategies.fsdp import FSDP2Strategy
-
-    if isinstance(trainer.strategy, FSDP2Strategy):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return full if trainer.is_global_zero else None
-    if is_zero3(trainer.strategy):
-        import deepspeed
-
-        from train.strategies.fsdp import retie
-
-        with deepspeed.zero.GatheredParameters(list(module.model.parameters()), modifier_rank=None):
-            if not trainer.is_global_zero:
-                return None
-            full = {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
-        return retie(full, module.model)  # the tied lm_head is wte again: stored once
+    spec = getattr(trainer.strategy, "strategy_spec", None)
+    if spec is not None and spec.full_state_dict is not None:
+        return spec.full_state_dict(trainer, module)
     return module.model.state_dict() if trainer.is_global_zero else None
 
 
 def model_for_export(trainer, module) -> Optional[nn.Module]:
     """A plain (unsharded) copy of the trained network on rank 0 for the HF export and samples; None elsewhere.
 
-    Call on EVERY rank: under FSDP2 and ZeRO-3 the full weights are gathered with a collective. Other strategies
-    keep a full replica on every rank.
+    Call on EVERY rank: a strategy that shards parameters gathers the full weights with a collective; the others keep
+    a full replica on every rank, which is returned as it is.
     """
-    from train.strategies.deepspeed import is_zero3
-    from train.strategies.fsdp import FSDP2Strategy, plain_class
+    spec = getattr(trainer.strategy, "strategy_spec", None)
+    if spec is None or spec.full_state_dict is None:
+        return module.model if trainer.is_global_zero else None
+    from train.strategies.engines.fsdp2 import plain_class
 
-    if isinstance(trainer.strategy, FSDP2Strategy) or is_zero3(trainer.strategy):
-        full = full_state_dict(trainer, module)
-        if full is None:
-            return None
-        net = plain_class(module.model)(module.model.config)
-        net.load_state_dict(full, strict=False)
-        if getattr(net.config, "tie_word_embeddings", False) and hasattr(net, "tie_weights"):
-            net.tie_weights()
-        return net
-    return module.model if trainer.is_global_zero else None
+    full = full_state_dict(trainer, module)
+    if full is None:
+        return None
+    net = plain_class(module.model)(module.model.config)
+    net.load_state_dict(full, strict=False)
+    if getattr(net.config, "tie_word_embeddings", False) and hasattr(net, "tie_weights"):
+        net.tie_weights()
+    return net
 
 
 __all__ = [
-    "DEEPSPEED_STRATEGIES",
     "Hardware",
+    "StrategySpec",
     "at_accumulation_boundary",
     "build_plugins",
     "build_strategy",
@@ -271,6 +266,9 @@ __all__ = [
     "check_resume",
     "checkpoint_family",
     "full_state_dict",
+    "get_spec",
     "model_for_export",
     "resolve_precision",
+    "strategy_specs",
+    "timeout",
 ]

@@ -1,45 +1,13 @@
-"""DeepSpeed ZeRO (`strategy=deepspeed_zero1|2|3|3_offload`): Lightning's DeepSpeedStrategy writing our step-dir layout.
-
-DeepSpeed saves its shards into `step-N.tmp-*`; rank 0 consolidates them into an fp32 `model.safetensors`
-(deepspeed_config.py), adds config.json + meta.json and publishes the folder with one rename, so export and
-`model.init_from` read a ZeRO checkpoint like any other. The DeepSpeed JSON itself comes from deepspeed_config.py.
-"""
+"""The DeepSpeed ZeRO strategies through Lightning's DeepSpeedStrategy (train/strategies/engines/zero.py), on CUDA GPUs
+or on the CPU (DeepSpeed's CPU accelerator with gloo): stage 1 shards optimizer state, 2 also gradients, 3 also
+parameters (Rajbhandari et al. 2020, ZeRO); `_offload` keeps optimizer state and parameters in host memory
+(ZeRO-Offload, Ren et al. 2021). The DeepSpeed JSON is generated from our config (engines/deepspeed_config.py: one
+source of truth); after each save rank 0 consolidates the shards into model.safetensors."""
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Optional
-
-from train.checkpoint import layout as ck  # torch-free: check_cpu_precision runs before Lightning is imported
-from train.config import ConfigError
-
-
-def finalize_zero_checkpoint(tmp: Path, path: Path, model_config: Optional[dict], meta: dict[str, Any],
-                             global_step: int, convert=None) -> Path:
-    """Rank 0, after DeepSpeed wrote its shards into `tmp`: add model.safetensors (fp32, consolidated), config.json
-    and meta.json, then publish `tmp` as `path` with one rename (the same atomic step-dir contract as DirCheckpointIO).
-
-    convert(checkpoint_dir, out_file): the consolidation; default deepspeed_config.zero_checkpoint_to_safetensors.
-    """
-    from train.checkpoint.weights import to_plain
-
-    if convert is None:
-        from train.strategies.deepspeed_config import zero_checkpoint_to_safetensors as convert
-    tmp, path = Path(tmp), Path(path)
-    if not (tmp / "latest").is_file():
-        raise ck.CheckpointError(f"{tmp} holds no DeepSpeed checkpoint ('latest' missing); the save did not finish.")
-    convert(tmp, tmp / ck.WEIGHTS_NAME)
-    if model_config is not None:
-        (tmp / ck.CONFIG_NAME).write_text(json.dumps(to_plain(model_config), indent=2, sort_keys=True) + "\n")
-    meta = dict(meta or {})
-    meta.update(format=ck.FORMAT, format_version=ck.FORMAT_VERSION, global_step=int(global_step),
-                module_prefix=ck.MODULE_PREFIX, strategy="deepspeed")
-    (tmp / ck.META_NAME).write_text(json.dumps(to_plain(meta), indent=2, sort_keys=True) + "\n")
-    return ck.publish_dir(tmp, path)
+from train.config import ConfigError, ZeROConfig
+from train.strategies import StrategySpec, timeout
 
 
 def check_cpu_precision(strategy_name: str, precision: str) -> None:
@@ -62,147 +30,78 @@ def check_cpu_precision(strategy_name: str, precision: str) -> None:
                           f"trainer.precision=bf16-mixed or 32-true on this machine.")
 
 
-def select_cpu_accelerator() -> None:
-    """Make DeepSpeed use its CPU accelerator in this process and in the ranks Lightning launches from it.
-
-    DeepSpeed picks its accelerator once per process, CUDA whenever a GPU is visible (deepspeed/accelerator/
-    real_accelerator.py); `trainer.accelerator=cpu` on a GPU machine must not get CUDA tensors and NCCL. The
-    DS_ACCELERATOR variable decides it for processes started from now on; a DeepSpeed already imported here is
-    switched with its own `set_accelerator`.
-    """
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    if "deepspeed" in sys.modules:
-        from deepspeed.accelerator import get_accelerator, set_accelerator
-
-        if get_accelerator().device_name() != "cpu":
-            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
-
-            set_accelerator(CPU_Accelerator())
+def check_zero(strategy_cfg: ZeROConfig, trainer_cfg, hardware) -> None:
+    """DeepSpeed runs on CUDA GPUs or, through its CPU accelerator, on the CPU in fp32 / bf16 (fp16 where the CPU has
+    the kernels)."""
+    if hardware.on_gpu:
+        return
+    if trainer_cfg.accelerator not in ("cpu", "auto"):
+        raise ConfigError(f"strategy={strategy_cfg.name} runs on CUDA GPUs or the CPU, not "
+                          f"trainer.accelerator={trainer_cfg.accelerator}; use trainer.accelerator=cpu.")
+    check_cpu_precision(strategy_cfg.name, hardware.precision)
 
 
-_ZERO_CLASS: Optional[type] = None
+def deepspeed_config_for_strategy(strategy: str, **kwargs):
+    """engines.deepspeed_config.deepspeed_config for one of the ZeRO strategies (its stage and offload); ValueError
+    for any other name."""
+    from train.strategies.engines.deepspeed_config import deepspeed_config
+
+    if strategy not in STRATEGY_STAGES:
+        raise ValueError(f"{strategy!r} is not a DeepSpeed strategy; choose one of {', '.join(STRATEGY_STAGES)}.")
+    stage, offload = STRATEGY_STAGES[strategy]
+    return deepspeed_config(stage, offload, **kwargs)
 
 
-def zero_strategy_class() -> type:
-    """Lightning's DeepSpeedStrategy writing our step-dir layout, and running on the CPU too (built on first use:
-    importing it loads Lightning's strategy module)."""
-    global _ZERO_CLASS
-    if _ZERO_CLASS is not None:
-        return _ZERO_CLASS
-    import torch
-    from lightning.pytorch.accelerators import CPUAccelerator
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+def build_zero(strategy_cfg: ZeROConfig, trainer_cfg, micro_batch_size: int, hardware):
+    """ZeroStrategy with the JSON of this stage from the data / trainer values."""
+    from train.strategies.engines.deepspeed_config import deepspeed_config
+    from train.strategies.engines.zero import ZeroStrategy, select_cpu_accelerator
 
-    class ZeroStrategy(DeepSpeedStrategy):
-        """DeepSpeed saves its shards into step-N.tmp-*, rank 0 consolidates them into model.safetensors, renames.
-
-        On the CPU (DeepSpeed's CPU accelerator, gloo), three small overrides get past Lightning 2.6's CUDA-only
-        assumptions (1-3); on any device, a validate() after fit keeps the training engine (4) and the loss is
-        divided by the accumulation once, not twice (5). Each override says why.
-        """
-
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self._fit_engine = None  # the training engine, kept for a trainer.validate() after fit (see below)
-
-        @property
-        def on_cpu(self) -> bool:
-            return isinstance(self.accelerator, CPUAccelerator)
-
-        def setup_environment(self) -> None:
-            # 1. Lightning's DeepSpeedStrategy.setup_environment refuses every accelerator but CUDA; DeepSpeed itself
-            #    trains on the CPU. Skip only that check (DDPStrategy's setup_environment does the rest).
-            if self.on_cpu:
-                super(DeepSpeedStrategy, self).setup_environment()
-            else:
-                super().setup_environment()
-
-        def setup_distributed(self) -> None:
-            if self.on_cpu:
-                import deepspeed
-
-                # 2. On the CPU, deepspeed.init_distributed JIT-compiles a shared-memory all-reduce
-                #    (deepspeed_shm_comm: ~140 s on 2 cores, a hard failure without a C++ compiler) that only
-                #    `inference_all_reduce` (tensor-parallel inference) uses; training goes through gloo. DeepSpeed
-                #    builds it only when its table of compatible ops says so; that table is one cached dict whose
-                #    edits persist (deepspeed/ops/__init__.py), so marking the op incompatible skips the build.
-                deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-            with self._cpu_device_index():
-                super().setup_distributed()
-
-        def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
-            with self._cpu_device_index():
-                return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
-
-        def _initialize_deepspeed_train(self, model) -> None:
-            super()._initialize_deepspeed_train(model)
-            self._fit_engine = self.model
-
-        def _initialize_deepspeed_inference(self, model) -> None:
-            # 4. trainer.validate() after fit: Lightning drops the training engine and builds an inference-only one
-            #    (no optimizer, no checkpoint engine) around the already partitioned model, so a checkpoint saved
-            #    after it fails ('NoneType' object has no attribute 'makedirs') and the optimizer state is gone.
-            #    Validation inside fit runs through the training engine; a validate() after fit does too.
-            engine = self._fit_engine
-            if engine is not None and engine.module is model:
-                self.model = engine
-                return
-            with self._cpu_device_index():
-                super()._initialize_deepspeed_inference(model)
-
-        @contextmanager
-        def _cpu_device_index(self):
-            """3. Lightning checks that device i has index i (`_validate_device_index_selection`) and passes
-            `root_device.index` to deepspeed.initialize as `device_rank`, where the engine compares it with 0; a CPU
-            device has index None, so the check fails and the engine raises TypeError (in fit, and again in a later
-            trainer.validate(), which builds an inference engine). While those run, the CPU devices carry their
-            local rank as index; DeepSpeed's CPU accelerator ignores the number (its set_device is a no-op)."""
-            if not self.on_cpu:
-                yield
-                return
-            devices = self.parallel_devices
-            self.parallel_devices = [torch.device("cpu", i) for i in range(len(devices))]
-            try:
-                yield
-            finally:
-                self.parallel_devices = devices
-
-        def backward(self, closure_loss, optimizer, *args, **kwargs):
-            # 5. Lightning hands gradient accumulation to DeepSpeed but still divides each micro-batch's loss by
-            # accumulate_grad_batches (its training closure), and DeepSpeed's engine.backward divides it again by
-            # gradient_accumulation_steps unless told not to: k-step accumulation gave 1/k of DDP's gradients.
-            # AdamW nearly hides a constant factor (up to eps), clipping does not. Divide once, like DDP.
-            kwargs.setdefault("scale_wrt_gas", False)
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
-
-        def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Optional[Any] = None) -> None:
-            path = Path(self.broadcast(str(filepath)))
-            tmp = Path(self.broadcast(str(path.parent / f"{path.name}.tmp-{os.getpid()}")))
-            model_config = checkpoint.pop(ck.MODEL_CONFIG_KEY, None)
-            meta = checkpoint.pop(ck.META_KEY, None) or {}
-            step = int(checkpoint.get("global_step", 0))
-            super().save_checkpoint(checkpoint, tmp)  # every rank writes its ZeRO partition (a collective)
-            self.barrier("zero-save")
-            if self.is_global_zero:
-                finalize_zero_checkpoint(tmp, path, model_config, meta, step)
-            self.barrier("zero-finalize")
-
-    _ZERO_CLASS = ZeroStrategy
-    return ZeroStrategy
+    stage, offload = STRATEGY_STAGES[strategy_cfg.name]
+    offload = offload or strategy_cfg.offload
+    if not hardware.on_gpu:
+        select_cpu_accelerator()
+    config = deepspeed_config(
+        stage,
+        offload,
+        micro_batch_size=micro_batch_size,
+        accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
+        gradient_clip_val=trainer_cfg.gradient_clip_val,
+        precision=hardware.precision,
+        param_persistence_threshold=strategy_cfg.stage3_param_persistence_threshold,
+        for_lightning=True,
+    )
+    if offload:
+        # our LightningModule builds torch.optim.AdamW; DeepSpeed refuses a client optimizer with offload
+        # unless told (DeepSpeedCPUAdam would be faster, at the price of a C++ op build on first use)
+        config["zero_force_ds_cpu_optimizer"] = False
+    return ZeroStrategy(config=config, process_group_backend=strategy_cfg.process_group_backend,
+                        timeout=timeout(strategy_cfg))
 
 
-def is_zero3(strategy) -> bool:
-    """True for a DeepSpeed strategy at ZeRO stage 3 (parameters partitioned across ranks): ours or any subclass of
-    Lightning's DeepSpeedStrategy (an isinstance check, so a subclass never silently skips the weight gathering)."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+def gather_zero3(trainer, module):
+    """The full weights on rank 0 (None elsewhere): every rank gathers the partitioned parameters (a collective)."""
+    import deepspeed
 
-    return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+    from train.strategies.engines.fsdp2 import retie
+
+    with deepspeed.zero.GatheredParameters(list(module.model.parameters()), modifier_rank=None):
+        if not trainer.is_global_zero:
+            return None
+        full = {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
+    return retie(full, module.model)  # the tied lm_head is wte again: stored once
 
 
-__all__ = [
-    "check_cpu_precision",
-    "finalize_zero_checkpoint",
-    "is_zero3",
-    "select_cpu_accelerator",
-    "zero_strategy_class",
-]
+def _zero(name: str, stage: int, offload: bool, plan_rank: int) -> StrategySpec:
+    return StrategySpec(name, ZeROConfig, build=build_zero, checkpoint_family="deepspeed", check_hardware=check_zero,
+                        full_state_dict=gather_zero3 if stage == 3 else None, zero_stage=stage, engine="deepspeed",
+                        offload=offload, plan_rank=plan_rank)
+
+
+SPECS = (
+    _zero("deepspeed_zero1", 1, False, plan_rank=1),
+    _zero("deepspeed_zero2", 2, False, plan_rank=2),
+    _zero("deepspeed_zero3", 3, False, plan_rank=4),
+    _zero("deepspeed_zero3_offload", 3, True, plan_rank=5),
+)
+STRATEGY_STAGES = {spec.name: (spec.zero_stage, spec.offload) for spec in SPECS}  # name -> (stage, offload)

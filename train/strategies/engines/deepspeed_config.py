@@ -38,15 +38,6 @@ _PRECISIONS = {
     "16": "fp16", "16-mixed": "fp16", "16-true": "fp16",
     "bf16": "bf16", "bf16-mixed": "bf16", "bf16-true": "bf16",
 }
-# Our strategy names -> (stage, offload)
-STRATEGY_STAGES = {
-    "deepspeed_zero1": (1, False),
-    "deepspeed_zero2": (2, False),
-    "deepspeed_zero3": (3, False),
-    "deepspeed_zero3_offload": (3, True),
-}
-
-
 def deepspeed_config(
     stage: int,
     offload: bool = False,
@@ -153,14 +144,6 @@ def deepspeed_config(
     return cfg
 
 
-def deepspeed_config_for_strategy(strategy: str, **kwargs) -> dict[str, Any]:
-    """`deepspeed_config` for one of our strategy names (deepspeed_zero1/2/3, deepspeed_zero3_offload)."""
-    if strategy not in STRATEGY_STAGES:
-        raise ValueError(f"{strategy!r} is not a DeepSpeed strategy; choose one of {', '.join(STRATEGY_STAGES)}.")
-    stage, offload = STRATEGY_STAGES[strategy]
-    return deepspeed_config(stage, offload, **kwargs)
-
-
 # ----------------------------------------------------------------------------------------------------- checkpoints
 # Prefixes the engine's module adds in front of our model keys: Lightning wraps the LightningModule in
 # `_LightningModuleWrapperBase` (attribute `_forward_module`), DDP-style wrappers add `module.`, and our LightningModule
@@ -219,8 +202,6 @@ def zero_checkpoint_to_safetensors(checkpoint_dir: str | os.PathLike, out_file: 
 
 __all__ = [
     "deepspeed_config",
-    "deepspeed_config_for_strategy",
-    "STRATEGY_STAGES",
     "strip_wrapper_prefix",
     "zero_checkpoint_to_state_dict",
     "zero_checkpoint_to_safetensors",

@@ -1,0 +1,201 @@
+"""FSDP2 (`strategy=fsdp`): `fully_shard` per block then the root, applied to the built model from outside
+(torchtitan's recipe), through Lightning's ModelParallelStrategy; also runs on CPU with gloo.
+
+Checkpoints keep our step-dir layout: the DCP shards of model + optimizer under `sharded/`, plus the gathered
+`model.safetensors`, config.json, training_state.pt and meta.json (train/checkpoint/io.py), published with one rename.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from train.checkpoint import io as ck_io
+
+from train.checkpoint import layout as ck
+from train.config import ConfigError
+
+SHARDED_DIR = "sharded"  # inside checkpoints/step-N: the FSDP2 DCP shards of model + optimizer
+
+
+def import_class(path: str) -> type:
+    """"gpt2.modeling.GPT2Block" -> the class; a clear error naming the key otherwise."""
+    mod, _, cls = path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(mod), cls)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"strategy.wrap_class={path} cannot be imported ({e}); name a class, e.g. "
+                          f"gpt2.modeling.GPT2Block.") from e
+    if not isinstance(obj, type):
+        raise ConfigError(f"strategy.wrap_class={path} is not a class.")
+    return obj
+
+
+def mixed_precision_policy(precision: str):
+    """trainer.precision -> FSDP2 MixedPrecisionPolicy: compute in 16 bit, reduce gradients in fp32 (torchtitan)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision.startswith("bf16"):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if precision.startswith("16"):
+        return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()  # full precision
+
+
+def apply_fsdp(model: nn.Module, mesh, wrap_class: Optional[str], reshard_after_forward: bool = True,
+               offload: bool = False, precision: str = "32-true") -> int:
+    """fully_shard every `wrap_class` instance, then the root (torchtitan parallelize_llama). Returns the unit count.
+
+    Idempotent: a model already sharded (a second Trainer stage such as validate after fit) is left as it is.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return 0
+    kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": mixed_precision_policy(precision)}
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    units = 0
+    if wrap_class:
+        cls = import_class(wrap_class)
+        blocks = [m for m in model.modules() if isinstance(m, cls)]
+        if not blocks:
+            raise ConfigError(f"strategy.wrap_class={wrap_class} matches no module of {type(model).__name__}; "
+                              f"name its transformer block class.")
+        for i, block in enumerate(blocks):
+            # the last block's params are needed again at once by backward: keeping them saves one all-gather
+            fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
+            units += 1
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+    return units + 1
+
+
+def _model_parallel_base():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy
+
+
+class FSDP2Strategy(_model_parallel_base()):
+    """ModelParallelStrategy as pure FSDP2: a 1-D data-parallel mesh over every rank, `fully_shard` applied to the
+    LightningModule's `.model` in `setup` (after its configure_model: activation checkpointing / compile), and
+    checkpoints in our step-dir layout (DCP shards under `sharded/`, a consolidated model.safetensors, atomic)."""
+
+    def __init__(self, wrap_class: Optional[str] = None, reshard_after_forward: bool = True, offload: bool = False,
+                 param_precision: str = "32-true", **kwargs: Any):
+        super().__init__(save_distributed_checkpoint=True, **kwargs)
+        self.wrap_class = wrap_class
+        self.reshard_after_forward = reshard_after_forward
+        self.offload = offload
+        self.param_precision = param_precision
+
+    def setup_environment(self) -> None:
+        # FSDP only: every rank is a data-parallel rank (Lightning's "auto" would make the node's ranks a TP group)
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def setup(self, trainer) -> None:
+        net = self.lightning_module.model
+        apply_fsdp(net, self.device_mesh["data_parallel"], self.wrap_class, self.reshard_after_forward,
+                   self.offload, self.param_precision)
+        super().setup(trainer)
+
+    # -- checkpoints: checkpoints/step-N/{sharded/ (DCP), model.safetensors, config.json, training_state.pt, meta.json}
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        path = Path(self.broadcast(str(filepath)))
+        tmp = Path(self.broadcast(str(path.parent / f"{path.name}.tmp-{os.getpid()}")))  # rank 0's pid names it
+        if self.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.barrier("fsdp-save-mkdir")
+        sharded = {"state_dict": checkpoint.pop("state_dict")}
+        sharded.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        try:
+            dcp.save(sharded, checkpoint_id=str(tmp / SHARDED_DIR))  # every rank writes its shard
+            # the full weights, gathered to rank 0's CPU (a collective: every rank takes part)
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full = retie(full, self.model)
+            if self.is_global_zero:
+                checkpoint["state_dict"] = full
+                meta = checkpoint[ck.META_KEY] = dict(checkpoint.get(ck.META_KEY) or {}, strategy="fsdp")
+                net = self.lightning_module.model
+                if meta.get("task") == type(net).__name__:  # the model's class, not fully_shard's FSDP<class>
+                    meta["task"] = plain_class(net).__name__
+                # DirCheckpointIO writes the rest into the same tmp dir and publishes it with one rename
+                ck_io.DirCheckpointIO().save_checkpoint(checkpoint, path, storage_options={"tmp_dir": tmp})
+        except BaseException:
+            if self.is_global_zero:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.barrier("fsdp-save-done")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        shards = path / SHARDED_DIR
+        if not (shards / ".metadata").is_file():
+            raise ck.CheckpointError(
+                f"{path} has no sharded FSDP state ({SHARDED_DIR}/); it was written by another strategy: resume it "
+                f"with that strategy, or start a new run from its weights with model.init_from={path}."
+            )
+        meta = ck.read_meta(path)
+        state = {"state_dict": get_model_state_dict(self.model)}
+        dcp.load(state, checkpoint_id=str(shards))
+        self.model.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
+        for i, opt in enumerate(self.optimizers):
+            ostate = {f"optimizer_{i}": get_optimizer_state_dict(self.model, opt)}
+            dcp.load(ostate, checkpoint_id=str(shards))
+            set_optimizer_state_dict(self.model, opt, optim_state_dict=ostate[f"optimizer_{i}"],
+                                     options=StateDictOptions(cpu_offload=True))
+        ckpt = torch.load(path / ck.STATE_NAME, map_location="cpu", weights_only=True)
+        ckpt[ck.META_KEY] = meta
+        return ckpt
+
+
+def retie(full: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The gathered full state dict holds one copy per name; names of one shared parameter (tied embeddings:
+    lm_head.weight is transformer.wte.weight) point at one tensor again, so the safetensors file stores it once."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first and name in full and first[id(p)] in full:
+            full[name] = full[first[id(p)]]
+        first.setdefault(id(p), name)
+    return full
+
+
+def plain_class(net: nn.Module) -> type:
+    """fully_shard swaps a module's class for a dynamic `FSDP<cls>` subclass; the model's own class is its base."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(net)
+    if issubclass(cls, FSDPModule):
+        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+    return cls
+
+
+__all__ = [
+    "FSDP2Strategy",
+    "SHARDED_DIR",
+    "apply_fsdp",
+    "import_class",
+    "mixed_precision_policy",
+    "plain_class",
+    "retie",
+]

@@ -1,0 +1,168 @@
+"""DeepSpeed ZeRO (the deepspeed_* strategies of train/strategies/deepspeed.py): Lightning's DeepSpeedStrategy writing
+our step-dir layout, on CUDA GPUs and on the CPU.
+
+DeepSpeed saves its shards into `step-N.tmp-*`; rank 0 consolidates them into an fp32 `model.safetensors`
+(deepspeed_config.py), adds config.json + meta.json and publishes the folder with one rename, so export and
+`model.init_from` read a ZeRO checkpoint like any other. The DeepSpeed JSON itself comes from deepspeed_config.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+from train.checkpoint import layout as ck
+
+
+def finalize_zero_checkpoint(tmp: Path, path: Path, model_config: Optional[dict], meta: dict[str, Any],
+                             global_step: int, convert=None) -> Path:
+    """Rank 0, after DeepSpeed wrote its shards into `tmp`: add model.safetensors (fp32, consolidated), config.json
+    and meta.json, then publish `tmp` as `path` with one rename (the same atomic step-dir contract as DirCheckpointIO).
+
+    convert(checkpoint_dir, out_file): the consolidation; default deepspeed_config.zero_checkpoint_to_safetensors.
+    """
+    from train.checkpoint.weights import to_plain
+
+    if convert is None:
+        from train.strategies.engines.deepspeed_config import zero_checkpoint_to_safetensors as convert
+    tmp, path = Path(tmp), Path(path)
+    if not (tmp / "latest").is_file():
+        raise ck.CheckpointError(f"{tmp} holds no DeepSpeed checkpoint ('latest' missing); the save did not finish.")
+    convert(tmp, tmp / ck.WEIGHTS_NAME)
+    if model_config is not None:
+        (tmp / ck.CONFIG_NAME).write_text(json.dumps(to_plain(model_config), indent=2, sort_keys=True) + "\n")
+    meta = dict(meta or {})
+    meta.update(format=ck.FORMAT, format_version=ck.FORMAT_VERSION, global_step=int(global_step),
+                module_prefix=ck.MODULE_PREFIX, strategy="deepspeed")
+    (tmp / ck.META_NAME).write_text(json.dumps(to_plain(meta), indent=2, sort_keys=True) + "\n")
+    return ck.publish_dir(tmp, path)
+
+
+def select_cpu_accelerator() -> None:
+    """Make DeepSpeed use its CPU accelerator in this process and in the ranks Lightning launches from it.
+
+    DeepSpeed picks its accelerator once per process, CUDA whenever a GPU is visible (deepspeed/accelerator/
+    real_accelerator.py); `trainer.accelerator=cpu` on a GPU machine must not get CUDA tensors and NCCL. The
+    DS_ACCELERATOR variable decides it for processes started from now on; a DeepSpeed already imported here is
+    switched with its own `set_accelerator`.
+    """
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    if "deepspeed" in sys.modules:
+        from deepspeed.accelerator import get_accelerator, set_accelerator
+
+        if get_accelerator().device_name() != "cpu":
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+            set_accelerator(CPU_Accelerator())
+
+
+class ZeroStrategy(DeepSpeedStrategy):
+    """DeepSpeed saves its shards into step-N.tmp-*, rank 0 consolidates them into model.safetensors, renames.
+
+    On the CPU (DeepSpeed's CPU accelerator, gloo), three small overrides get past Lightning 2.6's CUDA-only
+    assumptions (1-3); on any device, a validate() after fit keeps the training engine (4) and the loss is
+    divided by the accumulation once, not twice (5). Each override says why.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._fit_engine = None  # the training engine, kept for a trainer.validate() after fit (see below)
+
+    @property
+    def on_cpu(self) -> bool:
+        return isinstance(self.accelerator, CPUAccelerator)
+
+    def setup_environment(self) -> None:
+        # 1. Lightning's DeepSpeedStrategy.setup_environment refuses every accelerator but CUDA; DeepSpeed itself
+        #    trains on the CPU. Skip only that check (DDPStrategy's setup_environment does the rest).
+        if self.on_cpu:
+            super(DeepSpeedStrategy, self).setup_environment()
+        else:
+            super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        if self.on_cpu:
+            import deepspeed
+
+            # 2. On the CPU, deepspeed.init_distributed JIT-compiles a shared-memory all-reduce
+            #    (deepspeed_shm_comm: ~140 s on 2 cores, a hard failure without a C++ compiler) that only
+            #    `inference_all_reduce` (tensor-parallel inference) uses; training goes through gloo. DeepSpeed
+            #    builds it only when its table of compatible ops says so; that table is one cached dict whose
+            #    edits persist (deepspeed/ops/__init__.py), so marking the op incompatible skips the build.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        with self._cpu_device_index():
+            super().setup_distributed()
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        with self._cpu_device_index():
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+
+    def _initialize_deepspeed_train(self, model) -> None:
+        super()._initialize_deepspeed_train(model)
+        self._fit_engine = self.model
+
+    def _initialize_deepspeed_inference(self, model) -> None:
+        # 4. trainer.validate() after fit: Lightning drops the training engine and builds an inference-only one
+        #    (no optimizer, no checkpoint engine) around the already partitioned model, so a checkpoint saved
+        #    after it fails ('NoneType' object has no attribute 'makedirs') and the optimizer state is gone.
+        #    Validation inside fit runs through the training engine; a validate() after fit does too.
+        engine = self._fit_engine
+        if engine is not None and engine.module is model:
+            self.model = engine
+            return
+        with self._cpu_device_index():
+            super()._initialize_deepspeed_inference(model)
+
+    @contextmanager
+    def _cpu_device_index(self):
+        """3. Lightning checks that device i has index i (`_validate_device_index_selection`) and passes
+        `root_device.index` to deepspeed.initialize as `device_rank`, where the engine compares it with 0; a CPU
+        device has index None, so the check fails and the engine raises TypeError (in fit, and again in a later
+        trainer.validate(), which builds an inference engine). While those run, the CPU devices carry their
+        local rank as index; DeepSpeed's CPU accelerator ignores the number (its set_device is a no-op)."""
+        if not self.on_cpu:
+            yield
+            return
+        devices = self.parallel_devices
+        self.parallel_devices = [torch.device("cpu", i) for i in range(len(devices))]
+        try:
+            yield
+        finally:
+            self.parallel_devices = devices
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        # 5. Lightning hands gradient accumulation to DeepSpeed but still divides each micro-batch's loss by
+        # accumulate_grad_batches (its training closure), and DeepSpeed's engine.backward divides it again by
+        # gradient_accumulation_steps unless told not to: k-step accumulation gave 1/k of DDP's gradients.
+        # AdamW nearly hides a constant factor (up to eps), clipping does not. Divide once, like DDP.
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Optional[Any] = None) -> None:
+        path = Path(self.broadcast(str(filepath)))
+        tmp = Path(self.broadcast(str(path.parent / f"{path.name}.tmp-{os.getpid()}")))
+        model_config = checkpoint.pop(ck.MODEL_CONFIG_KEY, None)
+        meta = checkpoint.pop(ck.META_KEY, None) or {}
+        step = int(checkpoint.get("global_step", 0))
+        super().save_checkpoint(checkpoint, tmp)  # every rank writes its ZeRO partition (a collective)
+        self.barrier("zero-save")
+        if self.is_global_zero:
+            finalize_zero_checkpoint(tmp, path, model_config, meta, step)
+        self.barrier("zero-finalize")
+
+
+def is_zero3(strategy) -> bool:
+    """True for a DeepSpeed strategy at ZeRO stage 3 (parameters partitioned across ranks): ours or any subclass of
+    Lightning's DeepSpeedStrategy (an isinstance check, so a subclass never silently skips the weight gathering)."""
+    return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+
+
+__all__ = ["ZeroStrategy", "finalize_zero_checkpoint", "is_zero3", "select_cpu_accelerator"]
