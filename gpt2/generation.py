@@ -359,106 +359,13 @@ def generate(model, input_ids: torch.LongTensor | None = None, attention_mask: t
             raise ValueError(f"generate() does not take {key}; pass input_ids (and attention_mask) only, e.g. "
                              f"model.generate(**tokenizer(text, return_tensors='pt')).")
         kwargs.pop(key, None)
-    config = model.config
-    model_settings = _settings(getattr(model, "generation_config", None))
-    user_settings = _settings(generation_config)
-    # what is unsupported is judged on the value that wins (a call's num_beams=1 overrides a file's num_beams=4)
-    layers = [(kwargs, "this generate() call"), (user_settings, "generation_config"),
-              (model_settings, "the model's generation_config.json")]
-    for i, (layer, where) in enumerate(layers):
-        overridden = set().union(*(higher for higher, _ in layers[:i]))
-        _refuse_unsupported({k: v for k, v in layer.items() if v is not None and k not in overridden}, where)
-    kwargs = {k: v for k, v in kwargs.items() if k in SUPPORTED}
-    s = {**GLOBAL_DEFAULTS, **model_settings, **user_settings, **kwargs}  # a None in kwargs switches a step off
-    has_default_max_length = all(d.get("max_length") is None for d in (kwargs, user_settings, model_settings))
-    has_default_min_length = all(d.get("min_length") is None for d in (kwargs, user_settings, model_settings))
-    do_sample = bool(s["do_sample"])
-    passed_sampling = [k for k in _SAMPLING_ONLY if k in kwargs and kwargs[k] not in (None, _SAMPLING_ONLY[k])]
-    if not do_sample and passed_sampling:
-        warnings.warn(f"do_sample is not True, so {', '.join(f'{k}={kwargs[k]}' for k in passed_sampling)} has no "
-                      f"effect (it only shapes sampling); pass do_sample=True to sample.", stacklevel=3)
-    n_seq = s["num_return_sequences"] or 1
-    if n_seq > 1 and not do_sample:
-        raise ValueError(f"num_return_sequences={n_seq} needs do_sample=True: greedy decoding (do_sample=False) gives "
-                         f"one sequence per prompt, as in transformers.")
-    if do_sample:
-        if s["temperature"] is not None and not s["temperature"] > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {s['temperature']}; for greedy decoding "
-                             f"pass do_sample=False.")
-        if s["top_k"] is not None and s["top_k"] < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = no top-k filtering), got {s['top_k']}.")
-        if s["top_p"] is not None and not 0 <= s["top_p"] <= 1:
-            raise ValueError(f"top_p must be in [0, 1], got {s['top_p']}.")
-    if s["repetition_penalty"] is not None and not s["repetition_penalty"] > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1.0 = no penalty), got {s['repetition_penalty']}.")
+    s, has_default_max_length, has_default_min_length = _resolve_settings(model, generation_config, kwargs)
+    do_sample, n_seq = bool(s["do_sample"]), s["num_return_sequences"] or 1
     bad_words = _bad_words_list(s["bad_words_ids"])
-
-    # --- inputs
-    device = model.lm_head.weight.device
-    if input_ids is None:
-        if s.get("bos_token_id") is None:
-            raise ValueError("generate() without input_ids starts from bos_token_id, which is not set; pass input_ids "
-                             "or bos_token_id.")
-        input_ids = torch.full((1, 1), int(s.get("bos_token_id")), dtype=torch.long, device=device)
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
-    B, T = input_ids.shape
-    eos = s.get("eos_token_id")
-    eos_list = [] if eos is None else ([int(eos)] if isinstance(eos, int) or torch.is_tensor(eos) and eos.dim() == 0
-                                       else [int(e) for e in eos])
+    input_ids, attention_mask, eos_list, pad_token_id = _prepare_inputs(model, input_ids, attention_mask, s, n_seq)
+    T = input_ids.shape[1]
     eos_ids = torch.tensor(eos_list, device=input_ids.device, dtype=torch.long)
-    pad_token_id = s.get("pad_token_id")
-    if pad_token_id is None and eos_list:
-        pad_token_id = eos_list[0]  # transformers pads finished rows with the first eos when no pad token is set
-    if attention_mask is None:
-        # transformers' _prepare_attention_mask_for_generation: pad tokens in the prompt are padding, unless the pad
-        # token is also an eos token (then nothing can be inferred)
-        attention_mask = torch.ones_like(input_ids)
-        if pad_token_id is not None and pad_token_id not in eos_list and bool((input_ids == pad_token_id).any()):
-            attention_mask = input_ids.ne(pad_token_id).long()
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                         f"{tuple(input_ids.shape)}.")
-    if attention_mask.dtype == torch.bool or attention_mask.is_floating_point():
-        attention_mask = attention_mask.long()
-    if B > 1 and bool((attention_mask[:, -1] == 0).any()):
-        warnings.warn("generate(): a row ends with padding; decoder-only models need left padding "
-                      "(tokenizer.padding_side = 'left') or generated text follows pad tokens.", stacklevel=3)
-    if n_seq > 1:  # each prompt's copies next to each other, as transformers' _expand_inputs_for_generation
-        input_ids = input_ids.repeat_interleave(n_seq, dim=0)
-        attention_mask = attention_mask.repeat_interleave(n_seq, dim=0)
-
-    # --- lengths (transformers' _prepare_generated_length and _validate_generated_length)
-    max_new_tokens, max_length = s.get("max_new_tokens"), s["max_length"]
-    if max_new_tokens is not None:
-        if max_new_tokens <= 0:
-            raise ValueError(f"`max_new_tokens` must be greater than 0, but is {max_new_tokens}.")
-        if not has_default_max_length and max_length is not None:
-            warnings.warn(f"Both `max_new_tokens` (={max_new_tokens}) and `max_length`(={max_length}) seem to have "
-                          f"been set. `max_new_tokens` will take precedence.", stacklevel=3)
-        max_length = max_new_tokens + T
-    elif has_default_max_length or max_length is None:
-        max_length = min(GLOBAL_DEFAULTS["max_length"] + T, config.n_positions)
-        warnings.warn(f"Using the model-agnostic default `max_length` (={max_length}) to control the generation "
-                      f"length. We recommend setting `max_new_tokens` to control the maximum length of the "
-                      f"generation.", stacklevel=3)
-    min_length = s["min_length"] or 0
-    if s.get("min_new_tokens") is not None:
-        if not has_default_min_length:
-            warnings.warn(f"Both `min_new_tokens` (={s['min_new_tokens']}) and `min_length`(={min_length}) seem to "
-                          f"have been set. `min_new_tokens` will take precedence.", stacklevel=3)
-        min_length = s["min_new_tokens"] + T
-    if T >= max_length:
-        raise ValueError(f"Input length of input_ids is {T}, but `max_length` is set to {max_length}; raise "
-                         f"max_length or, better, set max_new_tokens.")
-    if max_length > config.n_positions:
-        raise ValueError(f"prompt ({T} tokens) + {max_length - T} new tokens exceeds the model's n_positions "
-                         f"({config.n_positions}); shorten the prompt or generate fewer tokens.")
-    if min_length > max_length:
-        warnings.warn(f"Unfeasible length constraints: the minimum length ({min_length}) is larger than the maximum "
-                      f"possible length ({max_length}); generation stops at the maximum length.", stacklevel=3)
+    max_length, min_length = _lengths(s, T, model.config.n_positions, has_default_max_length, has_default_min_length)
 
     padded = bool((attention_mask == 0).any())
     plan = _Plan(
@@ -482,6 +389,121 @@ def generate(model, input_ids: torch.LongTensor | None = None, attention_mask: t
         return ids
     return GenerateDecoderOnlyOutput(sequences=ids, scores=tuple(x.clone() for x in scores) if scores else None,
                                      logits=tuple(x.clone() for x in logits) if logits else None)
+
+
+def _resolve_settings(model, generation_config, kwargs: dict) -> tuple[dict, bool, bool]:
+    """The generation settings that win (call > generation_config= > the folder's generation_config.json >
+    transformers' defaults), checked as transformers checks them; with whether max_length / min_length were left at
+    their defaults."""
+    model_settings = _settings(getattr(model, "generation_config", None))
+    user_settings = _settings(generation_config)
+    # what is unsupported is judged on the value that wins (a call's num_beams=1 overrides a file's num_beams=4)
+    layers = [(kwargs, "this generate() call"), (user_settings, "generation_config"),
+              (model_settings, "the model's generation_config.json")]
+    for i, (layer, where) in enumerate(layers):
+        overridden = set().union(*(higher for higher, _ in layers[:i]))
+        _refuse_unsupported({k: v for k, v in layer.items() if v is not None and k not in overridden}, where)
+    kwargs = {k: v for k, v in kwargs.items() if k in SUPPORTED}
+    s = {**GLOBAL_DEFAULTS, **model_settings, **user_settings, **kwargs}  # a None in kwargs switches a step off
+    has_default_max_length = all(d.get("max_length") is None for d in (kwargs, user_settings, model_settings))
+    has_default_min_length = all(d.get("min_length") is None for d in (kwargs, user_settings, model_settings))
+    do_sample = bool(s["do_sample"])
+    passed_sampling = [k for k in _SAMPLING_ONLY if k in kwargs and kwargs[k] not in (None, _SAMPLING_ONLY[k])]
+    if not do_sample and passed_sampling:
+        warnings.warn(f"do_sample is not True, so {', '.join(f'{k}={kwargs[k]}' for k in passed_sampling)} has no "
+                      f"effect (it only shapes sampling); pass do_sample=True to sample.", stacklevel=4)
+    n_seq = s["num_return_sequences"] or 1
+    if n_seq > 1 and not do_sample:
+        raise ValueError(f"num_return_sequences={n_seq} needs do_sample=True: greedy decoding (do_sample=False) gives "
+                         f"one sequence per prompt, as in transformers.")
+    if do_sample:
+        if s["temperature"] is not None and not s["temperature"] > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {s['temperature']}; for greedy decoding "
+                             f"pass do_sample=False.")
+        if s["top_k"] is not None and s["top_k"] < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = no top-k filtering), got {s['top_k']}.")
+        if s["top_p"] is not None and not 0 <= s["top_p"] <= 1:
+            raise ValueError(f"top_p must be in [0, 1], got {s['top_p']}.")
+    if s["repetition_penalty"] is not None and not s["repetition_penalty"] > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1.0 = no penalty), got {s['repetition_penalty']}.")
+
+    return s, has_default_max_length, has_default_min_length
+
+
+def _prepare_inputs(model, input_ids, attention_mask, s: dict, n_seq: int):
+    """(input_ids (B * n_seq, T), attention_mask, eos ids, pad id): a 1-D prompt batched, bos for no prompt, the
+    attention mask inferred from pad tokens as transformers does, each prompt repeated for num_return_sequences."""
+    device = model.lm_head.weight.device
+    if input_ids is None:
+        if s.get("bos_token_id") is None:
+            raise ValueError("generate() without input_ids starts from bos_token_id, which is not set; pass input_ids "
+                             "or bos_token_id.")
+        input_ids = torch.full((1, 1), int(s.get("bos_token_id")), dtype=torch.long, device=device)
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
+    B, T = input_ids.shape
+    eos = s.get("eos_token_id")
+    eos_list = [] if eos is None else ([int(eos)] if isinstance(eos, int) or torch.is_tensor(eos) and eos.dim() == 0
+                                       else [int(e) for e in eos])
+    pad_token_id = s.get("pad_token_id")
+    if pad_token_id is None and eos_list:
+        pad_token_id = eos_list[0]  # transformers pads finished rows with the first eos when no pad token is set
+    if attention_mask is None:
+        # transformers' _prepare_attention_mask_for_generation: pad tokens in the prompt are padding, unless the pad
+        # token is also an eos token (then nothing can be inferred)
+        attention_mask = torch.ones_like(input_ids)
+        if pad_token_id is not None and pad_token_id not in eos_list and bool((input_ids == pad_token_id).any()):
+            attention_mask = input_ids.ne(pad_token_id).long()
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}.")
+    if attention_mask.dtype == torch.bool or attention_mask.is_floating_point():
+        attention_mask = attention_mask.long()
+    if B > 1 and bool((attention_mask[:, -1] == 0).any()):
+        warnings.warn("generate(): a row ends with padding; decoder-only models need left padding "
+                      "(tokenizer.padding_side = 'left') or generated text follows pad tokens.", stacklevel=4)
+    if n_seq > 1:  # each prompt's copies next to each other, as transformers' _expand_inputs_for_generation
+        input_ids = input_ids.repeat_interleave(n_seq, dim=0)
+        attention_mask = attention_mask.repeat_interleave(n_seq, dim=0)
+
+    return input_ids, attention_mask, eos_list, pad_token_id
+
+
+def _lengths(s: dict, T: int, n_positions: int, has_default_max_length: bool, has_default_min_length: bool):
+    """(max_length, min_length) in tokens, prompt included (transformers' _prepare_generated_length and
+    _validate_generated_length)."""
+    max_new_tokens, max_length = s.get("max_new_tokens"), s["max_length"]
+    if max_new_tokens is not None:
+        if max_new_tokens <= 0:
+            raise ValueError(f"`max_new_tokens` must be greater than 0, but is {max_new_tokens}.")
+        if not has_default_max_length and max_length is not None:
+            warnings.warn(f"Both `max_new_tokens` (={max_new_tokens}) and `max_length`(={max_length}) seem to have "
+                          f"been set. `max_new_tokens` will take precedence.", stacklevel=4)
+        max_length = max_new_tokens + T
+    elif has_default_max_length or max_length is None:
+        max_length = min(GLOBAL_DEFAULTS["max_length"] + T, n_positions)
+        warnings.warn(f"Using the model-agnostic default `max_length` (={max_length}) to control the generation "
+                      f"length. We recommend setting `max_new_tokens` to control the maximum length of the "
+                      f"generation.", stacklevel=4)
+    min_length = s["min_length"] or 0
+    if s.get("min_new_tokens") is not None:
+        if not has_default_min_length:
+            warnings.warn(f"Both `min_new_tokens` (={s['min_new_tokens']}) and `min_length`(={min_length}) seem to "
+                          f"have been set. `min_new_tokens` will take precedence.", stacklevel=4)
+        min_length = s["min_new_tokens"] + T
+    if T >= max_length:
+        raise ValueError(f"Input length of input_ids is {T}, but `max_length` is set to {max_length}; raise "
+                         f"max_length or, better, set max_new_tokens.")
+    if max_length > n_positions:
+        raise ValueError(f"prompt ({T} tokens) + {max_length - T} new tokens exceeds the model's n_positions "
+                         f"({n_positions}); shorten the prompt or generate fewer tokens.")
+    if min_length > max_length:
+        warnings.warn(f"Unfeasible length constraints: the minimum length ({min_length}) is larger than the maximum "
+                      f"possible length ({max_length}); generation stops at the maximum length.", stacklevel=4)
+
+    return max_length, min_length
 
 
 def _bad_words_list(value: Any) -> list[tuple[int, ...]]:

@@ -482,6 +482,8 @@ class GPT2Model(GPT2PreTrainedModel):
         encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
     ) -> GPT2ModelOutput:
+        """The trunk: (B, T) ids (or embeddings), an optional cache and padding mask -> the final hidden states
+        (B, T, C), with the cache, hidden states and attention probabilities on request (transformers' arguments)."""
         past_key_values = _past(past_key_values, cache)
         if encoder_hidden_states is not None or encoder_attention_mask is not None:
             raise ValueError("encoder_hidden_states / encoder_attention_mask feed cross-attention (add_cross_attention"
@@ -491,29 +493,19 @@ class GPT2Model(GPT2PreTrainedModel):
         # Inputs may have extra leading dims (GPT2DoubleHeadsModel: (B, n_choices, T)); flatten them into the batch.
         input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         T = input_shape[-1]
-        if input_ids is not None:
-            input_ids = input_ids.reshape(-1, T)  # (B, T)
-        if token_type_ids is not None:
-            token_type_ids = token_type_ids.reshape(-1, T)
-        if position_ids is not None:
-            position_ids = position_ids.reshape(-1, T)
+        input_ids, token_type_ids, position_ids = (None if ids is None else ids.reshape(-1, T)  # (B, T)
+                                                   for ids in (input_ids, token_type_ids, position_ids))
+        static = isinstance(past_key_values, StaticKVCache)
         # generate()'s decode steps (its StaticKVCache already filled) feed back its own argmax/sampled ids and
         # positions: only the prompt, at the prefill, needs the check
-        if not (isinstance(past_key_values, StaticKVCache) and past_key_values.length > 0):
-            if input_ids is not None and inputs_embeds is None:
-                _check_ids(input_ids, "input_ids", self.wte.num_embeddings, "tokens")
-            if token_type_ids is not None:
-                _check_ids(token_type_ids, "token_type_ids", self.wte.num_embeddings, "tokens")
-            if position_ids is not None:
-                _check_ids(position_ids, "position_ids", self.config.n_positions, "positions")
+        if not (static and past_key_values.length > 0):
+            self._check_input_ids(input_ids, token_type_ids, position_ids)
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds.reshape(-1, T, inputs_embeds.size(-1))
-        B = x.size(0)
 
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
             use_cache = False  # recomputed blocks cannot hand out their keys/values
-        static = isinstance(past_key_values, StaticKVCache)
         if static:
             past_len = past_key_values.length
         else:
@@ -521,34 +513,38 @@ class GPT2Model(GPT2PreTrainedModel):
         if past_len + T > self.config.n_positions:
             raise ValueError(f"sequence of length {past_len + T} exceeds n_positions={self.config.n_positions}; "
                              f"truncate the input (or generate fewer tokens).")
-
-        mask, is_causal = None, False
-        if attention_mask is not None:
-            attention_mask = attention_mask.reshape(B, -1)  # (B, T_past + T)
-            if attention_mask.size(-1) != past_len + T:
-                raise ValueError(f"attention_mask has length {attention_mask.size(-1)} but past + input is "
-                                 f"{past_len + T}; it must cover the cached tokens too.")
-            if position_ids is None:
-                # Left padding: count positions from each row's first real token, as transformers' generate() does
-                # (GenerationMixin._prepare_position_ids_for_generation), so a left-padded row computes what the
-                # unpadded row does. transformers' forward counts from column 0 instead; everywhere else (no or
-                # right padding, and the pad positions after the last real token) this is its arange exactly.
-                first = attention_mask.long().argmax(-1, keepdim=True)  # (B, 1): left pads before the first real token
-                position_ids = (torch.arange(past_len, past_len + T, device=x.device) - first).clamp(min=0)  # (B, T)
-            mask = _padding_causal_mask(attention_mask, T, past_len)  # (B, 1, T, T_past + T)
-        elif past_len == 0:
-            is_causal = True  # the fast path: fused kernels apply causality without a mask tensor
-        elif T > 1:
-            mask = _padding_causal_mask(None, T, past_len, device=x.device)  # causal with an offset for the cache
-        # else: one new token with a cache and no padding attends to everything, no mask needed
-        if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + T, device=x.device).unsqueeze(0)  # (1, T)
-
+        mask, is_causal, position_ids = _attention_pattern(attention_mask, position_ids, x.size(0), T, past_len,
+                                                           x.device)
         x = x + self.wpe(position_ids)  # (B, T, C)
         if token_type_ids is not None:
             x = x + self.wte(token_type_ids)  # GPT-2 has no segment table; HF reuses wte for token types
-        x = self.drop(x)
+        x, presents, all_hidden, all_att = self._blocks(self.drop(x), mask, is_causal, past_key_values, past_len,
+                                                        use_cache, output_attentions, output_hidden_states)
+        out_shape = (*input_shape, x.size(-1))
+        x = x.view(out_shape)
+        if output_hidden_states:
+            all_hidden.append(x)  # the last entry is the final LayerNorm output, like transformers
+            all_hidden = tuple(h.view(out_shape) for h in all_hidden)
+        return _returned(GPT2ModelOutput(
+            last_hidden_state=x,
+            past_key_values=(presents if static else tuple(presents)) if use_cache else None,
+            hidden_states=all_hidden,
+            attentions=tuple(all_att) if output_attentions else None,
+            cross_attentions=() if output_attentions else None,
+        ), return_dict)
 
+    def _check_input_ids(self, input_ids, token_type_ids, position_ids) -> None:
+        if input_ids is not None:
+            _check_ids(input_ids, "input_ids", self.wte.num_embeddings, "tokens")
+        if token_type_ids is not None:
+            _check_ids(token_type_ids, "token_type_ids", self.wte.num_embeddings, "tokens")
+        if position_ids is not None:
+            _check_ids(position_ids, "position_ids", self.config.n_positions, "positions")
+
+    def _blocks(self, x, mask, is_causal, past_key_values, past_len, use_cache, output_attentions,
+                output_hidden_states):
+        """x (B, T, C) through every block and the final LayerNorm -> (x, presents, hidden states, attentions)."""
+        static = isinstance(past_key_values, StaticKVCache)
         presents = [] if use_cache else None
         all_hidden = [] if output_hidden_states else None
         all_att = [] if output_attentions else None
@@ -566,21 +562,36 @@ class GPT2Model(GPT2PreTrainedModel):
             if output_attentions:
                 all_att.append(att)
         if static:
-            past_key_values.length += T  # every layer has written its T new positions
+            past_key_values.length += x.size(1)  # every layer has written its T new positions
             presents = past_key_values
-        x = self.ln_f(x)
-        out_shape = (*input_shape, x.size(-1))
-        x = x.view(out_shape)
-        if output_hidden_states:
-            all_hidden.append(x)  # the last entry is the final LayerNorm output, like transformers
-            all_hidden = tuple(h.view(out_shape) for h in all_hidden)
-        return _returned(GPT2ModelOutput(
-            last_hidden_state=x,
-            past_key_values=(presents if static else tuple(presents)) if use_cache else None,
-            hidden_states=all_hidden,
-            attentions=tuple(all_att) if output_attentions else None,
-            cross_attentions=() if output_attentions else None,
-        ), return_dict)
+        return self.ln_f(x), presents, all_hidden, all_att
+
+
+def _attention_pattern(attention_mask, position_ids, B: int, T: int, past_len: int, device):
+    """(mask, is_causal, position_ids) of a forward: the bool mask (None when `is_causal` lets fused kernels apply
+    causality themselves, or when one new token attends everything) and the positions (B or 1, T)."""
+    mask, is_causal = None, False
+    if attention_mask is not None:
+        attention_mask = attention_mask.reshape(B, -1)  # (B, T_past + T)
+        if attention_mask.size(-1) != past_len + T:
+            raise ValueError(f"attention_mask has length {attention_mask.size(-1)} but past + input is "
+                             f"{past_len + T}; it must cover the cached tokens too.")
+        if position_ids is None:
+            # Left padding: count positions from each row's first real token, as transformers' generate() does
+            # (GenerationMixin._prepare_position_ids_for_generation), so a left-padded row computes what the
+            # unpadded row does. transformers' forward counts from column 0 instead; everywhere else (no or
+            # right padding, and the pad positions after the last real token) this is its arange exactly.
+            first = attention_mask.long().argmax(-1, keepdim=True)  # (B, 1): left pads before the first real token
+            position_ids = (torch.arange(past_len, past_len + T, device=device) - first).clamp(min=0)  # (B, T)
+        mask = _padding_causal_mask(attention_mask, T, past_len)  # (B, 1, T, T_past + T)
+    elif past_len == 0:
+        is_causal = True  # the fast path: fused kernels apply causality without a mask tensor
+    elif T > 1:
+        mask = _padding_causal_mask(None, T, past_len, device=device)  # causal with an offset for the cache
+    # else: one new token with a cache and no padding attends to everything, no mask needed
+    if position_ids is None:
+        position_ids = torch.arange(past_len, past_len + T, device=device).unsqueeze(0)  # (1, T)
+    return mask, is_causal, position_ids
 
 
 def _check_ids(ids: torch.Tensor, name: str, size: int, what: str) -> None:

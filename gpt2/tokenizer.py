@@ -150,6 +150,61 @@ def _read_json(path: str) -> Any:
         raise ValueError(f"{path} is not valid JSON ({e}); re-save the tokenizer with save_pretrained") from e
 
 
+def _folder_config(tokenizer_config: str | None, special_tokens_map: str | None) -> dict[str, Any]:
+    """tokenizer_config.json, overridden by the legacy special_tokens_map.json where present (as transformers does;
+    a null there never erases a token)."""
+    config: dict[str, Any] = {}
+    if tokenizer_config is not None:
+        config.update(_read_json(tokenizer_config))
+    if special_tokens_map is not None:
+        config.update({k: v for k, v in _read_json(special_tokens_map).items() if v is not None})
+    return config
+
+
+def _init_arguments(config: dict[str, Any]) -> dict[str, Any]:
+    """The tokenizer's constructor arguments a folder's config sets: special tokens, added special tokens, the
+    pre-tokenizer / padding / truncation settings and model_max_length."""
+    init: dict[str, Any] = {}
+    for name in SPECIAL_TOKEN_NAMES:
+        if name in config:
+            init[name] = _token_content(config[name])
+    extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
+    if isinstance(extra, Mapping):  # transformers 5 may store model-specific tokens as {name: token}
+        extra = list(extra.values())
+    init["additional_special_tokens"] = [_token_content(t) for t in extra]
+    for key in ("add_prefix_space", "add_bos_token", "add_eos_token", "padding_side", "truncation_side",
+                "clean_up_tokenization_spaces"):
+        if config.get(key) is not None:
+            init[key] = config[key]
+    if config.get("model_max_length") is not None:
+        init["model_max_length"] = int(config["model_max_length"])
+    return init
+
+
+def _bpe_with_added_tokens(vocab: str, merges: str, add_prefix_space: bool, added_tokens_decoder: Any,
+                           added_tokens_file: str | None) -> Tokenizer:
+    """The byte-level BPE of vocab.json + merges.txt, with the added tokens beyond vocab.json in id order so each
+    gets its recorded id: tokenizer_config.json's added_tokens_decoder (transformers >= 4.34), else the legacy
+    added_tokens.json. Raises ValueError when the files cannot be read or disagree about an id."""
+    try:
+        backend = _byte_level_bpe(vocab, merges, add_prefix_space)
+    except Exception as e:
+        raise ValueError(f"cannot read {vocab} + {merges} as a GPT-2 BPE vocabulary ({e})") from e
+    added: dict[int, Any] = {int(i): t for i, t in (added_tokens_decoder or {}).items()}
+    if not added and added_tokens_file is not None:
+        added = {int(i): {"content": t, "special": True} for t, i in _read_json(added_tokens_file).items()}
+    for idx in sorted(added):
+        spec = added[idx] if isinstance(added[idx], Mapping) else {"content": added[idx]}
+        content = spec["content"]
+        if backend.token_to_id(content) is None and backend.get_vocab_size(True) != idx:
+            raise ValueError(f"added token {content!r} has id {idx} but would get id "
+                             f"{backend.get_vocab_size(True)}: the tokenizer files disagree")
+        kw = {k: spec[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in spec}
+        token = AddedToken(content, special=bool(spec.get("special", True)), **kw)
+        (backend.add_special_tokens if token.special else backend.add_tokens)([token])
+    return backend
+
+
 def _resolve_folder(name_or_path: str | os.PathLike, subfolder: str = "", **hub_kwargs: Any) -> str:
     """A local folder (or tokenizer.json file) as is; otherwise a hub id downloaded with huggingface_hub
     (hub_kwargs: cache_dir, force_download, local_files_only, token, revision)."""
@@ -305,28 +360,8 @@ class GPT2TokenizerFast:
                 "vocab.json + merges.txt; write them with GPT2TokenizerFast.save_pretrained(dir)"
             )
 
-        config: dict[str, Any] = {}
-        if (p := file(TOKENIZER_CONFIG_FILE)) is not None:
-            config.update(_read_json(p))
-        if (p := file(SPECIAL_TOKENS_MAP_FILE)) is not None:
-            # legacy file; transformers lets it override tokenizer_config.json, but a null never erases a token
-            config.update({k: v for k, v in _read_json(p).items() if v is not None})
-        init: dict[str, Any] = {"name_or_path": os.fspath(pretrained_model_name_or_path)}
-        for name in SPECIAL_TOKEN_NAMES:
-            if name in config:
-                init[name] = _token_content(config[name])
-        extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
-        if isinstance(extra, Mapping):  # transformers 5 may store model-specific tokens as {name: token}
-            extra = list(extra.values())
-        init["additional_special_tokens"] = [_token_content(t) for t in extra]
-        for key in ("add_prefix_space", "add_bos_token", "add_eos_token", "padding_side", "truncation_side",
-                    "clean_up_tokenization_spaces"):
-            if config.get(key) is not None:
-                init[key] = config[key]
-        if config.get("model_max_length") is not None:
-            init["model_max_length"] = int(config["model_max_length"])
-        init.update(kwargs)
-
+        config = _folder_config(file(TOKENIZER_CONFIG_FILE), file(SPECIAL_TOKENS_MAP_FILE))
+        init = {"name_or_path": os.fspath(pretrained_model_name_or_path), **_init_arguments(config), **kwargs}
         if tokenizer_json is not None:
             try:
                 backend = Tokenizer.from_file(tokenizer_json)
@@ -334,24 +369,8 @@ class GPT2TokenizerFast:
                 raise ValueError(f"cannot parse {tokenizer_json} as a tokenizers file ({e}); re-save it with "
                                  "save_pretrained") from e
         else:
-            try:
-                backend = _byte_level_bpe(vocab, merges, bool(init.get("add_prefix_space", False)))
-            except Exception as e:
-                raise ValueError(f"cannot read {vocab} + {merges} as a GPT-2 BPE vocabulary ({e})") from e
-            # Added tokens beyond vocab.json, in id order so each gets its recorded id: tokenizer_config.json's
-            # added_tokens_decoder (transformers >= 4.34), else the legacy added_tokens.json.
-            added: dict[int, Any] = {int(i): t for i, t in (config.get("added_tokens_decoder") or {}).items()}
-            if not added and (p := file(ADDED_TOKENS_FILE)) is not None:
-                added = {int(i): {"content": t, "special": True} for t, i in _read_json(p).items()}
-            for idx in sorted(added):
-                spec = added[idx] if isinstance(added[idx], Mapping) else {"content": added[idx]}
-                content = spec["content"]
-                if backend.token_to_id(content) is None and backend.get_vocab_size(True) != idx:
-                    raise ValueError(f"added token {content!r} has id {idx} but would get id "
-                                     f"{backend.get_vocab_size(True)}: the tokenizer files disagree")
-                kw = {k: spec[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in spec}
-                token = AddedToken(content, special=bool(spec.get("special", True)), **kw)
-                (backend.add_special_tokens if token.special else backend.add_tokens)([token])
+            backend = _bpe_with_added_tokens(vocab, merges, bool(init.get("add_prefix_space", False)),
+                                             config.get("added_tokens_decoder"), file(ADDED_TOKENS_FILE))
         if "add_prefix_space" in init and isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel):
             # transformers' GPT2Tokenizer rebuilds its pre-tokenizer from add_prefix_space (folder config or call),
             # whatever tokenizer.json says; so does this loader.

@@ -70,8 +70,34 @@ def deepspeed_config(
     for_lightning: leave out `gradient_accumulation_steps`: Lightning's DeepSpeedStrategy refuses a config that
         sets it and fills it from `Trainer(accumulate_grad_batches=...)` — the same value, still one source.
     """
+    mode = _check_arguments(stage, offload, micro_batch_size, accumulate_grad_batches, gradient_clip_val, precision,
+                            world_size, reduce_bucket_size, allgather_bucket_size, param_persistence_threshold)
+    zero = _zero_section(stage, offload, overlap_comm, contiguous_gradients, reduce_bucket_size,
+                         allgather_bucket_size, pin_memory, param_persistence_threshold)
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulate_grad_batches,
+        "gradient_clipping": float(gradient_clip_val or 0.0),  # 0.0 = off (DeepSpeed's convention)
+        "zero_optimization": zero,
+        # our LightningModule builds torch.optim.AdamW; DeepSpeed only "tests" its own optimizers
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": steps_per_print,  # progress is Lightning's job, not DeepSpeed's stdout
+        "wall_clock_breakdown": False,
+    }
+    if world_size is not None:
+        cfg["train_batch_size"] = micro_batch_size * accumulate_grad_batches * world_size
+    cfg.update(_precision_section(mode))
+    if for_lightning:
+        del cfg["gradient_accumulation_steps"]
+    return cfg
+
+
+def _check_arguments(stage, offload, micro_batch_size, accumulate_grad_batches, gradient_clip_val, precision,
+                     world_size, reduce_bucket_size, allgather_bucket_size, param_persistence_threshold) -> str:
+    """`deepspeed_config`'s argument checks (ValueError naming the argument); returns the precision mode
+    ("32", "fp16" or "bf16")."""
     if stage not in (1, 2, 3):
-        hint = " (stage 0 is plain data parallelism: use strategy=ddp)" if stage == 0 else ""
+        hint = " (stage 0 is plain data parallelism, DDP)" if stage == 0 else ""
         raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}{hint}.")
     if not isinstance(offload, bool):
         raise ValueError(f"offload must be true or false, got {offload!r}.")
@@ -93,6 +119,12 @@ def deepspeed_config(
         raise ValueError(f"param_persistence_threshold must be a non-negative integer (elements), got "
                          f"{param_persistence_threshold!r}.")
 
+    return mode
+
+
+def _zero_section(stage, offload, overlap_comm, contiguous_gradients, reduce_bucket_size, allgather_bucket_size,
+                  pin_memory, param_persistence_threshold) -> dict[str, Any]:
+    """The `zero_optimization` section of the DeepSpeed config."""
     zero: dict[str, Any] = {
         "stage": stage,
         "overlap_comm": overlap_comm,  # reduce gradients while backward still runs
@@ -115,33 +147,23 @@ def deepspeed_config(
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
         if stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
+    return zero
 
-    cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": accumulate_grad_batches,
-        "gradient_clipping": float(gradient_clip_val or 0.0),  # 0.0 = off (DeepSpeed's convention)
-        "zero_optimization": zero,
-        # our LightningModule builds torch.optim.AdamW; DeepSpeed only "tests" its own optimizers
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": steps_per_print,  # progress is Lightning's job, not DeepSpeed's stdout
-        "wall_clock_breakdown": False,
-    }
-    if world_size is not None:
-        cfg["train_batch_size"] = micro_batch_size * accumulate_grad_batches * world_size
+
+def _precision_section(mode: str) -> dict[str, Any]:
+    """The fp16 (dynamic loss scaling) or bf16 section for a precision mode; nothing for fp32."""
     if mode == "fp16":
-        cfg["fp16"] = {
+        return {"fp16": {
             "enabled": True,
             "loss_scale": 0,  # 0 = dynamic loss scaling
             "initial_scale_power": FP16_INITIAL_SCALE_POWER,
             "loss_scale_window": FP16_LOSS_SCALE_WINDOW,
             "hysteresis": FP16_HYSTERESIS,
             "min_loss_scale": FP16_MIN_LOSS_SCALE,
-        }
-    elif mode == "bf16":
-        cfg["bf16"] = {"enabled": True}  # same exponent range as fp32: no loss scaling needed
-    if for_lightning:
-        del cfg["gradient_accumulation_steps"]
-    return cfg
+        }}
+    if mode == "bf16":
+        return {"bf16": {"enabled": True}}  # same exponent range as fp32: no loss scaling needed
+    return {}
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
