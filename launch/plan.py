@@ -49,7 +49,7 @@ import sys
 from dataclasses import dataclass, field
 
 from gpt2 import ATTENTION_BACKENDS, DEFAULT_ATTENTION, PRESETS, GPT2Config
-# DeepSpeed bucket sizes: the numbers train/strategies/deepspeed_config.py writes into the DeepSpeed JSON (a pure module: importing
+# DeepSpeed bucket sizes: the numbers train/strategies/engines/deepspeed_config.py writes into the DeepSpeed JSON (a pure module: importing
 # it pulls in neither Lightning nor DeepSpeed)
 from train.strategies import get_spec, strategy_specs
 from train.strategies.engines.deepspeed_config import REDUCE_BUCKET_SIZE

@@ -1,4 +1,4 @@
-"""train/strategies/deepspeed_config.py: the generated DeepSpeed JSON for every ZeRO option, and ZeRO checkpoint -> safetensors
+"""train/strategies/engines/deepspeed_config.py: the generated DeepSpeed JSON for every ZeRO option, and ZeRO checkpoint -> safetensors
 through real DeepSpeed checkpoints (DeepSpeed's CPU accelerator over gloo: the fp32 ZeRO-1/2/3/3-offload ones the
 session's 2-rank ZeRO runs wrote, and a bf16-mixed ZeRO-2 one written here by one process)."""
 

@@ -229,13 +229,13 @@ def test_resume_across_strategy_families_is_refused(tmp_path):
     step = tmp_path / "step-8"
     step.mkdir()
     (step / "meta.json").write_text(json.dumps({"format": ck.FORMAT, "global_step": 8, "strategy": "fsdp"}))
-    check_resume(step, cfg_for("strategy=fsdp").strategy)
+    check_resume(step, cfg_for("strategy=fsdp").strategy, ck.read_meta(step))
     with pytest.raises(ConfigError, match=r"holds fsdp training state .* cannot be resumed with strategy=ddp"):
-        check_resume(step, cfg_for("strategy=ddp").strategy)
+        check_resume(step, cfg_for("strategy=ddp").strategy, ck.read_meta(step))
     (step / "meta.json").write_text(json.dumps({"format": ck.FORMAT, "global_step": 8}))
-    check_resume(step, cfg_for("strategy=ddp").strategy)
+    check_resume(step, cfg_for("strategy=ddp").strategy, ck.read_meta(step))
     with pytest.raises(ConfigError, match="model.init_from="):
-        check_resume(step, cfg_for("strategy=deepspeed_zero2").strategy)
+        check_resume(step, cfg_for("strategy=deepspeed_zero2").strategy, ck.read_meta(step))
 
 
 # ------------------------------------------------------------------------------------------ cluster environment

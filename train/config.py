@@ -337,7 +337,7 @@ class GuardConfig:
 
 @dataclass
 class EvalConfig:
-    """In-training evaluation on lm-evaluation-harness tasks (conf/eval/*.yaml; train/callbacks/evaluation.py): the
+    """In-training evaluation on lm-evaluation-harness tasks (conf/eval/*.yaml; train/eval/callback.py): the
     evaluator of `train/cli/evaluate.py` runs on rank 0 every `every_n_steps` optimizer steps and at the end of training,
     and logs eval/<task>/<metric>. Off while `tasks` is empty (the default): then nothing of lm_eval is imported.
 

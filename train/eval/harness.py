@@ -76,7 +76,7 @@ def load_model(src: str | os.PathLike, device: str | torch.device = "cpu"):
         if p.name == "hf" and (p.parent / "config.yaml").is_file():
             run_dir = p.parent
         return model.to(device).eval(), tok, p, run_dir
-    # our checkpoints: train.checkpoint / train.export import Lightning (seconds), so only on this path
+    # our checkpoints: train.checkpoint.io imports Lightning (seconds), so only on this path
     from train.checkpoint.layout import META_NAME, latest_checkpoint
     from train.checkpoint.export import load_for_export
 

@@ -140,14 +140,10 @@ def checkpoint_family(strategy_name: str) -> str:
     return get_spec(strategy_name).checkpoint_family
 
 
-def check_resume(step_path: Path, strategy_cfg, meta: Optional[dict] = None) -> None:
+def check_resume(step_path: Path, strategy_cfg, meta: dict) -> None:
     """resume= a checkpoint whose training state another strategy family wrote: one sentence, before anything runs.
-    meta: the checkpoint's meta.json when the caller has read it already (else it is read here). (The weights are the
-    same model.safetensors everywhere: model.init_from=<it> starts a new run from them.)"""
-    if meta is None:
-        from train.checkpoint.layout import read_meta
-
-        meta = read_meta(step_path)
+    meta: the checkpoint's meta.json (train.checkpoint.layout.read_meta), read once by the caller. (The weights are
+    the same model.safetensors everywhere: model.init_from=<it> starts a new run from them.)"""
     saved = meta.get("strategy") or "full"
     want = checkpoint_family(strategy_cfg.name)
     if saved != want:
