@@ -22,9 +22,8 @@ for two configs:
 
     python benchmarks/train_step.py [--quick] [--threads N] [--config nanogpt-char|gpt2-width] [--profile]
 
-Run time on the 2-core dev box with --threads 1: default ~4 min, --quick ~90 s. With 2 threads while other
-processes load the cores, the threads oversubscribe and everything runs ~3x slower: on a shared machine use
---threads 1 and say so next to the numbers.
+With --threads 1 on 2 cores the default takes ~4 min and --quick ~90 s. On a shared machine use --threads 1: more
+threads than free cores oversubscribe them, and both sides slow down unevenly.
 --profile skips the timing and prints torch.profiler's top operators for one training step of (b) and (c).
 """
 
