@@ -27,7 +27,7 @@ import shutil
 import tempfile
 
 import torch
-from common import interleaved, machine_line, median, spread  # benchmarks/common.py (run as a script)
+from common import NO_RECORD_HELP, interleaved, machine_line, median, spread  # benchmarks/common.py (run as a script)
 
 
 def fsync_tree(path: str) -> None:
@@ -71,6 +71,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--fsync", action="store_true", help="fsync every saved file inside the timed save")
     p.add_argument("--quick", action="store_true", help="6 layers, 2 repeats")
+    p.add_argument("--no-record", action="store_true", help=NO_RECORD_HELP)
     args = p.parse_args(argv)
     if args.quick:
         args.n_layer, args.repeats = 6, 2
@@ -85,7 +86,8 @@ def main(argv=None) -> None:
     model = build(cfg)
     n_params = model.num_parameters()
     print(machine_line())
-    print(f"gpt2-medium dims (24 x 1024, 16 heads, vocab 50257) with {cfg.n_layer} layers: {n_params / 1e6:.0f}M params, "
+    print(f"gpt2-medium dims (24 x 1024, 16 heads, vocab 50257) with {cfg.n_layer} layers: "
+          f"{n_params / 1e6:.0f}M params, "
           f"fp32; {args.repeats} interleaved repeats (median), page cache warm for loads, "
           f"saves {'with' if args.fsync else 'without'} fsync")
 
@@ -138,7 +140,8 @@ def main(argv=None) -> None:
     print("| op | what | GB | s (median) [min..max] | GB/s |")
     print("|---|---|---:|---:|---:|")
     for op, what, nbytes, times in rows:
-        print(f"| {op} | {what} | {nbytes / 1e9:.2f} | {median(times):.3f} {spread(times)} | {gbps(nbytes, times):.2f} |")
+        print(f"| {op} | {what} | {nbytes / 1e9:.2f} | {median(times):.3f} {spread(times)} "
+              f"| {gbps(nbytes, times):.2f} |")
     print()
     print(f"save: ours / torch.save = {gbps(st_bytes, ts['ours']) / gbps(pt_bytes, ts['torch']):.2f}x   "
           f"load: ours / torch.load = {gbps(st_bytes, tl['ours']) / gbps(pt_bytes, tl['torch']):.2f}x   "

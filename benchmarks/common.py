@@ -1,4 +1,5 @@
-"""Shared helpers for the side-by-side benchmarks: the machine line, interleaved timing, medians.
+"""Shared helpers for the side-by-side benchmarks: the machine line, interleaved timing, medians, and recording a
+run in benchmarks/RESULTS.md (`record_results`, `recorded`).
 
 Every benchmark runs the baseline and ours in one process on the same inputs. Repeats are interleaved and the order
 flips each round (A B, B A, A B, ...) so that load from other processes on a shared machine, thermal drift or a
@@ -93,6 +94,49 @@ def corpus_text(n_chars: int) -> str:
 
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+NO_RECORD_HELP = "do not append this run to benchmarks/RESULTS.md"
+
+
+def record_machine_line() -> str:
+    """Where a recorded figure came from: the GPU name (when there is one), else the CPU model and core count; and
+    the torch version. The figures mean nothing without it."""
+    where = (f"gpu: {torch.cuda.get_device_name()}" if torch.cuda.is_available()
+             else f"cpu: {cpu_model()} ({os.cpu_count()} logical cores)")
+    return f"{where} | torch {torch.__version__}"
+
+
+def command_line(argv: list[str]) -> str:
+    """argv as a shell command from the repository root; paths under the working directory become relative and the
+    home directory becomes `~`, so no machine's layout ends up in RESULTS.md."""
+    home = os.path.expanduser("~")
+
+    def portable(arg: str) -> str:
+        if os.path.isabs(arg) and Path(arg).resolve().is_relative_to(Path.cwd()):
+            return os.path.relpath(arg)
+        return "~" + arg[len(home):] if home not in ("", "/") and arg.startswith(home + os.sep) else arg
+
+    return "python " + " ".join(shlex.quote(portable(a)) for a in [os.path.relpath(argv[0]), *argv[1:]])
+
+
+def record_results(benchmark: str, lines: list[str], argv: list[str], results: Path = RESULTS) -> None:
+    """Append a dated entry to `results` under the benchmark's own `## <benchmark>` heading (created at the end of
+    the file if missing): a `### <date>` line, the machine line, the command line and `lines` (what the run
+    printed). Entries are appended, never replaced, so the newest entry of a heading is the current figure and a
+    figure quoted elsewhere can be traced to the run that produced it."""
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    body = "\n".join(line.rstrip() for line in lines).strip("\n")
+    entry = (f"### {stamp}\n- machine: {record_machine_line()}\n- command: `{command_line(argv)}`\n\n"
+             f"```\n{body}\n```\n")
+    text = results.read_text(encoding="utf-8") if results.is_file() else "# Benchmark results\n"
+    heading = f"## {benchmark}\n"
+    if heading not in text:
+        text = text.rstrip("\n") + f"\n\n{heading}"
+    start = text.index(heading) + len(heading)
+    nxt = text.find("\n## ", start)
+    end = len(text) if nxt < 0 else nxt + 1
+    text = text[:end].rstrip("\n") + "\n\n" + entry + ("\n" + text[end:] if end < len(text) else "")
+    results.write_text(text, encoding="utf-8")
+    print(f"recorded in {os.path.relpath(results)}", file=sys.stderr)
 
 
 class _Tee(io.TextIOBase):
@@ -109,33 +153,23 @@ class _Tee(io.TextIOBase):
         self.stream.flush()
 
 
-@contextlib.contextmanager
-def recorded(benchmark: str, results: Path = RESULTS) -> Iterator[None]:
-    """Run a benchmark's main inside this: what it prints is also appended to benchmarks/RESULTS.md, under the
-    benchmark's own `## <benchmark>` heading (created if missing), as a dated entry with the command line (the
-    machine line is the first thing every benchmark prints). `--no-record` on the command line skips it (the flag is
-    removed before the benchmark parses its arguments); a benchmark that raises records nothing.
+class Recording:
+    """What `recorded` yields: set `skip = True` when a run measured nothing worth keeping (a smoke run, no
+    device)."""
 
-    History stays in the file: entries are appended, never replaced, so a figure quoted in README can be traced to
-    the run that produced it.
-    """
-    record = "--no-record" not in sys.argv
-    sys.argv = [a for a in sys.argv if a != "--no-record"]
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    def __init__(self, skip: bool):
+        self.skip = skip
+
+
+@contextlib.contextmanager
+def recorded(benchmark: str, results: Path = RESULTS) -> Iterator[Recording]:
+    """Run a benchmark's main inside this: what it prints on stdout is also kept, and when main returns it goes to
+    `record_results` (every benchmark's parser has `--no-record`, which skips that). A benchmark that raises or
+    exits (`--help`, a bad argument) records nothing."""
+    argv = list(sys.argv)
+    rec = Recording(skip="--no-record" in argv)
     tee = _Tee(sys.stdout)
     with contextlib.redirect_stdout(tee):
-        yield
-    if not record or not tee.copy.getvalue().strip():
-        return
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    entry = f"### {stamp}\n`{command}`\n\n```\n{tee.copy.getvalue().rstrip()}\n```\n"
-    text = results.read_text(encoding="utf-8") if results.is_file() else "# Benchmark results\n"
-    heading = f"## {benchmark}\n"
-    if heading not in text:
-        text = text.rstrip("\n") + f"\n\n{heading}"
-    start = text.index(heading) + len(heading)
-    nxt = text.find("\n## ", start)
-    end = len(text) if nxt < 0 else nxt + 1
-    text = text[:end].rstrip("\n") + "\n\n" + entry + ("\n" + text[end:] if end < len(text) else "")
-    results.write_text(text, encoding="utf-8")
-    print(f"recorded in {os.path.relpath(results)}", file=sys.stderr)
+        yield rec
+    if not rec.skip and tee.copy.getvalue().strip():
+        record_results(benchmark, tee.copy.getvalue().splitlines(), argv, results)

@@ -40,18 +40,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import NO_RECORD_HELP  # benchmarks/common.py (run as a script)
+
 
 def main() -> None:
     if sys.argv[1:2] == ["prepare"]:
         return prepare_main(sys.argv[2:])
-    if sys.argv[1:2] == ["_side"]:  # one side of the preparation benchmark, in a fresh process
-        return print(json.dumps(_side(*sys.argv[2:])))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=50.0, help="corpus size in MB (--text repeated)")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--text", default=None, help="source text file to repeat (default: the embedded corpus)")
+    ap.add_argument("--no-record", action="store_true", help=NO_RECORD_HELP)
     args = ap.parse_args()
 
     import datasets
@@ -229,7 +230,8 @@ def _side(side: str, corpus: str, tok_dir: str, work: str, num_proc: str) -> dic
         from data_pipelines.cache import read_token_dir
         from data_pipelines.prepare import prepare
 
-        cfg = DataConfig(source="jsonl", path=corpus, tokenizer=tok_dir, cache_dir=work, num_proc=n, val_fraction=0.0005)
+        cfg = DataConfig(source="jsonl", path=corpus, tokenizer=tok_dir, cache_dir=work, num_proc=n,
+                         val_fraction=0.0005)
         data = read_token_dir(cfg, prepare(cfg))
         tokens = data.train.num_tokens + data.val.num_tokens
         engine = json.loads((data.root / "index.json").read_text())["encoder"]
@@ -291,13 +293,14 @@ def _run_side(side: str, corpus: Path, tok_dir: Path, work: Path, n: int) -> dic
 def prepare_main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="benchmarks/data_pipeline.py prepare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mb", type=float, default=500.0, help="corpus size in MB (>= 500 for the issue's figure)")
+    ap.add_argument("--mb", type=float, default=500.0, help="corpus size in MB (>= 500 for a stable rate)")
     ap.add_argument("--files", type=int, default=8, help="JSON-lines files the corpus is split into")
     ap.add_argument("--num-proc", type=int, default=2)
     ap.add_argument("--gpt2-vocab", default=None, help="OpenAI's gpt2.tiktoken (default: whisper's, if installed)")
     ap.add_argument("--rss-mb", type=float, default=0.0, help="also prepare a corpus of this size, for peak RSS")
     ap.add_argument("--skip-baseline", action="store_true", help="only our side (e.g. for the RSS run)")
     ap.add_argument("--workdir", default=None, help="where the corpora and outputs go (default: a temp dir)")
+    ap.add_argument("--no-record", action="store_true", help=NO_RECORD_HELP)
     args = ap.parse_args(argv)
 
     import tempfile
@@ -354,6 +357,9 @@ def prepare_main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["_side"]:  # one side of the preparation benchmark, in a fresh process: not a result alone
+        print(json.dumps(_side(*sys.argv[2:])))
+        sys.exit(0)
     from common import recorded  # benchmarks/common.py: appends this run to benchmarks/RESULTS.md
 
     with recorded("data_pipeline"):

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import interleaved, machine_line, median, spread  # benchmarks/common.py (run as a script)
+from common import NO_RECORD_HELP, interleaved, machine_line, median, spread  # benchmarks/common.py (run as a script)
 
 CONFIGS = {
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
@@ -127,6 +127,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="gpt2-4L, 8 docs per task, 2 repeats")
+    p.add_argument("--no-record", action="store_true", help=NO_RECORD_HELP)
     args = p.parse_args(argv)
     if args.quick:
         args.config, args.docs, args.repeats = "gpt2-4L", 8, 2

@@ -20,7 +20,7 @@ import argparse
 import tempfile
 
 import torch
-from common import interleaved, machine_line, median, spread  # benchmarks/common.py (run as a script)
+from common import NO_RECORD_HELP, interleaved, machine_line, median, spread  # benchmarks/common.py (run as a script)
 
 CONFIGS = {
     "small": dict(n_layer=6, n_embd=384, n_head=6),
@@ -48,6 +48,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="small config, 32 new tokens, 3 repeats")
+    p.add_argument("--no-record", action="store_true", help=NO_RECORD_HELP)
     args = p.parse_args(argv)
     if args.quick:
         args.configs, args.new_tokens, args.repeats = ["small"], 32, 3

@@ -44,7 +44,7 @@ import lightning as L
 import torch
 
 import gpt2
-from common import machine_line  # benchmarks/common.py (run as a script, like the others)
+from common import NO_RECORD_HELP, machine_line  # benchmarks/common.py (run as a script, like the others)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = 1024
@@ -227,6 +227,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new configurations after this")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny preset: check the script, not the numbers")
+    p.add_argument("--no-record", action="store_true", help=NO_RECORD_HELP)
     args = p.parse_args(argv)
 
     if not args.smoke and not torch.cuda.is_available():
@@ -304,6 +305,7 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from common import recorded  # benchmarks/common.py: appends this run to benchmarks/RESULTS.md
 
-    with recorded("gpu"):
+    with recorded("gpu") as rec:
         rc = main()
+        rec.skip |= "--smoke" in sys.argv or not torch.cuda.is_available()  # a CPU check measures nothing
     sys.exit(rc)

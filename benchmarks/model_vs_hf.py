@@ -14,6 +14,7 @@ import tempfile
 import time
 
 import torch
+from common import NO_RECORD_HELP  # benchmarks/common.py (run as a script)
 
 
 def step_time(model, ids) -> float:
@@ -36,6 +37,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-record", action="store_true", help=NO_RECORD_HELP)
     args = p.parse_args(argv)
 
     import transformers
@@ -52,7 +54,8 @@ def main(argv=None) -> None:
     ours = gpt2.GPT2LMHeadModel(cfg).train()
     with tempfile.TemporaryDirectory() as d:
         ours.save_pretrained(d)
-        theirs = transformers.GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32).train()
+        theirs = transformers.GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
+        theirs.train()
     ids = torch.randint(0, args.vocab_size, (args.batch, args.seq))
 
     with torch.no_grad():  # same weights -> same loss (sanity check that the two really compute the same thing)

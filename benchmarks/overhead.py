@@ -1,11 +1,12 @@
 """What does Lightning cost? tokens/s of train/run.py's training path vs a bare PyTorch loop.
 
 Same model (gpt2.GPT2LMHeadModel at nanoGPT's CPU shakespeare-char dims: 4 layers, 4 heads, 128 wide, block 64,
-batch 12, dropout 0), same char-level batches (the embedded default corpus), same AdamW groups / warm-up+cosine schedule /
-grad clipping 1.0 / fused AdamW / loss synced to the host every 10 steps. The Lightning side is `train.trainer.build_trainer` +
-`train.module.GPT2LitModule`, exactly as `train/run.py` builds them (progress bar, throughput, RNG, seed callbacks,
-metrics.csv logger). Both run in one process and are interleaved in chunks of 10 steps (a callback runs the bare
-loop on the same batches after each Lightning chunk), so machine noise hits both alike; warm-up steps are not timed.
+batch 12, dropout 0), same char-level batches (the embedded default corpus), same AdamW groups / warm-up+cosine
+schedule / grad clipping 1.0 / fused AdamW / loss synced to the host every 10 steps. The Lightning side is
+`train.trainer.build_trainer` + `train.module.GPT2LitModule`, exactly as `train/run.py` builds them (progress bar,
+throughput, RNG, seed callbacks, metrics.csv logger). Both run in one process and are interleaved in chunks of 10
+steps (a callback runs the bare loop on the same batches after each Lightning chunk), so machine noise hits both
+alike; warm-up steps are not timed.
 
     python benchmarks/overhead.py [--chunks 20 --chunk 10 --warmup 5 --threads N --no-progress-bar] [overrides]
 
@@ -34,6 +35,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import gpt2
+from common import NO_RECORD_HELP  # benchmarks/common.py (run as a script)
 from train.config import register_configs, to_config
 from train.cli.malloc import tune_glibc_malloc
 from train.module import GPT2LitModule, WarmupDecay, build_optimizer
@@ -172,7 +174,8 @@ class FloorModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.optim_cfg
         opt = build_optimizer(self.model, cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupDecay(cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
+        schedule = WarmupDecay(cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -206,6 +209,7 @@ def main() -> int:
     p.add_argument("--floor", action="store_true",
                    help="also time a minimal LightningModule (automatic and manual optimization) against the bare loop")
     p.add_argument("overrides", nargs="*", help="extra config overrides for the Lightning side, e.g. guard=off")
+    p.add_argument("--no-record", action="store_true", help=NO_RECORD_HELP)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -51,6 +51,8 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import NO_RECORD_HELP, machine_line  # noqa: E402  benchmarks/common.py (run as a script)
+
 TINY_SHAKESPEARE_CHARS = 1_115_394
 DIMS = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "batch_size": 12}
 
@@ -202,6 +204,7 @@ def main() -> int:
                    help="another checkout of this repository (e.g. main) run as a third side in the same rounds, "
                         "with its own .venv if it has one: the effect of a change, measured interleaved")
     p.add_argument("ours_args", nargs="*", help="extra overrides for our side(s), e.g. guard=off")
+    p.add_argument("--no-record", action="store_true", help=NO_RECORD_HELP)
     args = p.parse_args()
     if args.compare is not None:
         args.compare = args.compare.expanduser().resolve()
@@ -216,8 +219,6 @@ def main() -> int:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
 
-    from benchmarks.common import machine_line
-
     print(machine_line(), flush=True)
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="peer-nanogpt-"))
@@ -226,9 +227,8 @@ def main() -> int:
         data = nano / "data" / "shakespeare_char"
         print(f"data: {args.chars:,} characters of the embedded corpus -> nanoGPT's prepare.py, vocab {vocab}; "
               f"model {DIMS['n_layer']}x{DIMS['n_embd']} ({DIMS['n_head']} heads), block {DIMS['block_size']}, "
-              f"batch {DIMS['batch_size']}; {args.rounds} rounds of {args.short} + {args.long} steps per side; threads per "
-              f"run: {args.threads or 'torch default'}",
-              flush=True)
+              f"batch {DIMS['batch_size']}; {args.rounds} rounds of {args.short} + {args.long} steps per side; "
+              f"threads per run: {args.threads or 'torch default'}", flush=True)
 
         def nano_run(steps: int, tag: str) -> Run:
             return Run([sys.executable, *nanogpt_args(steps, work / f"out-{tag}")], nano, env, nanogpt_first_step)

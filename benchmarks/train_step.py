@@ -22,9 +22,8 @@ for two configs:
 
     python benchmarks/train_step.py [--quick] [--threads N] [--config nanogpt-char|gpt2-width] [--profile]
 
-Run time on the 2-core dev box with --threads 1: default ~4 min, --quick ~90 s. With 2 threads while other
-processes load the cores, the threads oversubscribe and everything runs ~3x slower: on a shared machine use
---threads 1 and say so next to the numbers.
+With --threads 1 on 2 cores the default takes ~4 min and --quick ~90 s. On a shared machine use --threads 1: more
+threads than free cores oversubscribe them, and both sides slow down unevenly.
 --profile skips the timing and prints torch.profiler's top operators for one training step of (b) and (c).
 """
 
@@ -42,7 +41,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import gpt2
-from common import corpus_text, machine_line  # benchmarks/common.py and overhead.py (run as scripts, like the others)
+from common import NO_RECORD_HELP, corpus_text, machine_line  # benchmarks/common.py (run as a script)
 from overhead import ROOT, BareLoop, Interleave, _Loader, char_batches
 from train.config import register_configs, to_config
 from train.module import GPT2LitModule, WarmupDecay, build_optimizer, param_groups
@@ -208,6 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=int, default=None, help="override the config's number of chunks")
     p.add_argument("--profile", action="store_true", help="print profiler tables for one step instead of timing")
     p.add_argument("--top", type=int, default=15, help="rows of the profiler table")
+    p.add_argument("--no-record", action="store_true", help=NO_RECORD_HELP)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
