@@ -10,12 +10,21 @@ floats with `problem_type="regression"` stay floats and `num_labels` is 1.
 from __future__ import annotations
 
 from data_pipelines.tasks.config import TaskDataConfig
-from data_pipelines.tasks.loading import LabelMap, RawSplit, build_label_map, class_names, resolve_column
+from data_pipelines.tasks.base import TaskData
+from data_pipelines.tasks.demo import cls_rows
+from data_pipelines.tasks.loading import (
+    LabelMap,
+    RawSplit,
+    build_label_map,
+    class_names,
+    padded_ids,
+    resolve_column,
+)
 
 
 def read_examples(raw: RawSplit, cfg: TaskDataConfig) -> list[dict]:
     """Rows -> [{"text", "text_pair" (or None), "label"}] with the configured/default columns."""
-    cand = cfg.column_candidates("cls")
+    cand = DATA.column_candidates(cfg)
     text_col = resolve_column(raw, "text", cand["text"], config_key="text_column")
     label_col = resolve_column(raw, "label", cand["label"], config_key="label_column")
     pair_col = None
@@ -48,7 +57,7 @@ def is_regression(examples: list[dict], cfg: TaskDataConfig, where: str) -> bool
 
 def label_map(train: list[dict], raw: RawSplit, cfg: TaskDataConfig) -> LabelMap:
     regression = is_regression(train, cfg, raw.where)
-    label_col = resolve_column(raw, "label", cfg.column_candidates("cls")["label"], config_key="label_column")
+    label_col = resolve_column(raw, "label", DATA.column_candidates(cfg)["label"], config_key="label_column")
     return build_label_map([e["label"] for e in train], cfg, class_names(raw.features, label_col), raw.where,
                            regression)
 
@@ -66,3 +75,39 @@ def encode(examples: list[dict], tokenizer, cfg: TaskDataConfig, labels: LabelMa
             x = x + [eos] + next(pair_iter)
         out.append({"input_ids": x[: cfg.max_length], "labels": labels.encode(e["label"], f"row {i} of {where}")})
     return out
+
+
+class ClsData(TaskData):
+    """cls: text (+ text pair) -> one label; batches input_ids, attention_mask (B, T), labels (B,) (float for
+    regression)."""
+
+    name = "cls"
+    columns = {"text": ("text", "sentence"), "text_pair": (), "label": ("label",)}
+    column_fields = {"text_column": "text", "text_pair_column": "text_pair", "label_column": "label"}
+    model_keys = ("input_ids", "attention_mask", "labels")
+    demo_sizes = (2000, 400)  # (train, validation): ~1 minute of CPU fine-tuning for the tiny model
+
+    def read_examples(self, raw, cfg):
+        return read_examples(raw, cfg)
+
+    def label_map(self, train, raw, cfg):
+        return label_map(train, raw, cfg)
+
+    def encode(self, examples, tokenizer, cfg, labels, where, validation):
+        return encode(examples, tokenizer, cfg, labels, where)
+
+    def collate(self, feats, pad_token_id, regression):
+        import torch
+
+        out = padded_ids(feats, pad_token_id)
+        out["labels"] = torch.tensor([f["labels"] for f in feats], dtype=torch.float32 if regression else torch.long)
+        return out
+
+    def problem_type(self, label_map):
+        return "regression" if label_map.regression else "single_label_classification"
+
+    def demo_examples(self, docs, n, rng, split):
+        return cls_rows(docs, n, rng, split)
+
+
+DATA = ClsData()

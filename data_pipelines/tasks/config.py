@@ -1,7 +1,7 @@
 """`TaskDataConfig`: where a fine-tuning task's examples come from, which columns hold what, and how they are encoded.
 
 One dataclass serves the four tasks; the column fields default to `None`, meaning "the task's default", listed in
-`DEFAULT_COLUMNS` below (the first candidate present in the data wins, so GLUE's `sentence`, CoNLL's `ner_tags` and
+each task's `TaskData.columns` (the first candidate present in the data wins, so GLUE's `sentence`, CoNLL's `ner_tags` and
 SWAG's `sent1`/`sent2`/`ending0..3` work without overrides). A column named explicitly must exist, else the error
 lists the columns the data has.
 
@@ -27,46 +27,10 @@ from typing import Optional
 
 from data_pipelines.config import default_cache_dir, to_dataclass
 
-TASKS = ("cls", "token_cls", "qa", "mc")
 TASK_SOURCES = ("demo", "jsonl", "csv", "parquet", "hub")
 FILE_BUILDERS = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}  # source -> datasets builder
 PROBLEM_TYPES = ("single_label_classification", "regression")
 MC_LM_LABELS = ("all", "correct", "none")
-
-# task -> logical column -> candidate names (first present wins) — see the module docstring.
-DEFAULT_COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
-    "cls": {"text": ("text", "sentence"), "text_pair": (), "label": ("label",)},
-    "token_cls": {"tokens": ("tokens",), "tags": ("tags", "ner_tags")},
-    "qa": {
-        "id": ("id",),
-        "question": ("question",),
-        "context": ("context",),
-        "answers": ("answers",),
-        "answer_text": ("answer_text",),
-        "answer_start": ("answer_start",),
-    },
-    "mc": {"context": ("context", "startphrase", "sent1"), "context_suffix": (), "endings": ("endings",),
-           "label": ("label",)},
-}
-
-# TaskDataConfig field -> (task, logical column) it overrides
-COLUMN_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
-    "text_column": (("cls", "text"),),
-    "text_pair_column": (("cls", "text_pair"),),
-    "label_column": (("cls", "label"), ("mc", "label")),
-    "tokens_column": (("token_cls", "tokens"),),
-    "tags_column": (("token_cls", "tags"),),
-    "id_column": (("qa", "id"),),
-    "question_column": (("qa", "question"),),
-    "context_column": (("qa", "context"), ("mc", "context")),
-    "answers_column": (("qa", "answers"),),
-    "answer_text_column": (("qa", "answer_text"),),
-    "answer_start_column": (("qa", "answer_start"),),
-    "context_suffix_column": (("mc", "context_suffix"),),
-    "endings_column": (("mc", "endings"),),
-}
-
-
 
 @dataclass
 class TaskDataConfig:
@@ -81,7 +45,7 @@ class TaskDataConfig:
     val_fraction: float = 0.1  # held-out share of the training rows when no validation file/split is given
     max_train_examples: Optional[int] = None  # keep only the first N training examples (quick runs)
     max_val_examples: Optional[int] = None
-    # --- columns (None -> the task default in DEFAULT_COLUMNS) ---
+    # --- columns (None -> the task's default: its TaskData.columns) ---
     text_column: Optional[str] = None
     text_pair_column: Optional[str] = None
     label_column: Optional[str] = None
@@ -109,7 +73,7 @@ class TaskDataConfig:
     num_choices: Optional[int] = None  # mc: choices per example (None -> inferred; every example must have it)
     mc_lm_labels: str = "all"  # mc LM labels: "all" choices (HF run_openai_gpt), the "correct" one only, or "none"
     # --- demo data ---
-    demo_train_size: Optional[int] = None  # None -> demo.DEMO_SIZES[task]
+    demo_train_size: Optional[int] = None  # None -> the task's TaskData.demo_sizes
     demo_val_size: Optional[int] = None
     # --- loading ---
     batch_size: int = 16
@@ -163,42 +127,9 @@ class TaskDataConfig:
             if v is not None and v < 1:
                 raise ValueError(f"data.{f}={v} must be >= 1 (or null).")
 
-    def validate_for(self, task: str) -> None:
-        """Checks that concern one task only (so a short max_length for cls is not refused for qa's sake)."""
-        if task != "qa":
-            return
-        if not 1 <= self.max_question_length <= self.max_length - 4:
-            raise ValueError(
-                f"data.max_question_length={self.max_question_length} leaves no room for context in "
-                f"data.max_length={self.max_length}; use 1 .. {self.max_length - 4}."
-            )
-        budget = self.max_length - self.max_question_length - 1
-        if self.doc_stride >= budget:
-            raise ValueError(
-                f"data.doc_stride={self.doc_stride} must be smaller than the context tokens per window "
-                f"({budget} = max_length - max_question_length - 1); lower doc_stride or raise max_length."
-            )
-
     @property
     def cache_root(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()  # the LM pipeline's root
-
-    def column_candidates(self, task: str) -> dict[str, tuple[str, ...]]:
-        """Logical column -> names to try, for `task`: the explicit override alone, else the task's defaults."""
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}.")
-        cols = dict(DEFAULT_COLUMNS[task])
-        for field_name, targets in COLUMN_FIELDS.items():
-            value = getattr(self, field_name)
-            for t, logical in targets:
-                if t == task and value is not None:
-                    cols[logical] = (value,)
-        return cols
-
-    def explicit_columns(self, task: str) -> set[str]:
-        """Logical columns of `task` the user named explicitly (these must exist)."""
-        return {logical for f, targets in COLUMN_FIELDS.items() for t, logical in targets
-                if t == task and getattr(self, f) is not None}
 
 
 def to_task_data_config(node) -> TaskDataConfig:

@@ -1,6 +1,6 @@
 """`TaskDataModule`: the LightningDataModule of the fine-tuning tasks (cls, token_cls, qa, mc).
 
-    dm = TaskDataModule("cls", TaskDataConfig(source="demo"), tokenizer)
+    dm = TaskDataModule("cls", TaskDataConfig(source="demo"), tokenizer)   # or a TaskData object instead of a name
     dm.prepare_data(); dm.setup()
     dm.num_labels, dm.id2label, dm.label2id, dm.problem_type   -> the head's config (and the export's config.json)
     batch = next(iter(dm.train_dataloader()))
@@ -15,7 +15,7 @@ Batches (right-padded with `pad_token_id` = the tokenizer's pad token, else eos 
     mc         input_ids, attention_mask, labels (B, C, T) (labels absent with mc_lm_labels=none); mc_token_ids (B, C);
                mc_labels (B,)
 
-`model_inputs(batch)` keeps the keys the matching gpt2 head's forward takes (`MODEL_KEYS[task]`). Validation for qa:
+`model_inputs(batch)` keeps the keys the matching gpt2 head's forward takes (`TaskData.model_keys`). Validation for qa:
 `val_features[feature_index]` holds the window's `offsets` and `example_index`, `val_examples[example_index]` the
 context and gold answers — what train/tasks/qa.py `postprocess_qa` + `squad_metrics` need (`qa_eval_data()` bundles
 them). Training batches come from the LM data's ResumableBatchSampler: an endless seeded shuffle, a new permutation each
@@ -34,75 +34,34 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSample
 
 from data_pipelines.sampler import ResumableBatchSampler
 
-from data_pipelines.tasks import cls as cls_task
-from data_pipelines.tasks import mc as mc_task
-from data_pipelines.tasks import qa as qa_task
-from data_pipelines.tasks import token_cls as token_cls_task
-from data_pipelines.tasks.config import TASKS, TaskDataConfig, to_task_data_config
+from data_pipelines.tasks.base import TaskData, task_data
+from data_pipelines.tasks.config import TaskDataConfig, to_task_data_config
 from data_pipelines.tasks.demo import demo_files
 from data_pipelines.tasks.loading import LabelMap, load_splits
-from data_pipelines.tasks.token_cls import IGNORE_INDEX
-
-MODEL_KEYS = {
-    "cls": ("input_ids", "attention_mask", "labels"),
-    "token_cls": ("input_ids", "attention_mask", "labels"),
-    "qa": ("input_ids", "attention_mask", "start_positions", "end_positions"),
-    "mc": ("input_ids", "attention_mask", "mc_token_ids", "labels", "mc_labels"),
-}
-
-
-def _pad(seqs: list[list[int]], value: int, length: int) -> list[list[int]]:
-    return [s + [value] * (length - len(s)) for s in seqs]
 
 
 class TaskCollator:
-    """Pads a list of features to the longest in the batch (a class, so DataLoader workers can pickle it)."""
+    """Pads a list of features to the longest in the batch, by the task's `TaskData.collate` (a class, so DataLoader
+    workers can pickle it)."""
 
-    def __init__(self, task: str, pad_token_id: int, regression: bool = False):
-        self.task, self.pad, self.regression = task, pad_token_id, regression
+    def __init__(self, data: TaskData, pad_token_id: int, regression: bool = False):
+        self.data, self.pad, self.regression = data, pad_token_id, regression
 
     def __call__(self, feats: list[dict]) -> dict[str, torch.Tensor]:
-        if self.task == "mc":
-            return self._mc(feats)
-        T = max(len(f["input_ids"]) for f in feats)
-        ids = [f["input_ids"] for f in feats]
-        out = {
-            "input_ids": torch.tensor(_pad(ids, self.pad, T)),  # (B, T)
-            "attention_mask": torch.tensor(_pad([[1] * len(s) for s in ids], 0, T)),  # (B, T)
-        }
-        if self.task == "cls":
-            out["labels"] = torch.tensor([f["labels"] for f in feats],
-                                         dtype=torch.float32 if self.regression else torch.long)
-        elif self.task == "token_cls":
-            out["labels"] = torch.tensor(_pad([f["labels"] for f in feats], IGNORE_INDEX, T))  # (B, T)
-        else:  # qa
-            for k in ("start_positions", "end_positions", "example_index", "feature_index"):
-                out[k] = torch.tensor([f[k] for f in feats])  # (B,)
-        return out
-
-    def _mc(self, feats: list[dict]) -> dict[str, torch.Tensor]:
-        T = max(len(s) for f in feats for s in f["input_ids"])
-        C = len(feats[0]["input_ids"])
-        out = {
-            "input_ids": torch.tensor([_pad(f["input_ids"], self.pad, T) for f in feats]),  # (B, C, T)
-            "attention_mask": torch.tensor([_pad([[1] * len(s) for s in f["input_ids"]], 0, T) for f in feats]),
-            "mc_token_ids": torch.tensor([f["mc_token_ids"] for f in feats]),  # (B, C)
-            "mc_labels": torch.tensor([f["mc_labels"] for f in feats]),  # (B,)
-        }
-        if feats[0]["labels"] is not None:
-            out["labels"] = torch.tensor([_pad(f["labels"], IGNORE_INDEX, T) for f in feats])  # (B, C, T)
-        assert out["input_ids"].shape[1] == C
-        return out
+        return self.data.collate(feats, self.pad, self.regression)
 
 
 class TaskDataModule(L.LightningDataModule):
-    def __init__(self, task: str, cfg: TaskDataConfig | dict, tokenizer):
+    """The LightningDataModule of a fine-tuning task: `task` is a built-in task's name or its `TaskData` object, which
+    says everything task-specific (columns, labels, encoding, batches, demo set); this class loads, encodes once,
+    and serves resumable training batches and the full validation set."""
+
+    def __init__(self, task: str | TaskData, cfg: TaskDataConfig | dict, tokenizer):
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)} (task=lm uses LMDataModule).")
-        self.task = task
+        self.data = task_data(task)
+        self.task = self.data.name
         self.cfg = to_task_data_config(cfg)
-        self.cfg.validate_for(task)
+        self.data.check_config(self.cfg)
         if tokenizer is None or tokenizer.eos_token_id is None:
             raise ValueError(
                 "the task data needs a tokenizer with an eos token (<|endoftext|>): it separates and pads sequences."
@@ -126,36 +85,21 @@ class TaskDataModule(L.LightningDataModule):
         cfg = self.cfg
         if cfg.source != "demo":
             return cfg.path, cfg.val_path
-        train, val = demo_files(self.task, cfg.cache_root, cfg.seed, cfg.demo_train_size, cfg.demo_val_size)
+        train, val = demo_files(self.data, cfg.cache_root, cfg.seed, cfg.demo_train_size, cfg.demo_val_size)
         return str(train), str(val)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_features is not None:
             return
-        cfg, task = self.cfg, self.task
+        cfg, data, tok = self.cfg, self.data, self.tokenizer
         train_path, val_path = self._files if self._files[0] else self._source_files()
         train_raw, val_raw = load_splits(cfg, train_path, val_path)
-        module = {"cls": cls_task, "token_cls": token_cls_task, "qa": qa_task, "mc": mc_task}[task]
-        self.train_examples = module.read_examples(train_raw, cfg)
-        self.val_examples = module.read_examples(val_raw, cfg)
-        tok = self.tokenizer
-        if task in ("cls", "token_cls"):
-            self.label_map = module.label_map(self.train_examples, train_raw, cfg)
-            self.train_features = module.encode(self.train_examples, tok, cfg, self.label_map, train_raw.where)
-            self.val_features = module.encode(self.val_examples, tok, cfg, self.label_map, val_raw.where)
-        elif task == "qa":
-            self.train_features = qa_task.encode(self.train_examples, tok, cfg)
-            self.val_features = qa_task.encode(self.val_examples, tok, cfg, keep_offsets=True)
-        else:
-            n_train = len(self.train_examples[0]["endings"])
-            n_val = len(self.val_examples[0]["endings"])
-            if n_train != n_val:
-                raise ValueError(
-                    f"training examples have {n_train} choices but validation examples {n_val}; set data.num_choices "
-                    f"or fix the data so both splits have the same number of endings."
-                )
-            self.train_features = mc_task.encode(self.train_examples, tok, cfg)
-            self.val_features = mc_task.encode(self.val_examples, tok, cfg)
+        self.train_examples = data.read_examples(train_raw, cfg)
+        self.val_examples = data.read_examples(val_raw, cfg)
+        self.label_map = data.label_map(self.train_examples, train_raw, cfg)
+        data.check_splits(self.train_examples, self.val_examples)
+        self.train_features = data.encode(self.train_examples, tok, cfg, self.label_map, train_raw.where, False)
+        self.val_features = data.encode(self.val_examples, tok, cfg, self.label_map, val_raw.where, True)
         for i, f in enumerate(self.train_features):
             f["feature_index"] = i
         for i, f in enumerate(self.val_features):
@@ -173,11 +117,10 @@ class TaskDataModule(L.LightningDataModule):
 
     @property
     def num_labels(self) -> int:
-        """cls/token_cls: the label count (1 for regression); qa: 2 (start, end); mc: 1 score per choice."""
+        """The head's output count (`TaskData.num_labels`): cls/token_cls the label count (1 for regression), qa 2
+        (start, end), mc 1 score per choice."""
         self._require_setup()
-        if self.label_map is not None:
-            return self.label_map.num_labels
-        return {"qa": 2, "mc": 1}[self.task]
+        return self.data.num_labels(self.label_map)
 
     @property
     def label2id(self) -> dict[str, int] | None:
@@ -193,24 +136,20 @@ class TaskDataModule(L.LightningDataModule):
     def problem_type(self) -> str | None:
         """cls: "regression" or "single_label_classification" (what GPT2Config.problem_type takes); else None."""
         self._require_setup()
-        if self.task != "cls":
-            return None
-        return "regression" if self.label_map.regression else "single_label_classification"
+        return self.data.problem_type(self.label_map)
 
     @property
     def num_choices(self) -> int | None:
         self._require_setup()
-        return len(self.train_examples[0]["endings"]) if self.task == "mc" else None
+        return self.data.num_choices(self.train_examples)
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch keys the task's gpt2 head takes as forward arguments."""
-        return {k: batch[k] for k in MODEL_KEYS[self.task] if k in batch}
+        return self.data.model_inputs(batch)
 
     def qa_eval_data(self) -> tuple[list[dict], list[str], list[list[str]]]:
         """qa validation: (features with "offsets"/"example_index", contexts, gold answer texts) by index."""
         self._require_setup()
-        if self.task != "qa":
-            raise RuntimeError(f"qa_eval_data() is for task=qa, not {self.task}.")
         return (self.val_features, [e["context"] for e in self.val_examples],
                 [e["answers"]["text"] for e in self.val_examples])
 
@@ -218,7 +157,7 @@ class TaskDataModule(L.LightningDataModule):
     @property
     def collator(self) -> TaskCollator:
         regression = bool(self.label_map and self.label_map.regression)
-        return TaskCollator(self.task, self.pad_token_id, regression)
+        return TaskCollator(self.data, self.pad_token_id, regression)
 
     def _loader(self, feats: list[dict], batch_sampler: Sampler[list[int]]) -> DataLoader:
         cfg = self.cfg

@@ -47,14 +47,9 @@ import re
 from pathlib import Path
 
 from data_pipelines.corpus import build_corpus, corpus_fingerprint
+from data_pipelines.tasks.base import task_data
 
 DEMO_VERSION = 6  # bump when a recipe above changes: invalidates cached demo files
-DEMO_SIZES = {  # (train, validation) examples: ~1 minute of CPU fine-tuning for the 4 x 128 tiny model
-    "cls": (2000, 400),
-    "token_cls": (1500, 300),
-    "qa": (1500, 250),
-    "mc": (1500, 300),
-}
 TRAIN_DOC_FRACTION = 0.85
 
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -111,7 +106,7 @@ def _take(rng: random.Random, items: list, n: int, task: str, split: str) -> lis
 
 
 # ------------------------------------------------------------------------------------------------ the four recipes
-def _cls(docs: list[list[str]], n: int, rng: random.Random, split: str) -> list[dict]:
+def cls_rows(docs: list[list[str]], n: int, rng: random.Random, split: str) -> list[dict]:
     cands = sorted({s for d in docs for p in d for s in _sentences(p) if 8 <= len(s.split()) <= 30})
     out = []
     for s in _take(rng, cands, n, "cls", split):
@@ -152,7 +147,7 @@ def bio_tags(words: list[str]) -> list[str]:
     return tags
 
 
-def _token_cls(docs: list[list[str]], n: int, rng: random.Random, split: str) -> list[dict]:
+def token_cls_rows(docs: list[list[str]], n: int, rng: random.Random, split: str) -> list[dict]:
     cands = []
     for s in sorted({s for d in docs for p in d for s in _sentences(p)}):
         words = s.split()
@@ -200,7 +195,7 @@ def _answer_text(span: str) -> str:
 QA_QUESTIONS = {"CODE": "Which Python name does the text mention?", "NUM": "Which number does the text mention?"}
 
 
-def _qa(docs: list[list[str]], n: int, rng: random.Random, split: str) -> list[dict]:
+def qa_rows(docs: list[list[str]], n: int, rng: random.Random, split: str) -> list[dict]:
     cands = []  # (context, kind, answer, answer_start): one per (paragraph, answer)
     for d in docs:
         for p in d:
@@ -233,7 +228,7 @@ def _qa(docs: list[list[str]], n: int, rng: random.Random, split: str) -> list[d
             for i, (ctx, kind, answer, a_start) in enumerate(cands)]
 
 
-def _mc(docs: list[list[str]], n: int, rng: random.Random, split: str, choices: int = 4) -> list[dict]:
+def mc_rows(docs: list[list[str]], n: int, rng: random.Random, split: str, choices: int = 4) -> list[dict]:
     pairs = []  # (doc index, sentence, next sentence)
     pool = []  # (doc index, sentence): distractors
     for di, d in enumerate(docs):
@@ -254,38 +249,36 @@ def _mc(docs: list[list[str]], n: int, rng: random.Random, split: str, choices: 
     return out
 
 
-RECIPES = {"cls": _cls, "token_cls": _token_cls, "qa": _qa, "mc": _mc}
-
-
-def build_demo(task: str, seed: int = 1337, train_size: int | None = None,
+def build_demo(task, seed: int = 1337, train_size: int | None = None,
                val_size: int | None = None) -> dict[str, list[dict]]:
-    """The demo examples of `task` in memory: {"train": [...], "validation": [...]} (deterministic in `seed`)."""
-    if task not in RECIPES:
-        raise ValueError(f"no demo dataset for task {task!r}; demos exist for {', '.join(RECIPES)}.")
-    n_train, n_val = DEMO_SIZES[task]
-    n_train, n_val = train_size or n_train, val_size or n_val
+    """The demo examples of `task` (a built-in task's name or a `TaskData`) in memory: {"train": [...],
+    "validation": [...]} by its recipe (`TaskData.demo_examples`), deterministic in `seed`."""
+    data = task_data(task)
+    n_train, n_val = train_size or data.demo_sizes[0], val_size or data.demo_sizes[1]
     train_docs, val_docs = _doc_split(seed)
-    recipe = RECIPES[task]
     # separate generators per split: the validation set does not change when the training size does
     return {
-        "train": recipe(train_docs, n_train, random.Random(f"{seed}-{task}-train"), "train"),
-        "validation": recipe(val_docs, n_val, random.Random(f"{seed}-{task}-validation"), "validation"),
+        "train": data.demo_examples(train_docs, n_train, random.Random(f"{seed}-{data.name}-train"), "train"),
+        "validation": data.demo_examples(val_docs, n_val, random.Random(f"{seed}-{data.name}-validation"),
+                                         "validation"),
     }
 
 
-def demo_files(task: str, cache_root: Path, seed: int = 1337, train_size: int | None = None,
+def demo_files(task, cache_root: Path, seed: int = 1337, train_size: int | None = None,
                val_size: int | None = None) -> tuple[Path, Path]:
-    """Build (once) and cache the demo jsonl files; -> (train.jsonl, validation.jsonl)."""
+    """Build (once) and cache the demo jsonl files of `task` (a name or a `TaskData`); -> (train.jsonl,
+    validation.jsonl)."""
     from data_pipelines.tokenizing import atomic_dir, publish_dir
 
-    sizes = (train_size or DEMO_SIZES.get(task, (0, 0))[0], val_size or DEMO_SIZES.get(task, (0, 0))[1])
+    data = task_data(task)
+    task = data.name
+    sizes = (train_size or data.demo_sizes[0], val_size or data.demo_sizes[1])
     ident = {"version": DEMO_VERSION, "task": task, "seed": seed, "sizes": sizes, "corpus": corpus_fingerprint()}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     out = Path(cache_root) / "task_demo" / f"{task}-{key}"
     if not (out / "validation.jsonl").exists():
-        data = build_demo(task, seed, *sizes)
         tmp = atomic_dir(out)
-        for split, rows in data.items():
+        for split, rows in build_demo(data, seed, *sizes).items():
             with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
                 for r in rows:
                     f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")

@@ -220,3 +220,18 @@ def build_label_map(values: list, cfg: TaskDataConfig, names: Optional[list[str]
         )
     n = cfg.num_labels if cfg.num_labels is not None else ints[-1] + 1
     return LabelMap([str(i) for i in range(n)])
+
+
+def pad(seqs: list[list[int]], value: int, length: int) -> list[list[int]]:
+    """Each sequence right-padded with `value` to `length`."""
+    return [s + [value] * (length - len(s)) for s in seqs]
+
+
+def padded_ids(feats: list[dict], pad_token_id: int) -> dict:
+    """input_ids and attention_mask (B, T) of single-sequence features, right-padded to the longest."""
+    import torch
+
+    T = max(len(f["input_ids"]) for f in feats)
+    ids = [f["input_ids"] for f in feats]
+    return {"input_ids": torch.tensor(pad(ids, pad_token_id, T)),  # (B, T)
+            "attention_mask": torch.tensor(pad([[1] * len(s) for s in ids], 0, T))}  # (B, T)

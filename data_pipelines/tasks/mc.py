@@ -17,7 +17,9 @@ from __future__ import annotations
 import re
 
 from data_pipelines.tasks.config import TaskDataConfig
-from data_pipelines.tasks.loading import RawSplit, as_list, resolve_column
+from data_pipelines.tasks.base import TaskData
+from data_pipelines.tasks.demo import mc_rows
+from data_pipelines.tasks.loading import RawSplit, as_list, pad, resolve_column
 from data_pipelines.tasks.token_cls import IGNORE_INDEX
 
 _ENDING_COL = re.compile(r"ending(\d+)")
@@ -25,8 +27,8 @@ _ENDING_COL = re.compile(r"ending(\d+)")
 
 def read_examples(raw: RawSplit, cfg: TaskDataConfig) -> list[dict]:
     """Rows -> [{"context": str, "endings": list[str], "label": int}]."""
-    cand = cfg.column_candidates("mc")
-    explicit = cfg.explicit_columns("mc")
+    cand = DATA.column_candidates(cfg)
+    explicit = DATA.explicit_columns(cfg)
     c_col = resolve_column(raw, "context", cand["context"], config_key="context_column")
     suffix_cand = cand["context_suffix"] or (("sent2",) if c_col == "sent1" else ())  # SWAG: sent1 + " " + sent2
     s_col = resolve_column(raw, "context suffix", suffix_cand, required="context_suffix" in explicit,
@@ -109,3 +111,56 @@ def encode(examples: list[dict], tokenizer, cfg: TaskDataConfig) -> list[dict]:
         out.append({"input_ids": seqs, "mc_token_ids": cls_idx,
                     "labels": lm if cfg.mc_lm_labels != "none" else None, "mc_labels": e["label"]})
     return out
+
+
+class McData(TaskData):
+    """mc: context + C endings -> the right one; batches input_ids, attention_mask, labels (B, C, T) (labels absent
+    with mc_lm_labels=none), mc_token_ids (B, C), mc_labels (B,)."""
+
+    name = "mc"
+    columns = {"context": ("context", "startphrase", "sent1"), "context_suffix": (), "endings": ("endings",),
+               "label": ("label",)}
+    column_fields = {"context_column": "context", "context_suffix_column": "context_suffix",
+                     "endings_column": "endings", "label_column": "label"}
+    model_keys = ("input_ids", "attention_mask", "mc_token_ids", "labels", "mc_labels")
+    demo_sizes = (1500, 300)  # (train, validation): ~1 minute of CPU fine-tuning for the tiny model
+
+    def read_examples(self, raw, cfg):
+        return read_examples(raw, cfg)
+
+    def check_splits(self, train, val) -> None:
+        n_train, n_val = len(train[0]["endings"]), len(val[0]["endings"])
+        if n_train != n_val:
+            raise ValueError(
+                f"training examples have {n_train} choices but validation examples {n_val}; set data.num_choices "
+                f"or fix the data so both splits have the same number of endings."
+            )
+
+    def encode(self, examples, tokenizer, cfg, labels, where, validation):
+        return encode(examples, tokenizer, cfg)
+
+    def collate(self, feats, pad_token_id, regression):
+        import torch
+
+        T = max(len(s) for f in feats for s in f["input_ids"])
+        out = {
+            "input_ids": torch.tensor([pad(f["input_ids"], pad_token_id, T) for f in feats]),  # (B, C, T)
+            "attention_mask": torch.tensor([pad([[1] * len(s) for s in f["input_ids"]], 0, T) for f in feats]),
+            "mc_token_ids": torch.tensor([f["mc_token_ids"] for f in feats]),  # (B, C)
+            "mc_labels": torch.tensor([f["mc_labels"] for f in feats]),  # (B,)
+        }
+        if feats[0]["labels"] is not None:
+            out["labels"] = torch.tensor([pad(f["labels"], IGNORE_INDEX, T) for f in feats])  # (B, C, T)
+        return out
+
+    def num_labels(self, label_map) -> int:
+        return 1  # one score per choice
+
+    def num_choices(self, examples):
+        return len(examples[0]["endings"])
+
+    def demo_examples(self, docs, n, rng, split):
+        return mc_rows(docs, n, rng, split)
+
+
+DATA = McData()

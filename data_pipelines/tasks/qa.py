@@ -19,7 +19,9 @@ so post-processing (train/tasks/qa.py `postprocess_qa`) only ever picks context 
 from __future__ import annotations
 
 from data_pipelines.tasks.config import TaskDataConfig
-from data_pipelines.tasks.loading import RawSplit, resolve_column
+from data_pipelines.tasks.base import TaskData
+from data_pipelines.tasks.demo import qa_rows
+from data_pipelines.tasks.loading import RawSplit, padded_ids, resolve_column
 
 
 def _answers(value, where: str) -> tuple[list[str], list[int]]:
@@ -43,8 +45,8 @@ def _answers(value, where: str) -> tuple[list[str], list[int]]:
 def read_examples(raw: RawSplit, cfg: TaskDataConfig) -> list[dict]:
     """Rows -> [{"id", "question", "context", "answers": {"text": [...], "answer_start": [...]}}], every answer
     checked against its context (a mismatch names the example)."""
-    cand = cfg.column_candidates("qa")
-    explicit = cfg.explicit_columns("qa")
+    cand = DATA.column_candidates(cfg)
+    explicit = DATA.explicit_columns(cfg)
     q_col = resolve_column(raw, "question", cand["question"], config_key="question_column")
     c_col = resolve_column(raw, "context", cand["context"], config_key="context_column")
     id_col = resolve_column(raw, "id", cand["id"], required="id" in explicit, config_key="id_column")
@@ -147,3 +149,55 @@ def encode(examples: list[dict], tokenizer, cfg: TaskDataConfig, keep_offsets: b
                 f["offsets"] = [None] * first + offsets[ws:we]
             features.append(f)
     return features
+
+
+class QaData(TaskData):
+    """qa: question + context -> the answer span; batches input_ids, attention_mask (B, T), start_positions,
+    end_positions, example_index, feature_index (B,); validation features keep each window's offsets."""
+
+    name = "qa"
+    columns = {"id": ("id",), "question": ("question",), "context": ("context",), "answers": ("answers",),
+               "answer_text": ("answer_text",), "answer_start": ("answer_start",)}
+    column_fields = {"id_column": "id", "question_column": "question", "context_column": "context",
+                     "answers_column": "answers", "answer_text_column": "answer_text",
+                     "answer_start_column": "answer_start"}
+    model_keys = ("input_ids", "attention_mask", "start_positions", "end_positions")
+    demo_sizes = (1500, 250)  # (train, validation): ~1 minute of CPU fine-tuning for the tiny model
+
+    def check_config(self, cfg) -> None:
+        """A window holds the question, a separator and at least a few context tokens, and consecutive windows
+        overlap by less than a window."""
+        if not 1 <= cfg.max_question_length <= cfg.max_length - 4:
+            raise ValueError(
+                f"data.max_question_length={cfg.max_question_length} leaves no room for context in "
+                f"data.max_length={cfg.max_length}; use 1 .. {cfg.max_length - 4}."
+            )
+        budget = cfg.max_length - cfg.max_question_length - 1
+        if cfg.doc_stride >= budget:
+            raise ValueError(
+                f"data.doc_stride={cfg.doc_stride} must be smaller than the context tokens per window "
+                f"({budget} = max_length - max_question_length - 1); lower doc_stride or raise max_length."
+            )
+
+    def read_examples(self, raw, cfg):
+        return read_examples(raw, cfg)
+
+    def encode(self, examples, tokenizer, cfg, labels, where, validation):
+        return encode(examples, tokenizer, cfg, keep_offsets=validation)
+
+    def collate(self, feats, pad_token_id, regression):
+        import torch
+
+        out = padded_ids(feats, pad_token_id)
+        for k in ("start_positions", "end_positions", "example_index", "feature_index"):
+            out[k] = torch.tensor([f[k] for f in feats])  # (B,)
+        return out
+
+    def num_labels(self, label_map) -> int:
+        return 2  # a start and an end logit per position
+
+    def demo_examples(self, docs, n, rng, split):
+        return qa_rows(docs, n, rng, split)
+
+
+DATA = QaData()

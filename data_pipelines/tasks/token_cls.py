@@ -12,13 +12,24 @@ run_ner.py (`label_all_tokens=False`), so the loss and the metrics count each wo
 from __future__ import annotations
 
 from data_pipelines.tasks.config import TaskDataConfig
-from data_pipelines.tasks.loading import LabelMap, RawSplit, as_list, build_label_map, class_names, resolve_column
+from data_pipelines.tasks.base import TaskData
+from data_pipelines.tasks.demo import token_cls_rows
+from data_pipelines.tasks.loading import (
+    LabelMap,
+    RawSplit,
+    as_list,
+    build_label_map,
+    class_names,
+    pad,
+    padded_ids,
+    resolve_column,
+)
 
 IGNORE_INDEX = -100  # torch cross_entropy's ignore_index
 
 
 def _columns(raw: RawSplit, cfg: TaskDataConfig) -> tuple[str, str]:
-    cand = cfg.column_candidates("token_cls")
+    cand = DATA.column_candidates(cfg)
     return (resolve_column(raw, "tokens", cand["tokens"], config_key="tokens_column"),
             resolve_column(raw, "tags", cand["tags"], config_key="tags_column"))
 
@@ -63,3 +74,36 @@ def encode(examples: list[dict], tokenizer, cfg: TaskDataConfig, labels: LabelMa
             lab += [tag_id] + [IGNORE_INDEX] * (len(p) - 1)
         out.append({"input_ids": ids[: cfg.max_length], "labels": lab[: cfg.max_length]})
     return out
+
+
+class TokenClsData(TaskData):
+    """token_cls: words -> one tag each; batches input_ids, attention_mask, labels (B, T) (-100 off first sub-tokens
+    and on padding)."""
+
+    name = "token_cls"
+    columns = {"tokens": ("tokens",), "tags": ("tags", "ner_tags")}
+    column_fields = {"tokens_column": "tokens", "tags_column": "tags"}
+    model_keys = ("input_ids", "attention_mask", "labels")
+    demo_sizes = (1500, 300)  # (train, validation): ~1 minute of CPU fine-tuning for the tiny model
+
+    def read_examples(self, raw, cfg):
+        return read_examples(raw, cfg)
+
+    def label_map(self, train, raw, cfg):
+        return label_map(train, raw, cfg)
+
+    def encode(self, examples, tokenizer, cfg, labels, where, validation):
+        return encode(examples, tokenizer, cfg, labels, where)
+
+    def collate(self, feats, pad_token_id, regression):
+        import torch
+
+        out = padded_ids(feats, pad_token_id)
+        out["labels"] = torch.tensor(pad([f["labels"] for f in feats], IGNORE_INDEX, out["input_ids"].size(1)))
+        return out
+
+    def demo_examples(self, docs, n, rng, split):
+        return token_cls_rows(docs, n, rng, split)
+
+
+DATA = TokenClsData()

@@ -76,7 +76,7 @@ class Task:
 # ------------------------------------------------------------------------------------------------ fine-tuning
 class TaskModule(GPT2LitModule):
     """GPT2LitModule for a fine-tuning head: the forward takes the batch keys the head accepts
-    (data_pipelines.tasks.MODEL_KEYS), and validation keeps what each task scores of every batch (`keep`, on the
+    (its TaskData's model_keys), and validation keeps what each task scores of every batch (`keep`, on the
     CPU) to score the WHOLE validation set at its end (`score`): qa's post-processing needs every window of an
     example. Every rank scores the whole set (TaskDataModule's validation loader is not sharded).
     """
@@ -118,6 +118,14 @@ class FineTuneTask(Task):
     full_validation = True
     module_class: type[TaskModule] = TaskModule
     data_task: Optional[str] = None  # the data_pipelines task whose data it trains on; None: its own name
+    data: Any = None  # its own data_pipelines.tasks.TaskData (a task defined outside); None: the built-in one
+
+    def task_data(self):
+        """The data side of this task (data_pipelines.tasks.TaskData): `data`, else the built-in one named
+        `data_task` or the task's own name."""
+        from data_pipelines.tasks import task_data
+
+        return self.data if self.data is not None else task_data(self.data_task or self.name)
 
     def micro_batch_size(self, data_cfg, task_cfg) -> int:
         """A fine-tuning task's loader batch is task.data.batch_size (the `data` group is the LM corpus)."""
@@ -145,7 +153,7 @@ class FineTuneTask(Task):
     def datamodule(self, data_cfg, task_cfg, tokenizer):
         from data_pipelines.tasks import TaskDataModule
 
-        return TaskDataModule(self.data_task or self.name, task_cfg.data, tokenizer)
+        return TaskDataModule(self.task_data(), task_cfg.data, tokenizer)
 
     def head_config(self, dm) -> dict[str, Any]:
         """The GPT2Config fields of the head, from the data; GPT-2 has no pad token: fine-tuning pads with eos."""
@@ -178,9 +186,7 @@ class FineTuneTask(Task):
         return "task.data.max_length", task_cfg.data.max_length
 
     def module(self, model: nn.Module, dm, task_cfg, trainer_cfg, optim_cfg, meta: dict) -> TaskModule:
-        from data_pipelines.tasks import MODEL_KEYS
-
-        return self.module_class(model, model_keys=MODEL_KEYS[self.data_task or self.name],
+        return self.module_class(model, model_keys=self.task_data().model_keys,
                                  **self.module_options(model, dm, task_cfg),
                                  **self.module_args(trainer_cfg, optim_cfg, meta))
 
