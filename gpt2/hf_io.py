@@ -89,6 +89,7 @@ def _fill(template: str, i: str | None) -> str:
 
 
 _HF_TO_OURS_TRUNK = {v: k for k, v in TRUNK_KEY_MAP.items()}
+_OUR_HEAD_MODULES = {key.split(".")[0] for key in HEAD_KEY_MAP}  # lm_head, score, classifier, ...
 _HF_TO_OURS_HEAD = {v: k for k, v in HEAD_KEY_MAP.items()}
 
 
@@ -110,6 +111,10 @@ def hf_key(key: str, with_trunk_prefix: bool) -> tuple[str, bool]:
             return prefix + _fill(TRUNK_KEY_MAP[template], i), template in CONV1D_TRANSPOSED
     if key in HEAD_KEY_MAP and with_trunk_prefix:
         return HEAD_KEY_MAP[key], False
+    if with_trunk_prefix and not key.startswith(prefix) and key.split(".")[0] not in _OUR_HEAD_MODULES:
+        # a head of the model's own (a user's subclass of GPT2PreTrainedModel, not one of transformers' GPT-2
+        # heads): no transformers class reads it, so it keeps its name in both formats (from_hf_state_dict)
+        return key, False
     raise KeyError(f"no HF name for parameter {key!r}; add it to the key maps in gpt2/hf_io.py.")
 
 
@@ -151,6 +156,9 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor], with_trunk_prefix: bool):
 def from_hf_state_dict(model, sd: dict[str, torch.Tensor], strict: bool = False):
     """Load an HF-named state dict into `model` (copying into its tensors). Returns (missing, unexpected) keys."""
     ours, unexpected = convert_hf_state_dict(sd, _has_trunk_prefix(model))
+    own = dict(model.named_parameters())  # a head of the model's own keeps its name in the HF file (hf_key)
+    ours.update({k: sd[k] for k in unexpected if k in own and k.split(".")[0] not in _OUR_HEAD_MODULES})
+    unexpected = [k for k in unexpected if k not in ours]
     _check_shapes(model, ours)
     res = model.load_state_dict(ours, strict=False)
     missing = [k for k in res.missing_keys if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]

@@ -106,6 +106,9 @@ class TaskConfig:
     """
 
     name: str = "lm"
+    # a task defined outside train/tasks/: the importable module (on PYTHONPATH) whose TASK it is; null -> the
+    # module train/tasks/<name>.py
+    module: Optional[str] = None
     data: TaskDataConfig = field(default_factory=TaskDataConfig)  # unused by task=lm
     lm_coef: float = 0.5  # mc: loss = lm_coef * LM loss + multiple-choice loss (HF run_openai_gpt.py: lm_coef 0.9)
     # the validation metric that picks checkpoints/best and the export; null -> the task's default
@@ -115,7 +118,11 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         names = task_names()
-        _check(self.name in names, f"task.name={self.name!r} is not available; use one of {', '.join(names)}.")
+        _check(
+            self.name in names or self.module is not None,
+            f"task.name={self.name!r} is not available; use one of {', '.join(names)}, or name the module of a task "
+            f"of your own with task.module=<module>.",
+        )
         _check(self.lm_coef >= 0, f"task.lm_coef={self.lm_coef} must be >= 0.")
         _check(
             self.monitor_mode is None or self.monitor_mode in MONITOR_MODES,

@@ -116,7 +116,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     from train.tasks import get_task
     from train.trainer import build_trainer
 
-    task, tcfg, run_dir = get_task(cfg.task.name), cfg.trainer, checked.run_dir
+    task, tcfg, run_dir = get_task(cfg.task.name, cfg.task.module), cfg.trainer, checked.run_dir
 
     # -- the tokenizer (a fine-tune keeps model.init_from's: its ids index that embedding table), then config.yaml
     if checked.tokenizer:
