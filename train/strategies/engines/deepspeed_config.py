@@ -97,7 +97,7 @@ def _check_arguments(stage, offload, micro_batch_size, accumulate_grad_batches, 
     """`deepspeed_config`'s argument checks (ValueError naming the argument); returns the precision mode
     ("32", "fp16" or "bf16")."""
     if stage not in (1, 2, 3):
-        hint = " (stage 0 is plain data parallelism, DDP)" if stage == 0 else ""
+        hint = " (stage 0 is plain data parallelism: use strategy=ddp)" if stage == 0 else ""
         raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}{hint}.")
     if not isinstance(offload, bool):
         raise ValueError(f"offload must be true or false, got {offload!r}.")
