@@ -9,13 +9,15 @@ together with mask=None and Tq == Tk) asks for the plain causal pattern, which f
 `upcast` is the Mistral `reorder_and_upcast_attn` flag: QK^T (scale folded into the matmul) and softmax in fp32
 even under autocast, then cast back to v's dtype.
 
-Backends own no parameters, so any checkpoint runs on any backend (torchtitan-style registry).
+Backends own no parameters, so any checkpoint runs on any backend (torchtitan-style registry). The registry is the
+one place where backend names are spelled: the config validates `attn_implementation` against its keys, and each
+entry carries the facts other code needs about its backend (see `AttentionBackend`).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -118,8 +120,29 @@ def flash_attention(q, k, v, *, mask=None, is_causal=False, scale, dropout_p=0.0
     return y, None
 
 
-ATTENTION_BACKENDS: dict[str, Callable] = {
-    "eager": eager_attention,
-    "sdpa": sdpa_attention,
-    "flash": flash_attention,
+class AttentionBackend(NamedTuple):
+    """One registry entry: the backend function and what callers need to know about it without running it."""
+
+    fn: Callable  # (q, k, v, *, mask, is_causal, scale, dropout_p, upcast) -> (out, weights or None)
+    needs_cuda: bool  # runs only on a CUDA GPU (raises elsewhere)
+    materializes_scores: bool  # holds the (B, nh, Tq, Tk) probabilities in memory: O(T^2) activations per layer
+    returns_weights: bool  # returns those probabilities (transformers' output_attentions) instead of None
+
+    def __call__(self, q, k, v, **kwargs):
+        return self.fn(q, k, v, **kwargs)
+
+
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
+    "eager": AttentionBackend(eager_attention, needs_cuda=False, materializes_scores=True, returns_weights=True),
+    "sdpa": AttentionBackend(sdpa_attention, needs_cuda=False, materializes_scores=False, returns_weights=False),
+    "flash": AttentionBackend(flash_attention, needs_cuda=True, materializes_scores=False, returns_weights=False),
 }
+
+
+def attention_backend(name: str, need_weights: bool = False) -> AttentionBackend:
+    """The backend `name`, or, when the caller needs the attention probabilities and it does not return them, the
+    first one that does: transformers, too, answers output_attentions=True with its eager path."""
+    backend = ATTENTION_BACKENDS[name]
+    if need_weights and not backend.returns_weights:
+        backend = next(b for b in ATTENTION_BACKENDS.values() if b.returns_weights)
+    return backend

@@ -12,16 +12,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .activations import ACT2FN
+from .attention import ATTENTION_BACKENDS
 from .hub import resolve_model_dir
 
-# Activation names a GPT-2 config may carry; the same keys as transformers' ACT2FN (activations.py).
-# The functions themselves live in modeling.py; the names are here so the config can be validated without torch work.
-ACTIVATION_NAMES = (
-    "gelu", "gelu_10", "gelu_fast", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "gelu_python_tanh",
-    "gelu_accurate", "hardswish", "laplace", "leaky_relu", "linear", "mish", "quick_gelu", "relu", "relu2",
-    "relu6", "sigmoid", "silu", "swish", "tanh", "sqrtsoftplus",
-)
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash")
+# The names are the keys of the tables that hold the functions (gpt2/activations.py, gpt2/attention.py), so a name
+# the config accepts always has a function behind it.
+ACTIVATION_NAMES = tuple(ACT2FN)
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 SUMMARY_TYPES = ("last", "first", "mean", "cls_index")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -81,7 +78,7 @@ class GPT2Config:
     architectures: list[str] | None = None
     dtype: str | None = None  # the dtype the weights were saved in ("float32", "bfloat16", ...)
     # --- ours ---
-    attn_implementation: str = "sdpa"  # "eager" | "sdpa" | "flash": a runtime choice, not written to config.json
+    attn_implementation: str = "sdpa"  # a key of gpt2.ATTENTION_BACKENDS: a runtime choice, not in config.json
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -103,8 +100,8 @@ class GPT2Config:
         need(self.classifier_dropout is None or 0.0 <= self.classifier_dropout < 1.0,
              f"classifier_dropout must be None or in [0, 1), got {self.classifier_dropout!r}.")
         need(self.layer_norm_epsilon > 0, f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}.")
-        need(self.attn_implementation in ATTN_IMPLEMENTATIONS,
-             f"unknown attn_implementation {self.attn_implementation!r}; choose one of {', '.join(ATTN_IMPLEMENTATIONS)}.")
+        need(self.attn_implementation in ATTENTION_BACKENDS,
+             f"unknown attn_implementation {self.attn_implementation!r}; choose one of {', '.join(ATTENTION_BACKENDS)}.")
         need(self.summary_type in SUMMARY_TYPES,
              f"unknown summary_type {self.summary_type!r}; choose one of {', '.join(SUMMARY_TYPES)}.")
         need(self.problem_type in PROBLEM_TYPES,
@@ -214,4 +211,4 @@ class GPT2Config:
         return cls.from_dict(d, **overrides)
 
 
-__all__ = ["GPT2Config", "PRESETS", "ACTIVATION_NAMES", "ATTN_IMPLEMENTATIONS"]
+__all__ = ["GPT2Config", "PRESETS", "ACTIVATION_NAMES"]
