@@ -96,8 +96,9 @@ def flash_attention(q, k, v, *, mask=None, is_causal=False, scale, dropout_p=0.0
     """FlashAttention: the flash-attn package when importable, else SDPA restricted to its flash kernel."""
     if q.device.type != "cuda" or not flash_available():
         raise RuntimeError(
-            f"attn_implementation='flash' needs a CUDA GPU with FlashAttention (the flash-attn package or a torch build "
-            f"with the SDPA flash kernel); this tensor is on {q.device.type}. Use attn_implementation='sdpa' instead.")
+            f"attn_implementation='flash' needs a CUDA GPU with FlashAttention (the flash-attn package or a torch "
+            f"build with the SDPA flash kernel); this tensor is on {q.device.type}. Use attn_implementation='sdpa' "
+            f"instead.")
     if _needs_upcast_fallback(q, upcast):
         _warn_once("flash-upcast", "reorder_and_upcast_attn=True: FlashAttention cannot compute QK^T in fp32, so these "
                    "calls use the eager upcast path (slower, exact).")

@@ -57,7 +57,8 @@ class CausalLMOutput(ModelOutput):
     past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-    cross_attentions: tuple | None = None  # () with output_attentions, as transformers' CausalLMOutputWithCrossAttentions
+    # () with output_attentions, as transformers' CausalLMOutputWithCrossAttentions
+    cross_attentions: tuple | None = None
 
 
 @dataclass
@@ -376,7 +377,8 @@ class PreTrainedAPI:
         """
         old = self.get_input_embeddings()
         if pad_to_multiple_of is not None:
-            if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+            if (isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int)
+                    or pad_to_multiple_of < 1):
                 raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
             if new_num_tokens is None:
                 new_num_tokens = old.weight.shape[0]

@@ -89,7 +89,8 @@ class GPT2Config:
             v = getattr(self, name)
             need(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}.")
         need(self.n_embd % self.n_head == 0,
-             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); pick n_head from the divisors of n_embd.")
+             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); pick n_head from the divisors of "
+             f"n_embd.")
         need(self.n_inner is None or (isinstance(self.n_inner, int) and self.n_inner > 0),
              f"n_inner must be None (= 4*n_embd) or a positive integer, got {self.n_inner!r}.")
         need(self.activation_function in ACTIVATION_NAMES,
@@ -101,7 +102,8 @@ class GPT2Config:
              f"classifier_dropout must be None or in [0, 1), got {self.classifier_dropout!r}.")
         need(self.layer_norm_epsilon > 0, f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}.")
         need(self.attn_implementation in ATTENTION_BACKENDS,
-             f"unknown attn_implementation {self.attn_implementation!r}; choose one of {', '.join(ATTENTION_BACKENDS)}.")
+             f"unknown attn_implementation {self.attn_implementation!r}; choose one of "
+             f"{', '.join(ATTENTION_BACKENDS)}.")
         need(self.summary_type in SUMMARY_TYPES,
              f"unknown summary_type {self.summary_type!r}; choose one of {', '.join(SUMMARY_TYPES)}.")
         need(self.problem_type in PROBLEM_TYPES,
@@ -118,7 +120,8 @@ class GPT2Config:
             self.id2label = {int(k): v for k, v in self.id2label.items()}  # JSON keys are strings
             if len(self.id2label) != self.num_labels:
                 need(self.num_labels == 2,  # 2 is the default: the caller did not ask for another count
-                     f"num_labels={self.num_labels} disagrees with id2label ({len(self.id2label)} labels); pass one of them.")
+                     f"num_labels={self.num_labels} disagrees with id2label ({len(self.id2label)} labels); pass one "
+                     f"of them.")
                 self.num_labels = len(self.id2label)
         need(isinstance(self.num_labels, int) and self.num_labels >= 0,
              f"num_labels must be an integer >= 0, got {self.num_labels!r}.")

@@ -156,7 +156,8 @@ def from_hf_state_dict(model, sd: dict[str, torch.Tensor], strict: bool = False)
     res = model.load_state_dict(ours, strict=False)
     missing = [k for k in res.missing_keys if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
     if strict and (missing or unexpected):
-        raise ValueError(f"state dict does not match {type(model).__name__}: missing {missing}, unexpected {unexpected}.")
+        raise ValueError(f"state dict does not match {type(model).__name__}: missing {missing}, unexpected "
+                         f"{unexpected}.")
     model.tie_weights()
     return missing, unexpected
 
@@ -187,7 +188,8 @@ def weight_files(folder: str) -> list[str]:
         files = sorted(set(weight_map.values()))
         missing = [p for p in files if not os.path.isfile(os.path.join(folder, p))]
         if missing:
-            raise FileNotFoundError(f"{index} lists shards that are not in the folder: {missing}; the copy is incomplete.")
+            raise FileNotFoundError(f"{index} lists shards that are not in the folder: {missing}; the copy is "
+                                    f"incomplete.")
         return [os.path.join(folder, p) for p in files]
     if any(os.path.isfile(os.path.join(folder, n)) for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         raise ValueError(f"{folder} has only pickle weights (pytorch_model.bin), which gpt2-forge never loads (pickle "
@@ -294,7 +296,8 @@ def load_pretrained(cls, path, dtype="auto", config: GPT2Config | None = None, s
     skipped = [k for k in unexpected if not k.startswith(("lm_head.", "score.", "classifier.", "qa_outputs.",
                                                            "multiple_choice_head."))]
     if skipped:
-        warnings.warn(f"{cls.__name__}: ignored {len(skipped)} unknown tensors in {path!s}: {skipped[:5]}", stacklevel=3)
+        warnings.warn(f"{cls.__name__}: ignored {len(skipped)} unknown tensors in {path!s}: {skipped[:5]}",
+                      stacklevel=3)
     return model.eval()  # like transformers: loaded models start in eval mode (dropout off)
 
 
