@@ -1,9 +1,9 @@
 """GPT-2 in plain PyTorch: attention -> MLP -> block -> trunk (GPT2Model) -> LM head -> the other heads -> FLOPs.
 
-Each model has a core forward (`core_forward`) that takes what training needs — token ids, a padding mask, labels,
-a KV cache — and reads top to bottom like nanoGPT's model.py. The transformers surface of the classes (`forward` with
-transformers' keyword arguments and output classes, `return_dict`, from_pretrained, resize_token_embeddings, ...)
-is mixed in from gpt2/compat.py and calls the core. Parameter names equal transformers' GPT-2 names, except that the
+The trunk and the LM head have a core forward (`core_forward`) that takes what training needs — token ids, a padding
+mask, labels, a KV cache — and reads top to bottom like nanoGPT's model.py. The transformers surface of the classes
+(`forward` with transformers' keyword arguments and output classes, `return_dict`, resize_token_embeddings, ...) is
+mixed in from gpt2/compat.py and calls the core; from_pretrained / save_pretrained come from gpt2/hf_io.py. Parameter names equal transformers' GPT-2 names, except that the
 four projections are nn.Linear (out, in) instead of HF's Conv1D (in, out); gpt2/hf_io.py transposes them on load/save.
 References: GPT-2 paper (Radford et al. 2019), nanoGPT model.py, transformers models/gpt2/modeling_gpt2.py (5.24).
 """
@@ -178,10 +178,12 @@ class GPT2Model(compat.GPT2ModelForward, GPT2PreTrainedModel):
         Raises ValueError when past + T exceeds n_positions or the mask does not cover past + T.
         """
         if input_ids is None:
-            x = inputs_embeds
+            x = inputs_embeds  # (B, T, C)
+        elif sparse_grad:  # the gradient as B*T rows of the table instead of a dense (V, C) tensor
+            x = F.embedding(input_ids, self.wte.weight, sparse=True)  # (B, T, C)
         else:
-            x = F.embedding(input_ids, self.wte.weight, sparse=True) if sparse_grad else self.wte(input_ids)
-        B, T = x.shape[:2]
+            x = self.wte(input_ids)  # (B, T, C)
+        T = x.size(1)
         past_len = cache.length if cache is not None else 0
         if past_len + T > self.config.n_positions:
             raise ValueError(f"sequence of length {past_len + T} exceeds n_positions={self.config.n_positions}; "
