@@ -1,5 +1,4 @@
-"""Attention backends: plain functions with one signature, in the registry `ATTENTION_BACKENDS` keyed by
-`config.attn_implementation` — the one place that names them; every other module reads the registry.
+"""Attention backends: plain functions with one signature, in a registry keyed by `config.attn_implementation`.
 
     out, weights = ATTENTION_BACKENDS[name](q, k, v, mask=..., is_causal=..., scale=..., dropout_p=..., upcast=...)
 
@@ -10,14 +9,15 @@ together with mask=None and Tq == Tk) asks for the plain causal pattern, which f
 `upcast` is the Mistral `reorder_and_upcast_attn` flag: QK^T (scale folded into the matmul) and softmax in fp32
 even under autocast, then cast back to v's dtype.
 
-Backends own no parameters, so any checkpoint runs on any backend (torchtitan-style registry).
+Backends own no parameters, so any checkpoint runs on any backend (torchtitan-style registry). The registry is the
+one place where backend names are spelled: the config validates `attn_implementation` against its keys, and each
+entry carries the facts other code needs about its backend (see `AttentionBackend`).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 # torch is imported inside the kernels, not here: the registry below (names and facts) is read by config validation
 # before torch is imported (a wrong option is refused in well under a second); a local import is a dict lookup.
@@ -107,16 +107,17 @@ def flash_attention(q, k, v, *, mask=None, is_causal=False, scale, dropout_p=0.0
 
     if q.device.type != "cuda" or not flash_available():
         raise RuntimeError(
-            f"FlashAttention needs a CUDA GPU with the flash-attn package or a torch build with the SDPA flash kernel; "
-            f"this tensor is on {q.device.type}. Use attn_implementation={DEFAULT_ATTENTION!r} instead.")
+            f"attn_implementation='flash' needs a CUDA GPU with FlashAttention (the flash-attn package or a torch "
+            f"build with the SDPA flash kernel); this tensor is on {q.device.type}. Use attn_implementation='sdpa' "
+            f"instead.")
     if _needs_upcast_fallback(q, upcast):
         _warn_once("flash-upcast", "reorder_and_upcast_attn=True: FlashAttention cannot compute QK^T in fp32, so these "
                    "calls use the eager upcast path (slower, exact).")
         return eager_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p, upcast=True)
     if mask is not None or q.dtype not in (torch.float16, torch.bfloat16):
         # Flash kernels take neither an arbitrary mask (padding, cache offsets) nor fp32 inputs.
-        _warn_once("flash-mask", "FlashAttention: calls with a padding/offset mask or fp32 inputs cannot use the flash "
-                   "kernel and run through generic SDPA instead.")
+        _warn_once("flash-mask", "attn_implementation='flash': calls with a padding/offset mask or fp32 inputs cannot "
+                   "use the flash kernel and run through generic SDPA instead.")
         return sdpa_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p, upcast=upcast)
     fa = _flash_attn_func()
     if fa is not None:
@@ -131,31 +132,30 @@ def flash_attention(q, k, v, *, mask=None, is_causal=False, scale, dropout_p=0.0
     return y, None
 
 
-@dataclass(frozen=True)
-class AttentionBackend:
-    """A registry entry: the kernel `fn` (the signature above; calling the entry calls it) and the facts the rest of
-    the stack needs without calling it.
+class AttentionBackend(NamedTuple):
+    """One registry entry: the backend function and what callers need to know about it without running it."""
 
-    needs_cuda: it runs on CUDA GPUs only (the training job refuses it up front on a machine without one).
-    returns_weights: it computes the attention probabilities, so `output_attentions=True` runs on it.
-    stores_probabilities: autograd keeps the (B, nh, T, T) probabilities for backward (launch/plan.py's memory
-        estimate); fused kernels recompute them instead (FlashAttention paper, Dao et al. 2022, §3.1).
-    """
+    fn: Callable  # (q, k, v, *, mask, is_causal, scale, dropout_p, upcast) -> (out, weights or None)
+    needs_cuda: bool  # runs only on a CUDA GPU (raises elsewhere)
+    materializes_scores: bool  # holds the (B, nh, Tq, Tk) probabilities in memory: O(T^2) activations per layer
+    returns_weights: bool  # returns those probabilities (transformers' output_attentions) instead of None
 
-    fn: Callable
-    needs_cuda: bool = False
-    returns_weights: bool = False
-    stores_probabilities: bool = False
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
+    def __call__(self, q, k, v, **kwargs):
+        return self.fn(q, k, v, **kwargs)
 
 
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
-    "eager": AttentionBackend(eager_attention, returns_weights=True, stores_probabilities=True),
-    "sdpa": AttentionBackend(sdpa_attention),
-    "flash": AttentionBackend(flash_attention, needs_cuda=True),
+    "eager": AttentionBackend(eager_attention, needs_cuda=False, materializes_scores=True, returns_weights=True),
+    "sdpa": AttentionBackend(sdpa_attention, needs_cuda=False, materializes_scores=False, returns_weights=False),
+    "flash": AttentionBackend(flash_attention, needs_cuda=True, materializes_scores=False, returns_weights=False),
 }
 DEFAULT_ATTENTION = "sdpa"  # torch's fused kernels where they apply, on every device
-# output_attentions=True switches a call to the backend that computes the probabilities (as transformers does)
-WEIGHTS_ATTENTION = next(name for name, backend in ATTENTION_BACKENDS.items() if backend.returns_weights)
+
+
+def attention_backend(name: str, need_weights: bool = False) -> AttentionBackend:
+    """The backend `name`, or, when the caller needs the attention probabilities and it does not return them, the
+    first one that does: transformers, too, answers output_attentions=True with its eager path."""
+    backend = ATTENTION_BACKENDS[name]
+    if need_weights and not backend.returns_weights:
+        backend = next(b for b in ATTENTION_BACKENDS.values() if b.returns_weights)
+    return backend

@@ -1,7 +1,11 @@
-"""The preallocated KV cache of generation (`StaticKVCache`).
+"""KV caches: the growing tuple cache of transformers' forward (`DynamicKVCache`) and generation's preallocated one
+(`StaticKVCache`).
 
-Its own module so that both the model (gpt2/modeling.py, which writes it inside attention) and the decode loop
-(gpt2/generation.py, which creates it) import it from below, and neither imports the other.
+Both have one interface, so attention never asks which it holds: `update(layer_idx, k, v)` stores the new keys/values
+and returns the layer's keys/values so far; `length` is the number of positions cached before this forward (a Python
+int), advanced by the trunk once every layer has written. Their own module so that the model (gpt2/modeling.py, which
+writes them inside attention), its transformers surface (gpt2/compat.py) and the decode loop (gpt2/generation.py) all
+import them from below.
 """
 
 from __future__ import annotations
@@ -10,6 +14,35 @@ import torch
 
 from .config import GPT2Config
 
+
+class DynamicKVCache:
+    """transformers' tuple cache behind the common interface: `past_key_values` = ((k, v), ...) per layer.
+
+    Each layer's past is concatenated with the new positions (torch.cat; O(T) copies per token, which is why
+    generate() uses StaticKVCache), and `to_tuple()` gives the ((k, v), ...) that the forward returns as
+    `past_key_values`. An empty past collects the keys/values of a first forward with use_cache=True.
+    """
+
+    def __init__(self, past: tuple | list = ()):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [tuple(kv) for kv in past]
+        self.length = self.layers[0][0].size(-2) if self.layers else 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's k, v (B, nh, T, hs) to layer `layer_idx`'s past; return (B, nh, T_past + T, hs) each."""
+        if layer_idx < len(self.layers):
+            past_k, past_v = self.layers[layer_idx]
+            k = torch.cat((past_k, k), dim=-2)  # (B, nh, T_past + T, hs)
+            v = torch.cat((past_v, v), dim=-2)
+            self.layers[layer_idx] = (k, v)
+        else:
+            self.layers.append((k, v))
+        return k, v
+
+    def to_tuple(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        return tuple(self.layers)
+
+    def get_seq_length(self) -> int:
+        return self.length
 
 
 class StaticKVCache:
@@ -57,4 +90,4 @@ class StaticKVCache:
         return self.length
 
 
-__all__ = ["StaticKVCache"]
+__all__ = ["DynamicKVCache", "StaticKVCache"]

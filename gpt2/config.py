@@ -12,17 +12,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .activations import ACT2FN
 from .attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION
 from .hub import resolve_model_dir
 
-# Activation names a GPT-2 config may carry; the same keys as transformers' ACT2FN (activations.py).
-# The functions themselves live in modeling.py; the names are here so the config can be validated without torch work.
-ACTIVATION_NAMES = (
-    "gelu", "gelu_10", "gelu_fast", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "gelu_python_tanh",
-    "gelu_accurate", "hardswish", "laplace", "leaky_relu", "linear", "mish", "quick_gelu", "relu", "relu2",
-    "relu6", "sigmoid", "silu", "swish", "tanh", "sqrtsoftplus",
-)
-ATTN_IMPLEMENTATIONS = tuple(ATTENTION_BACKENDS)
+# The names are the keys of the tables that hold the functions (gpt2/activations.py, gpt2/attention.py), so a name
+# the config accepts always has a function behind it.
+ACTIVATION_NAMES = tuple(ACT2FN)
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 SUMMARY_TYPES = ("last", "first", "mean", "cls_index")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -82,7 +78,7 @@ class GPT2Config:
     architectures: list[str] | None = None
     dtype: str | None = None  # the dtype the weights were saved in ("float32", "bfloat16", ...)
     # --- ours ---
-    attn_implementation: str = DEFAULT_ATTENTION  # a key of ATTENTION_BACKENDS: a runtime choice, not in config.json
+    attn_implementation: str = DEFAULT_ATTENTION  # a key of gpt2.ATTENTION_BACKENDS: a runtime choice, not in config.json
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -93,7 +89,8 @@ class GPT2Config:
             v = getattr(self, name)
             need(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}.")
         need(self.n_embd % self.n_head == 0,
-             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); pick n_head from the divisors of n_embd.")
+             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); pick n_head from the divisors of "
+             f"n_embd.")
         need(self.n_inner is None or (isinstance(self.n_inner, int) and self.n_inner > 0),
              f"n_inner must be None (= 4*n_embd) or a positive integer, got {self.n_inner!r}.")
         need(self.activation_function in ACTIVATION_NAMES,
@@ -104,8 +101,9 @@ class GPT2Config:
         need(self.classifier_dropout is None or 0.0 <= self.classifier_dropout < 1.0,
              f"classifier_dropout must be None or in [0, 1), got {self.classifier_dropout!r}.")
         need(self.layer_norm_epsilon > 0, f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}.")
-        need(self.attn_implementation in ATTN_IMPLEMENTATIONS,
-             f"unknown attn_implementation {self.attn_implementation!r}; choose one of {', '.join(ATTN_IMPLEMENTATIONS)}.")
+        need(self.attn_implementation in ATTENTION_BACKENDS,
+             f"unknown attn_implementation {self.attn_implementation!r}; choose one of "
+             f"{', '.join(ATTENTION_BACKENDS)}.")
         need(self.summary_type in SUMMARY_TYPES,
              f"unknown summary_type {self.summary_type!r}; choose one of {', '.join(SUMMARY_TYPES)}.")
         need(self.problem_type in PROBLEM_TYPES,
@@ -122,7 +120,8 @@ class GPT2Config:
             self.id2label = {int(k): v for k, v in self.id2label.items()}  # JSON keys are strings
             if len(self.id2label) != self.num_labels:
                 need(self.num_labels == 2,  # 2 is the default: the caller did not ask for another count
-                     f"num_labels={self.num_labels} disagrees with id2label ({len(self.id2label)} labels); pass one of them.")
+                     f"num_labels={self.num_labels} disagrees with id2label ({len(self.id2label)} labels); pass one "
+                     f"of them.")
                 self.num_labels = len(self.id2label)
         need(isinstance(self.num_labels, int) and self.num_labels >= 0,
              f"num_labels must be an integer >= 0, got {self.num_labels!r}.")
@@ -215,4 +214,4 @@ class GPT2Config:
         return cls.from_dict(d, **overrides)
 
 
-__all__ = ["GPT2Config", "PRESETS", "ACTIVATION_NAMES", "ATTN_IMPLEMENTATIONS"]
+__all__ = ["GPT2Config", "PRESETS", "ACTIVATION_NAMES"]

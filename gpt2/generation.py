@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from .cache import StaticKVCache
+from .compat import check_ids
 
 # transformers' GenerationConfig._get_default_generation_params() for the settings implemented here: what applies when
 # neither the call nor a generation config sets a value.
@@ -266,10 +267,11 @@ class _Plan:
 # stalls the launch queue); tokens computed past the stop are trimmed, so the output is the same.
 _SYNC_EVERY = 16
 # CPU decoding at 1-3 rows is a chain of GEMVs that stream every weight once per token, and MKL streams the (in, out)
-# layout (HF's Conv1D) markedly faster than nn.Linear's (out, in) (benchmarks/generation.py measures it); from 4
-# rows up MKL uses GEMM and both layouts are equal. So a CPU decode loop of enough tokens runs on (in, out) copies of the projection
-# weights and the output embedding. The copies live for one generate() call only (a transpose copy of the lm_head
-# is repaid after a few dozen tokens): nothing outlives the call, so a model never silently holds its weights
+# layout (HF's Conv1D) markedly faster than nn.Linear's (out, in): measured on a 2-core AMD EPYC, one thread, the
+# gpt2 lm_head (50257 x 384) took 12.0 ms vs 4.2 ms per token, a 4 x 768 trunk ~10 % less; from 4 rows up MKL uses
+# GEMM and both layouts are equal. So a CPU decode loop of enough tokens runs on (in, out) copies of the projection
+# weights and the output embedding. The copies live for one generate() call only (a transpose copy costs ~100 ms
+# for that lm_head, repaid after ~32 tokens): nothing outlives the call, so a model never silently holds its weights
 # twice.
 _T_LAYOUT_MAX_ROWS = 3
 _T_LAYOUT_MIN_TOKENS = 32
@@ -288,21 +290,39 @@ def _use_t_layout(model, batch: int, new_tokens: int) -> bool:
             and new_tokens >= _T_LAYOUT_MIN_TOKENS)
 
 
+class _TransposedLinear:
+    """nn.Linear's product against an (in, out) copy of its weight: x @ W^T + b as addmm(b, x, W^T)."""
+
+    def __init__(self, layer: torch.nn.Linear):
+        self.weight_t = layer.weight.detach().t().contiguous()  # (out, in) -> (in, out)
+        self.bias = layer.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.size(-1))  # (rows, in)
+        y = x2 @ self.weight_t if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
+        return y.view(*x.shape[:-1], self.weight_t.size(1))
+
+
 @contextmanager
 def _t_layout(model, enabled: bool):
-    """For the duration of one decode loop, give each projection a `weight_t` (in, out) copy (modeling._linear)."""
+    """For the duration of one decode loop, each projection computes on an (in, out) copy of its weight.
+
+    The copy is the layer's `forward`, set as an instance attribute (it shadows nn.Linear.forward, hooks still run)
+    and deleted after the loop, so the model's own forward — and every training or compiled forward — runs plain
+    nn.Linear, and nothing outlives the call.
+    """
     if not enabled:
-        yield None
+        yield
         return
     layers = _decode_linears(model)
     with torch.no_grad():
         for layer in layers:
-            layer.weight_t = layer.weight.detach().t().contiguous()  # (out, in) -> (in, out)
+            layer.forward = _TransposedLinear(layer)
     try:
-        yield model.lm_head.weight_t  # (C, V)
+        yield
     finally:
         for layer in layers:
-            layer.weight_t = None
+            del layer.forward
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,8 +367,8 @@ def generate(model, input_ids: torch.LongTensor | None = None, attention_mask: t
     transformers). kwargs: transformers' generation arguments (max_new_tokens, max_length, min_new_tokens,
     min_length, do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, bad_words_ids,
     num_return_sequences, eos_token_id, pad_token_id, bos_token_id, use_cache, return_dict_in_generate,
-    output_scores, output_logits, stopping_criteria). Raises ValueError for settings transformers rejects, for unimplemented ones, and
-    when prompt + new tokens exceed n_positions.
+    output_scores, output_logits, stopping_criteria). Raises ValueError for settings transformers rejects, for
+    unimplemented ones, for prompt ids outside the vocabulary, and when prompt + new tokens exceed n_positions.
     """
     if "inputs" in kwargs:  # transformers' name of the first argument
         if input_ids is not None:
@@ -359,20 +379,25 @@ def generate(model, input_ids: torch.LongTensor | None = None, attention_mask: t
             raise ValueError(f"generate() does not take {key}; pass input_ids (and attention_mask) only, e.g. "
                              f"model.generate(**tokenizer(text, return_tensors='pt')).")
         kwargs.pop(key, None)
-    s, has_default_max_length, has_default_min_length = _resolve_settings(model, generation_config, kwargs)
-    do_sample, n_seq = bool(s["do_sample"]), s["num_return_sequences"] or 1
-    bad_words = _bad_words_list(s["bad_words_ids"])
-    input_ids, attention_mask, eos_list, pad_token_id = _prepare_inputs(model, input_ids, attention_mask, s, n_seq)
-    T = input_ids.shape[1]
-    eos_ids = torch.tensor(eos_list, device=input_ids.device, dtype=torch.long)
-    max_length, min_length = _lengths(s, T, model.config.n_positions, has_default_max_length, has_default_min_length)
-
+    s, default_max, default_min = _resolve_settings(model, generation_config, kwargs)
+    eos = s.get("eos_token_id")
+    eos_list = [] if eos is None else ([int(eos)] if isinstance(eos, int) or torch.is_tensor(eos) and eos.dim() == 0
+                                       else [int(e) for e in eos])
+    pad_token_id = s.get("pad_token_id")
+    if pad_token_id is None and eos_list:
+        pad_token_id = eos_list[0]  # transformers pads finished rows with the first eos when no pad token is set
+    input_ids, attention_mask = _prepare_inputs(model, input_ids, attention_mask, s, eos_list, pad_token_id)
+    T = input_ids.size(1)
+    max_length, min_length = _lengths(s, default_max, default_min, T, model.config.n_positions)
+    # the decode loop runs the trunk's core forward, which does not check ids: the prompt is checked here, once
+    check_ids(input_ids, "input_ids", model.transformer.wte.num_embeddings, "tokens")
     padded = bool((attention_mask == 0).any())
     plan = _Plan(
-        do_sample=do_sample, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+        do_sample=bool(s["do_sample"]), temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
         repetition_penalty=s["repetition_penalty"], no_repeat_ngram_size=s["no_repeat_ngram_size"] or 0,
-        bad_words=[w for w in bad_words if not (len(w) == 1 and w[0] in eos_list)], min_length=min_length,
-        eos_ids=eos_ids, pad_token_id=pad_token_id if pad_token_id is not None else 0,
+        bad_words=[w for w in _bad_words_list(s["bad_words_ids"]) if not (len(w) == 1 and w[0] in eos_list)],
+        min_length=min_length, eos_ids=torch.tensor(eos_list, device=input_ids.device, dtype=torch.long),
+        pad_token_id=pad_token_id if pad_token_id is not None else 0,
         prompt_pads=(attention_mask != 0).int().argmax(dim=1) if padded else None,
         output_scores=bool(s["return_dict_in_generate"] and s["output_scores"]),
         output_logits=bool(s["return_dict_in_generate"] and s["output_logits"]),
@@ -391,10 +416,14 @@ def generate(model, input_ids: torch.LongTensor | None = None, attention_mask: t
                                      logits=tuple(x.clone() for x in logits) if logits else None)
 
 
-def _resolve_settings(model, generation_config, kwargs: dict) -> tuple[dict, bool, bool]:
-    """The generation settings that win (call > generation_config= > the folder's generation_config.json >
-    transformers' defaults), checked as transformers checks them; with whether max_length / min_length were left at
-    their defaults."""
+# Warnings of the helpers below point at the caller of model.generate(): helper <- generate <- model.generate <- user.
+_STACKLEVEL = 4
+
+
+def _resolve_settings(model, generation_config: Any, kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+    """(settings, max_length is the global default, min_length is the global default): the call's arguments over
+    `generation_config` over the model's generation config over transformers' defaults, checked as transformers
+    checks them."""
     model_settings = _settings(getattr(model, "generation_config", None))
     user_settings = _settings(generation_config)
     # what is unsupported is judged on the value that wins (a call's num_beams=1 overrides a file's num_beams=4)
@@ -405,13 +434,13 @@ def _resolve_settings(model, generation_config, kwargs: dict) -> tuple[dict, boo
         _refuse_unsupported({k: v for k, v in layer.items() if v is not None and k not in overridden}, where)
     kwargs = {k: v for k, v in kwargs.items() if k in SUPPORTED}
     s = {**GLOBAL_DEFAULTS, **model_settings, **user_settings, **kwargs}  # a None in kwargs switches a step off
-    has_default_max_length = all(d.get("max_length") is None for d in (kwargs, user_settings, model_settings))
-    has_default_min_length = all(d.get("min_length") is None for d in (kwargs, user_settings, model_settings))
+    default_max = all(d.get("max_length") is None for d in (kwargs, user_settings, model_settings))
+    default_min = all(d.get("min_length") is None for d in (kwargs, user_settings, model_settings))
     do_sample = bool(s["do_sample"])
     passed_sampling = [k for k in _SAMPLING_ONLY if k in kwargs and kwargs[k] not in (None, _SAMPLING_ONLY[k])]
     if not do_sample and passed_sampling:
         warnings.warn(f"do_sample is not True, so {', '.join(f'{k}={kwargs[k]}' for k in passed_sampling)} has no "
-                      f"effect (it only shapes sampling); pass do_sample=True to sample.", stacklevel=4)
+                      f"effect (it only shapes sampling); pass do_sample=True to sample.", stacklevel=_STACKLEVEL)
     n_seq = s["num_return_sequences"] or 1
     if n_seq > 1 and not do_sample:
         raise ValueError(f"num_return_sequences={n_seq} needs do_sample=True: greedy decoding (do_sample=False) gives "
@@ -426,33 +455,27 @@ def _resolve_settings(model, generation_config, kwargs: dict) -> tuple[dict, boo
             raise ValueError(f"top_p must be in [0, 1], got {s['top_p']}.")
     if s["repetition_penalty"] is not None and not s["repetition_penalty"] > 0:
         raise ValueError(f"repetition_penalty must be > 0 (1.0 = no penalty), got {s['repetition_penalty']}.")
+    _bad_words_list(s["bad_words_ids"])  # raises on a malformed list before any input is prepared
+    return s, default_max, default_min
 
-    return s, has_default_max_length, has_default_min_length
 
-
-def _prepare_inputs(model, input_ids, attention_mask, s: dict, n_seq: int):
-    """(input_ids (B * n_seq, T), attention_mask, eos ids, pad id): a 1-D prompt batched, bos for no prompt, the
-    attention mask inferred from pad tokens as transformers does, each prompt repeated for num_return_sequences."""
-    device = model.lm_head.weight.device
+def _prepare_inputs(model, input_ids, attention_mask, s: dict[str, Any], eos_list: list[int],
+                    pad_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B * num_return_sequences, T): the prompt (bos when none), checked against
+    the vocabulary, and its mask (inferred from pad tokens when not given, as transformers'
+    _prepare_attention_mask_for_generation)."""
     if input_ids is None:
         if s.get("bos_token_id") is None:
             raise ValueError("generate() without input_ids starts from bos_token_id, which is not set; pass input_ids "
                              "or bos_token_id.")
-        input_ids = torch.full((1, 1), int(s.get("bos_token_id")), dtype=torch.long, device=device)
+        input_ids = torch.full((1, 1), int(s.get("bos_token_id")), dtype=torch.long, device=model.lm_head.weight.device)
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
-    B, T = input_ids.shape
-    eos = s.get("eos_token_id")
-    eos_list = [] if eos is None else ([int(eos)] if isinstance(eos, int) or torch.is_tensor(eos) and eos.dim() == 0
-                                       else [int(e) for e in eos])
-    pad_token_id = s.get("pad_token_id")
-    if pad_token_id is None and eos_list:
-        pad_token_id = eos_list[0]  # transformers pads finished rows with the first eos when no pad token is set
     if attention_mask is None:
-        # transformers' _prepare_attention_mask_for_generation: pad tokens in the prompt are padding, unless the pad
-        # token is also an eos token (then nothing can be inferred)
+        # pad tokens in the prompt are padding, unless the pad token is also an eos token (then nothing can be
+        # inferred)
         attention_mask = torch.ones_like(input_ids)
         if pad_token_id is not None and pad_token_id not in eos_list and bool((input_ids == pad_token_id).any()):
             attention_mask = input_ids.ne(pad_token_id).long()
@@ -461,37 +484,37 @@ def _prepare_inputs(model, input_ids, attention_mask, s: dict, n_seq: int):
                          f"{tuple(input_ids.shape)}.")
     if attention_mask.dtype == torch.bool or attention_mask.is_floating_point():
         attention_mask = attention_mask.long()
-    if B > 1 and bool((attention_mask[:, -1] == 0).any()):
+    if input_ids.size(0) > 1 and bool((attention_mask[:, -1] == 0).any()):
         warnings.warn("generate(): a row ends with padding; decoder-only models need left padding "
-                      "(tokenizer.padding_side = 'left') or generated text follows pad tokens.", stacklevel=4)
+                      "(tokenizer.padding_side = 'left') or generated text follows pad tokens.", stacklevel=_STACKLEVEL)
+    n_seq = s["num_return_sequences"] or 1
     if n_seq > 1:  # each prompt's copies next to each other, as transformers' _expand_inputs_for_generation
         input_ids = input_ids.repeat_interleave(n_seq, dim=0)
         attention_mask = attention_mask.repeat_interleave(n_seq, dim=0)
+    return input_ids, attention_mask
 
-    return input_ids, attention_mask, eos_list, pad_token_id
 
-
-def _lengths(s: dict, T: int, n_positions: int, has_default_max_length: bool, has_default_min_length: bool):
-    """(max_length, min_length) in tokens, prompt included (transformers' _prepare_generated_length and
-    _validate_generated_length)."""
+def _lengths(s: dict[str, Any], default_max: bool, default_min: bool, T: int, n_positions: int) -> tuple[int, int]:
+    """(max_length, min_length) counting the prompt: transformers' _prepare_generated_length and
+    _validate_generated_length."""
     max_new_tokens, max_length = s.get("max_new_tokens"), s["max_length"]
     if max_new_tokens is not None:
         if max_new_tokens <= 0:
             raise ValueError(f"`max_new_tokens` must be greater than 0, but is {max_new_tokens}.")
-        if not has_default_max_length and max_length is not None:
+        if not default_max and max_length is not None:
             warnings.warn(f"Both `max_new_tokens` (={max_new_tokens}) and `max_length`(={max_length}) seem to have "
-                          f"been set. `max_new_tokens` will take precedence.", stacklevel=4)
+                          f"been set. `max_new_tokens` will take precedence.", stacklevel=_STACKLEVEL)
         max_length = max_new_tokens + T
-    elif has_default_max_length or max_length is None:
+    elif default_max or max_length is None:
         max_length = min(GLOBAL_DEFAULTS["max_length"] + T, n_positions)
         warnings.warn(f"Using the model-agnostic default `max_length` (={max_length}) to control the generation "
                       f"length. We recommend setting `max_new_tokens` to control the maximum length of the "
-                      f"generation.", stacklevel=4)
+                      f"generation.", stacklevel=_STACKLEVEL)
     min_length = s["min_length"] or 0
     if s.get("min_new_tokens") is not None:
-        if not has_default_min_length:
+        if not default_min:
             warnings.warn(f"Both `min_new_tokens` (={s['min_new_tokens']}) and `min_length`(={min_length}) seem to "
-                          f"have been set. `min_new_tokens` will take precedence.", stacklevel=4)
+                          f"have been set. `min_new_tokens` will take precedence.", stacklevel=_STACKLEVEL)
         min_length = s["min_new_tokens"] + T
     if T >= max_length:
         raise ValueError(f"Input length of input_ids is {T}, but `max_length` is set to {max_length}; raise "
@@ -501,8 +524,8 @@ def _lengths(s: dict, T: int, n_positions: int, has_default_max_length: bool, ha
                          f"({n_positions}); shorten the prompt or generate fewer tokens.")
     if min_length > max_length:
         warnings.warn(f"Unfeasible length constraints: the minimum length ({min_length}) is larger than the maximum "
-                      f"possible length ({max_length}); generation stops at the maximum length.", stacklevel=4)
-
+                      f"possible length ({max_length}); generation stops at the maximum length.",
+                      stacklevel=_STACKLEVEL)
     return max_length, min_length
 
 
@@ -535,9 +558,8 @@ def _generate(model, input_ids, attention_mask, padded, max_new_tokens, plan: _P
     cache = StaticKVCache(model.config, B, total)
     scores = [] if plan.output_scores else None
     logits = [] if plan.output_logits else None
-    with _t_layout(model, _use_t_layout(model, B, max_new_tokens)) as head_t:
-        n_new = _decode(model, ids, input_ids, mask, pos, cache, head_t, max_new_tokens, plan, generator, scores,
-                        logits)
+    with _t_layout(model, _use_t_layout(model, B, max_new_tokens)):
+        n_new = _decode(model, ids, input_ids, mask, pos, cache, max_new_tokens, plan, generator, scores, logits)
     if scores is not None:
         del scores[n_new:]
     if logits is not None:
@@ -545,7 +567,7 @@ def _generate(model, input_ids, attention_mask, padded, max_new_tokens, plan: _P
     return ids[:, : T + n_new], scores, logits
 
 
-def _decode(model, ids, step_ids, mask, pos, cache, head_t, max_new_tokens, plan: _Plan, generator, scores_out,
+def _decode(model, ids, step_ids, mask, pos, cache, max_new_tokens, plan: _Plan, generator, scores_out,
             logits_out) -> int:
     """The token loop: fills ids[:, T:] in place; returns how many new tokens count (fewer when all rows hit eos)."""
     B, T = step_ids.shape
@@ -558,9 +580,9 @@ def _decode(model, ids, step_ids, mask, pos, cache, head_t, max_new_tokens, plan
     all_done = torch.zeros(max(max_new_tokens, 1), dtype=torch.bool, device=device)  # after step s: every row ended
     for s in range(max_new_tokens):
         step_mask = mask[:, : cache.length + step_ids.size(1)] if mask is not None else None
-        h = model.transformer(step_ids, past_key_values=cache, attention_mask=step_mask, position_ids=pos,
-                              use_cache=True).last_hidden_state[:, -1]  # (B, C): only the last position's logits
-        raw = (h @ head_t if head_t is not None else model.lm_head(h)).float()  # (B, C) x (C, V) -> (B, V)
+        # the trunk's core forward: the prompt's ids were checked once in generate(), the rest are our own
+        h = model.transformer.core_forward(step_ids, step_mask, cache, position_ids=pos)[:, -1]  # (B, C)
+        raw = model.lm_head(h).float()  # (B, V): only the last position's logits
         scores = plan.process(ids[:, : T + s], raw) if processes else raw
         if scores_out is not None:
             scores_out.append(scores)

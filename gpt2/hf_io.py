@@ -12,6 +12,7 @@ Weights are never read with pickle (no torch.load): a folder holding only pytorc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -163,7 +164,8 @@ def from_hf_state_dict(model, sd: dict[str, torch.Tensor], strict: bool = False)
     res = model.load_state_dict(ours, strict=False)
     missing = [k for k in res.missing_keys if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
     if strict and (missing or unexpected):
-        raise ValueError(f"state dict does not match {type(model).__name__}: missing {missing}, unexpected {unexpected}.")
+        raise ValueError(f"state dict does not match {type(model).__name__}: missing {missing}, unexpected "
+                         f"{unexpected}.")
     model.tie_weights()
     return missing, unexpected
 
@@ -194,7 +196,8 @@ def weight_files(folder: str) -> list[str]:
         files = sorted(set(weight_map.values()))
         missing = [p for p in files if not os.path.isfile(os.path.join(folder, p))]
         if missing:
-            raise FileNotFoundError(f"{index} lists shards that are not in the folder: {missing}; the copy is incomplete.")
+            raise FileNotFoundError(f"{index} lists shards that are not in the folder: {missing}; the copy is "
+                                    f"incomplete.")
         return [os.path.join(folder, p) for p in files]
     if any(os.path.isfile(os.path.join(folder, n)) for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         raise ValueError(f"{folder} has only pickle weights (pytorch_model.bin), which gpt2-forge never loads (pickle "
@@ -301,7 +304,8 @@ def load_pretrained(cls, path, dtype="auto", config: GPT2Config | None = None, s
     skipped = [k for k in unexpected if not k.startswith(("lm_head.", "score.", "classifier.", "qa_outputs.",
                                                            "multiple_choice_head."))]
     if skipped:
-        warnings.warn(f"{cls.__name__}: ignored {len(skipped)} unknown tensors in {path!s}: {skipped[:5]}", stacklevel=3)
+        warnings.warn(f"{cls.__name__}: ignored {len(skipped)} unknown tensors in {path!s}: {skipped[:5]}",
+                      stacklevel=3)
     return model.eval()  # like transformers: loaded models start in eval mode (dropout off)
 
 
@@ -361,3 +365,59 @@ def save_pretrained(model, save_directory, safe_serialization: bool = True, max_
     settings = getattr(model, "generation_config", None)
     if settings is not None and settings.to_dict() != GenerationConfig.from_model_config(config).to_dict():
         settings.save_pretrained(save_directory)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# from_pretrained / save_pretrained of the model classes (transformers' PreTrainedModel methods), mixed into
+# gpt2.modeling.GPT2PreTrainedModel
+
+# transformers' from_pretrained arguments that only matter for hub ids (passed to huggingface_hub.snapshot_download)
+_HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+
+
+class PretrainedIO:
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, config=None,
+                        dtype="auto", device_map=None, subfolder: str = "", **kwargs):
+        """Load an HF GPT-2 folder (config.json + model.safetensors, or a sharded index) or hub id.
+
+        dtype: "auto" keeps the dtype the folder was saved in; a torch.dtype converts; None -> float32.
+        config: a GPT2Config to use instead of the folder's config.json. device_map: a device ("cpu", "cuda:0", 0,
+        a torch.device) or "auto" (the first GPU, else the CPU) to put the whole model on; subfolder: the model sits in
+        <folder>/<subfolder>; revision / cache_dir / token / local_files_only / force_download: for hub ids.
+        trust_remote_code, low_cpu_mem_usage and use_safetensors=True change nothing here (no remote code; the
+        weights are always loaded without a second copy, from safetensors). Other keyword arguments override config
+        fields (e.g. attn_implementation, num_labels=3); anything else raises one sentence naming it.
+        """
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes the folder and keyword arguments only; got "
+                            f"{len(model_args)} extra positional argument(s).")
+        if "torch_dtype" in kwargs:  # the transformers < 4.56 spelling
+            dtype = kwargs.pop("torch_dtype")
+        hub = {k: kwargs.pop(k) for k in _HUB_ARGUMENTS if k in kwargs}
+        for key in ("trust_remote_code", "low_cpu_mem_usage"):
+            kwargs.pop(key, None)
+        if kwargs.pop("use_safetensors", None) is False:
+            raise ValueError("use_safetensors=False: gpt2 loads safetensors only (never pickle); convert the folder "
+                             "with transformers' save_pretrained(safe_serialization=True).")
+        config_fields = {f.name for f in dataclasses.fields(GPT2Config)} | {"torch_dtype"}
+        unknown = sorted(k for k in kwargs if k not in config_fields)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pretrained got {unknown}, which are neither GPT2Config fields nor "
+                            f"loading options gpt2 implements (config, dtype, device_map, subfolder, "
+                            f"{', '.join(_HUB_ARGUMENTS)}).")
+        model = load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, config=config,
+                                      subfolder=subfolder, hub_kwargs=hub, **kwargs)
+        if device_map is not None:
+            if isinstance(device_map, dict):
+                raise ValueError("device_map as a dict (layers spread over devices) is not supported; pass one "
+                                 "device, e.g. device_map='cuda:0', or 'auto'.")
+            if device_map == "auto":
+                device_map = "cuda:0" if torch.cuda.is_available() else "cpu"
+            model.to(torch.device(device_map) if not isinstance(device_map, int) else torch.device("cuda", device_map))
+        return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        max_shard_size: int | str = "5GB") -> None:
+        """Write an HF GPT-2 folder that transformers.GPT2*.from_pretrained loads with identical outputs."""
+        save_pretrained(self, save_directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size)

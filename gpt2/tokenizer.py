@@ -99,7 +99,8 @@ class BatchEncoding(dict):
     def _row(self, batch_or_index: int, index: int | None) -> tuple[int, int]:
         return (0, batch_or_index) if index is None else (batch_or_index, index)
 
-    def char_to_token(self, batch_or_char_index: int, char_index: int | None = None, sequence_index: int = 0) -> int | None:
+    def char_to_token(self, batch_or_char_index: int, char_index: int | None = None,
+                      sequence_index: int = 0) -> int | None:
         b, c = self._row(batch_or_char_index, char_index)
         return self.encodings[b].char_to_token(c, sequence_index)
 
@@ -149,21 +150,24 @@ def _read_json(path: str) -> Any:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); re-save the tokenizer with save_pretrained") from e
 
+def _file_in(folder: str, name: str) -> str | None:
+    p = os.path.join(folder, name)
+    return p if os.path.isfile(p) else None
 
-def _folder_config(tokenizer_config: str | None, special_tokens_map: str | None) -> dict[str, Any]:
-    """tokenizer_config.json, overridden by the legacy special_tokens_map.json where present (as transformers does;
-    a null there never erases a token)."""
+
+def _saved_config(folder: str) -> dict[str, Any]:
+    """tokenizer_config.json, overridden by the legacy special_tokens_map.json as in transformers (but a null there
+    never erases a token)."""
     config: dict[str, Any] = {}
-    if tokenizer_config is not None:
-        config.update(_read_json(tokenizer_config))
-    if special_tokens_map is not None:
-        config.update({k: v for k, v in _read_json(special_tokens_map).items() if v is not None})
+    if (p := _file_in(folder, TOKENIZER_CONFIG_FILE)) is not None:
+        config.update(_read_json(p))
+    if (p := _file_in(folder, SPECIAL_TOKENS_MAP_FILE)) is not None:
+        config.update({k: v for k, v in _read_json(p).items() if v is not None})
     return config
 
 
-def _init_arguments(config: dict[str, Any]) -> dict[str, Any]:
-    """The tokenizer's constructor arguments a folder's config sets: special tokens, added special tokens, the
-    pre-tokenizer / padding / truncation settings and model_max_length."""
+def _init_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """GPT2TokenizerFast's keyword arguments from a saved tokenizer config."""
     init: dict[str, Any] = {}
     for name in SPECIAL_TOKEN_NAMES:
         if name in config:
@@ -181,18 +185,12 @@ def _init_arguments(config: dict[str, Any]) -> dict[str, Any]:
     return init
 
 
-def _bpe_with_added_tokens(vocab: str, merges: str, add_prefix_space: bool, added_tokens_decoder: Any,
-                           added_tokens_file: str | None) -> Tokenizer:
-    """The byte-level BPE of vocab.json + merges.txt, with the added tokens beyond vocab.json in id order so each
-    gets its recorded id: tokenizer_config.json's added_tokens_decoder (transformers >= 4.34), else the legacy
-    added_tokens.json. Raises ValueError when the files cannot be read or disagree about an id."""
-    try:
-        backend = _byte_level_bpe(vocab, merges, add_prefix_space)
-    except Exception as e:
-        raise ValueError(f"cannot read {vocab} + {merges} as a GPT-2 BPE vocabulary ({e})") from e
-    added: dict[int, Any] = {int(i): t for i, t in (added_tokens_decoder or {}).items()}
-    if not added and added_tokens_file is not None:
-        added = {int(i): {"content": t, "special": True} for t, i in _read_json(added_tokens_file).items()}
+def _add_saved_tokens(backend: Tokenizer, config: dict[str, Any], folder: str) -> None:
+    """Added tokens beyond vocab.json, in id order so each gets its recorded id: tokenizer_config.json's
+    added_tokens_decoder (transformers >= 4.34), else the legacy added_tokens.json."""
+    added: dict[int, Any] = {int(i): t for i, t in (config.get("added_tokens_decoder") or {}).items()}
+    if not added and (p := _file_in(folder, ADDED_TOKENS_FILE)) is not None:
+        added = {int(i): {"content": t, "special": True} for t, i in _read_json(p).items()}
     for idx in sorted(added):
         spec = added[idx] if isinstance(added[idx], Mapping) else {"content": added[idx]}
         content = spec["content"]
@@ -202,7 +200,6 @@ def _bpe_with_added_tokens(vocab: str, merges: str, add_prefix_space: bool, adde
         kw = {k: spec[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in spec}
         token = AddedToken(content, special=bool(spec.get("special", True)), **kw)
         (backend.add_special_tokens if token.special else backend.add_tokens)([token])
-    return backend
 
 
 def _resolve_folder(name_or_path: str | os.PathLike, subfolder: str = "", **hub_kwargs: Any) -> str:
@@ -346,22 +343,17 @@ class GPT2TokenizerFast:
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"subfolder {subfolder!r} does not exist in {pretrained_model_name_or_path!s}")
         folder, tokenizer_json = (os.path.dirname(path), path) if os.path.isfile(path) else (path, None)
-
-        def file(name: str) -> str | None:
-            p = os.path.join(folder, name)
-            return p if os.path.isfile(p) else None
-
-        tokenizer_json = tokenizer_json or file(TOKENIZER_FILE)
-        vocab, merges = file(VOCAB_FILE), file(MERGES_FILE)
+        tokenizer_json = tokenizer_json or _file_in(folder, TOKENIZER_FILE)
+        vocab, merges = _file_in(folder, VOCAB_FILE), _file_in(folder, MERGES_FILE)
         if tokenizer_json is None and (vocab is None or merges is None):
             present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
             raise FileNotFoundError(
                 f"no tokenizer files in {folder!r} (found: {present or 'nothing'}): it needs tokenizer.json, or "
                 "vocab.json + merges.txt; write them with GPT2TokenizerFast.save_pretrained(dir)"
             )
-
-        config = _folder_config(file(TOKENIZER_CONFIG_FILE), file(SPECIAL_TOKENS_MAP_FILE))
-        init = {"name_or_path": os.fspath(pretrained_model_name_or_path), **_init_arguments(config), **kwargs}
+        config = _saved_config(folder)
+        init: dict[str, Any] = {"name_or_path": os.fspath(pretrained_model_name_or_path), **_init_kwargs(config)}
+        init.update(kwargs)
         if tokenizer_json is not None:
             try:
                 backend = Tokenizer.from_file(tokenizer_json)
@@ -369,8 +361,11 @@ class GPT2TokenizerFast:
                 raise ValueError(f"cannot parse {tokenizer_json} as a tokenizers file ({e}); re-save it with "
                                  "save_pretrained") from e
         else:
-            backend = _bpe_with_added_tokens(vocab, merges, bool(init.get("add_prefix_space", False)),
-                                             config.get("added_tokens_decoder"), file(ADDED_TOKENS_FILE))
+            try:
+                backend = _byte_level_bpe(vocab, merges, bool(init.get("add_prefix_space", False)))
+            except Exception as e:
+                raise ValueError(f"cannot read {vocab} + {merges} as a GPT-2 BPE vocabulary ({e})") from e
+            _add_saved_tokens(backend, config, folder)
         if "add_prefix_space" in init and isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel):
             # transformers' GPT2Tokenizer rebuilds its pre-tokenizer from add_prefix_space (folder config or call),
             # whatever tokenizer.json says; so does this loader.
@@ -566,7 +561,8 @@ class GPT2TokenizerFast:
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return self._tokenizer.decoder.decode(tokens)
 
-    def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False, **kwargs: Any) -> list[str]:
+    def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False,
+                 **kwargs: Any) -> list[str]:
         """Token strings of `text` (and of `pair` after it), as transformers' `tokenize`: no special tokens unless
         asked; other keyword arguments are `__call__`'s."""
         return self(text, pair, add_special_tokens=add_special_tokens, **kwargs).tokens()
@@ -731,7 +727,8 @@ class GPT2TokenizerFast:
         if max_length is not None and padding is False and truncation is None:
             truncation = "longest_first"  # transformers: "if you only set max_length, it activates truncation"
         if padding is True or padding == "longest":
-            if padding is True and verbose and max_length is not None and truncation in (None, False, "do_not_truncate"):
+            no_truncation = truncation in (None, False, "do_not_truncate")
+            if padding is True and verbose and max_length is not None and no_truncation:
                 warnings.warn("`max_length` is ignored when `padding`=`True` and there is no truncation strategy. "
                               "To pad to max length, use `padding='max_length'`.", stacklevel=4)
             pad_to = "longest"
@@ -753,7 +750,8 @@ class GPT2TokenizerFast:
                              "'only_first', 'only_second', or False")
         if max_length is None:  # unbounded model_max_length: nothing to pad or truncate to, as in transformers
             if pad_to == "max_length":
-                pad_to, max_length = (None, None) if self.model_max_length > LARGE_INTEGER else (pad_to, self.model_max_length)
+                unbounded = self.model_max_length > LARGE_INTEGER
+                pad_to, max_length = (None, None) if unbounded else (pad_to, self.model_max_length)
             if strategy is not None:
                 if self.model_max_length > LARGE_INTEGER:
                     strategy = None
@@ -949,8 +947,8 @@ def _check_text_input(t: Any, name: str) -> None:
             or (isinstance(t[0][0], (list, tuple)) and (len(t[0][0]) == 0 or isinstance(t[0][0][0], str)))))))
     if not ok:
         raise ValueError(f"{name} must be a str, a list of str, or a list of lists of str (with is_split_into_words="
-                         f"True), got {type(t).__name__}" + (f" of {type(t[0]).__name__}" if isinstance(t, (list, tuple))
-                                                            else ""))
+                         f"True), got {type(t).__name__}"
+                         + (f" of {type(t[0]).__name__}" if isinstance(t, (list, tuple)) else ""))
 
 
 def _as_list(x: Any) -> list:

@@ -101,7 +101,7 @@ def activation_bytes(cfg: GPT2Config, micro_batch: int, seq: int, act_bytes: int
     # Korthikanti Eq. 1 linear terms: 16 tensors of e bytes (2 LN inputs, QKV input, Q/K/V, attention output,
     # MLP input, 4h pre- and post-GeLU) + the two residual-dropout masks (1 byte each) = 34·sbh at e = 2
     per_layer = sbh * (16 * e + 2 * (cfg.resid_pdrop > 0))
-    if ATTENTION_BACKENDS[attention].stores_probabilities:  # the s x s probabilities (+ dropout mask, output): 5·a·s²·b
+    if ATTENTION_BACKENDS[attention].materializes_scores:  # the s x s probabilities (+ dropout mask, output): 5·a·s²·b
         per_layer += a * s * s * b * (e + (2 * e + 1 - e) * (cfg.attn_pdrop > 0))
     # outside the blocks: ln_f and lm_head inputs, the embedding-dropout mask, cross-entropy's fp32 log-softmax
     outside = sbh * (2 * e + (cfg.embd_pdrop > 0)) + 4 * s * b * v
