@@ -62,7 +62,8 @@ def label_map(train: list[dict], raw: RawSplit, cfg: TaskDataConfig) -> LabelMap
                            regression)
 
 
-def encode(examples: list[dict], tokenizer, cfg: TaskDataConfig, labels: LabelMap, where: str) -> list[dict]:
+def encode(examples: list[dict], tokenizer, cfg: TaskDataConfig, labels: LabelMap, where: str,
+           validation: bool = False) -> list[dict]:
     """-> [{"input_ids": list[int], "labels": int | float}]"""
     eos = tokenizer.eos_token_id
     ids = tokenizer.encode_batch([e["text"] for e in examples])
@@ -87,14 +88,9 @@ class ClsData(TaskData):
     model_keys = ("input_ids", "attention_mask", "labels")
     demo_sizes = (2000, 400)  # (train, validation): ~1 minute of CPU fine-tuning for the tiny model
 
-    def read_examples(self, raw, cfg):
-        return read_examples(raw, cfg)
-
-    def label_map(self, train, raw, cfg):
-        return label_map(train, raw, cfg)
-
-    def encode(self, examples, tokenizer, cfg, labels, where, validation):
-        return encode(examples, tokenizer, cfg, labels, where)
+    read_examples = staticmethod(read_examples)
+    label_map = staticmethod(label_map)
+    encode = staticmethod(encode)  # training and validation features are encoded alike
 
     def collate(self, feats, pad_token_id, regression):
         import torch

@@ -125,8 +125,7 @@ class McData(TaskData):
     model_keys = ("input_ids", "attention_mask", "mc_token_ids", "labels", "mc_labels")
     demo_sizes = (1500, 300)  # (train, validation): ~1 minute of CPU fine-tuning for the tiny model
 
-    def read_examples(self, raw, cfg):
-        return read_examples(raw, cfg)
+    read_examples = staticmethod(read_examples)
 
     def check_splits(self, train, val) -> None:
         n_train, n_val = len(train[0]["endings"]), len(val[0]["endings"])

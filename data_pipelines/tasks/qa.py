@@ -179,8 +179,7 @@ class QaData(TaskData):
                 f"({budget} = max_length - max_question_length - 1); lower doc_stride or raise max_length."
             )
 
-    def read_examples(self, raw, cfg):
-        return read_examples(raw, cfg)
+    read_examples = staticmethod(read_examples)
 
     def encode(self, examples, tokenizer, cfg, labels, where, validation):
         return encode(examples, tokenizer, cfg, keep_offsets=validation)

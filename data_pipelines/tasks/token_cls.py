@@ -58,7 +58,8 @@ def label_map(train: list[dict], raw: RawSplit, cfg: TaskDataConfig) -> LabelMap
     return build_label_map(flat, cfg, class_names(raw.features, tag_col), raw.where)
 
 
-def encode(examples: list[dict], tokenizer, cfg: TaskDataConfig, labels: LabelMap, where: str) -> list[dict]:
+def encode(examples: list[dict], tokenizer, cfg: TaskDataConfig, labels: LabelMap, where: str,
+           validation: bool = False) -> list[dict]:
     """-> [{"input_ids": list[int], "labels": list[int]}], labels on first sub-tokens, -100 elsewhere."""
     pieces = tokenizer.encode_batch([" " + w for e in examples for w in e["tokens"]])  # one parallel call
     k = 0
@@ -86,14 +87,9 @@ class TokenClsData(TaskData):
     model_keys = ("input_ids", "attention_mask", "labels")
     demo_sizes = (1500, 300)  # (train, validation): ~1 minute of CPU fine-tuning for the tiny model
 
-    def read_examples(self, raw, cfg):
-        return read_examples(raw, cfg)
-
-    def label_map(self, train, raw, cfg):
-        return label_map(train, raw, cfg)
-
-    def encode(self, examples, tokenizer, cfg, labels, where, validation):
-        return encode(examples, tokenizer, cfg, labels, where)
+    read_examples = staticmethod(read_examples)
+    label_map = staticmethod(label_map)
+    encode = staticmethod(encode)  # training and validation features are encoded alike
 
     def collate(self, feats, pad_token_id, regression):
         import torch
