@@ -58,17 +58,12 @@ def build_model_config(
         n_head=model_cfg.n_head,
         n_inner=model_cfg.n_inner,
         activation_function=model_cfg.activation_function,
-        resid_pdrop=model_cfg.dropout,
-        embd_pdrop=model_cfg.dropout,
-        attn_pdrop=model_cfg.dropout,
         layer_norm_epsilon=model_cfg.layer_norm_epsilon,
         initializer_range=model_cfg.initializer_range,
         tie_word_embeddings=model_cfg.tie_word_embeddings,
         bos_token_id=eos_token_id,  # GPT-2 uses <|endoftext|> as both (HF config)
         eos_token_id=eos_token_id,
-        scale_attn_by_inverse_layer_idx=stability_cfg.scale_attn_by_inverse_layer_idx,
-        reorder_and_upcast_attn=stability_cfg.reorder_and_upcast_attn,
-        attn_implementation=attention_cfg.implementation,
+        **runtime_overrides(model_cfg, attention_cfg, stability_cfg),
     )
 
 
