@@ -237,7 +237,8 @@ def main() -> int:
                            log_every_n_steps=cfg.trainer.log_every_n_steps)
     hardware = check_hardware(cfg.strategy, cfg.trainer)
     strategy = build_strategy(cfg.strategy, cfg.trainer, cfg.data.batch_size, hardware)
-    trainer = build_trainer(cfg.trainer, cfg.guard, cfg.seed, strategy, hardware.precision, tmp, [MetricsCSV(tmp)],
+    L.seed_everything(cfg.seed, verbose=False)  # StepSeed reseeds each micro-batch from it
+    trainer = build_trainer(cfg.trainer, cfg.guard, strategy, hardware.precision, tmp, [MetricsCSV(tmp)],
                             extra_callbacks=[inter])
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Loader(batches), batch_size=None))
 

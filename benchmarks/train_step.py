@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -159,7 +160,8 @@ def run_config(spec: Spec, chunks: int, chunk: int) -> dict[str, float]:
     module = GPT2LitModule(make_ours(spec, vocab), cfg.optim, max_steps=steps, log_every_n_steps=log_every)
     hardware = check_hardware(cfg.strategy, cfg.trainer)
     strategy = build_strategy(cfg.strategy, cfg.trainer, cfg.data.batch_size, hardware)
-    trainer = build_trainer(cfg.trainer, cfg.guard, cfg.seed, strategy, hardware.precision, tmp, [MetricsCSV(tmp)],
+    L.seed_everything(cfg.seed, verbose=False)  # StepSeed reseeds each micro-batch from it
+    trainer = build_trainer(cfg.trainer, cfg.guard, strategy, hardware.precision, tmp, [MetricsCSV(tmp)],
                             extra_callbacks=[inter])
     print(f"[{spec.name}] {spec.n_layer}x{spec.n_embd} ({spec.n_head} heads), block {spec.block}, batch "
           f"{spec.batch}, vocab {vocab}; {chunks} interleaved chunks of {chunk} steps ({WARMUP} warm-up)",

@@ -326,5 +326,5 @@ def test_deepspeed_micro_batch_is_the_loader_batch_of_the_task(tmp_path):
         hardware = check_hardware(cfg.strategy, cfg.trainer)
         micro_batch = get_task(cfg.task.name).micro_batch_size(cfg.data, cfg.task)
         strategy = build_strategy(cfg.strategy, cfg.trainer, micro_batch, hardware)
-        trainer = build_trainer(cfg.trainer, cfg.guard, cfg.seed, strategy, hardware.precision, tmp_path, loggers=[])
+        trainer = build_trainer(cfg.trainer, cfg.guard, strategy, hardware.precision, tmp_path, loggers=[])
         assert trainer.strategy.config["train_micro_batch_size_per_gpu"] == want, extra

@@ -1,4 +1,4 @@
-"""In-training evaluation (the `eval` group, train/eval/callback.py): lm_eval tasks scored on the live model at
+"""In-training evaluation (the `eval` group, train/eval/evaluate.py): lm_eval tasks scored on the live model at
 the configured optimizer steps and at the end, logged as eval/<task>/<metric> rows equal to a standalone
 `train/cli/evaluate.py` on the checkpoint of the same step; a SIGKILLed run resumed with resume=auto has every eval row
 exactly once; off, nothing of lm_eval is imported; bad values get one sentence.

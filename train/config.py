@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -344,7 +343,7 @@ class GuardConfig:
 
 @dataclass
 class EvalConfig:
-    """In-training evaluation on lm-evaluation-harness tasks (conf/eval/*.yaml; train/eval/callback.py): the
+    """In-training evaluation on lm-evaluation-harness tasks (conf/eval/*.yaml; train/eval/evaluate.py): the
     evaluator of `train/cli/evaluate.py` runs on rank 0 every `every_n_steps` optimizer steps and at the end of training,
     and logs eval/<task>/<metric>. Off while `tasks` is empty (the default): then nothing of lm_eval is imported.
 
@@ -439,16 +438,6 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     for name, node in STRATEGY_SCHEMAS.items():
         cs.store(group="strategy", name=name, node=node)
-
-
-def write_config(cfg: Config, run_dir: Path) -> None:
-    """run_dir/config.yaml: the fully resolved config, written before anything runs (tmp + replace)."""
-    from omegaconf import OmegaConf
-
-    text = OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
-    tmp = run_dir / f"config.yaml.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, run_dir / "config.yaml")
 
 
 # data.* keys that choose the LM training data; a fine-tuning task reads its data from task.data.* instead

@@ -2,7 +2,8 @@
 
     check_inputs (run dir, resume, data files, hardware, eval tasks: before Lightning is imported)
     -> tokenizer -> config.yaml -> seed -> data -> model -> LightningModule -> callbacks + loggers -> Trainer -> fit
-    -> interruption / preemption -> final validation -> summary -> export (+ what the task adds: samples.txt for lm)
+       (the last step validates; at the end of fit the callbacks write the export + what the task adds, e.g.
+       samples.txt for lm, then summary.json) -> Ctrl-C / preemption / the summary
 
 What differs per task is the `Task` object of train/tasks/<name>.py (torchtitan's TrainSpec): its data module, model,
 LightningModule, best checkpoint, micro-batch, summary fields. train/run.py is the Hydra shell around this function;
@@ -11,9 +12,7 @@ tests call it directly (lightning-hydra-template's `train(cfg)`).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,15 +83,16 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     if resume_from is not None:
         check_resume(resume_from, cfg.strategy, meta)
     if cfg.eval.tasks:  # installed, known, an LM; nothing of lm_eval is imported while eval.tasks is empty
-        from train.eval.callback import check_eval
+        from train.eval.evaluate import check_eval
 
         check_eval(cfg.eval, cfg.task.name)
     return CheckedInputs(run_dir, hardware, resume_from, meta, tokenizer)
 
 
 def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any]:
-    """Run the training job `cfg` describes; returns what `finish` returns: the summary written to
-    run_dir/summary.json (paths, steps, first/last train loss, timings, the task's fields), or a preemption's record.
+    """Run the training job `cfg` describes; returns the run's summary (train.callbacks.loggers.RunSummary: the
+    dict written to run_dir/summary.json — paths, steps, first/last train loss, timings, the task's fields), or
+    after a preemption stop {"preempted", "requeued", "checkpoint", ...} (no export: the next job continues).
 
     `checked`: what `check_inputs(cfg)` returned (train/run.py runs it before importing Lightning); None runs it here.
     Raises TypeError (cfg is not a `train.config.Config`: convert a DictConfig with `to_config`), ConfigError /
@@ -107,11 +107,11 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     import lightning as L
     import torch
 
-    from train.callbacks.loggers import build_loggers
+    from train.callbacks.loggers import RunSummary, build_loggers
     from train.callbacks.preemption import Preemption
-    from train.checkpoint.callbacks import BestCheckpoint, StepCheckpoint
-    from train.checkpoint.layout import check_compatible
-    from train.eval.callback import build_eval
+    from train.checkpoint import layout
+    from train.checkpoint.callbacks import BestCheckpoint, HFExport, StepCheckpoint
+    from train.eval.evaluate import build_eval
     from train.strategies import build_strategy
     from train.tasks import get_task
     from train.trainer import build_trainer
@@ -122,7 +122,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     if checked.tokenizer:
         cfg.data.tokenizer = checked.tokenizer
     tokenizer = task.tokenizer(cfg.data, cfg.model.init_from, checked.resume_from, run_dir)  # None: the data's own
-    hparams = write_config(cfg, run_dir)
+    hparams = layout.write_config(run_dir, cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -138,14 +138,14 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     # -- model: fresh or from model.init_from; a resumed checkpoint must hold the same head and vocabulary
     model, init_report = task.build_model(cfg.model, cfg.attention, cfg.stability, dm)
     if checked.resume_from is not None:
-        check_compatible(checked.resume_from, checked.resume_meta, model.config, type(model).__name__)
+        layout.check_compatible(checked.resume_from, checked.resume_meta, model.config, type(model).__name__)
     key, length = task.sequence_length(cfg.data, cfg.task)
     if length > model.config.n_positions:
         raise ConfigError(f"{key}={length} exceeds the model's n_positions={model.config.n_positions}; lower {key}.")
     meta = {"tokenizer_dir": "../../tokenizer"} if tokenizer is not None else {}  # in every checkpoint's meta.json
     module = task.module(model, dm, cfg.task, tcfg, cfg.optim, meta)
 
-    # -- callbacks, loggers, Trainer
+    # -- callbacks (the end of the run too: the export and summary.json are written at on_fit_end), loggers, Trainer
     own = checked.resume_from is not None and checked.resume_from.parent.parent.resolve() == run_dir.resolve()
     ckpt_cb = StepCheckpoint(run_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
                              save_final=cfg.checkpoint.save_final,
@@ -153,121 +153,26 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
                              val_every_n_steps=tcfg.val_check_interval if tcfg.limit_val_batches else None)
     monitor = task.monitor(cfg.task, dm)  # (metric, mode) of checkpoints/best, or None: the export is the final model
     best_cb = BestCheckpoint(run_dir, *monitor, meta=meta) if monitor else None
+    export_cb = HFExport(run_dir, tokenizer, task, cfg.sample, best_cb) if tokenizer is not None else None
     preempt = Preemption(ckpt_cb)  # SIGUSR1/SIGTERM -> checkpoint at a step boundary, stop (+ SLURM requeue)
     loggers = build_loggers(cfg.logger, run_dir, checked.resume_step, hparams)
+    summary = RunSummary(run_dir, task, t_start, checked.resume_step, init_report)
     if task.full_validation:  # the task metrics need the whole validation set (every qa window of an example)
         tcfg.limit_val_batches = 1.0 if tcfg.limit_val_batches > 0 else 0
     eval_cb = build_eval(cfg.eval, tokenizer, run_dir, tcfg.val_check_interval, tcfg.fast_dev_run)
     # best before step: a step-N checkpoint written after validation N holds BestCheckpoint's state of step N;
-    # eval before step: checkpoint N is published after eval row N is on disk (fast_dev_run: the eval alone)
-    run_callbacks = (eval_cb,) if tcfg.fast_dev_run else (best_cb, eval_cb, ckpt_cb, preempt)
+    # eval before step: checkpoint N is published after eval row N is on disk (fast_dev_run: the eval alone, no
+    # export); the export, then the summary, at the end
+    run_callbacks = (eval_cb,) if tcfg.fast_dev_run else (best_cb, eval_cb, ckpt_cb, preempt, export_cb)
     strategy = build_strategy(cfg.strategy, tcfg, task.micro_batch_size(cfg.data, cfg.task), checked.hardware)
-    trainer = build_trainer(tcfg, cfg.guard, cfg.seed, strategy, checked.hardware.precision, run_dir, loggers,
-                            [cb for cb in run_callbacks if cb is not None])
+    trainer = build_trainer(tcfg, cfg.guard, strategy, checked.hardware.precision, run_dir, loggers,
+                            [cb for cb in (*run_callbacks, summary) if cb is not None])
 
-    # -- fit, then the summary and the export
     trainer.fit(module, datamodule=dm, ckpt_path=str(checked.resume_from) if checked.resume_from else None)
-    return finish(trainer, module, dm, task, Finish(
-        run_dir, tokenizer, checked.resume_step, init_report, monitor, best_cb, eval_cb, ckpt_cb, preempt, loggers,
-        cfg.sample, t_start, fast=tcfg.fast_dev_run, val_every=1 if tcfg.fast_dev_run else tcfg.val_check_interval))
-
-
-def write_config(cfg: Config, run_dir: Path) -> dict[str, Any]:
-    """run_dir/config.yaml (run_dir created if needed): the fully resolved config of the run, written before anything
-    runs (tmp + replace). Returns it as plain containers: the hyper-parameters the loggers record."""
-    from omegaconf import OmegaConf
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    node = OmegaConf.structured(cfg)
-    tmp = run_dir / f"config.yaml.tmp-{os.getpid()}"
-    tmp.write_text(OmegaConf.to_yaml(node, resolve=True))
-    os.replace(tmp, run_dir / "config.yaml")
-    return OmegaConf.to_container(node, resolve=True)
-
-
-@dataclass
-class Finish:
-    """What `finish` needs of a completed fit besides the trainer, module, data and task."""
-
-    run_dir: Path
-    tokenizer: Any
-    resume_step: Optional[int]
-    init_report: Optional[dict[str, Any]]
-    monitor: Optional[tuple[str, str]]
-    best_cb: Any
-    eval_cb: Any
-    ckpt_cb: Any
-    preempt: Any
-    loggers: list
-    sample_cfg: Any
-    t_start: float
-    fast: bool  # trainer.fast_dev_run: one step, no export
-    val_every: int  # optimizer steps between validations
-
-
-def finish(trainer, module, dm, task, f: Finish) -> dict[str, Any]:
-    """After `trainer.fit`: Ctrl-C raises KeyboardInterrupt naming the resume command; a preemption stop returns
-    {"preempted", "requeued", "checkpoint", ...} (no export: the next job continues); a completed fit gets a final
-    validation unless the last step had one, then on rank 0 summary.json, the loss plot and the HF export (the best
-    model when the task keeps one) + what the task adds."""
-    from train.callbacks.guard import check_finite_weights
-    from train.callbacks.loggers import plot_losses, read_metrics
-    from train.checkpoint.export import export_hf
-    from train.checkpoint.weights import load_best_into
-    from train.strategies import model_for_export
-
     if trainer.interrupted:
         raise KeyboardInterrupt(f"interrupted at step {trainer.global_step}; continue with resume=auto "
-                                f"run_dir={f.run_dir}")
-    latest = str(f.ckpt_cb.saved[-1]) if f.ckpt_cb.saved else None
-    if f.preempt.stopped:
-        for lg in f.loggers:
-            lg.save()
-        return {"run_dir": str(f.run_dir), "global_step": trainer.global_step, "preempted": f.preempt.signal_name,
-                "requeued": f.preempt.requeued, "checkpoint": latest}
-    fast = f.fast
-    # a final validation unless the last step already had one (an LM without validation data has no batches)
-    if trainer.limit_val_batches > 0 and trainer.global_step % f.val_every != 0:
-        trainer.validate(module, datamodule=dm, verbose=False)
-    for lg in f.loggers:
-        lg.save()
-    summary: dict[str, Any] = {"run_dir": str(f.run_dir), "global_step": trainer.global_step,
-                               "checkpoint": latest, "train_seconds": time.perf_counter() - f.t_start}
-    if f.resume_step is not None:
-        summary["resumed_step"] = f.resume_step  # `seconds` count this process only: from that step on
-    if f.init_report is not None:
-        summary["init"] = f.init_report
-    if f.eval_cb is not None and f.eval_cb.last_metrics:  # the newest in-training evaluation (rank 0)
-        summary["eval"] = {"step": f.eval_cb.evaluated[-1], **f.eval_cb.last_metrics}
-    if f.monitor:
-        summary["monitor"], summary["monitor_mode"] = f.monitor
-    export_net = model_for_export(trainer, module) if not fast and f.tokenizer is not None else None  # every rank
-    if not trainer.is_global_zero:
-        return summary
-    metrics_csv = f.run_dir / "metrics.csv"
-    rows = read_metrics(metrics_csv) if metrics_csv.is_file() else []
-    # this process's steps (after a resume: from the resumed step on, like the step count and seconds printed)
-    losses = [r["train/loss"] for r in rows
-              if r.get("train/loss") is not None and (f.resume_step is None or r["step"] > f.resume_step)]
-    summary.update(first_train_loss=losses[0] if losses else None, last_train_loss=losses[-1] if losses else None,
-                   **task.summary(module, dm, rows))
-    if rows:
-        summary["plot"] = str(plot_losses(metrics_csv, f.run_dir / "plots" / "loss.png"))
-    if export_net is not None:
-        best = load_best_into(export_net, f.run_dir) if f.best_cb is not None and f.best_cb.best is not None else None
-        if best is not None:  # the export is the best model
-            summary["best"] = {"metric": f.monitor[0], "mode": f.monitor[1], "value": best["value"],
-                               "step": best["global_step"], "metrics": best.get("metrics", {}),
-                               "path": str(f.best_cb.path)}
-            log.info("best %s=%.4f at step %d -> %s", f.monitor[0], best["value"], best["global_step"],
-                     f.run_dir / "hf")
-        check_finite_weights(export_net, trainer.global_step)
-        summary["hf_dir"] = str(export_hf(export_net, f.tokenizer, f.run_dir / "hf", overwrite=True))
-        log.info("exported %s (loads in transformers.%s)", summary["hf_dir"], task.hf_class)
-        summary.update(task.after_export(export_net, f.tokenizer, f.sample_cfg, f.run_dir))
-    summary["seconds"] = time.perf_counter() - f.t_start
-    (f.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return summary
+                                f"run_dir={run_dir}")
+    return summary.summary
 
 
-__all__ = ["CheckedInputs", "Finish", "check_inputs", "finish", "train", "write_config"]
+__all__ = ["CheckedInputs", "check_inputs", "train"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from lightning.pytorch.callbacks import Callback
+
 
 def build_profiler(name: Optional[str], run_dir: Path):
     """trainer.profiler=simple|advanced|pytorch -> Lightning's profiler writing run_dir/profile*; None -> none."""
@@ -20,20 +22,35 @@ def build_profiler(name: Optional[str], run_dir: Path):
     return cls(dirpath=str(run_dir), filename="profile")
 
 
-def build_trainer(trainer_cfg, guard_cfg, seed: int, strategy: Any, precision: str, run_dir: Path, loggers: list,
+class ValidateLastStep(Callback):
+    """The last optimizer step (trainer.max_steps) gets a validation inside `fit`, also when it is not a multiple of
+    the validation interval, so the final checkpoint, checkpoints/best and the export all see it.
+
+    Lightning validates when a callback sets `trainer.should_stop` at a step boundary (training_epoch_loop.py,
+    `_should_check_val_fx`: "allow validation if requesting to stop early through `Trainer.should_stop`"); at
+    max_steps the fit ends there anyway. A step that validates by its interval validates once.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
+def build_trainer(trainer_cfg, guard_cfg, strategy: Any, precision: str, run_dir: Path, loggers: list,
                   extra_callbacks: Sequence = ()):
     """The Lightning Trainer of a run (also what benchmarks/overhead.py times).
 
     Args:
-        trainer_cfg: the `trainer` group (TrainerConfig); guard_cfg: the `guard` group; seed: the run's seed (the
-            per-micro-batch reseeding of StepSeed).
+        trainer_cfg: the `trainer` group (TrainerConfig); guard_cfg: the `guard` group. The per-micro-batch
+            reseeding (StepSeed) starts from the seed `lightning.seed_everything` set.
         strategy: the Lightning strategy (train.strategies.build_strategy) or "auto"; precision: the resolved
             Lightning precision string (train.strategies.Hardware.precision).
         run_dir, loggers: where the run writes, and its loggers (train.callbacks.loggers.build_loggers).
         extra_callbacks: the run's own callbacks (checkpoints, evaluation, preemption), after the loss guard.
 
     Callbacks, in order: StepSeed, RNGState, Throughput, the loss guard (before the checkpoint callbacks in
-    `extra_callbacks`, so a step-N save holds a rolled-back state, not the spiking one), then the progress bar.
+    `extra_callbacks`, so a step-N save holds a rolled-back state, not the spiking one), ValidateLastStep, then the
+    progress bar.
     """
     import lightning as L
 
@@ -45,8 +62,8 @@ def build_trainer(trainer_cfg, guard_cfg, seed: int, strategy: Any, precision: s
     from train.strategies import build_plugins
 
     tcfg, fast = trainer_cfg, trainer_cfg.fast_dev_run
-    callbacks: list = [StepSeed(seed), RNGState(), Throughput(tcfg.log_every_n_steps), *build_guard(guard_cfg, run_dir),
-                       *extra_callbacks]
+    callbacks: list = [StepSeed(), RNGState(), Throughput(tcfg.log_every_n_steps), *build_guard(guard_cfg, run_dir),
+                       ValidateLastStep(), *extra_callbacks]
     if tcfg.enable_progress_bar:
         # the bar's numbers change only at logging steps; redrawing it every batch costs ~1 ms a step
         callbacks.append(StepProgressBar(refresh_rate=tcfg.log_every_n_steps))
@@ -80,4 +97,4 @@ def build_trainer(trainer_cfg, guard_cfg, seed: int, strategy: Any, precision: s
     )
 
 
-__all__ = ["build_profiler", "build_trainer"]
+__all__ = ["ValidateLastStep", "build_profiler", "build_trainer"]

@@ -6,7 +6,7 @@ progress bar):
   depend on what ran before; `RNGState` (rng.py): every RNG state in each checkpoint, restored on resume.
 - `Throughput` (throughput.py): tokens/s over each logging interval, and MFU on known GPUs.
 - `LossGuard` (guard.py): skips non-finite updates, rolls loss spikes back to the last checkpoint.
-- `HarnessEval` (train/eval/callback.py), `BestCheckpoint` and `StepCheckpoint` (train/checkpoint/callbacks.py).
+- `HarnessEval` (train/eval/evaluate.py), `BestCheckpoint` and `StepCheckpoint` (train/checkpoint/callbacks.py).
 - `Preemption` (preemption.py): SIGUSR1 / SIGTERM -> a checkpoint at the next step boundary, stop, SLURM requeue.
 - `StepProgressBar` (progress.py): Lightning's bar, counting optimizer steps.
 - loggers.py: run_dir/metrics.csv (always), W&B and TensorBoard (the logger group).

@@ -5,17 +5,21 @@
   the resume step and appends after them.
 - `build_loggers`: the `logger` group -> [MetricsCSV, WandbLogger?, TensorBoardLogger?].
 - `read_metrics` / `plot_losses`: metrics.csv back as numbers; plots/loss.png from it (matplotlib, Agg backend).
+- `RunSummary`: run_dir/summary.json at the end of the fit, from metrics.csv and every callback's `summary_fields()`.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -195,6 +199,62 @@ def _plot_evals(ax, evals: dict[str, list[tuple[float, float]]]) -> None:
     ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below
 
 
+# ------------------------------------------------------------------------------------------------ summary.json
+class RunSummary(Callback):
+    """run_dir/summary.json when the fit completes (reaches trainer.max_steps); `summary`, the same dict, on every rank
+    after fit (rank 0's alone has the metrics.csv fields, the task's fields and the export's).
+
+    Fields: run_dir, global_step, checkpoint (the newest), train_seconds (fit start to the end of the last step's
+    validation), resumed_step (after a resume: `seconds` count this process only, from that step on), init (what
+    model.init_from gave, `init_report`), then what each callback of the run adds through `summary_fields()` (eval,
+    monitor, best, hf_dir, samples ...), first/last_train_loss of this process's steps, the task's own fields
+    (`task.summary`), plot (plots/loss.png) and seconds (to now). A fit stopped early (preemption) is not done: no
+    summary.json, and `summary` is {run_dir, global_step, checkpoint, preempted, requeued}.
+    Sits last among the callbacks: its `on_fit_end` reads what the others' wrote (HFExport's export).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, task: Any, t_start: float, resume_step: Optional[int] = None,
+                 init_report: Optional[dict[str, Any]] = None):
+        self.run_dir, self.task, self.t_start = Path(run_dir), task, t_start
+        self.resume_step, self.init_report = resume_step, init_report
+        self.train_seconds: Optional[float] = None
+        self.summary: dict[str, Any] = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.train_seconds = time.perf_counter() - self.t_start
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        fields: dict[str, Any] = {}
+        for cb in trainer.callbacks:
+            if cb is not self and hasattr(cb, "summary_fields"):
+                fields.update(cb.summary_fields())
+        summary = {"run_dir": str(self.run_dir), "global_step": trainer.global_step,
+                   "checkpoint": fields.pop("checkpoint", None)}
+        if not (trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step):
+            self.summary = {**summary, **{k: fields[k] for k in ("preempted", "requeued") if k in fields}}
+            return
+        summary["train_seconds"] = self.train_seconds
+        if self.resume_step is not None:
+            summary["resumed_step"] = self.resume_step
+        if self.init_report is not None:
+            summary["init"] = self.init_report
+        summary.update(fields)
+        self.summary = summary
+        if not trainer.is_global_zero:
+            return
+        metrics_csv = self.run_dir / "metrics.csv"
+        rows = read_metrics(metrics_csv) if metrics_csv.is_file() else []
+        # this process's steps (after a resume: from the resumed step on, like the step count and seconds printed)
+        losses = [r["train/loss"] for r in rows
+                  if r.get("train/loss") is not None and (self.resume_step is None or r["step"] > self.resume_step)]
+        summary.update(first_train_loss=losses[0] if losses else None, last_train_loss=losses[-1] if losses else None,
+                       **self.task.summary(pl_module, trainer.datamodule, rows))
+        if rows:
+            summary["plot"] = str(plot_losses(metrics_csv, self.run_dir / "plots" / "loss.png"))
+        summary["seconds"] = time.perf_counter() - self.t_start
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
 # ------------------------------------------------------------------------------------------------ the logger group
 def wandb_mode(logger_cfg) -> str:
     """online when a key is configured (env or ~/.netrc), else offline; the key itself is never read into our config."""
@@ -240,4 +300,4 @@ def build_loggers(logger_cfg, run_dir: Path, resume_step: Optional[int], hparams
     return loggers
 
 
-__all__ = ["BASE_COLUMNS", "MetricsCSV", "build_loggers", "plot_losses", "read_metrics", "wandb_mode"]
+__all__ = ["BASE_COLUMNS", "MetricsCSV", "RunSummary", "build_loggers", "plot_losses", "read_metrics", "wandb_mode"]

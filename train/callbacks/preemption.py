@@ -121,5 +121,9 @@ class Preemption(Callback):
                 rank_zero_info(f"requeued SLURM job {job}; it resumes from {path.name}")
         trainer.should_stop = True
 
+    def summary_fields(self) -> dict[str, Any]:
+        """{"preempted": the signal, "requeued": bool} after a preemption stop; {} otherwise."""
+        return {"preempted": self.signal_name, "requeued": self.requeued} if self.stopped else {}
+
 
 __all__ = ["Preemption", "requeue", "slurm_job_id"]

@@ -3,6 +3,7 @@ before each micro-batch, so a resumed run draws the same dropout masks as an uni
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any, Optional
 
@@ -59,12 +60,22 @@ class StepSeed(Callback):
     Dropout masks then depend only on where a batch sits in the run, not on how much randomness something else
     (a validation pass, a DataLoader iterator's base seed) drew before it, so an interrupted-and-resumed run draws
     exactly the same masks as an uninterrupted one.
+
+    seed: the base seed; None takes the one `lightning.seed_everything` set (its PL_GLOBAL_SEED environment variable,
+    which Lightning's own `reset_seed` and DataLoader worker seeding read). Raises RuntimeError at fit start when
+    neither is there.
     """
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: Optional[int] = None):
         self.seed = seed
         self._step = -1
         self._k = 0  # micro-batch index inside the current accumulation window
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.seed is None:
+            if "PL_GLOBAL_SEED" not in os.environ:
+                raise RuntimeError("StepSeed() needs lightning.seed_everything(seed) before fit, or StepSeed(seed).")
+            self.seed = int(os.environ["PL_GLOBAL_SEED"])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -4,10 +4,14 @@
   included: what `resume` continues from), the `last` pointer, keep-last-k.
 - `BestCheckpoint`: checkpoints/best at the best value of a fine-tuning task's monitored metric (weights only: what
   the export holds, and a valid `model.init_from`).
+- `HFExport`: run_dir/hf at the end of a completed fit (the best model where there is one), + what the task adds.
+
+Each has `summary_fields()`: what it adds to the run's summary.json (train.callbacks.loggers.RunSummary).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -19,8 +23,10 @@ from lightning.pytorch.callbacks import Callback
 from train.checkpoint.layout import best_dir, retain, step_dir, write_last
 from train.checkpoint.weights import save_model_dir
 from train.config import ConfigError
-from train.strategies import full_state_dict
+from train.strategies import full_state_dict, model_for_export
 from train.strategies.engines.fsdp2 import plain_class
+
+log = logging.getLogger(__name__)
 
 
 class StepCheckpoint(Callback):
@@ -55,7 +61,8 @@ class StepCheckpoint(Callback):
             return
         self._last_step = step
         if step % self.every_n_steps == 0:
-            if self.val_every_n_steps and step % self.val_every_n_steps == 0:
+            last = trainer.max_steps is not None and 0 < trainer.max_steps <= step  # validates too (ValidateLastStep)
+            if self.val_every_n_steps and (step % self.val_every_n_steps == 0 or last):
                 self._due = step
             else:
                 self.save(trainer)
@@ -87,6 +94,10 @@ class StepCheckpoint(Callback):
         trainer.strategy.barrier("StepCheckpoint.save")
         self.saved.append(path)
         return path
+
+    def summary_fields(self) -> dict[str, Any]:
+        """{"checkpoint": the newest checkpoint this process saved, or None}."""
+        return {"checkpoint": str(self.saved[-1]) if self.saved else None}
 
 
 class BestCheckpoint(Callback):
@@ -138,5 +149,52 @@ class BestCheckpoint(Callback):
         if state.get("monitor") == self.monitor:
             self.best, self.best_step = state.get("best"), state.get("best_step")
 
+    def summary_fields(self) -> dict[str, Any]:
+        """{"monitor": the metric, "monitor_mode": "max" | "min"}."""
+        return {"monitor": self.monitor, "monitor_mode": self.mode}
 
-__all__ = ["BestCheckpoint", "StepCheckpoint"]
+
+class HFExport(Callback):
+    """run_dir/hf when a fit completes (reaches trainer.max_steps): the HF export (train.checkpoint.export.export_hf)
+    of checkpoints/best when `best` holds one, else of the final weights, then what the task writes next to it
+    (`task.after_export`: samples.txt for lm). A fit stopped early (preemption) is not done: nothing is exported.
+
+    Runs at `on_fit_end`, after the last step's validation (inside fit) and the final checkpoint. Every rank takes
+    part (FSDP2 / ZeRO-3 gather the full weights); rank 0 writes. Raises GuardError when the weights hold NaN/Inf.
+    After fit, `summary_fields()` gives {"hf_dir", "best" (when the export is the best model), + the task's files}.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, tokenizer: Any, task: Any, sample_cfg: Any,
+                 best: Optional[BestCheckpoint] = None):
+        self.run_dir = Path(run_dir)
+        self.tokenizer, self.task, self.sample_cfg, self.best = tokenizer, task, sample_cfg, best
+        self.fields: dict[str, Any] = {}
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not (trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step):
+            return
+        from train.callbacks.guard import check_finite_weights
+        from train.checkpoint.export import export_hf
+        from train.checkpoint.weights import load_best_into
+
+        net = model_for_export(trainer, pl_module)  # every rank
+        if net is None:  # not rank 0
+            return
+        if self.best is not None and self.best.best is not None:
+            best = load_best_into(net, self.run_dir)
+            if best is not None:  # the export is the best model
+                self.fields["best"] = {"metric": self.best.monitor, "mode": self.best.mode, "value": best["value"],
+                                       "step": best["global_step"], "metrics": best.get("metrics", {}),
+                                       "path": str(self.best.path)}
+                log.info("best %s=%.4f at step %d -> %s", self.best.monitor, best["value"], best["global_step"],
+                         self.run_dir / "hf")
+        check_finite_weights(net, trainer.global_step)
+        self.fields["hf_dir"] = str(export_hf(net, self.tokenizer, self.run_dir / "hf", overwrite=True))
+        log.info("exported %s (loads in transformers.%s)", self.fields["hf_dir"], self.task.hf_class)
+        self.fields.update(self.task.after_export(net, self.tokenizer, self.sample_cfg, self.run_dir))
+
+    def summary_fields(self) -> dict[str, Any]:
+        return dict(self.fields)
+
+
+__all__ = ["BestCheckpoint", "HFExport", "StepCheckpoint"]

@@ -1,6 +1,7 @@
 """Checkpoint folders, read without torch or Lightning: the layout of `run_dir/checkpoints/step-N/` (train/checkpoint/io.py
 describes the format and writes it), finding the newest complete one, what a run may resume, and the checks a
-checkpoint must pass before any weights are loaded (its meta.json and config.json, the safetensors header).
+checkpoint must pass before any weights are loaded (its meta.json and config.json, the safetensors header); and
+run_dir/config.yaml, the run's resolved config.
 
 Everything here reads small files only, so train/run.py, train/cli/export.py and train/cli/generate.py refuse a bad
 checkpoint or run dir in well under a second, before they import torch and Lightning.
@@ -58,6 +59,20 @@ def publish_dir(tmp: Path, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ finding checkpoints
+def write_config(run_dir: Path, cfg: Any) -> dict[str, Any]:
+    """run_dir/config.yaml (run_dir created if needed): the fully resolved config `cfg` (a structured config
+    dataclass, train.config.Config), written before anything runs (tmp + replace). Returns it as plain containers:
+    the hyper-parameters the loggers record."""
+    from omegaconf import OmegaConf
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    node = OmegaConf.structured(cfg)
+    tmp = run_dir / f"config.yaml.tmp-{os.getpid()}"
+    tmp.write_text(OmegaConf.to_yaml(node, resolve=True))
+    os.replace(tmp, run_dir / "config.yaml")
+    return OmegaConf.to_container(node, resolve=True)
+
+
 def read_meta(step_dir: Path) -> dict[str, Any]:
     step_dir = Path(step_dir)
     f = step_dir / META_NAME

@@ -1,2 +1,2 @@
-"""Evaluation: evaluate.py (lm-evaluation-harness tasks scored with our model), harness.py (our lm_eval backend),
-callback.py (the same tasks during training), samples.py (samples.txt of an LM run)."""
+"""Evaluation: evaluate.py (lm-evaluation-harness tasks scored with our model, standalone and during training:
+`HarnessEval`), harness.py (our lm_eval backend), samples.py (samples.txt of an LM run)."""
