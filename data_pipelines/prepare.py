@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from data_pipelines.cli import run_hydra
 from data_pipelines.config import DataConfig, PrepareConfig, Source, register_configs, to_data_config, to_dataclass
 
 
@@ -70,7 +71,7 @@ def _run(node: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
-    hydra.main(config_path="../conf", config_name="prepare", version_base="1.3")(_run)()
+    run_hydra(hydra.main(config_path="../conf", config_name="prepare", version_base="1.3")(_run))
 
 
 if __name__ == "__main__":

@@ -112,7 +112,11 @@ def data(kind: str, file: str, *extra):
 
 
 CASES = [
-    ("unknown-option", RUN, run("trainer.max_step=5"), r"max_step"),
+    ("unknown-option", RUN, run("trainer.max_step=5"), r"trainer\.max_step is not a setting.*did you mean "
+                                                        r"trainer\.max_steps\?"),
+    # Hydra's own message suggests the `+`: the key is still not in the schema, so the run must not start
+    ("unknown-option-with-plus", RUN, run("+trainer.max_step=5"), r"trainer\.max_step is not a setting"),
+    ("unparsable-override", RUN, run("run_dir=runs/lr=3e-3,bs=8"), r"quote a value .* key='value'"),
     ("wrong-type", RUN, run("trainer.max_steps=abc"), r"max_steps.*abc|abc.*max_steps"),
     ("out-of-range-lr", RUN, run("optim.lr=-1"), r"optim\.lr=-1.* must be"),
     ("out-of-range-val-fraction", RUN, run("data.val_fraction=1.5"), r"data\.val_fraction=1\.5 must be"),
@@ -150,7 +154,9 @@ CASES = [
                                               f"data.cache_dir={w['cache']}"], r"nope\.txt"),
     ("prepare-empty-file", PREP, lambda w: ["data=text", f"data.path={w['d'] / 'empty.txt'}",
                                             f"data.cache_dir={w['cache']}"], r"empty"),
-    ("prepare-unknown-key", PREP, lambda w: ["data.blok_size=3"], r"blok_size"),
+    ("prepare-unknown-key", PREP, lambda w: ["data.blok_size=3"], r"data\.blok_size is not a setting.*did you mean "
+                                                                  r"data\.block_size\?"),
+    ("prepare-unknown-group-option", PREP, lambda w: ["data=nope"], r"Could not find 'data/nope'; available options"),
     ("plan-unknown-model", PLAN, lambda w: ["model=gpt9"], r"unknown model 'gpt9'"),
     ("plan-bad-number", PLAN, lambda w: ["model=gpt2", "gpus=eight"], r"gpus='eight' is not valid"),
     ("swept-run-dir-under-multirun", RUN, lambda w: ["-m", f"run_dir={w['d'] / 'a'},{w['d'] / 'b'}"],
@@ -158,7 +164,7 @@ CASES = [
     ("lm-data-override-on-finetune", RUN,
      lambda w: ["task=cls", f"model.init_from={w['pre'] / 'hf'}", "data=jsonl", f"data.path={w['d'] / 'cls.jsonl'}",
                 f"run_dir={w['d'] / 'new'}"],
-     r"task=cls fine-tunes on task\.data\.\*, not on data\.\*: data=jsonl has no effect .*task\.data\.source=jsonl"),
+     r"task=cls fine-tunes on task\.data\.\*, not on data\.\*: data=jsonl would leave it .*task\.data\.source=jsonl"),
     ("slurm-bad-nodes", SLURM, lambda w: ["--dry-run", "--nodes", "0", "--", "trainer.max_steps=1"], r"--nodes"),
 ]
 _TASKS = {p.stem for p in (CONF / "task").glob("*.yaml")}
@@ -185,7 +191,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 # Refused from the config, the file system and the first bytes of a file, before torch (~1 s) and Lightning (~4 s)
 # are imported: a wrong path or option gets its sentence at once.
 BEFORE_TORCH = {
-    "unknown-option", "wrong-type", "out-of-range-lr", "out-of-range-val-fraction", "unknown-group-option",
+    "unknown-option", "unknown-option-with-plus", "unparsable-override", "prepare-unknown-group-option",
+    "wrong-type", "out-of-range-lr", "out-of-range-val-fraction", "unknown-group-option",
     "missing-data-file", "empty-data-file", "undecodable-data-file", "wrong-format-jsonl", "missing-column-jsonl",
     "block-size-over-n-positions", "checkpoint-of-another-model", "resume-auto-no-checkpoint",
     "resume-corrupt-safetensors", "fresh-run-into-used-run-dir", "init-from-missing", "export-into-non-empty-dir",
@@ -224,6 +231,9 @@ def test_bad_input_is_one_clear_sentence(case, results):
     assert r.returncode != 0, f"{name}: exit 0\n{r.stdout[-2000:]}"
     assert "Traceback" not in err, f"{name}: traceback\n{err[-3000:]}"
     assert re.search(pattern, err), f"{name}: message does not match {pattern!r}:\n{err[-2000:]}"
+    # one `error:` line, the last thing printed (the probe's "imported:" line follows it), not a block of lines
+    lines = err.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith("error: ")] == lines[-2:-1], f"{name}: not one error line\n{err[-2000:]}"
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in BEFORE_LIGHTNING], ids=lambda c: c[0])

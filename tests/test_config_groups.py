@@ -178,6 +178,11 @@ def test_bad_override_named_at_composition(override, needle):
         ("data.block_size=512", "data.block_size"),  # > the demo model's n_positions=256
         ("attention.implementation=magic", "attention.implementation"),
         ("task.name=translate", "task.name"),
+        # a key the schema lacks, re-entered with the `+` Hydra's own message suggests: refused, not ignored
+        ("+trainer.max_step=5", "trainer.max_step is not a setting (TrainerConfig has no 'max_step'); did you mean "
+                                "trainer.max_steps?"),
+        ("+data.blok_size=5", "did you mean data.block_size?"),
+        ("+seeed=1", "seeed is not a setting (Config has no 'seeed')"),
     ],
 )
 def test_bad_value_named_at_instantiation(override, needle):
@@ -188,19 +193,18 @@ def test_bad_value_named_at_instantiation(override, needle):
     assert isinstance(ei.value, (ConfigError, ValueError, OmegaConfBaseException))
 
 
-def test_lm_data_override_on_a_finetune_is_never_silent(caplog):
-    """`data.*` chooses the LM corpus; a fine-tuning task trains on `task.data.*`. Without a tokenizer to take, the
-    override trains the tokenizer and a warning names task.data.*; with one (model.init_from), it would do nothing:
-    the run stops naming the key. The LM task and a fine-tune on its own data are left alone."""
+def test_lm_data_override_on_a_finetune_is_refused(caplog):
+    """`data.*` chooses the LM corpus; a fine-tuning task trains on `task.data.*`. While the task data is its demo,
+    an LM-data override would leave the task training on the demo data: the run stops naming the key, with or
+    without a tokenizer to take. The LM task and a fine-tune on its own data are left alone."""
     from train.config import check_overrides
 
     over = ["task=cls", "data=jsonl", "data.path=my.jsonl"]
-    with caplog.at_level("WARNING", logger="train.config"):
+    with pytest.raises(ConfigError, match=r"data=jsonl would leave it training on its demo data; set "
+                                          r"task\.data\.source=jsonl task\.data\.path=\.\.\."):
         check_overrides(to_config(_compose(over)), over)
-    assert "task=cls: data=jsonl only chooses the corpus the tokenizer is trained on" in caplog.text
-    assert "task.data.source=jsonl task.data.path=..." in caplog.text
     over += ["model.init_from=runs/lm/hf"]
-    with pytest.raises(ConfigError, match=r"data=jsonl has no effect \(the tokenizer comes from model\.init_from\)"):
+    with pytest.raises(ConfigError, match=r"task=cls fine-tunes on task\.data\.\*, not on data\.\*"):
         check_overrides(to_config(_compose(over)), over)
     for fine in (["task=lm", "data=jsonl", "data.path=my.jsonl"],
                  ["task=cls", "task.data.source=jsonl", "task.data.path=c.jsonl", "data=text", "data.path=corpus.txt",

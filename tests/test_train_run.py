@@ -175,6 +175,51 @@ def test_a_resumed_runs_last_line_counts_the_steps_this_process_took(tmp_path):
     assert outcome_lines(summary, "", [])[0].startswith("done: 1800 steps in 63s")
 
 
+def test_the_logged_lr_is_the_lr_its_update_used(corpus, cache_dir, tmp_path):
+    """Row s of metrics.csv logs the lr that optimizer step s ran at: lr * (s / (warmup + 1)) in the warm-up (step 1
+    runs at lr / (warmup + 1)), the peak at step warmup + 1, then the cosine down to min_lr at the last step (the
+    schedule's own formula; reading the lr after Lightning stepped the scheduler logs update s + 1's,
+    transformers#35942)."""
+    import math
+
+    lr, warmup, steps, floor = 3e-3, 3, 10, 0.1
+    train(compose_cfg(small(corpus, cache_dir, tmp_path / "run", f"trainer.max_steps={steps}",
+                            "trainer.log_every_n_steps=1", f"optim.warmup_steps={warmup}", f"optim.lr={lr}",
+                            f"optim.min_lr_ratio={floor}", "optim.schedule=cosine", "trainer.val_check_interval=10",
+                            "checkpoint.every_n_steps=10", "model.n_layer=1")))
+    logged = {int(r["step"]): r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.csv") if r["lr"] is not None}
+    assert sorted(logged) == list(range(1, steps + 1))
+
+    def used(s: int) -> float:  # update s has taken s - 1 steps before it (LambdaLR's last_epoch)
+        k = s - 1
+        if k < warmup:
+            return lr * (k + 1) / (warmup + 1)
+        progress = (k - warmup) / (steps - warmup)
+        return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    for s in (1, 2, warmup, warmup + 1, warmup + 2, steps - 1, steps):
+        assert logged[s] == pytest.approx(used(s), rel=1e-6), (s, logged[s], used(s))
+    assert logged[1] == pytest.approx(lr / (warmup + 1)) and max(logged.values()) == pytest.approx(lr)
+    assert max(logged, key=logged.get) == warmup + 1
+
+
+def test_the_printed_resume_command_survives_hydra_and_the_shell(tmp_path):
+    """A run_dir holding characters Hydra's override grammar reserves (a sweep-style name like lr=3e-3,bs=8, spaces,
+    quotes): the printed resume command, split as the shell does, composes back to the same run_dir (hydra#1577)."""
+    import shlex
+
+    from train.cli.run import outcome_lines
+
+    for name in ("lr=3e-3,bs=8", "my run", "it's [1]"):
+        run_dir = tmp_path / name
+        summary = {"run_dir": str(run_dir), "global_step": 4, "seconds": 1.0, "first_train_loss": 8.3,
+                   "last_train_loss": 7.9, "samples": str(run_dir / "samples.txt"), "hf_dir": str(run_dir / "hf")}
+        last = outcome_lines(summary, "Hi", ["model=tiny", "data.path='a,b.txt'"])[-1]
+        train_cmd = shlex.split(last.rsplit(" more steps: ", 1)[1])
+        cfg = compose_cfg(train_cmd[2:])
+        assert (cfg.run_dir, cfg.resume, cfg.data.path, cfg.trainer.max_steps) == (str(run_dir), "auto", "a,b.txt", 8)
+
+
 def test_resume_auto_without_checkpoint_is_a_clear_error(corpus, cache_dir, tmp_path):
     with pytest.raises(ConfigError, match="resume=auto found no complete checkpoint"):
         train(compose_cfg(small(corpus, cache_dir, tmp_path / "empty", "resume=auto")))

@@ -10,9 +10,10 @@ anything is built. Every error names the key and the fix (lightning-hydra-templa
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
@@ -445,20 +446,19 @@ _LM_DATA_KEYS = ("source", "path", "val_path", "name", "config_name", "split", "
 
 
 def check_overrides(cfg: Config, overrides: Sequence[str]) -> None:
-    """Never ignore a command-line data override in silence.
+    """Never let a fine-tuning task ignore the data its user named.
 
-    A fine-tuning task (task != lm) trains on `task.data.*`; `data=<group>` and `data.path` / `data.name` / ... only
-    choose the corpus its tokenizer is trained on when there is no tokenizer to take (no model.init_from, no
-    data.tokenizer). While the task data is still its built-in demo:
-    - with a tokenizer to take, such an override has no effect at all: the run stops, naming the key to set
-      (`task=cls model.init_from=run/hf data=jsonl data.path=my.jsonl` would fine-tune on the demo data);
-    - without one, it trains the tokenizer, and a warning says so and names `task.data.*`.
+    A fine-tuning task (task != lm) trains on `task.data.*`; `data=<group>` and `data.path` / `data.name` / ... choose
+    the LM corpus (for a fine-tune, at most the corpus its tokenizer is trained on). While the task data is still its
+    built-in demo, such an override would leave the task training on the demo data, so the run stops, naming the
+    `task.data.*` key to set (`task=cls data=jsonl data.path=my.jsonl` -> task.data.source=jsonl task.data.path=...).
+    With the task's own data given, data.* keeps choosing the tokenizer's corpus.
 
     Args:
         cfg: the composed, validated config.
         overrides: the command line's overrides as Hydra saw them (e.g. `HydraConfig.get().overrides.task`).
     Raises:
-        ConfigError: an LM-data override that would have no effect on a fine-tuning task.
+        ConfigError: an LM-data override on a fine-tuning task that trains on its demo data.
     """
     if cfg.task.name == "lm" or cfg.task.data.source != "demo":
         return
@@ -472,17 +472,39 @@ def check_overrides(cfg: Config, overrides: Sequence[str]) -> None:
             hint = f"task.data.source={kind} task.data.path=... (or task.data.name=... for hub)"
         else:
             hint = f"task.data.source=jsonl|csv|parquet|hub task.data.{field}={value}"
-        if cfg.model.init_from or cfg.data.tokenizer:
-            source = "model.init_from" if cfg.model.init_from else "data.tokenizer"
-            raise ConfigError(
-                f"task={cfg.task.name} fine-tunes on task.data.*, not on data.*: {override} has no effect (the "
-                f"tokenizer comes from {source}) and the task would train on its demo data; set {hint} instead."
-            )
-        logging.getLogger(__name__).warning(
-            "task=%s: %s only chooses the corpus the tokenizer is trained on; the task trains on its demo data "
-            "(for your own, set %s).", cfg.task.name, override, hint,
+        raise ConfigError(
+            f"task={cfg.task.name} fine-tunes on task.data.*, not on data.*: {override} would leave it training on "
+            f"its demo data; set {hint} instead."
         )
-        return
+
+
+def unknown_keys(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of a composed DictConfig that its structured schema (the dataclasses of this module) does not
+    have: what `+key=value` adds. OmegaConf.to_object drops them without a word, so `to_config` refuses them."""
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.get_type(node)
+    if not is_dataclass(schema):
+        return []
+    fields = {f.name for f in dataclass_fields(schema)}
+    found = []
+    for key in node.keys():
+        if key not in fields:
+            found.append(f"{prefix}{key}")
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            found += unknown_keys(child, f"{prefix}{key}.")
+    return found
+
+
+def _unknown_key_error(node: Any, key: str) -> ConfigError:
+    from omegaconf import OmegaConf
+
+    from data_pipelines.cli import unknown_key_message
+
+    group = key.rpartition(".")[0]
+    return ConfigError(unknown_key_message(key, OmegaConf.get_type(OmegaConf.select(node, group) if group else node)))
 
 
 def sweep_root_from_run_dir(argv: Sequence[str]) -> list[str]:
@@ -514,6 +536,9 @@ def to_config(node: Any) -> Config:
 
     if isinstance(node, Config):
         return node
+    extra = unknown_keys(node)
+    if extra:
+        raise _unknown_key_error(node, extra[0])
     obj = OmegaConf.to_object(node)
     if not isinstance(obj, Config):
         raise ConfigError("the composed config is not a train Config; compose conf/config.yaml (config_name=config).")

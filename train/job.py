@@ -170,8 +170,10 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
 
     trainer.fit(module, datamodule=dm, ckpt_path=str(checked.resume_from) if checked.resume_from else None)
     if trainer.interrupted:
+        from data_pipelines.cli import override
+
         raise KeyboardInterrupt(f"interrupted at step {trainer.global_step}; continue with resume=auto "
-                                f"run_dir={run_dir}")
+                                f"{override('run_dir', run_dir)}")
     return summary.summary
 
 

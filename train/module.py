@@ -134,6 +134,7 @@ class GPT2LitModule(L.LightningModule):
         # this optimizer step's total gradient 2-norm (0-dim tensor) when a callback already computed it exactly as
         # clip_grad_norm_ would (the loss guard does), for `configure_gradient_clipping`; reset there every step
         self.grad_norm: Optional[torch.Tensor] = None
+        self.step_lr: Optional[float] = None  # the lr of the newest optimizer step (what its metrics row logs)
 
     # -- setup
     def configure_model(self) -> None:
@@ -166,6 +167,9 @@ class GPT2LitModule(L.LightningModule):
         return not self.trainer.strategy.handles_gradient_accumulation
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        # the lr this update uses, for its metrics row: Lightning steps the scheduler right after the optimizer, so
+        # the lr read at logging time is already the next update's (the off-by-one of transformers#35942)
+        self.step_lr = optimizer.param_groups[0]["lr"]
         optimizer.step(closure=optimizer_closure)
         if self.frees_grads_after_step():
             optimizer.zero_grad(set_to_none=True)
@@ -255,7 +259,7 @@ class GPT2LitModule(L.LightningModule):
         # the mean over all ranks (one collective, at logging steps only): the number 1 process with the whole
         # global batch would log; the only host sync of the training loss
         loss = self.trainer.strategy.reduce(loss_sum / n, reduce_op="mean").item()
-        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        lr = self.step_lr if self.step_lr is not None else self.trainer.optimizers[0].param_groups[0]["lr"]
         self.emit_metrics({"train/loss": loss, "lr": lr}, step)  # the progress bar reads them from last_logged
         self._flush_logs()  # the row is complete (throughput was logged before this hook)
 

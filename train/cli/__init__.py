@@ -2,21 +2,17 @@
 `python train/cli/export.py`, `python train/cli/generate.py`, `python train/cli/evaluate.py`.
 
 Each ends a mistake of its user (a wrong path, option or file) with one `error:` line and exit code 1 instead of a
-traceback; GPT2_FORGE_DEBUG=1 (or HYDRA_FULL_ERROR=1) re-raises for the traceback.
+traceback; GPT2_FORGE_DEBUG=1 (or HYDRA_FULL_ERROR=1) re-raises for the traceback (data_pipelines.cli.debug).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable
 
+from data_pipelines.cli import debug
+
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
-
-
-def debug() -> bool:
-    """Whether the user asked for tracebacks (GPT2_FORGE_DEBUG=1, or Hydra's own HYDRA_FULL_ERROR=1)."""
-    return os.environ.get("GPT2_FORGE_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def error_line(err: BaseException) -> str:

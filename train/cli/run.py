@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 import hydra
 from omegaconf import DictConfig
 
+from data_pipelines.cli import override, run_hydra
 from data_pipelines.config import register_configs as register_data_configs
 from train.cli import EXPECTED_ERRORS, debug, error_line
 from train.cli.malloc import tune_glibc_malloc
@@ -87,7 +88,7 @@ def main(dcfg: DictConfig) -> Optional[float]:
     if summary.get("preempted"):
         requeued = " and requeued the SLURM job" if summary.get("requeued") else ""
         print(f"stopped: {summary['preempted']} at step {summary['global_step']}; saved {summary['checkpoint']}"
-              f"{requeued}; continue with resume=auto run_dir={summary['run_dir']}", file=sys.stderr)
+              f"{requeued}; continue with resume=auto {override('run_dir', summary['run_dir'])}", file=sys.stderr)
         # a requeued job's exit does not matter; a SIGTERM stop is 128+15, as if the signal had ended it
         sys.exit(0 if summary["preempted"] == "SIGUSR1" else 143)
     prompt = dcfg.sample.prompts[0] if dcfg.sample.prompts else ""
@@ -121,24 +122,25 @@ def outcome_lines(summary: dict[str, Any], prompt: str, overrides: Sequence[str]
     if summary.get("samples"):
         rd = shown(summary["run_dir"])
         skip = ("run_dir", "resume", "trainer.max_steps")  # replaced below
-        again = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in skip]
-        again += [f"run_dir={rd}", "resume=auto", f"trainer.max_steps={2 * summary['global_step']}"]
+        again = [shlex.quote(o) for o in overrides if o.split("=", 1)[0].lstrip("+~") not in skip]
+        again += [override("run_dir", rd), "resume=auto", f"trainer.max_steps={2 * summary['global_step']}"]
         py = shlex.quote(shown(sys.executable))  # `make run`'s .venv/bin/python works without an activated venv
         lines.append(f"open {shown(summary['samples'])} and {shown(summary.get('plot', rd + '/plots'))}; sample: {py} "
                      f"train/cli/generate.py {shlex.quote(shown(summary['hf_dir']))} --prompt {shlex.quote(prompt)}; "
                      f"resume for {summary['global_step']} more steps: {py} train/run.py "
-                     f"{' '.join(map(shlex.quote, again))}")
+                     f"{' '.join(again)}")
     return lines
 
 
 def cli() -> None:
-    """`python train/run.py`: under -m a plain run_dir=X becomes the sweep's root, then Hydra's main."""
+    """`python train/run.py`: under -m a plain run_dir=X becomes the sweep's root, then Hydra's main (its composition
+    errors as one `error:` line: data_pipelines.cli.run_hydra)."""
     try:
         sys.argv = sweep_root_from_run_dir(sys.argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    main()
+    run_hydra(main)
 
 
 __all__ = ["cli", "main", "outcome_lines"]
