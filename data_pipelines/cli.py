@@ -9,6 +9,7 @@ HYDRA_FULL_ERROR=1 set by the user, keeps the tracebacks.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import re
@@ -23,6 +24,14 @@ DEBUG_ENV = "GPT2_FORGE_DEBUG"
 # `+key` would add a key the typed schema does not have)
 _NOISE = ("full_key:", "reference_type=", "object_type=", "To append to your config", "Set the environment variable",
           "Config search path", "provider=", "See https://hydra.cc")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser for the argparse entry points (export, generate, evaluate, launch/slurm.py): a usage mistake
+    is one `error: <message>; see <prog> --help` line and exit code 2, where argparse prints its usage block first."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def debug() -> bool:
@@ -115,4 +124,4 @@ def run_hydra(main: Callable[[], Any]) -> Any:
         sys.exit(1)
 
 
-__all__ = ["DEBUG_ENV", "debug", "hydra_error_line", "override", "run_hydra", "unknown_key_message"]
+__all__ = ["ArgumentParser", "DEBUG_ENV", "debug", "hydra_error_line", "override", "run_hydra", "unknown_key_message"]

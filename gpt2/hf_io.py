@@ -286,6 +286,10 @@ def load_pretrained(cls, path, dtype="auto", config: GPT2Config | None = None, s
 
     expected = set(probe.state_dict().keys())
     tied = "lm_head.weight" if probe.config.tie_word_embeddings else None
+    wte = next((k for k in ("transformer.wte.weight", "wte.weight") if k in expected), None)
+    if tied and wte and wte not in ours and tied in ours:
+        # the tied matrix stored under the head's name only: it is the embedding (transformers loads either name)
+        ours[wte] = ours.pop(tied)
     missing = sorted(expected - set(ours) - {tied})
     if missing:
         model = cls(config)

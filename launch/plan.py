@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         p = plan(**parse_args(sys.argv[1:] if argv is None else argv))
     except ValueError as e:
-        print(f"plan.py: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_plan(p))
     return 0

@@ -45,6 +45,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_pipelines.cli import ArgumentParser
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ENV_FILE = ROOT / "launch" / "env.sh"
 TIME_RE = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$|^\d+$")  # sbatch --time: MM, HH:MM:SS, D-HH:MM[:SS]
@@ -340,7 +342,7 @@ def submit_prepare(spec: PrepareSpec) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="launch/slurm.py",
         description="Write an sbatch script for train/run.py into the run directory and submit it.",
         epilog="Everything after '--' goes to train/run.py verbatim, e.g. -- model=gpt2 strategy=ddp data=tokens.",
@@ -383,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         job_id = submit(spec)
     except SlurmError as e:
-        print(f"launch/slurm.py: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(job_id)
     print(f"submitted job {job_id}: script {spec.script_path}, log {spec.run_dir / 'slurm' / (job_id + '.out')}",
@@ -409,7 +411,7 @@ def _main_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
             return 0
         array_id, index_id = submit_prepare(spec)
     except SlurmError as e:
-        print(f"launch/slurm.py: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(index_id)
     print(f"submitted preparation: array job {array_id} ({spec.array} tasks), index job {index_id} after it; "

@@ -73,6 +73,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
     # a user's model folder: an export plus their own files (it looks like an export, but is not only one)
     shutil.copytree(w["pre"] / "hf", d / "mymodel")
     (d / "mymodel" / "NOTES.md").write_text("my evaluation notes")
+    shutil.copytree(w["pre"] / "hf", d / "damaged_hf")  # an HF folder whose weights file was cut short
+    weights = d / "damaged_hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     w["hashes"] = {k: _hash_tree(w[k]) for k in ("pre",)}
     w["hashes"]["corrupt_ckpt"] = _hash_tree(w["corrupt"] / "checkpoints")
     w["hashes"]["precious"] = _hash_tree(d / "precious")
@@ -136,6 +139,9 @@ CASES = [
      r"model\.safetensors.*corrupt"),
     ("fresh-run-into-used-run-dir", RUN, lambda w: [*tiny(w), f"run_dir={w['pre']}"], r"already holds checkpoints"),
     ("init-from-missing", RUN, run("model.init_from=/no/such/model"), r"/no/such/model does not exist"),
+    # the damaged file is named, with safetensors' own reason (not "holds no complete checkpoint")
+    ("init-from-damaged-hf-folder", RUN, run(lambda w: f"model.init_from={w['d'] / 'damaged_hf'}"),
+     r"cannot read .*damaged_hf/model\.safetensors: .*(incomplete|deserializ)"),
     ("too-many-devices", RUN, run("trainer.devices=64"), r"devices"),
     ("flash-on-cpu", RUN, run("attention=flash"), r"flash.*(CUDA|GPU)"),
     ("export-into-non-empty-dir", EXPORT, lambda w: [str(w["pre"]), str(w["d"] / "precious")], r"not empty.*--force"),

@@ -134,6 +134,26 @@ def test_untied_lm_head_round_trip(tmp_path):
     torch.testing.assert_close(back.lm_head.weight, ours.lm_head.weight, atol=0, rtol=0)
 
 
+def test_tied_weight_stored_under_the_head_name_loads_without_a_false_warning(tmp_path):
+    """A tied checkpoint that stores the shared matrix as lm_head.weight (not transformer.wte.weight) is the same model:
+    it loads with transformers' logits and no "newly initialized" warning."""
+    torch.manual_seed(0)
+    cfg = gpt2.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=50)
+    ours = gpt2.GPT2LMHeadModel(cfg).eval()
+    ours.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["lm_head.weight"] = sd.pop("transformer.wte.weight")
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a "newly initialized" warning fails the test
+        again = gpt2.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, ours(ids).logits)
+        torch.testing.assert_close(again(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_refuses_pickle_and_reports_bad_folders(tmp_path):
     tiny().config.save_pretrained(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")

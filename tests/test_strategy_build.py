@@ -328,3 +328,30 @@ def test_deepspeed_micro_batch_is_the_loader_batch_of_the_task(tmp_path):
         strategy = build_strategy(cfg.strategy, cfg.trainer, micro_batch, hardware)
         trainer = build_trainer(cfg.trainer, cfg.guard, strategy, hardware.precision, tmp_path, loggers=[])
         assert trainer.strategy.config["train_micro_batch_size_per_gpu"] == want, extra
+
+
+def test_a_launcher_that_starts_another_number_of_processes_is_refused(tmp_path):
+    """Lightning takes the launcher's world size: `sbatch --ntasks=1` (or torchrun --nproc-per-node 1) with
+    trainer.devices=2 would train on one process at half the global batch (Lightning#20391). Refused, naming both
+    numbers; matching launches, Lightning's own launcher and an interactive Slurm shell pass."""
+    from train.strategies import check_launcher
+
+    two = cfg_for("trainer.accelerator=cpu", "trainer.devices=2").trainer
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train"}
+    with pytest.raises(ConfigError, match=r"^Slurm started 1 process\(es\) but trainer\.devices x trainer\.num_nodes "
+                                          r"= 2 x 1 = 2; .*srun --ntasks-per-node=2"):
+        check_launcher(two, slurm)
+    torchrun = {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "4"}
+    with pytest.raises(ConfigError, match=r"^torchrun started 4 process\(es\) but .* = 2; .*--nproc-per-node=2"):
+        check_launcher(two, torchrun)
+    for env in ({}, {**slurm, "SLURM_NTASKS": "2"}, {**slurm, "SLURM_JOB_NAME": "interactive"},
+                {**torchrun, "WORLD_SIZE": "2"}):
+        check_launcher(two, env)
+    check_launcher(cfg_for("trainer.accelerator=cpu", "trainer.devices=auto").trainer, slurm)  # Lightning counts
+    # the run itself stops with that sentence before Lightning is imported
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC"))}
+    r = subprocess.run([sys.executable, "train/run.py", "trainer.accelerator=cpu", "trainer.devices=2",
+                        "strategy=ddp", "trainer.max_steps=1", f"run_dir={tmp_path / 'run'}"],
+                       cwd=ROOT, env={**env, **slurm}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: Slurm started 1 process(es)")
+    assert not (tmp_path / "run" / "config.yaml").exists()

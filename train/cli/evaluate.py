@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from data_pipelines.cli import ArgumentParser
 from train.cli import run_cli
 from train.eval.evaluate import DEFAULT_BOOTSTRAP_ITERS, evaluate, load_harness, write_json
 
@@ -61,7 +62,7 @@ def _limit(text: str) -> float | int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="HF folder, checkpoints/step-N folder, or run dir (its newest checkpoint, else hf/)")
     p.add_argument("--tasks", required=True, help="comma-separated lm_eval task / group / tag names")
     p.add_argument("--include-path", default=None, help="folder(s) of extra task YAMLs, comma-separated")

@@ -10,16 +10,16 @@ folder.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional
 
+from data_pipelines.cli import ArgumentParser
 from train.checkpoint.export import check_export_dir, export_hf, load_for_export
 from train.cli import run_cli
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="a checkpoints/step-N folder, or a run dir (its newest complete checkpoint)")
     p.add_argument("out", help="the HF folder to write")
     p.add_argument("--force", action="store_true", help="replace a non-empty out folder that is not an export")

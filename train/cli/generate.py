@@ -6,18 +6,18 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional
 
 # torch is imported where it is used: a wrong path or option is refused before its ~1 s import
+from data_pipelines.cli import ArgumentParser
 from train.checkpoint.export import load_model_and_tokenizer
 from train.cli import run_cli
 from train.eval.samples import sample
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Sample text from an HF folder or a gpt2-forge checkpoint.")
+    p = ArgumentParser(description="Sample text from an HF folder or a gpt2-forge checkpoint.")
     p.add_argument("src", help="HF folder, checkpoints/step-N folder, or run dir")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
     p.add_argument("--max-new-tokens", type=int, default=50)

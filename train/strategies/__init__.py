@@ -103,6 +103,7 @@ def check_hardware(strategy_cfg, trainer_cfg, attention: Optional[str] = None) -
     """Refuse, with one sentence, a strategy / device count / attention kernel this machine cannot run; returns the
     resolved `Hardware`. Raises ConfigError naming the setting and the fix."""
     spec = get_spec(strategy_cfg.name)
+    check_launcher(trainer_cfg)
     cuda = torch.cuda.is_available()
     n_gpus = torch.cuda.device_count() if cuda else 0
     accel = trainer_cfg.accelerator
@@ -133,6 +134,40 @@ def check_hardware(strategy_cfg, trainer_cfg, attention: Optional[str] = None) -
         if bad:
             raise ConfigError(f"trainer.devices={list(devices)} names GPU(s) {bad} but this node has {n_gpus}.")
     return hardware if hardware.precision else Hardware(on_gpu, resolve_precision(trainer_cfg.precision, accel))
+
+
+def launched_world_size(env: Optional[dict] = None) -> Optional[tuple[str, int]]:
+    """(launcher, number of processes) when a launcher started this process with a fixed world size, else None.
+
+    Slurm first, as Lightning picks its cluster environment: SLURM_NTASKS unless the job is named bash / interactive
+    (lightning.fabric SLURMEnvironment.detect); then torchrun (TORCHELASTIC_RUN_ID, torch.distributed's
+    is_torchelastic_launched) with its WORLD_SIZE. Lightning's own launcher (neither) starts trainer.devices itself.
+    """
+    env = os.environ if env is None else env
+    if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME", "") not in ("bash", "interactive"):
+        return "Slurm started", int(env["SLURM_NTASKS"])
+    if env.get("TORCHELASTIC_RUN_ID") is not None and env.get("WORLD_SIZE"):
+        return "torchrun started", int(env["WORLD_SIZE"])
+    return None
+
+
+def check_launcher(trainer_cfg, env: Optional[dict] = None) -> None:
+    """Refuse a launcher that started another number of processes than trainer.devices x trainer.num_nodes: Lightning
+    takes the launcher's world size, so an `sbatch --ntasks=1` job with trainer.devices=2 would train on one process
+    at half the global batch without a word (Lightning#20391). Raises ConfigError naming both numbers."""
+    launched = launched_world_size(env)
+    devices = trainer_cfg.devices
+    n = len(devices) if isinstance(devices, (list, tuple)) else devices if isinstance(devices, int) else -1
+    if launched is None or n < 1:  # devices=auto / -1: Lightning counts them from the launcher
+        return
+    who, world = launched
+    want = n * trainer_cfg.num_nodes
+    if world != want:
+        raise ConfigError(
+            f"{who} {world} process(es) but trainer.devices x trainer.num_nodes = {n} x {trainer_cfg.num_nodes} = "
+            f"{want}; start {want} (one per device: srun --ntasks-per-node={n}, torchrun --nproc-per-node={n}) or "
+            f"set trainer.devices / trainer.num_nodes to match."
+        )
 
 
 def checkpoint_family(strategy_name: str) -> str:
@@ -259,10 +294,12 @@ __all__ = [
     "build_plugins",
     "build_strategy",
     "check_hardware",
+    "check_launcher",
     "check_resume",
     "checkpoint_family",
     "full_state_dict",
     "get_spec",
+    "launched_world_size",
     "model_for_export",
     "resolve_precision",
     "strategy_specs",
