@@ -123,6 +123,9 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
         cfg.data.tokenizer = checked.tokenizer
     tokenizer = task.tokenizer(cfg.data, cfg.model.init_from, checked.resume_from, run_dir)  # None: the data's own
     hparams = layout.write_config(run_dir, cfg)
+    changed = layout.config_changes(checked.resume_meta.get("config"), hparams)
+    if changed:  # each takes effect (optim.*: module.apply_optim_config), or was refused by check_inputs
+        log.info("resume: settings that differ from the checkpoint's: %s", "; ".join(changed))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -142,7 +145,9 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     key, length = task.sequence_length(cfg.data, cfg.task)
     if length > model.config.n_positions:
         raise ConfigError(f"{key}={length} exceeds the model's n_positions={model.config.n_positions}; lower {key}.")
-    meta = {"tokenizer_dir": "../../tokenizer"} if tokenizer is not None else {}  # in every checkpoint's meta.json
+    meta = {"config": hparams}  # in every checkpoint's meta.json: what a resume compares its settings with
+    if tokenizer is not None:
+        meta["tokenizer_dir"] = "../../tokenizer"
     module = task.module(model, dm, cfg.task, tcfg, cfg.optim, meta)
 
     # -- callbacks (the end of the run too: the export and summary.json are written at on_fit_end), loggers, Trainer

@@ -11,6 +11,7 @@ task's scores at the end of a validation).
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any, Optional
@@ -27,6 +28,8 @@ from train.config import OptimConfig
 # the default there (DeepSpeed's precision plugin clips nothing; DeepSpeed clips by trainer.gradient_clip_val itself),
 # so the warning is not true of this module.
 warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -72,7 +75,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
                 decay.append(p)
             else:
                 no_decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # "decay" marks the group for `apply_optim_config` (a restored group's weight_decay may be the old value)
+    groups = [{"params": decay, "weight_decay": weight_decay, "decay": True},
+              {"params": no_decay, "weight_decay": 0.0, "decay": False}]
     return [g for g in groups if g["params"]]
 
 
@@ -88,6 +93,37 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
         fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              fused=fused)
+
+
+def schedule(cfg, max_steps: int) -> WarmupDecay:
+    """The lr multiplier of the `optim` group (decay_steps=null: decay over trainer.max_steps)."""
+    return WarmupDecay(cfg.warmup_steps, cfg.decay_steps or max_steps, cfg.min_lr_ratio, cfg.schedule)
+
+
+def apply_optim_config(optimizer, scheduler, cfg, max_steps: int) -> tuple[float, float]:
+    """Make `optimizer` and its LambdaLR `scheduler` follow the `optim` group `cfg` from the current step on, keeping
+    the moments and the step count; returns (the lr the next update would have used before, the lr it uses now).
+
+    Restoring a checkpoint brings back the optimizer's and the scheduler's hyper-parameters as they were written
+    (param_groups' lr / betas / eps / weight_decay, LambdaLR's base_lrs and the WarmupDecay fields), silently
+    overriding what the resumed run's config built (pytorch/examples#816, composer#3154). The schedule is a function
+    of the step and the config, so after this the lr continues on the config's curve: a raised trainer.max_steps
+    stretches the decay from the resumed step on. Keys a param group lacks are left alone.
+    """
+    before = optimizer.param_groups[0]["lr"]
+    for i, group in enumerate(optimizer.param_groups):
+        decay = group.get("decay", i == 0 and len(optimizer.param_groups) > 1)  # checkpoints from before the marker
+        settings = {"betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay if decay else 0.0,
+                    "initial_lr": cfg.lr}
+        group.update({k: v for k, v in settings.items() if k in group})
+    if scheduler is not None:
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        scheduler.lr_lambdas = [schedule(cfg, max_steps) for _ in optimizer.param_groups]
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs  # what get_last_lr() reports (torch.optim.lr_scheduler.LRScheduler)
+    return before, optimizer.param_groups[0]["lr"]
 
 
 class GPT2LitModule(L.LightningModule):
@@ -147,10 +183,7 @@ class GPT2LitModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.optim_cfg
         optimizer = build_optimizer(self.model, cfg)
-        decay_steps = cfg.decay_steps or self.max_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, WarmupDecay(cfg.warmup_steps, decay_steps, cfg.min_lr_ratio, cfg.schedule)
-        )
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg, self.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     # -- when the gradients are freed
@@ -241,6 +274,13 @@ class GPT2LitModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._last_step = self.trainer.global_step
+        # after Lightning restored a resumed run's optimizer and scheduler: this run's optim.* and max_steps win
+        sched = self.trainer.lr_scheduler_configs[0].scheduler if self.trainer.lr_scheduler_configs else None
+        before, now = apply_optim_config(self.trainer.optimizers[0], sched, self.optim_cfg, self.max_steps)
+        if self.trainer.global_step > 0 and not math.isclose(before, now, rel_tol=1e-9, abs_tol=0.0):
+            log.info("optim: step %d runs at lr=%.6g (the checkpoint's schedule gave %.6g): the lr follows this "
+                     "run's optim.* and trainer.max_steps from the resumed step on", self.trainer.global_step + 1,
+                     now, before)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log_train_step()

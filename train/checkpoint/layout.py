@@ -73,6 +73,26 @@ def write_config(run_dir: Path, cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True)
 
 
+# keys that name where a run is, not how it trains: never "changed" on resume
+_RUN_PLACE_KEYS = ("run_dir", "resume")
+
+
+def config_changes(old: Optional[dict[str, Any]], new: dict[str, Any]) -> list[str]:
+    """The settings of `new` (a run's resolved config, plain containers) that differ from `old` (the config stored in
+    the checkpoint it resumes: meta.json's "config"), as "key old -> new" in dotted keys; [] when `old` is None."""
+    if not old:
+        return []
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
+        return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    before, after = flat(old), flat(new)
+    keys = [k for k in after if k not in _RUN_PLACE_KEYS and before.get(k, "<unset>") != after[k]]
+    return [f"{k} {before.get(k, '<unset>')} -> {after[k]}" for k in keys]
+
+
 def read_meta(step_dir: Path) -> dict[str, Any]:
     step_dir = Path(step_dir)
     f = step_dir / META_NAME
@@ -231,15 +251,19 @@ def is_hf_folder(src: Path) -> bool:
 
 
 def tokenizer_source(tokenizer: Optional[str], init_from: Optional[str], resume_from: Optional[Path]) -> Optional[str]:
-    """The tokenizer a run uses: `data.tokenizer` when set, else the one that came with `model.init_from` (an HF
-    folder's own tokenizer files, or a checkpoint's / run dir's tokenizer/ folder): a fine-tune must keep it, since
-    its ids index the embedding table of those weights. None: train (or reuse the cached) BPE on the data source.
+    """The tokenizer a run uses: `data.tokenizer` when set, else the one of the checkpoint it resumes, else the one
+    that came with `model.init_from` (an HF folder's own tokenizer files, or a checkpoint's / run dir's tokenizer/
+    folder): the ids index the embedding table of those weights, so a resume onto another corpus encodes it with the
+    checkpoint's tokenizer (a BPE trained on the new corpus would give other ids). None: train (or reuse the cached)
+    BPE on the data source. (The token cache is keyed by the tokenizer's content, so the same BPE given as a folder
+    reuses the cached token files.)
     """
     if tokenizer:
         return tokenizer
-    # A resumed run keeps data.tokenizer as it was: the BPE trained on the source is cached (and deterministic), so
-    # the cached token files are reused; a changed vocabulary is caught by check_compatible.
-    if init_from and resume_from is None:
+    if resume_from is not None:
+        d = tokenizer_dir_for(resume_from)
+        return str(d) if d else None
+    if init_from:
         src = Path(init_from).expanduser()
         if (src / "tokenizer.json").is_file() or (src / "vocab.json").is_file():
             return str(src)
