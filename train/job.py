@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from train.config import Config, ConfigError
+from data_pipelines.cli import override
+from train.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ class CheckedInputs:
     resume_from: Optional[Path] = None
     resume_meta: dict[str, Any] = field(default_factory=dict)
     tokenizer: Optional[str] = None
+
+    @property
+    def own_resume_from(self) -> Optional[Path]:
+        """The checkpoint resumed from when it is one of this run dir's own (retention must keep it), else None."""
+        own = self.resume_from is not None and self.resume_from.parent.parent.resolve() == self.run_dir.resolve()
+        return self.resume_from if own else None
 
     @property
     def resume_step(self) -> Optional[int]:
@@ -90,14 +97,11 @@ def check_inputs(cfg: Config) -> CheckedInputs:
 
 
 def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any]:
-    """Run the training job `cfg` describes; returns the run's summary (train.callbacks.loggers.RunSummary: the
-    dict written to run_dir/summary.json — paths, steps, first/last train loss, timings, the task's fields), or
-    after a preemption stop {"preempted", "requeued", "checkpoint", ...} (no export: the next job continues).
-
-    `checked`: what `check_inputs(cfg)` returned (train/run.py runs it before importing Lightning); None runs it here.
-    Raises TypeError (cfg is not a `train.config.Config`: convert a DictConfig with `to_config`), ConfigError /
-    CheckpointError / OSError (bad input: one sentence naming the fix), GuardError (the loss guard stopped a diverging
-    run), KeyboardInterrupt (Ctrl-C; the newest checkpoint resumes it).
+    """Run the training job `cfg` describes; returns run_dir/summary.json's dict (train.callbacks.loggers.RunSummary),
+    or after a preemption stop {"preempted", "requeued", "checkpoint", ...}. `checked`: what `check_inputs(cfg)`
+    returned (train/run.py runs it before importing Lightning); None runs it here. Raises TypeError (cfg is not a
+    `train.config.Config`: use `to_config`), ConfigError / CheckpointError / OSError (bad input: one sentence naming
+    the fix), GuardError (the loss guard stopped a diverging run), KeyboardInterrupt (Ctrl-C; resume=auto continues).
     """
     if not isinstance(cfg, Config):  # a DictConfig would skip every __post_init__ check
         raise TypeError(f"train() takes a train.config.Config, not {type(cfg).__name__}; use to_config(cfg).")
@@ -119,8 +123,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     task, tcfg, run_dir = get_task(cfg.task.name, cfg.task.module), cfg.trainer, checked.run_dir
 
     # -- the tokenizer (a fine-tune keeps model.init_from's: its ids index that embedding table), then config.yaml
-    if checked.tokenizer:
-        cfg.data.tokenizer = checked.tokenizer
+    cfg.data.tokenizer = checked.tokenizer or cfg.data.tokenizer
     tokenizer = task.tokenizer(cfg.data, cfg.model.init_from, checked.resume_from, run_dir)  # None: the data's own
     hparams = layout.write_config(run_dir, cfg)
     changed = layout.config_changes(checked.resume_meta.get("config"), hparams)
@@ -142,19 +145,14 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     model, init_report = task.build_model(cfg.model, cfg.attention, cfg.stability, dm)
     if checked.resume_from is not None:
         layout.check_compatible(checked.resume_from, checked.resume_meta, model.config, type(model).__name__)
-    key, length = task.sequence_length(cfg.data, cfg.task)
-    if length > model.config.n_positions:
-        raise ConfigError(f"{key}={length} exceeds the model's n_positions={model.config.n_positions}; lower {key}.")
-    meta = {"config": hparams}  # in every checkpoint's meta.json: what a resume compares its settings with
-    if tokenizer is not None:
-        meta["tokenizer_dir"] = "../../tokenizer"
+    task.check_sequence_length(model.config, cfg.data, cfg.task)
+    # in every checkpoint's meta.json: the config (what a resume compares its settings with), where the tokenizer is
+    meta = {"config": hparams, **({"tokenizer_dir": "../../tokenizer"} if tokenizer is not None else {})}
     module = task.module(model, dm, cfg.task, tcfg, cfg.optim, meta)
 
     # -- callbacks (the end of the run too: the export and summary.json are written at on_fit_end), loggers, Trainer
-    own = checked.resume_from is not None and checked.resume_from.parent.parent.resolve() == run_dir.resolve()
     ckpt_cb = StepCheckpoint(run_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
-                             save_final=cfg.checkpoint.save_final,
-                             protect=checked.resume_from if own else None,  # retention keeps what this run resumed
+                             save_final=cfg.checkpoint.save_final, protect=checked.own_resume_from,
                              val_every_n_steps=tcfg.val_check_interval if tcfg.limit_val_batches else None)
     monitor = task.monitor(cfg.task, dm)  # (metric, mode) of checkpoints/best, or None: the export is the final model
     best_cb = BestCheckpoint(run_dir, *monitor, meta=meta) if monitor else None
@@ -165,9 +163,8 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     if task.full_validation:  # the task metrics need the whole validation set (every qa window of an example)
         tcfg.limit_val_batches = 1.0 if tcfg.limit_val_batches > 0 else 0
     eval_cb = build_eval(cfg.eval, tokenizer, run_dir, tcfg.val_check_interval, tcfg.fast_dev_run)
-    # best before step: a step-N checkpoint written after validation N holds BestCheckpoint's state of step N;
-    # eval before step: checkpoint N is published after eval row N is on disk (fast_dev_run: the eval alone, no
-    # export); the export, then the summary, at the end
+    # best before step: checkpoint N holds BestCheckpoint's state of step N; eval before step: checkpoint N is published
+    # after eval row N is on disk (fast_dev_run: the eval alone, no export); the export, then the summary, at the end
     run_callbacks = (eval_cb,) if tcfg.fast_dev_run else (best_cb, eval_cb, ckpt_cb, preempt, export_cb)
     strategy = build_strategy(cfg.strategy, tcfg, task.micro_batch_size(cfg.data, cfg.task), checked.hardware)
     trainer = build_trainer(tcfg, cfg.guard, strategy, checked.hardware.precision, run_dir, loggers,
@@ -175,8 +172,6 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
 
     trainer.fit(module, datamodule=dm, ckpt_path=str(checked.resume_from) if checked.resume_from else None)
     if trainer.interrupted:
-        from data_pipelines.cli import override
-
         raise KeyboardInterrupt(f"interrupted at step {trainer.global_step}; continue with resume=auto "
                                 f"{override('run_dir', run_dir)}")
     return summary.summary

@@ -45,6 +45,13 @@ class Task:
         """(config key, value) of the longest sequence the data produce; must fit the model's n_positions."""
         raise NotImplementedError
 
+    def check_sequence_length(self, model_config, data_cfg, task_cfg) -> None:
+        """Raise ConfigError when the longest sequence the data produce does not fit the model's n_positions."""
+        key, length = self.sequence_length(data_cfg, task_cfg)
+        if length > model_config.n_positions:
+            raise ConfigError(f"{key}={length} exceeds the model's n_positions={model_config.n_positions}; "
+                              f"lower {key}.")
+
     def micro_batch_size(self, data_cfg, task_cfg) -> int:
         """Examples per loader batch on each rank (DeepSpeed's train_micro_batch_size_per_gpu): the LM's data.batch_size."""
         return data_cfg.batch_size
