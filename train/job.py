@@ -262,7 +262,8 @@ def finish(trainer, module, dm, task, f: Finish) -> dict[str, Any]:
             log.info("best %s=%.4f at step %d -> %s", f.monitor[0], best["value"], best["global_step"],
                      f.run_dir / "hf")
         check_finite_weights(export_net, trainer.global_step)
-        summary["hf_dir"] = str(export_hf(export_net, f.tokenizer, f.run_dir / "hf", overwrite=True))
+        summary["hf_dir"] = str(export_hf(export_net, task.export_tokenizer(f.tokenizer), f.run_dir / "hf",
+                                          overwrite=True))
         log.info("exported %s (loads in transformers.%s)", summary["hf_dir"], task.hf_class)
         summary.update(task.after_export(export_net, f.tokenizer, f.sample_cfg, f.run_dir))
     summary["seconds"] = time.perf_counter() - f.t_start
