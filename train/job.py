@@ -146,8 +146,10 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     if checked.resume_from is not None:
         layout.check_compatible(checked.resume_from, checked.resume_meta, model.config, type(model).__name__)
     task.check_sequence_length(model.config, cfg.data, cfg.task)
-    # in every checkpoint's meta.json: the config (what a resume compares its settings with), where the tokenizer is
-    meta = {"config": hparams, **({"tokenizer_dir": "../../tokenizer"} if tokenizer is not None else {})}
+    # in every checkpoint's meta.json: the config (what a resume compares its settings with), where the tokenizer is,
+    # what the task adds
+    meta = {"config": hparams, **({"tokenizer_dir": "../../tokenizer"} if tokenizer is not None else {}),
+            **task.checkpoint_meta()}
     module = task.module(model, dm, cfg.task, tcfg, cfg.optim, meta)
 
     # -- callbacks (the end of the run too: the export and summary.json are written at on_fit_end), loggers, Trainer

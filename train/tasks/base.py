@@ -68,6 +68,16 @@ class Task:
         """Fields the task adds to summary.json; rows: metrics.csv as numbers."""
         return {}
 
+    def export_tokenizer(self, tokenizer):
+        """The tokenizer the HF export ships: one that transformers' documented calls make feed the model as
+        training did. The LM's: the training tokenizer as it is."""
+        return tokenizer
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Fields every checkpoint's meta.json gets from the task (train/cli/export.py reads "data_task" to give an
+        export of a checkpoint the same tokenizer layout as the run's own export)."""
+        return {}
+
     def after_export(self, net: nn.Module, tokenizer, sample_cfg, run_dir: Path) -> dict[str, Any]:
         """Files the task writes next to the export, as summary fields {name: path}."""
         return {}
@@ -82,20 +92,34 @@ class Task:
 
 # ------------------------------------------------------------------------------------------------ fine-tuning
 class TaskModule(GPT2LitModule):
-    """GPT2LitModule for a fine-tuning head: the forward takes the batch keys the head accepts
-    (its TaskData's model_keys), and validation keeps what each task scores of every batch (`keep`, on the
-    CPU) to score the WHOLE validation set at its end (`score`): qa's post-processing needs every window of an
-    example. Every rank scores the whole set (TaskDataModule's validation loader is not sharded).
+    """GPT2LitModule for a fine-tuning head: the forward takes the batch keys the head accepts (its TaskData's
+    model_keys) except the targets (`target_keys`: the task sums its loss terms itself, `loss_sums`, and counts
+    their items, `count_items`), and validation keeps what each task scores of every batch (`keep`, on the CPU) to
+    score the WHOLE validation set at its end (`score`): qa's post-processing needs every window of an example.
+    Every rank scores the whole set (TaskDataModule's validation loader is not sharded).
     """
 
-    def __init__(self, model: nn.Module, optim, max_steps: int, *, model_keys: tuple[str, ...], **kwargs):
-        super().__init__(model, optim, max_steps, **kwargs)
+    target_keys: tuple[str, ...] = ()  # batch keys that are targets of the loss, not inputs of the forward
+
+    def __init__(self, model: nn.Module, optim, max_steps: int, *, model_keys: tuple[str, ...],
+                 loss_weights: Optional[dict[str, float]] = None, **kwargs):
+        super().__init__(model, optim, max_steps, loss_weights=loss_weights or {"examples": 1.0}, **kwargs)
         self.model_keys = tuple(model_keys)
         self.kept: list[tuple] = []
 
-    def step(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
-        out = self.model(**{k: batch[k] for k in self.model_keys if k in batch})
-        return out, out.loss
+    # The defaults, for a head of one's own that computes its loss itself: that loss is taken as a mean over the
+    # batch's examples. A head whose loss averages over anything else (tokens, labelled positions) overrides both,
+    # as the built-in tasks do, or its gradients change with how a step is cut into micro-batches.
+    def count_items(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"examples": torch.tensor(batch["input_ids"].shape[0])}
+
+    def loss_sums(self, batch: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+        out = self.outputs(batch)
+        return out, {"examples": out.loss.float() * batch["input_ids"].shape[0]}
+
+    def outputs(self, batch: dict[str, torch.Tensor]) -> Any:
+        """The head's outputs (logits) for the batch's inputs; no loss is computed in the model."""
+        return self.model(**{k: batch[k] for k in self.model_keys if k in batch and k not in self.target_keys})
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
@@ -156,6 +180,14 @@ class FineTuneTask(Task):
         from data_pipelines.tokenizing import get_tokenizer
 
         return get_tokenizer(data_cfg, DocumentSource(data_cfg))
+
+    def export_tokenizer(self, tokenizer):
+        """The task data's layout carried by the tokenizer (`TaskData.hf_tokenizer`: prefix space, pair template)."""
+        return self.task_data().hf_tokenizer(tokenizer)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """{"data_task": name} of built-in task data (data_pipelines.tasks.task_data finds it by that name)."""
+        return {"data_task": self.task_data().name} if self.data is None else {}
 
     def datamodule(self, data_cfg, task_cfg, tokenizer):
         from data_pipelines.tasks import TaskDataModule
