@@ -146,8 +146,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     if checked.resume_from is not None:
         layout.check_compatible(checked.resume_from, checked.resume_meta, model.config, type(model).__name__)
     task.check_sequence_length(model.config, cfg.data, cfg.task)
-    # in every checkpoint's meta.json: the config (what a resume compares its settings with), where the tokenizer is,
-    # what the task adds
+    # in every checkpoint's meta.json: the config (a resume compares its settings), the tokenizer, the task's fields
     meta = {"config": hparams, **({"tokenizer_dir": "../../tokenizer"} if tokenizer is not None else {}),
             **task.checkpoint_meta()}
     module = task.module(model, dm, cfg.task, tcfg, cfg.optim, meta)
