@@ -1,4 +1,5 @@
-"""The LightningModule: a plain `gpt2` model + AdamW + warm-up/decay schedule + step-wise metric rows + validation.
+"""The LightningModule: a plain `gpt2` model + the optim group's optimizer (train/optim.py) + warm-up/decay schedule
++ step-wise metric rows + validation.
 
 The network is built outside (train/tasks/model.py) and passed in, so the module owns no model-construction logic and the
 same `nn.Module` can be wrapped by any strategy (lightning-hydra-template: "the LightningModule wraps a plain
@@ -22,6 +23,7 @@ from torch import nn
 
 from train.checkpoint.layout import META_KEY, MODEL_CONFIG_KEY
 from train.config import OptimConfig
+from train.optim import build_optimizer, param_groups  # noqa: F401  (their historical home: train.module)
 
 # Lightning's DeepSpeed strategy warns whenever a module overrides configure_gradient_clipping. Ours falls through to
 # the default there (DeepSpeed's precision plugin clips nothing; DeepSpeed clips by trainer.gradient_clip_val itself),
@@ -58,38 +60,7 @@ class WarmupDecay:
         return self.min_ratio + (1.0 - self.min_ratio) * decay
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay the weights of Linear layers only; biases, LayerNorm and embeddings (and the tied lm_head) are not
-    decayed (minGPT's configure_optimizers; Mistral / HF Trainer exclude bias and LayerNorm)."""
-    decay, no_decay = [], []
-    seen: set[int] = set()
-    for module in model.modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            if isinstance(module, nn.Linear) and pname == "weight":
-                decay.append(p)
-            else:
-                no_decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
 # ------------------------------------------------------------------------------------------------ the module
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model)` with the run's hyper-parameters (conf/optim/adamw.yaml).
-
-    fused=null: torch's single-kernel AdamW wherever it exists (CUDA and CPU): one pass over each parameter instead
-    of foreach's several.
-    """
-    fused = cfg.fused
-    if fused is None:
-        fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in model.parameters())
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=fused)
-
-
 class GPT2LitModule(L.LightningModule):
     """Training of a `gpt2` model; the causal LM unless a subclass overrides `step` / `collect` / `val_metrics`.
 
