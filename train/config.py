@@ -53,6 +53,10 @@ class ModelConfig:
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
+    # The LM loss this many tokens at a time, without the full (tokens x vocab) logits (gpt2/loss.py: the logits of
+    # 8 x 1024 tokens at GPT-2's vocabulary are 1.6 GB in fp32); 0: the loss on the full logits. Equal results
+    # either way; benchmarks/chunked_ce.py measures the memory and the step time.
+    loss_chunk_size: int = 1024
     # An HF folder (config.json + model.safetensors), one of our checkpoints (checkpoints/step-N) or a run dir:
     # start from those weights instead of a random init (the shape fields above are then taken from it).
     init_from: Optional[str] = None
@@ -67,6 +71,7 @@ class ModelConfig:
         _check(self.n_inner is None or self.n_inner > 0, f"model.n_inner={self.n_inner} must be positive or null.")
         _check(self.vocab_size is None or self.vocab_size > 0, f"model.vocab_size={self.vocab_size} must be > 0.")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1).")
+        _check(self.loss_chunk_size >= 0, f"model.loss_chunk_size={self.loss_chunk_size} must be >= 0 (0: no chunks).")
 
 
 @dataclass
