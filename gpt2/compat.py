@@ -253,16 +253,21 @@ class LMHeadForward:
                 position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
                 output_hidden_states=False, logits_to_keep: int | torch.Tensor = 0, *, cache=None,
                 encoder_hidden_states=None, encoder_attention_mask=None, num_items_in_batch=None,
-                return_dict=None) -> CausalLMOutput:
+                skip_logits=None, return_dict=None) -> CausalLMOutput:
         """Logits (B, T, V) and, with labels (B, T), the next-token cross-entropy (labels shifted inside, -100
         ignored; mean over tokens, or summed / num_items_in_batch as transformers' ForCausalLMLoss). logits_to_keep:
-        an int keeps the last n positions (0 = all), a 1-D tensor the positions it lists."""
+        an int keeps the last n positions (0 = all), a 1-D tensor the positions it lists.
+
+        skip_logits (Liger-Kernel's argument): True computes the loss chunk by chunk without the full logits and
+        returns logits=None; None (the default) does so when labels are given and config.loss_chunk_size > 0 (0,
+        the default of GPT2Config, keeps transformers' behaviour); False always returns the logits."""
         call = TrunkCall(self.transformer, input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
                          inputs_embeds, use_cache, output_attentions, output_hidden_states, cache,
                          encoder_hidden_states, encoder_attention_mask)
         logits, loss = self.core_forward(**call.core_kwargs, labels=labels, logits_to_keep=logits_to_keep,
-                                         num_items_in_batch=num_items_in_batch)
-        return returned(CausalLMOutput(loss, call.unflatten(logits), **call.outputs(),
+                                         num_items_in_batch=num_items_in_batch, skip_logits=skip_logits)
+        logits = call.unflatten(logits) if logits is not None else None
+        return returned(CausalLMOutput(loss, logits, **call.outputs(),
                                        cross_attentions=() if output_attentions else None), return_dict)
 
 

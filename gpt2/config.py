@@ -79,6 +79,10 @@ class GPT2Config:
     dtype: str | None = None  # the dtype the weights were saved in ("float32", "bfloat16", ...)
     # --- ours ---
     attn_implementation: str = DEFAULT_ATTENTION  # a key of gpt2.ATTENTION_BACKENDS: a runtime choice, not in config.json
+    # GPT2LMHeadModel with labels: > 0 computes the LM loss this many tokens at a time without the full logits
+    # (gpt2/loss.py; the forward then returns logits=None); 0: transformers' loss on the full logits. A runtime
+    # choice, not in the HF config.json.
+    loss_chunk_size: int = 0
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -104,6 +108,8 @@ class GPT2Config:
         need(self.attn_implementation in ATTENTION_BACKENDS,
              f"unknown attn_implementation {self.attn_implementation!r}; choose one of "
              f"{', '.join(ATTENTION_BACKENDS)}.")
+        need(isinstance(self.loss_chunk_size, int) and self.loss_chunk_size >= 0,
+             f"loss_chunk_size must be an integer >= 0 (0: the unchunked loss), got {self.loss_chunk_size!r}.")
         need(self.summary_type in SUMMARY_TYPES,
              f"unknown summary_type {self.summary_type!r}; choose one of {', '.join(SUMMARY_TYPES)}.")
         need(self.problem_type in PROBLEM_TYPES,
@@ -190,9 +196,10 @@ class GPT2Config:
         """Write config.json in the Hugging Face format (loadable by transformers.GPT2Config)."""
         os.makedirs(save_directory, exist_ok=True)
         d = self.to_dict()
-        # attn_implementation is a runtime choice (any checkpoint runs on any backend), and not every backend name is
-        # a value transformers accepts, so it stays out of the HF file.
+        # attn_implementation and loss_chunk_size are runtime choices (any checkpoint runs with any), and not every
+        # backend name is a value transformers accepts, so they stay out of the HF file.
         d.pop("attn_implementation")
+        d.pop("loss_chunk_size")
         with open(os.path.join(save_directory, "config.json"), "w", encoding="utf-8") as f:
             json.dump(d, f, indent=2, sort_keys=True)
             f.write("\n")

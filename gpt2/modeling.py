@@ -33,6 +33,7 @@ from .compat import (  # noqa: F401  (the output classes' historical home: gpt2.
     lm_loss,
 )
 from .config import GPT2Config
+from .loss import chunked_lm_loss
 
 # ----------------------------------------------------------------------------------------------------------------
 # The transformer block
@@ -264,6 +265,8 @@ def _padding_causal_mask(attention_mask, T, past_len, device=None):
 # ----------------------------------------------------------------------------------------------------------------
 # The language-model head
 
+DEFAULT_LOSS_CHUNK_SIZE = 1024  # tokens per chunk for skip_logits=True when config.loss_chunk_size is 0
+
 
 class GPT2LMHeadModel(compat.LMHeadForward, GPT2PreTrainedModel):
     def __init__(self, config: GPT2Config):
@@ -275,11 +278,14 @@ class GPT2LMHeadModel(compat.LMHeadForward, GPT2PreTrainedModel):
         self.generation_config = generation.GenerationConfig.from_model_config(config)
 
     def core_forward(self, input_ids, attention_mask=None, labels=None, cache=None, *, logits_to_keep=0,
-                     num_items_in_batch=None, **trunk_kwargs):
-        """(logits (B, T, V), loss or None): the loss with labels (B, T) — next-token cross-entropy, labels shifted
-        inside, -100 ignored; mean over tokens, or summed / num_items_in_batch as transformers' ForCausalLMLoss.
+                     num_items_in_batch=None, skip_logits=None, **trunk_kwargs):
+        """(logits (B, T, V) or None, loss or None): the loss with labels (B, T) — next-token cross-entropy, labels
+        shifted inside, -100 ignored; mean over tokens, or summed / num_items_in_batch as transformers' ForCausalLMLoss.
         logits_to_keep: an int keeps the last n positions (0 = all), a 1-D tensor the positions it lists.
+        skip_logits: compute the loss chunk by chunk (gpt2/loss.py) and return logits None; None -> when labels are
+        given and config.loss_chunk_size > 0 (Liger-Kernel's `skip_logits` default, with our config switch).
         trunk_kwargs: GPT2Model.core_forward's keyword arguments (position_ids, token_type_ids, inputs_embeds, ...).
+        Raises ValueError for skip_logits=True without labels.
         """
         # A token lookup with a sparse gradient, when that is safe: only with labels (the loss then reaches the
         # tied table through lm_head's dense gradient too) — see _sparse_embedding_grad.
@@ -289,9 +295,24 @@ class GPT2LMHeadModel(compat.LMHeadForward, GPT2PreTrainedModel):
             x = x[:, logits_to_keep]
         elif logits_to_keep:  # generation only needs the last position's logits
             x = x[:, -logits_to_keep:]
+        if self._chunked_loss(labels, skip_logits, logits_to_keep):
+            chunk = self.config.loss_chunk_size or DEFAULT_LOSS_CHUNK_SIZE
+            return None, chunked_lm_loss(x, self.lm_head.weight, labels, chunk, num_items_in_batch)
         logits = self.lm_head(x)  # (B, T, V)
         loss = lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return logits, loss
+
+    def _chunked_loss(self, labels, skip_logits, logits_to_keep) -> bool:
+        """Whether this forward computes the loss chunk by chunk (see core_forward's skip_logits). Not by default
+        under DeepSpeed ZeRO-3, whose partitioned lm_head weight is gathered only by a call of the lm_head module."""
+        if skip_logits is None:
+            w = self.lm_head.weight
+            return (labels is not None and self.config.loss_chunk_size > 0 and not hasattr(w, "ds_id")
+                    and not isinstance(logits_to_keep, torch.Tensor) and not logits_to_keep)
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True computes the loss without the logits and needs labels; pass labels, "
+                             "or skip_logits=None/False to get the logits.")
+        return bool(skip_logits)
 
     def _sparse_embedding_grad(self) -> bool:
         """Whether the token lookup of a training forward may hand autograd a sparse gradient.

@@ -180,6 +180,10 @@ if "cls" in _TASKS:  # engineer I's fine-tuning tasks
 if "qa" in _TASKS:
     CASES.append(("qa-answer-outside-context", RUN, run("task=qa", "task.data.source=jsonl", lambda_path("qa.jsonl")),
                   r"answer 'zebra' is not in the context"))
+# Muon orthogonalizes whole matrices: the strategies that hand the optimizer shards refuse it before anything is built
+CASES += [(f"muon-under-{s}", RUN, run("optim=muon", f"strategy={s}"),
+           rf"optim=muon cannot run under strategy={s}: it orthogonalizes whole weight matrices .*use strategy=auto\|ddp")
+          for s in ("fsdp", "deepspeed_zero2") if s in _strategies()]
 if "deepspeed_zero2" in _strategies():  # DeepSpeed trains on CUDA GPUs and on the CPU, but never in fp64
     CASES.append(("deepspeed-fp64", RUN, run("strategy=deepspeed_zero2", "trainer.precision=64-true"),
                   r"strategy=deepspeed_zero2 cannot train in trainer.precision=64-true"))
@@ -209,7 +213,7 @@ BEFORE_TORCH = {
 }
 # ... and these need torch (is there a CUDA GPU?), but not Lightning
 BEFORE_LIGHTNING = BEFORE_TORCH | {"too-many-devices", "flash-on-cpu", "deepspeed-fp64", "plan-unknown-model",
-                                   "plan-bad-number"}
+                                   "plan-bad-number", "muon-under-fsdp", "muon-under-deepspeed_zero2"}
 
 
 def _run_case(w, case) -> subprocess.CompletedProcess:

@@ -86,6 +86,7 @@ def test_optimizer_settings_and_a_longer_horizon_take_effect_from_the_first_resu
     ("trainer.precision=bf16-mixed", None),
     ("data.path=OTHER", None),  # another corpus: encoded with the checkpoint's tokenizer, not a BPE trained on it
     ("model.n_layer=2", r"was written by a model with n_layer=1, but this run builds n_layer=2; resume with the same"),
+    ("optim=muon", r"holds optim=adamw state and cannot be resumed with optim=muon; resume with optim=adamw"),
     ("task=cls", r"holds a GPT2LMHeadModel \(another task head\), but this run builds a "
                  r"GPT2ForSequenceClassification; resume with the task it was trained with"),
 ])

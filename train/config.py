@@ -53,6 +53,10 @@ class ModelConfig:
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
+    # The LM loss this many tokens at a time, without the full (tokens x vocab) logits (gpt2/loss.py: the logits of
+    # 8 x 1024 tokens at GPT-2's vocabulary are 1.6 GB in fp32); 0: the loss on the full logits. Equal results
+    # either way; benchmarks/chunked_ce.py measures the memory and the step time.
+    loss_chunk_size: int = 1024
     # An HF folder (config.json + model.safetensors), one of our checkpoints (checkpoints/step-N) or a run dir:
     # start from those weights instead of a random init (the shape fields above are then taken from it).
     init_from: Optional[str] = None
@@ -67,6 +71,7 @@ class ModelConfig:
         _check(self.n_inner is None or self.n_inner > 0, f"model.n_inner={self.n_inner} must be positive or null.")
         _check(self.vocab_size is None or self.vocab_size > 0, f"model.vocab_size={self.vocab_size} must be > 0.")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1).")
+        _check(self.loss_chunk_size >= 0, f"model.loss_chunk_size={self.loss_chunk_size} must be >= 0 (0: no chunks).")
 
 
 @dataclass
@@ -256,7 +261,7 @@ class TrainerConfig:
 # ----------------------------------------------------------------------------------------------------- optim
 @dataclass
 class OptimConfig:
-    """AdamW + warm-up + decay (conf/optim/adamw.yaml)."""
+    """AdamW + warm-up + decay (conf/optim/adamw.yaml). The schedule fields apply to every optimizer of the group."""
 
     name: str = "adamw"
     lr: float = 3e-3
@@ -269,8 +274,11 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # min_lr = lr * ratio (Chinchilla / nanoGPT: ~lr/10)
     fused: Optional[bool] = None  # None -> torch's fused AdamW kernel where it exists (CUDA, CPU)
 
+    # whether the optimizer updates each weight matrix as a whole (so a strategy that hands it shards cannot run it)
+    needs_whole_matrices = False
+
     def __post_init__(self) -> None:
-        _check(self.name == "adamw", f"optim.name={self.name!r} is unknown; use adamw.")
+        self._check_name()
         _check(self.lr > 0 and math.isfinite(self.lr), f"optim.lr={self.lr} must be a positive number.")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0.")
         _check(
@@ -286,6 +294,49 @@ class OptimConfig:
         )
         _check(self.decay_steps is None or self.decay_steps > 0, f"optim.decay_steps={self.decay_steps} must be >0.")
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
+
+    def _check_name(self) -> None:
+        _check(self.name == "adamw", f"optim.name={self.name!r} is unknown; choose the optimizer with optim=adamw or "
+                                     f"optim=muon.")
+
+
+MUON_LR_ADJUSTMENTS = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
+
+
+@dataclass
+class MuonConfig(OptimConfig):
+    """Muon for the 2-D weight matrices of the transformer blocks, AdamW (the fields above: lr, betas, ...) for the
+    embeddings, the LM head, biases and LayerNorms: the split of modded-nanogpt's GPT-2 speedrun (Jordan et al.
+    2024). conf/optim/muon.yaml; the schedule scales both learning rates alike. The names are torch.optim.Muon's."""
+
+    name: str = "muon"
+    muon_lr: float = 0.02  # Muon's lr (KellerJordan/Muon README: 0.02)
+    muon_momentum: float = 0.95  # Muon's momentum (Nesterov)
+    muon_weight_decay: float = 0.0  # decoupled: each step multiplies the matrix by 1 - lr * weight_decay
+    nesterov: bool = True
+    ns_steps: int = 5  # Newton-Schulz iterations of the orthogonalization
+    adjust_lr_fn: Optional[str] = None  # None = "original": lr x sqrt(max(1, rows/cols)); or match_rms_adamw
+
+    needs_whole_matrices = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.muon_lr > 0 and math.isfinite(self.muon_lr),
+               f"optim.muon_lr={self.muon_lr} must be a positive number.")
+        _check(0.0 <= self.muon_momentum < 1.0, f"optim.muon_momentum={self.muon_momentum} must be in [0, 1).")
+        _check(self.muon_weight_decay >= 0, f"optim.muon_weight_decay={self.muon_weight_decay} must be >= 0.")
+        _check(0 < self.ns_steps < 100, f"optim.ns_steps={self.ns_steps} must be in 1..99.")
+        _check(
+            self.adjust_lr_fn is None or self.adjust_lr_fn in MUON_LR_ADJUSTMENTS,
+            f"optim.adjust_lr_fn={self.adjust_lr_fn!r} is unknown; use null, {' or '.join(MUON_LR_ADJUSTMENTS)}.",
+        )
+
+    def _check_name(self) -> None:
+        _check(self.name == "muon", f"optim.name={self.name!r} does not go with the muon group's keys; choose the "
+                                    f"optimizer with optim=adamw or optim=muon.")
+
+
+OPTIM_SCHEMAS = {"muon_schema": MuonConfig}  # conf/optim/<option>.yaml with keys of its own starts with one
 
 
 # ----------------------------------------------------------------------------------------------------- logging
@@ -439,6 +490,8 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     for name, node in STRATEGY_SCHEMAS.items():
         cs.store(group="strategy", name=name, node=node)
+    for name, node in OPTIM_SCHEMAS.items():
+        cs.store(group="optim", name=name, node=node)
 
 
 # data.* keys that choose the LM training data; a fine-tuning task reads its data from task.data.* instead

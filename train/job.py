@@ -58,7 +58,8 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     In order: the run dir and `resume` (a fresh run into a used run dir, resume=auto with nothing to resume, a corrupt
     model.safetensors header, a checkpoint of another model shape), a model.init_from that does not exist (and the
     tokenizer that comes with it), the LM data source (missing / empty / not UTF-8 / not JSON lines / no text column),
-    then, after `import torch` (~1 s) but before Lightning (~4 s), the hardware (devices, attention kernel, precision)
+    then, after `import torch` (~1 s) but before Lightning (~4 s), the optimizer's fit to the strategy, the hardware
+    (devices, attention kernel, precision)
     and the resumed checkpoint's strategy, and the in-training evaluation tasks (eval.tasks). Reads the run dir, small
     checkpoint files and the first MiB of each LM data file.
 
@@ -78,14 +79,16 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     if resume_from is not None:
         meta = layout.read_meta(resume_from)
         layout.check_weights_file(resume_from / layout.WEIGHTS_NAME)
+        layout.check_same_optimizer(resume_from, meta, cfg.optim.name)
         if not cfg.model.init_from:  # the shape the config fixes (vocab_size waits for the tokenizer unless set)
             layout.check_compatible(resume_from, meta, layout.model_shape(cfg.model))
     # the LM data: an LM's training set, or the corpus a fine-tune's tokenizer is trained on when none is given
     if cfg.task.name == "lm" or not (cfg.model.init_from or cfg.data.tokenizer or resume_from):
         check_source(cfg.data)
 
-    from train.strategies import check_hardware, check_resume  # imports torch, not Lightning
+    from train.strategies import check_hardware, check_optimizer, check_resume  # imports torch, not Lightning
 
+    check_optimizer(cfg.strategy, cfg.optim)
     hardware = check_hardware(cfg.strategy, cfg.trainer, cfg.attention.implementation)
     if resume_from is not None:
         check_resume(resume_from, cfg.strategy, meta)

@@ -1,4 +1,12 @@
-"""The LightningModule: a plain `gpt2` model + AdamW + warm-up/decay schedule + step-wise metric rows + validation.
+"""The LightningModule: a plain `gpt2` model + the optim group's optimizer + warm-up/decay schedule + step-wise metric
+rows + validation.
+
+The optimizers: AdamW over decay / no-decay groups (optim=adamw), or Muon for the hidden weight matrices with AdamW for
+the rest (optim=muon), both as ONE `torch.optim.Optimizer`, because Lightning's automatic optimization steps one
+optimizer per step, and one LR scheduler (LambdaLR) drives every group of it. References: minGPT's
+configure_optimizers (the decay split); torch.optim.Muon and its docstring (Jordan et al. 2024, "Muon: An optimizer
+for hidden layers in neural networks"); modded-nanogpt's GPT-2 speedrun (which parameters Muon takes: the 2-D
+matrices of the blocks; embeddings, LM head and scalars stay on Adam).
 
 The network is built outside (train/tasks/model.py) and passed in, so the module owns no model-construction logic and the
 same `nn.Module` can be wrapped by any strategy (lightning-hydra-template: "the LightningModule wraps a plain
@@ -15,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import lightning as L
 import torch
@@ -71,11 +79,13 @@ class WarmupDecay:
         return self.min_ratio + (1.0 - self.min_ratio) * decay
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+# ------------------------------------------------------------------------------------------------ optimizers
+def param_groups(model: nn.Module, weight_decay: float, exclude: Iterable[nn.Parameter] = ()) -> list[dict[str, Any]]:
     """Decay the weights of Linear layers only; biases, LayerNorm and embeddings (and the tied lm_head) are not
-    decayed (minGPT's configure_optimizers; Mistral / HF Trainer exclude bias and LayerNorm)."""
+    decayed (minGPT's configure_optimizers; Mistral / HF Trainer exclude bias and LayerNorm). `exclude`: parameters
+    another optimizer owns (left out of both groups). Empty groups are dropped."""
     decay, no_decay = [], []
-    seen: set[int] = set()
+    seen: set[int] = {id(p) for p in exclude}
     for module in model.modules():
         for pname, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
@@ -85,24 +95,89 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
                 decay.append(p)
             else:
                 no_decay.append(p)
-    # "decay" marks the group for `apply_optim_config` (a restored group's weight_decay may be the old value)
-    groups = [{"params": decay, "weight_decay": weight_decay, "decay": True},
-              {"params": no_decay, "weight_decay": 0.0, "decay": False}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
-# ------------------------------------------------------------------------------------------------ the module
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model)` with the run's hyper-parameters (conf/optim/adamw.yaml).
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters Muon updates: every trainable 2-D weight inside the transformer blocks (`model.transformer.h`:
+    attention c_attn / c_proj, MLP c_fc / c_proj), in module order. The embeddings, the LM head (tied to wte) and any
+    task head are outside the blocks and stay on AdamW, as in modded-nanogpt. A model without `transformer.h`
+    has none (ValueError from the caller's Muon: nothing to optimize)."""
+    blocks = getattr(getattr(model, "transformer", model), "h", None)
+    if blocks is None:
+        return []
+    return [p for p in blocks.parameters() if p.requires_grad and p.ndim == 2]
 
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon over `muon_params` and torch.optim.AdamW over `adamw_groups`, stepped as one optimizer.
+
+    `param_groups` is AdamW's groups followed by Muon's (the very dicts the two inner optimizers read, so an LR
+    scheduler or clipping that walks `param_groups` reaches both; group 0 holds `optim.lr`, the logged lr, as
+    under optim=adamw), and `state` is one dict the two share (their
+    parameters are disjoint). So `state_dict()` / `load_state_dict()` are torch.optim.Optimizer's own, and a dict saved
+    by one instance loads into another built over the same model: after loading, the inner optimizers are pointed at
+    the loaded groups and state again. `step(closure)` calls the closure once (Lightning's forward + backward), then
+    steps Muon and AdamW; parameters without a gradient are skipped by both (the loss guard's skipped update).
+
+    Args:
+        muon_params: 2-D parameters (ValueError from torch.optim.Muon for any other shape).
+        adamw_groups: AdamW's parameter groups (e.g. `param_groups(model, wd, exclude=muon_params)`).
+        muon: torch.optim.Muon's keyword arguments (lr, momentum, weight_decay, nesterov, ns_steps, adjust_lr_fn).
+        adamw: torch.optim.AdamW's keyword arguments (lr, betas, eps, fused).
+    """
+
+    def __init__(self, muon_params: list[nn.Parameter], adamw_groups: list[dict[str, Any]], muon: dict[str, Any],
+                 adamw: dict[str, Any]):
+        self.muon = torch.optim.Muon(muon_params, **muon)
+        self.adamw = torch.optim.AdamW(adamw_groups, **adamw)
+        self.n_adamw_groups = len(self.adamw.param_groups)
+        super().__init__(self.adamw.param_groups + self.muon.param_groups, defaults={})
+        self._share()
+
+    def _share(self) -> None:
+        """Point the inner optimizers at this optimizer's group dicts and state (again, after a load replaced them)."""
+        self.adamw.param_groups = self.param_groups[: self.n_adamw_groups]
+        self.muon.param_groups = self.param_groups[self.n_adamw_groups:]
+        self.muon.state = self.adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._share()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+
+def _fused(model: nn.Module, fused: Optional[bool]) -> bool:
+    if fused is not None:
+        return fused
+    return all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in model.parameters())
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """The optim group's optimizer over `model` (train.config.OptimConfig / MuonConfig).
+
+    optim=adamw: AdamW over `param_groups(model)`. optim=muon (`cfg.needs_whole_matrices`): `MuonWithAdamW`, Muon over
+    `hidden_matrices(model)` with cfg.muon_* and AdamW over the rest with cfg.lr / betas / eps / weight_decay.
     fused=null: torch's single-kernel AdamW wherever it exists (CUDA and CPU): one pass over each parameter instead
     of foreach's several.
     """
-    fused = cfg.fused
-    if fused is None:
-        fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in model.parameters())
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=fused)
+    adamw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=_fused(model, cfg.fused))
+    if not cfg.needs_whole_matrices:
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **adamw)
+    matrices = hidden_matrices(model)
+    muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
+                nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn)
+    return MuonWithAdamW(matrices, param_groups(model, cfg.weight_decay, exclude=matrices), muon, adamw)
 
 
 def schedule(cfg, max_steps: int) -> WarmupDecay:
@@ -110,24 +185,23 @@ def schedule(cfg, max_steps: int) -> WarmupDecay:
     return WarmupDecay(cfg.warmup_steps, cfg.decay_steps or max_steps, cfg.min_lr_ratio, cfg.schedule)
 
 
-def apply_optim_config(optimizer, scheduler, cfg, max_steps: int) -> tuple[float, float]:
+def apply_optim_config(optimizer, scheduler, reference: torch.optim.Optimizer, cfg, max_steps: int) -> tuple[float, float]:
     """Make `optimizer` and its LambdaLR `scheduler` follow the `optim` group `cfg` from the current step on, keeping
     the moments and the step count; returns (the lr the next update would have used before, the lr it uses now).
 
-    Restoring a checkpoint brings back the optimizer's and the scheduler's hyper-parameters as they were written
-    (param_groups' lr / betas / eps / weight_decay, LambdaLR's base_lrs and the WarmupDecay fields), silently
-    overriding what the resumed run's config built (pytorch/examples#816, composer#3154). The schedule is a function
-    of the step and the config, so after this the lr continues on the config's curve: a raised trainer.max_steps
-    stretches the decay from the resumed step on. Keys a param group lacks are left alone.
+    `reference`: `build_optimizer(model, cfg)` built fresh over the same model: its param groups carry the config's
+    hyper-parameters group for group (AdamW's lr / betas / eps / weight_decay, Muon's lr / momentum / ...), which are
+    copied onto the restored groups. Restoring a checkpoint brings back the hyper-parameters it was written with
+    (param_groups, LambdaLR's base_lrs and WarmupDecay fields), silently overriding what the resumed run's config built
+    (pytorch/examples#816, composer#3154). The schedule is a function of the step and the config, so after this the
+    lr continues on the config's curve: a raised trainer.max_steps stretches the decay from the resumed step on.
     """
     before = optimizer.param_groups[0]["lr"]
-    for i, group in enumerate(optimizer.param_groups):
-        decay = group.get("decay", i == 0 and len(optimizer.param_groups) > 1)  # checkpoints from before the marker
-        settings = {"betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay if decay else 0.0,
-                    "initial_lr": cfg.lr}
-        group.update({k: v for k, v in settings.items() if k in group})
+    for group, ref in zip(optimizer.param_groups, reference.param_groups):
+        group.update({k: v for k, v in ref.items() if k != "params"})
+        group["initial_lr"] = ref["lr"]
     if scheduler is not None:
-        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        scheduler.base_lrs = [ref["lr"] for ref in reference.param_groups]
         scheduler.lr_lambdas = [schedule(cfg, max_steps) for _ in optimizer.param_groups]
         lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
         for group, lr in zip(optimizer.param_groups, lrs):
@@ -136,6 +210,7 @@ def apply_optim_config(optimizer, scheduler, cfg, max_steps: int) -> tuple[float
     return before, optimizer.param_groups[0]["lr"]
 
 
+# ------------------------------------------------------------------------------------------------ the module
 class GPT2LitModule(L.LightningModule):
     """Training of a `gpt2` model; the causal LM unless a subclass overrides `step` / `collect` / `val_metrics`.
 
@@ -334,7 +409,8 @@ class GPT2LitModule(L.LightningModule):
         self.train_loss.reset()
         # after Lightning restored a resumed run's optimizer and scheduler: this run's optim.* and max_steps win
         sched = self.trainer.lr_scheduler_configs[0].scheduler if self.trainer.lr_scheduler_configs else None
-        before, now = apply_optim_config(self.trainer.optimizers[0], sched, self.optim_cfg, self.max_steps)
+        reference = build_optimizer(self.model, self.optim_cfg)  # holds no state: nothing is allocated
+        before, now = apply_optim_config(self.trainer.optimizers[0], sched, reference, self.optim_cfg, self.max_steps)
         if self.trainer.global_step > 0 and not math.isclose(before, now, rel_tol=1e-9, abs_tol=0.0):
             log.info("optim: step %d runs at lr=%.6g (the checkpoint's schedule gave %.6g): the lr follows this "
                      "run's optim.* and trainer.max_steps from the resumed step on", self.trainer.global_step + 1,
@@ -446,4 +522,5 @@ class GPT2LitModule(L.LightningModule):
         checkpoint[META_KEY] = dict(self.meta, task=type(self.model).__name__)
 
 
-__all__ = ["GPT2LitModule", "WarmupDecay", "build_optimizer", "param_groups"]
+__all__ = ["GPT2LitModule", "MuonWithAdamW", "WarmupDecay", "apply_optim_config", "build_optimizer", "hidden_matrices",
+           "param_groups", "schedule"]

@@ -93,6 +93,17 @@ def config_changes(old: Optional[dict[str, Any]], new: dict[str, Any]) -> list[s
     return [f"{k} {before.get(k, '<unset>')} -> {after[k]}" for k in keys]
 
 
+def check_same_optimizer(step_path: Path, meta: dict[str, Any], optim_name: str) -> None:
+    """Refuse to resume optimizer state that another `optim` option wrote (adamw <-> muon: other parameter groups,
+    other moments), in one sentence; meta: the checkpoint's meta.json (its "config" says what wrote it)."""
+    saved = ((meta.get("config") or {}).get("optim") or {}).get("name")
+    if saved and saved != optim_name:
+        raise ConfigError(
+            f"checkpoint {step_path} holds optim={saved} state and cannot be resumed with optim={optim_name}; resume "
+            f"with optim={saved}, or start a new run_dir with model.init_from={step_path}."
+        )
+
+
 def read_meta(step_dir: Path) -> dict[str, Any]:
     step_dir = Path(step_dir)
     f = step_dir / META_NAME

@@ -62,6 +62,9 @@ class StrategySpec:
         1 optimizer state, 2 + gradients, 3 + parameters. engine: "torch" or "deepspeed" (whose buffers and master
         weights differ). offload: states in host memory. plan_rank: launch/plan.py's order of preference (least
         communication first); None: not planned (auto).
+    optimizer_params: what the optimizer is handed as its parameters: "whole" tensors, or (for a strategy that
+        shards them) what it gets instead, named in the refusal of an optimizer that needs whole matrices
+        (`check_optimizer`).
     """
 
     name: str
@@ -74,6 +77,7 @@ class StrategySpec:
     engine: str = "torch"
     offload: bool = False
     plan_rank: Optional[int] = None
+    optimizer_params: str = "whole"
 
 
 @lru_cache(maxsize=1)
@@ -168,6 +172,21 @@ def check_launcher(trainer_cfg, env: Optional[dict] = None) -> None:
             f"{want}; start {want} (one per device: srun --ntasks-per-node={n}, torchrun --nproc-per-node={n}) or "
             f"set trainer.devices / trainer.num_nodes to match."
         )
+
+
+def check_optimizer(strategy_cfg, optim_cfg) -> None:
+    """Refuse, in one sentence, an optimizer that updates each weight matrix as a whole (`optim_cfg.
+    needs_whole_matrices`: torch.optim.Muon orthogonalizes it) under a strategy that hands the optimizer shards
+    of the matrices instead (FSDP2's DTensor shards, ZeRO's flat partitions). Raises ConfigError naming the
+    strategies that can run it."""
+    spec = get_spec(strategy_cfg.name)
+    if not optim_cfg.needs_whole_matrices or spec.optimizer_params == "whole":
+        return
+    able = "|".join(s.name for s in strategy_specs().values() if s.optimizer_params == "whole")
+    raise ConfigError(
+        f"optim={optim_cfg.name} cannot run under strategy={spec.name}: it orthogonalizes whole weight matrices but "
+        f"this strategy hands the optimizer {spec.optimizer_params}; use strategy={able}, or optim=adamw."
+    )
 
 
 def checkpoint_family(strategy_name: str) -> str:
@@ -295,6 +314,7 @@ __all__ = [
     "build_strategy",
     "check_hardware",
     "check_launcher",
+    "check_optimizer",
     "check_resume",
     "checkpoint_family",
     "full_state_dict",

@@ -95,7 +95,8 @@ def gather_zero3(trainer, module):
 def _zero(name: str, stage: int, offload: bool, plan_rank: int) -> StrategySpec:
     return StrategySpec(name, ZeROConfig, build=build_zero, checkpoint_family="deepspeed", check_hardware=check_zero,
                         full_state_dict=gather_zero3 if stage == 3 else None, zero_stage=stage, engine="deepspeed",
-                        offload=offload, plan_rank=plan_rank)
+                        offload=offload, plan_rank=plan_rank,
+                        optimizer_params="flat 1-D partitions of the flattened parameters (ZeRO)")
 
 
 SPECS = (

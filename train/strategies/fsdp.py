@@ -33,5 +33,5 @@ def gather_fsdp(trainer, module):
 
 SPECS = (
     StrategySpec("fsdp", FSDPConfig, build=build_fsdp, checkpoint_family="fsdp", full_state_dict=gather_fsdp,
-                 zero_stage=3, plan_rank=3),
+                 zero_stage=3, plan_rank=3, optimizer_params="row shards of each matrix (FSDP2 DTensors)"),
 )

@@ -76,6 +76,7 @@ def runtime_overrides(model_cfg, attention_cfg, stability_cfg) -> dict[str, Any]
         attn_pdrop=model_cfg.dropout,
         scale_attn_by_inverse_layer_idx=stability_cfg.scale_attn_by_inverse_layer_idx,
         reorder_and_upcast_attn=stability_cfg.reorder_and_upcast_attn,
+        loss_chunk_size=model_cfg.loss_chunk_size,
     )
 
 
