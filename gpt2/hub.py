@@ -124,5 +124,5 @@ def resolve_tokenizer_dir(name: str | os.PathLike, subfolder: str = "", **hub_kw
     return resolve_folder(name, holds_tokenizer, TOKENIZER_PATTERNS, "tokenizer", subfolder, **hub_kwargs)
 
 
-__all__ = ["HUB_ID", "MODEL_PATTERNS", "TOKENIZER_PATTERNS", "resolve_tokenizer_dir", "holds_model", "holds_tokenizer", "hub_error", "is_hub_id", "resolve_folder",
-           "resolve_model_dir"]
+__all__ = ["HUB_ID", "MODEL_PATTERNS", "TOKENIZER_PATTERNS", "holds_model", "holds_tokenizer", "hub_error", "is_hub_id",
+           "resolve_folder", "resolve_model_dir", "resolve_tokenizer_dir"]

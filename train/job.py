@@ -52,10 +52,11 @@ def check_inputs(cfg: Config) -> CheckedInputs:
 
     In order: the run dir and `resume` (a fresh run into a used run dir, resume=auto with nothing to resume, a corrupt
     model.safetensors header, a checkpoint of another model shape), a model.init_from that does not exist or a hub
-    id that cannot be fetched (and the tokenizer that comes with it; a hub id in data.tokenizer is fetched too), the LM data source (missing / empty / not UTF-8 / not JSON lines / no text column),
-    then, after `import torch` (~1 s) but before Lightning (~4 s), the hardware (devices, attention kernel, precision)
-    and the resumed checkpoint's strategy, and the in-training evaluation tasks (eval.tasks). Reads the run dir, small
-    checkpoint files and the first MiB of each LM data file.
+    id that cannot be fetched (and the tokenizer that comes with it; a hub id in data.tokenizer is fetched too), the
+    LM data source (missing / empty / not UTF-8 / not JSON lines / no text column), then, after `import torch` (~1 s)
+    but before Lightning (~4 s), the hardware (devices, attention kernel, precision) and the resumed checkpoint's
+    strategy, and the in-training evaluation tasks (eval.tasks). Reads the run dir, small checkpoint files and the
+    first MiB of each LM data file.
 
     Raises:
         ConfigError / CheckpointError / OSError: naming the key or file and the fix.
