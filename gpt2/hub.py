@@ -75,13 +75,14 @@ def resolve_folder(name: str | os.PathLike, holds: Callable[[str], bool], patter
         snapshot = snapshot_download(repo_id=path, allow_patterns=[f"{subfolder}/{p}" for p in patterns]
                                      if subfolder else patterns, **kwargs)
     except Exception as e:  # network, auth, missing repo or revision: one sentence naming the id and the fix
-        raise FileNotFoundError(hub_error(path, e, what, os.path.isdir(path), kwargs.get("revision"))) from e
+        raise FileNotFoundError(hub_error(path, e, what, os.path.isdir(path), **kwargs)) from e
     return os.path.join(snapshot, subfolder) if subfolder else snapshot
 
 
-def hub_error(repo_id: str, err: BaseException, what: str, local_folder: bool = False,
-              revision: str | None = None) -> str:
-    """One sentence for a hub id snapshot_download could not fetch: what was tried, why, and the fix."""
+def hub_error(repo_id: str, err: BaseException, what: str, local_folder: bool = False, revision: str | None = None,
+              cache_dir: str | os.PathLike | None = None, local_files_only: bool = False, **_) -> str:
+    """One sentence for a hub id snapshot_download could not fetch (with these of its arguments): what was tried,
+    why, and the fix."""
     from huggingface_hub import constants
 
     kind = type(err).__name__
@@ -95,8 +96,9 @@ def hub_error(repo_id: str, err: BaseException, what: str, local_folder: bool = 
     elif kind == "GatedRepoError":
         why, fix = "the repository is gated", "accept its terms on huggingface.co and set HF_TOKEN"
     elif kind == "LocalEntryNotFoundError":  # offline (HF_HUB_OFFLINE=1), or the hub could not be reached
-        mode = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
-        why = f"it is not in the hub cache {constants.HF_HUB_CACHE} ({mode})"
+        mode = ("HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "local_files_only=True" if local_files_only
+                else "the hub could not be reached")
+        why = f"it is not in the hub cache {cache_dir or constants.HF_HUB_CACHE} ({mode})"
         get = f"hf download {repo_id}" + (f" --revision {revision}" if at else "")
         fix = (f"download it where there is network (`{get}`) into that cache (HF_HUB_CACHE or HF_HOME) and run "
                f"with HF_HUB_OFFLINE=1, or give a local folder")
