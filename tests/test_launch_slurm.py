@@ -45,6 +45,21 @@ def test_dry_run_gpu_script(capsys, tmp_path):
     assert "nothing is written or submitted" in out.splitlines()[1] and "resubmit with" not in out
 
 
+def test_readme_slurm_commands_are_valid(capsys, tmp_path, monkeypatch):
+    """Every `python launch/slurm.py ...` line of README (a GPU job, a CPU job with --tasks-per-node) is accepted as
+    written: its --dry-run prints a script with the tasks it asks for and writes nothing."""
+    monkeypatch.chdir(tmp_path)  # the fresh run dir would be outputs/slurm/... here (a dry run creates nothing)
+    lines = [ln.split("#")[0].split() for ln in (ROOT / "README.md").read_text().splitlines()
+             if ln.startswith("python launch/slurm.py ")]
+    assert len(lines) >= 2 and any("--tasks-per-node" in ln for ln in lines)
+    for argv in lines:
+        out = _dry_run(capsys, *argv[2:])
+        opts = dict(zip(argv[2:argv.index("--")], argv[3:argv.index("--")]))
+        tasks = opts.get("--tasks-per-node", opts.get("--gpus-per-node"))
+        assert f"#SBATCH --ntasks-per-node={tasks}\n" in out and f"trainer.devices={tasks}" in out
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_cpu_job_uses_tasks_per_node_and_cpu_accelerator(capsys, tmp_path):
     out = _dry_run(capsys, "--gpus-per-node", "0", "--tasks-per-node", "2", "--", "strategy=ddp",
                    f"run_dir={tmp_path}")
