@@ -64,7 +64,7 @@ def _run(node: DictConfig) -> None:
         else:
             print(summarize(cfg, root))
         print(f"  took {time.perf_counter() - t0:.1f} s")
-    except (ValueError, FileNotFoundError, OmegaConfBaseException) as e:  # bad input: one clear sentence, non-zero exit, no traceback
+    except (ValueError, OSError, OmegaConfBaseException) as e:  # bad input: one sentence, non-zero exit, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -256,7 +256,10 @@ class DocumentSource:
                 builder, data_files=[str(f) for f in files or self.files], split="train", streaming=True, **kwargs
             )
         split = cfg.split if self.split == "train" else cfg.val_split
-        return datasets.load_dataset(cfg.name, cfg.config_name, split=split, streaming=cfg.streaming)
+        try:
+            return datasets.load_dataset(cfg.name, cfg.config_name, split=split, streaming=cfg.streaming)
+        except (ConnectionError, FileNotFoundError) as e:  # unreachable / not cached, or no such dataset
+            raise FileNotFoundError(hub_dataset_error(self.label(), e)) from e
 
     def _hf_batches(self, ds=None) -> Iterator[list[str]]:
         column = "text" if self.kind == "text" else self.cfg.text_column
@@ -296,6 +299,24 @@ class DocumentSource:
                 where, (offset, byte, reason) = f, found
                 break
         return _not_utf8_message(where, offset, byte, reason)
+
+
+def hub_dataset_error(label: str, err: BaseException) -> str:
+    """One sentence for a hub dataset `datasets.load_dataset` could not load: no such dataset (DatasetNotFoundError),
+    or not reachable and not in the datasets cache (ConnectionError: offline, or no network); the fix for each."""
+    import datasets
+
+    lines = str(err).strip().splitlines()
+    reason = lines[0].rstrip(".") if lines else type(err).__name__
+    if isinstance(err, datasets.exceptions.DatasetNotFoundError):
+        return (f"{label} was not found on the Hugging Face hub ({reason}); check data.name (a private or gated "
+                f"dataset needs HF_TOKEN), or give local files: data=jsonl data.path=<file or folder>.")
+    offline = datasets.config.HF_DATASETS_OFFLINE
+    mode = "offline mode: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE" if offline else "no network"
+    return (f"{label} could not be loaded: it is not in the datasets cache {datasets.config.HF_DATASETS_CACHE} and "
+            f"the hub cannot be reached ({mode}: {reason}); load it once where there is network into that cache "
+            f"(HF_DATASETS_CACHE or HF_HOME) and run with HF_DATASETS_OFFLINE=1, or give local files: "
+            f"data=jsonl data.path=<file or folder> (or data=text / csv / parquet).")
 
 
 def _not_utf8_message(where, offset: int, byte: bytes, reason: str) -> str:
@@ -352,4 +373,4 @@ def iter_texts(source: DocumentSource, max_chars: int | None = None) -> Iterator
                 return
 
 
-__all__ = ["DocumentSource", "check_source", "resolve_files", "iter_texts", "Source"]
+__all__ = ["DocumentSource", "check_source", "hub_dataset_error", "resolve_files", "iter_texts", "Source"]

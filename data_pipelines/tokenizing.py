@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from gpt2.hub import is_hub_id
 from gpt2.tokenizer import GPT2TokenizerFast, train_tokenizer
 
 from data_pipelines.config import DataConfig
@@ -51,15 +51,13 @@ def get_tokenizer(cfg: DataConfig, source: DocumentSource, create: bool = True) 
     With create=False a missing cached tokenizer raises FileNotFoundError (used by ranks that must not train).
     """
     if cfg.tokenizer:
-        p = Path(cfg.tokenizer).expanduser()
-        if p.exists():
-            return GPT2TokenizerFast.from_pretrained(str(p))
-        if cfg.tokenizer.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", cfg.tokenizer):
+        if not Path(cfg.tokenizer).expanduser().exists() and not is_hub_id(cfg.tokenizer):
             raise FileNotFoundError(
                 f"data.tokenizer={cfg.tokenizer} does not exist; give a folder with tokenizer.json "
                 f"(or vocab.json + merges.txt), a hub id, or null to train one."
             )
-        return GPT2TokenizerFast.from_pretrained(cfg.tokenizer)  # a hub id
+        # a tokenizer folder, else a hub id (a folder without tokenizer files, e.g. the package gpt2/, is no tokenizer)
+        return GPT2TokenizerFast.from_pretrained(cfg.tokenizer)
     out = tokenizer_cache_dir(cfg, source)
     if (out / "tokenizer.json").exists():
         return GPT2TokenizerFast.from_pretrained(str(out))

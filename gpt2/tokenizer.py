@@ -39,12 +39,8 @@ MERGES_FILE = "merges.txt"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 ADDED_TOKENS_FILE = "added_tokens.json"  # legacy transformers file: {token: id} for tokens beyond vocab.json
-HUB_FILES = [TOKENIZER_FILE, VOCAB_FILE, MERGES_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, ADDED_TOKENS_FILE]
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
-# "org/name" or "name" as the Hugging Face hub spells repo ids; anything else that is not a local folder is a
-# mistyped local path and gets a "does not exist" error instead of a confusing network error.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 # ----------------------------------------------------------------------------------------------------- BatchEncoding
@@ -203,33 +199,15 @@ def _add_saved_tokens(backend: Tokenizer, config: dict[str, Any], folder: str) -
 
 
 def _resolve_folder(name_or_path: str | os.PathLike, subfolder: str = "", **hub_kwargs: Any) -> str:
-    """A local folder (or tokenizer.json file) as is; otherwise a hub id downloaded with huggingface_hub
-    (hub_kwargs: cache_dir, force_download, local_files_only, token, revision)."""
+    """A tokenizer.json file, or a local folder that holds tokenizer files, as is; otherwise a hub id downloaded with
+    huggingface_hub (gpt2.hub.resolve_folder; hub_kwargs: cache_dir, force_download, local_files_only, token,
+    revision). A folder without tokenizer files (e.g. the package folder `gpt2/`) never shadows a hub id."""
+    from .hub import resolve_tokenizer_dir  # imported here: this module also loads on its own (no package)
+
     path = os.path.expanduser(os.fspath(name_or_path))
-    if os.path.isdir(path) or os.path.isfile(path):
+    if os.path.isfile(path):
         return path
-    looks_local = os.path.isabs(path) or path.startswith(".") or not _HUB_ID.match(path)
-    if looks_local:
-        raise FileNotFoundError(
-            f"tokenizer folder {path!r} does not exist; pass a folder that holds tokenizer.json or vocab.json + "
-            "merges.txt (as written by save_pretrained), or a Hugging Face hub id"
-        )
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise FileNotFoundError(
-            f"{path!r} is not a local folder, and loading it as a Hugging Face hub id needs huggingface_hub: "
-            "`pip install huggingface_hub`, or pass a local tokenizer folder"
-        ) from e
-    try:
-        patterns = [f"{subfolder}/{f}" for f in HUB_FILES] if subfolder else HUB_FILES
-        return snapshot_download(repo_id=path, allow_patterns=patterns, **hub_kwargs)
-    except Exception as e:  # network, auth, missing repo: one sentence naming both readings of the argument
-        reason = " ".join(str(e).split())  # hub errors span several lines; keep the message one sentence
-        raise FileNotFoundError(
-            f"{path!r} is not a local folder and could not be fetched from the Hugging Face hub "
-            f"({type(e).__name__}: {reason}); check the path, or the hub id and your network/HF_TOKEN"
-        ) from e
+    return resolve_tokenizer_dir(name_or_path, subfolder, **hub_kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------- tokenizer
@@ -337,11 +315,7 @@ class GPT2TokenizerFast:
                             "extra positional argument(s); pass settings as keywords, e.g. padding_side='left'")
         hub = dict(cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only,
                    token=token, revision=revision)
-        path = _resolve_folder(pretrained_model_name_or_path, subfolder, **hub)
-        if subfolder:
-            path = os.path.join(path, subfolder)
-            if not os.path.isdir(path):
-                raise FileNotFoundError(f"subfolder {subfolder!r} does not exist in {pretrained_model_name_or_path!s}")
+        path = _resolve_folder(pretrained_model_name_or_path, subfolder, **hub)  # <folder>/<subfolder> when given
         folder, tokenizer_json = (os.path.dirname(path), path) if os.path.isfile(path) else (path, None)
         tokenizer_json = tokenizer_json or _file_in(folder, TOKENIZER_FILE)
         vocab, merges = _file_in(folder, VOCAB_FILE), _file_in(folder, MERGES_FILE)

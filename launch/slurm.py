@@ -170,8 +170,9 @@ def _env_block(spec: JobSpec) -> str:
     return f"# --- environment: copied from {src} ---\n{body.rstrip()}\n# --- end of environment ---\n"
 
 
-def render_script(spec: JobSpec) -> str:
-    """The sbatch script for `spec` (pure: writes nothing)."""
+def render_script(spec: JobSpec, dry_run: bool = False) -> str:
+    """The sbatch script for `spec` (pure: writes nothing). Its first comment says where it lives: written to
+    spec.script_path (resubmit with sbatch), or with dry_run=True printed only (nothing written or submitted)."""
     log = spec.run_dir / "slurm" / "%j.out"
     d = [
         f"--job-name={spec.job_name}",
@@ -201,8 +202,12 @@ if [[ -e {last} ]]; then
     echo "[launch] resuming: resume=auto ($(cat {last}))"
 fi
 """
+    path = shlex.quote(str(spec.script_path))
+    origin = (f"launch/slurm.py --dry-run printed this script only: nothing is written or submitted; the same command "
+              f"without --dry-run writes it to {path} and submits it" if dry_run else
+              f"Written by launch/slurm.py; resubmit with: sbatch {path}")
     return f"""#!/bin/bash
-# Written by launch/slurm.py; resubmit with: sbatch {shlex.quote(str(spec.script_path))}
+# {origin}
 {directives}
 
 set -uo pipefail
@@ -293,9 +298,10 @@ class PrepareSpec:
         return self.run_dir / "slurm" / "prepare.sbatch", self.run_dir / "slurm" / "index.sbatch"
 
 
-def render_prepare_scripts(spec: PrepareSpec) -> tuple[str, str]:
+def render_prepare_scripts(spec: PrepareSpec, dry_run: bool = False) -> tuple[str, str]:
     """(array script, index script) for `spec` (pure: writes nothing). The index script gets its dependency on
-    the array job from `sbatch --dependency` at submission."""
+    the array job from `sbatch --dependency` at submission. dry_run: their first comment says they were printed
+    only (nothing written or submitted)."""
     logs = spec.run_dir / "slurm"
     common = _resource_directives(spec) + spec.extra_sbatch
     prepare = " ".join(shlex.quote(x) for x in [spec.python, str(ROOT / "data_pipelines" / "prepare.py"), *spec.overrides])
@@ -305,7 +311,8 @@ def render_prepare_scripts(spec: PrepareSpec) -> tuple[str, str]:
     def script(name: str, directives: list[str], body: str) -> str:
         lines = "\n".join(f"#SBATCH {x}" for x in directives)
         return f"""#!/bin/bash
-# Written by launch/slurm.py --prepare ({name})
+# {"Printed by launch/slurm.py --prepare --dry-run (nothing written or submitted)" if dry_run else
+   "Written by launch/slurm.py --prepare"} ({name})
 {lines}
 
 set -euo pipefail
@@ -381,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                        partition=args.partition, time=args.time, job_name=args.job_name, env_file=args.env_file,
                        extra_sbatch=args.sbatch)
         if args.dry_run:
-            print(render_script(spec), end="")
+            print(render_script(spec, dry_run=True), end="")
             return 0
         job_id = submit(spec)
     except SlurmError as e:
@@ -405,9 +412,9 @@ def _main_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
                            job_name=args.job_name if args.job_name != "gpt2-forge" else "gpt2-forge-prepare",
                            env_file=args.env_file, extra_sbatch=args.sbatch)
         if args.dry_run:
-            array, index = render_prepare_scripts(spec)
-            print(f"# ---- {spec.script_paths[0]}\n{array}# ---- {spec.script_paths[1]} "
-                  f"(sbatch --dependency=afterany:<array job id>)\n{index}", end="")
+            array, index = render_prepare_scripts(spec, dry_run=True)
+            print(f"# ---- {spec.script_paths[0]} (without --dry-run)\n{array}# ---- {spec.script_paths[1]} "
+                  f"(without --dry-run; sbatch --dependency=afterany:<array job id>)\n{index}", end="")
             return 0
         array_id, index_id = submit_prepare(spec)
     except SlurmError as e:

@@ -41,7 +41,23 @@ def test_dry_run_gpu_script(capsys, tmp_path):
     assert "trainer.accelerator" not in srun
     assert f"if [[ -e {tmp_path}/run/checkpoints/last ]]; then\n    resume=(resume=auto)" in out
     assert "trap " in out and 'kill -USR1 "$srun_pid"' in out  # a USR1 to the batch shell reaches the tasks
-    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing, and says so
+    assert "nothing is written or submitted" in out.splitlines()[1] and "resubmit with" not in out
+
+
+def test_readme_slurm_commands_are_valid(capsys, tmp_path, monkeypatch):
+    """Every `python launch/slurm.py ...` line of README (a GPU job, a CPU job with --tasks-per-node) is accepted as
+    written: its --dry-run prints a script with the tasks it asks for and writes nothing."""
+    monkeypatch.chdir(tmp_path)  # the fresh run dir would be outputs/slurm/... here (a dry run creates nothing)
+    lines = [ln.split("#")[0].split() for ln in (ROOT / "README.md").read_text().splitlines()
+             if ln.startswith("python launch/slurm.py ")]
+    assert len(lines) >= 2 and any("--tasks-per-node" in ln for ln in lines)
+    for argv in lines:
+        out = _dry_run(capsys, *argv[2:])
+        opts = dict(zip(argv[2:argv.index("--")], argv[3:argv.index("--")]))
+        tasks = opts.get("--tasks-per-node", opts.get("--gpus-per-node"))
+        assert f"#SBATCH --ntasks-per-node={tasks}\n" in out and f"trainer.devices={tasks}" in out
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_cpu_job_uses_tasks_per_node_and_cpu_accelerator(capsys, tmp_path):
@@ -58,6 +74,7 @@ def test_fresh_run_dir_is_timestamped_under_outputs_slurm(monkeypatch, tmp_path)
     assert spec.run_dir.parent.parent == tmp_path / "outputs" / "slurm"
     path = write_script(spec)
     assert path == spec.run_dir / "slurm" / "job.sbatch" and path.read_text() == render_script(spec)
+    assert path.read_text().splitlines()[1] == f"# Written by launch/slurm.py; resubmit with: sbatch {path}"
     assert path.stat().st_mode & 0o111  # executable
 
 
@@ -265,6 +282,8 @@ def test_prepare_scripts_run_one_share_per_task_then_the_index(tmp_path):
     with pytest.raises(SlurmError, match="give the data"):
         PrepareSpec([], array=2)
     assert main(["--array", "2", "--dry-run", "--", "data=jsonl"]) == 2  # --array without --prepare
+    dry = render_prepare_scripts(spec, dry_run=True)
+    assert all("nothing written or submitted" in s.splitlines()[1] for s in dry) and "Written by" in array
 
 
 @needs_slurm

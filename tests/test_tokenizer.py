@@ -368,7 +368,8 @@ def test_hub_id_goes_through_huggingface_hub(saved_dir, monkeypatch):
     tok = GPT2TokenizerFast.from_pretrained("someone/tiny-gpt2")
     assert tok.encode(UNICODE_TEXT) == fresh(saved_dir).encode(UNICODE_TEXT)
     assert calls[0][0] == "someone/tiny-gpt2" and "tokenizer.json" in calls[0][1]
-    with pytest.raises(FileNotFoundError, match=r"not a local folder and could not be fetched.*Repository Not Found"):
+    with pytest.raises(FileNotFoundError, match=r"not a local tokenizer folder, and as a hub id it could not be "
+                                                r"fetched.*Repository Not Found"):
         GPT2TokenizerFast.from_pretrained("someone/missing")
 
 

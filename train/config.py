@@ -57,9 +57,13 @@ class ModelConfig:
     # 8 x 1024 tokens at GPT-2's vocabulary are 1.6 GB in fp32); 0: the loss on the full logits. Equal results
     # either way; benchmarks/chunked_ce.py measures the memory and the step time.
     loss_chunk_size: int = 1024
-    # An HF folder (config.json + model.safetensors), one of our checkpoints (checkpoints/step-N) or a run dir:
-    # start from those weights instead of a random init (the shape fields above are then taken from it).
+    # An HF folder (config.json + model.safetensors), one of our checkpoints (checkpoints/step-N), a run dir, or a
+    # Hugging Face hub id (gpt2, openai-community/gpt2-xl): start from those weights instead of a random init (the
+    # shape fields above are then taken from it).
     init_from: Optional[str] = None
+    # The hub revision (branch, tag or commit) of a hub id in init_from; null: main. transformers'
+    # from_pretrained(revision=...), run_clm.py's --model_revision. A run records the commit it resolved to.
+    revision: Optional[str] = None
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "n_head", "n_embd", "n_positions"):
@@ -72,6 +76,9 @@ class ModelConfig:
         _check(self.vocab_size is None or self.vocab_size > 0, f"model.vocab_size={self.vocab_size} must be > 0.")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1).")
         _check(self.loss_chunk_size >= 0, f"model.loss_chunk_size={self.loss_chunk_size} must be >= 0 (0: no chunks).")
+        _check(self.revision is None or self.init_from is not None,
+               f"model.revision={self.revision} names a hub revision of model.init_from, which is not set; set "
+               f"model.init_from=<hub id> or drop model.revision.")
 
 
 @dataclass

@@ -30,6 +30,7 @@ class CheckedInputs:
 
     run_dir: the run's folder. resume_from: the checkpoint the run continues from (None: a fresh start) and
     resume_meta its meta.json. tokenizer: the tokenizer folder the run must use (model.init_from's), or None.
+    init_dir: the folder model.init_from resolved to (a hub id's snapshot in the huggingface_hub cache), or None.
     hardware: `train.strategies.Hardware` (accelerator, resolved precision) of this machine for this config.
     """
 
@@ -38,6 +39,14 @@ class CheckedInputs:
     resume_from: Optional[Path] = None
     resume_meta: dict[str, Any] = field(default_factory=dict)
     tokenizer: Optional[str] = None
+    init_dir: Optional[Path] = None
+
+    @property
+    def init_commit(self) -> Optional[str]:
+        """The hub commit model.init_from resolved to (a hub snapshot), else None."""
+        from train.checkpoint.layout import hub_commit
+
+        return hub_commit(self.init_dir) if self.init_dir is not None else None
 
     @property
     def own_resume_from(self) -> Optional[Path]:
@@ -56,12 +65,12 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     and return what the checks resolved.
 
     In order: the run dir and `resume` (a fresh run into a used run dir, resume=auto with nothing to resume, a corrupt
-    model.safetensors header, a checkpoint of another model shape), a model.init_from that does not exist (and the
-    tokenizer that comes with it), the LM data source (missing / empty / not UTF-8 / not JSON lines / no text column),
-    then, after `import torch` (~1 s) but before Lightning (~4 s), the optimizer's fit to the strategy, the hardware
-    (devices, attention kernel, precision)
-    and the resumed checkpoint's strategy, and the in-training evaluation tasks (eval.tasks). Reads the run dir, small
-    checkpoint files and the first MiB of each LM data file.
+    model.safetensors header, a checkpoint of another model shape), a model.init_from that does not exist or a hub
+    id that cannot be fetched (and the tokenizer that comes with it; a hub id in data.tokenizer is fetched too), the
+    LM data source (missing / empty / not UTF-8 / not JSON lines / no text column), then, after `import torch` (~1 s)
+    but before Lightning (~4 s), the optimizer's fit to the strategy, the hardware (devices, attention kernel,
+    precision) and the resumed checkpoint's strategy, and the in-training evaluation tasks (eval.tasks). Reads the run
+    dir, small checkpoint files and the first MiB of each LM data file.
 
     Raises:
         ConfigError / CheckpointError / OSError: naming the key or file and the fix.
@@ -72,9 +81,9 @@ def check_inputs(cfg: Config) -> CheckedInputs:
 
     run_dir = Path(cfg.run_dir).expanduser()
     resume_from = layout.resolve_resume(cfg.resume, run_dir)
-    if cfg.model.init_from:
-        layout.init_source(cfg.model.init_from)
-    tokenizer = layout.tokenizer_source(cfg.data.tokenizer, cfg.model.init_from, resume_from)
+    # model.init_from: a local folder, or a hub id fetched now into the huggingface_hub cache (one sentence offline)
+    init_dir = layout.init_source(cfg.model.init_from, cfg.model.revision) if cfg.model.init_from else None
+    tokenizer = layout.tokenizer_source(cfg.data.tokenizer, init_dir, resume_from)
     meta: dict[str, Any] = {}
     if resume_from is not None:
         meta = layout.read_meta(resume_from)
@@ -96,7 +105,7 @@ def check_inputs(cfg: Config) -> CheckedInputs:
         from train.eval.evaluate import check_eval
 
         check_eval(cfg.eval, cfg.task.name)
-    return CheckedInputs(run_dir, hardware, resume_from, meta, tokenizer)
+    return CheckedInputs(run_dir, hardware, resume_from, meta, tokenizer, init_dir)
 
 
 def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any]:
@@ -127,14 +136,14 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
 
     # -- the tokenizer (a fine-tune keeps model.init_from's: its ids index that embedding table), then config.yaml
     cfg.data.tokenizer = checked.tokenizer or cfg.data.tokenizer
+    cfg.model.revision = checked.init_commit or cfg.model.revision  # config.yaml records the hub commit it starts from
     tokenizer = task.tokenizer(cfg.data, cfg.model.init_from, checked.resume_from, run_dir)  # None: the data's own
     hparams = layout.write_config(run_dir, cfg)
     changed = layout.config_changes(checked.resume_meta.get("config"), hparams)
     if changed:  # each takes effect (optim.*: module.apply_optim_config), or was refused by check_inputs
         log.info("resume: settings that differ from the checkpoint's: %s", "; ".join(changed))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if tcfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(tcfg.deterministic, warn_only=True)
 
     # -- data
     dm = task.datamodule(cfg.data, cfg.task, tokenizer)

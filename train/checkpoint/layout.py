@@ -245,14 +245,44 @@ def load_model_config_dict(step_path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ model.init_from
-def init_source(init_from: str) -> Path:
-    """The path `model.init_from` names; FileNotFoundError (naming what it may be) when it does not exist."""
+def init_source(init_from: str, revision: Optional[str] = None) -> Path:
+    """The folder `model.init_from` names: a local HF folder, checkpoint or run dir as it is; else a hub id's snapshot
+    folder in the huggingface_hub cache, fetched (config, weights, tokenizer files) at `revision` (None: main) as
+    `from_pretrained` does (gpt2.hub.resolve_model_dir). A folder of the hub id's name that holds none of those
+    (e.g. the package folder `gpt2/` seen from the repository root) does not shadow the hub id.
+
+    Raises FileNotFoundError in one sentence: a local path that does not exist, a hub id that could not be fetched
+    (naming HF_HUB_OFFLINE and the cache), or a revision given for a local folder.
+    """
+    from gpt2 import hub  # torch-free: os, re and (for hub ids) huggingface_hub
+
     src = Path(init_from).expanduser()
+    local = src.is_file() or (src / "config.json").is_file() or (src / META_NAME).is_file() or src.name == \
+        "checkpoints" or checkpoints_dir(src).is_dir()
+    if not local and hub.is_hub_id(init_from):
+        try:
+            return Path(hub.resolve_model_dir(init_from, revision=revision))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"model.init_from={init_from}: {e}") from None
+    if revision is not None:
+        raise FileNotFoundError(
+            f"model.revision={revision} is a hub revision, but model.init_from={init_from} is a local folder; drop "
+            f"model.revision (or name the hub id)."
+        )
     if not src.exists():
         raise FileNotFoundError(
-            f"model.init_from={init_from} does not exist; give an HF folder, a checkpoint or a run dir."
+            f"model.init_from={init_from} does not exist; give an HF folder, a checkpoint, a run dir or a hub id."
         )
     return src
+
+
+def hub_commit(folder: Path) -> Optional[str]:
+    """The commit hash of a huggingface_hub snapshot folder (<cache>/models--org--name/snapshots/<commit>), else
+    None (a local folder)."""
+    folder = Path(folder)
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.name
+    return None
 
 
 def is_hf_folder(src: Path) -> bool:
@@ -261,25 +291,35 @@ def is_hf_folder(src: Path) -> bool:
 
 
 
-def tokenizer_source(tokenizer: Optional[str], init_from: Optional[str], resume_from: Optional[Path]) -> Optional[str]:
+def tokenizer_source(tokenizer: Optional[str], init_dir: Optional[Path], resume_from: Optional[Path]) -> Optional[str]:
     """The tokenizer a run uses: `data.tokenizer` when set, else the one of the checkpoint it resumes, else the one
-    that came with `model.init_from` (an HF folder's own tokenizer files, or a checkpoint's / run dir's tokenizer/
-    folder): the ids index the embedding table of those weights, so a resume onto another corpus encodes it with the
-    checkpoint's tokenizer (a BPE trained on the new corpus would give other ids). None: train (or reuse the cached)
-    BPE on the data source. (The token cache is keyed by the tokenizer's content, so the same BPE given as a folder
-    reuses the cached token files.)
+    that came with model.init_from (`init_dir`, what `init_source` resolved: an HF folder's or hub snapshot's own
+    tokenizer files, or a checkpoint's / run dir's tokenizer/ folder): the ids index the embedding table of those
+    weights, so a fine-tune keeps it, and a resume onto another corpus encodes it with the checkpoint's tokenizer (a
+    BPE trained on the new corpus would give other ids). None: train (or reuse the cached) BPE on the data source.
+    (The token cache is keyed by the tokenizer's content, so the same BPE given as a folder reuses the cached files.)
+
+    A data.tokenizer that is a hub id and no local tokenizer folder is fetched here (gpt2.hub.resolve_tokenizer_dir:
+    into the huggingface_hub cache, where the data pipeline then finds it), so an unreachable one ends the run
+    before anything is built. Raises FileNotFoundError in one sentence.
     """
     if tokenizer:
+        from gpt2 import hub  # torch-free
+
+        if not hub.holds_tokenizer(Path(tokenizer).expanduser()) and hub.is_hub_id(tokenizer):
+            try:
+                hub.resolve_tokenizer_dir(tokenizer)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"data.tokenizer={tokenizer}: {e}") from None
         return tokenizer
     if resume_from is not None:
         d = tokenizer_dir_for(resume_from)
         return str(d) if d else None
-    if init_from:
-        src = Path(init_from).expanduser()
-        if (src / "tokenizer.json").is_file() or (src / "vocab.json").is_file():
-            return str(src)
-        if src.exists():
-            d = tokenizer_dir_for(resolve_checkpoint(src))
+    if init_dir is not None:
+        if (init_dir / "tokenizer.json").is_file() or (init_dir / "vocab.json").is_file():
+            return str(init_dir)
+        if init_dir.exists():
+            d = tokenizer_dir_for(resolve_checkpoint(init_dir))
             return str(d) if d else None
     return None
 

@@ -101,7 +101,7 @@ def build_model(
     or a run dir) loaded strictly. Raises FileNotFoundError / ConfigError / CheckpointError naming the fix."""
     if model_cfg.init_from is None:
         return cls(build_model_config(model_cfg, attention_cfg, stability_cfg, vocab_size, eos_token_id))
-    src = init_source(model_cfg.init_from)
+    src = init_source(model_cfg.init_from, model_cfg.revision)
     overrides = runtime_overrides(model_cfg, attention_cfg, stability_cfg)
     if is_hf_folder(src):
         model = cls.from_pretrained(str(src), dtype=torch.float32, **overrides)
@@ -147,7 +147,7 @@ def build_head_model(
         config = build_model_config(model_cfg, attention_cfg, stability_cfg, vocab_size, eos_token_id)
         model = cls(GPT2Config.from_dict(config.to_dict(), **head))
         return model, {"source": None, "new": sorted(model.state_dict()), "reinitialized": []}
-    saved, sd, where = _source_weights(init_source(model_cfg.init_from))
+    saved, sd, where = _source_weights(init_source(model_cfg.init_from, model_cfg.revision))
     config = GPT2Config.from_dict(saved, **runtime_overrides(model_cfg, attention_cfg, stability_cfg), **head)
     model = cls(config)  # every tensor initialised (GPT-2 init); the matching ones are overwritten below
     target = model.state_dict()
