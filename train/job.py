@@ -24,6 +24,11 @@ from train.config import Config, ConfigError
 log = logging.getLogger(__name__)
 
 
+class RankLostError(RuntimeError):
+    """The run stopped because another of its ranks ended (train/callbacks/ranks.py); the message names that rank,
+    its signal or exit code where known, the step reached and the newest checkpoint."""
+
+
 @dataclass(frozen=True)
 class CheckedInputs:
     """What `check_inputs` resolved, handed to `train` as it is (nothing is checked or read twice).
@@ -110,7 +115,8 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     `checked`: what `check_inputs(cfg)` returned (train/run.py runs it before importing Lightning); None runs it here.
     Raises TypeError (cfg is not a `train.config.Config`: convert a DictConfig with `to_config`), ConfigError /
     CheckpointError / OSError (bad input: one sentence naming the fix), GuardError (the loss guard stopped a diverging
-    run), KeyboardInterrupt (Ctrl-C; the newest checkpoint resumes it).
+    run), RankLostError (another rank of the run died; the newest checkpoint resumes it), KeyboardInterrupt (Ctrl-C;
+    the newest checkpoint resumes it).
     """
     if not isinstance(cfg, Config):  # a DictConfig would skip every __post_init__ check
         raise TypeError(f"train() takes a train.config.Config, not {type(cfg).__name__}; use to_config(cfg).")
@@ -122,8 +128,9 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
 
     from train.callbacks.loggers import build_loggers
     from train.callbacks.preemption import Preemption
+    from train.callbacks.ranks import LostRank
     from train.checkpoint.callbacks import BestCheckpoint, StepCheckpoint
-    from train.checkpoint.layout import check_compatible
+    from train.checkpoint.layout import check_compatible, latest_checkpoint
     from train.eval.callback import build_eval
     from train.strategies import build_strategy
     from train.tasks import get_task
@@ -173,13 +180,21 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     eval_cb = build_eval(cfg.eval, tokenizer, run_dir, tcfg.val_check_interval, tcfg.fast_dev_run)
     # best before step: a step-N checkpoint written after validation N holds BestCheckpoint's state of step N;
     # eval before step: checkpoint N is published after eval row N is on disk (fast_dev_run: the eval alone)
-    run_callbacks = (eval_cb,) if tcfg.fast_dev_run else (best_cb, eval_cb, ckpt_cb, preempt)
+    lost_rank = LostRank()  # a rank that died: named in the error instead of the collective's broken connection
+    run_callbacks = (eval_cb, lost_rank) if tcfg.fast_dev_run else (best_cb, eval_cb, ckpt_cb, preempt, lost_rank)
     strategy = build_strategy(cfg.strategy, tcfg, task.micro_batch_size(cfg.data, cfg.task), checked.hardware)
     trainer = build_trainer(tcfg, cfg.guard, cfg.seed, strategy, checked.hardware.precision, run_dir, loggers,
                             [cb for cb in run_callbacks if cb is not None])
 
     # -- fit, then the summary and the export
-    trainer.fit(module, datamodule=dm, ckpt_path=str(checked.resume_from) if checked.resume_from else None)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(checked.resume_from) if checked.resume_from else None)
+    except Exception as e:
+        if lost_rank.lost is None:
+            raise
+        newest = latest_checkpoint(run_dir)
+        latest = newest.name if newest is not None else "none yet"
+        raise RankLostError(f"{lost_rank.lost} at step {trainer.global_step} (newest checkpoint: {latest})") from e
     return finish(trainer, module, dm, task, Finish(
         run_dir, tokenizer, checked.resume_step, init_report, monitor, best_cb, eval_cb, ckpt_cb, preempt, loggers,
         cfg.sample, t_start, fast=tcfg.fast_dev_run, val_every=1 if tcfg.fast_dev_run else tcfg.val_check_interval))
@@ -283,4 +298,4 @@ def finish(trainer, module, dm, task, f: Finish) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["CheckedInputs", "Finish", "check_inputs", "finish", "launch_rank", "train", "write_config"]
+__all__ = ["CheckedInputs", "Finish", "RankLostError", "check_inputs", "finish", "launch_rank", "train", "write_config"]
