@@ -19,9 +19,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from data_pipelines.cli import override
+from train.checkpoint import layout  # torch-free: checked before torch and Lightning are imported
 from train.config import Config
+from train.tasks import get_task  # torch-free until a task is imported
 
 log = logging.getLogger(__name__)
+
+
+class RankLostError(RuntimeError):
+    """The run stopped because another of its ranks ended (train/callbacks/ranks.py); the message names that rank,
+    its signal or exit code where known, the step reached and the newest checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     """Refuse, with one sentence, what the job would refuse later but the config and small file reads already show,
     and return what the checks resolved.
 
-    In order: the run dir and `resume` (a fresh run into a used run dir, resume=auto with nothing to resume, a corrupt
+    In order: the run dir and `resume` (a fresh run into a used run dir, a resume=<path> without a checkpoint, a corrupt
     model.safetensors header, a checkpoint of another model shape), a model.init_from that does not exist or a hub
     id that cannot be fetched (and the tokenizer that comes with it; a hub id in data.tokenizer is fetched too), the
     LM data source (missing / empty / not UTF-8 / not JSON lines / no text column), then, after `import torch` (~1 s)
@@ -77,10 +84,10 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     """
     from data_pipelines.sources import check_source
 
-    from train.checkpoint import layout
-
     run_dir = Path(cfg.run_dir).expanduser()
     resume_from = layout.resolve_resume(cfg.resume, run_dir)
+    if cfg.resume == "auto" and resume_from is None and launch_rank() == 0:
+        log.info("resume=auto: no complete checkpoint in %s; starting fresh", layout.checkpoints_dir(run_dir))
     # model.init_from: a local folder, or a hub id fetched now into the huggingface_hub cache (one sentence offline)
     init_dir = layout.init_source(cfg.model.init_from, cfg.model.revision) if cfg.model.init_from else None
     tokenizer = layout.tokenizer_source(cfg.data.tokenizer, init_dir, resume_from)
@@ -108,12 +115,22 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     return CheckedInputs(run_dir, hardware, resume_from, meta, tokenizer, init_dir)
 
 
+def launch_rank(env: Optional[dict] = None) -> int:
+    """This process's global rank as its launcher set it, before any process group exists: torchrun's RANK, Lightning's
+    LOCAL_RANK (the ranks it spawns on one node), srun's SLURM_PROCID; 0 when none is set (the order of Lightning's
+    `rank_zero_only` rank, lightning/fabric/utilities/rank_zero.py)."""
+    env = os.environ if env is None else env
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    return 0
+
+
 def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any]:
-    """Run the training job `cfg` describes; returns run_dir/summary.json's dict (train.callbacks.loggers.RunSummary),
-    or after a preemption stop {"preempted", "requeued", "checkpoint", ...}. `checked`: what `check_inputs(cfg)`
-    returned (train/run.py runs it before importing Lightning); None runs it here. Raises TypeError (cfg is not a
-    `train.config.Config`: use `to_config`), ConfigError / CheckpointError / OSError (bad input: one sentence naming
-    the fix), GuardError (the loss guard stopped a diverging run), KeyboardInterrupt (Ctrl-C; resume=auto continues).
+    """Run the training job `cfg` describes; returns run_dir/summary.json's dict (train.callbacks.loggers.RunSummary)
+    or a preemption stop's {"preempted", "requeued", "checkpoint", ...}. `checked`: `check_inputs(cfg)`'s result (None
+    runs it here). Raises TypeError (not a `train.config.Config`: use `to_config`), ConfigError / CheckpointError /
+    OSError (bad input), GuardError (a diverging run), RankLostError (another rank died), KeyboardInterrupt (Ctrl-C).
     """
     if not isinstance(cfg, Config):  # a DictConfig would skip every __post_init__ check
         raise TypeError(f"train() takes a train.config.Config, not {type(cfg).__name__}; use to_config(cfg).")
@@ -121,15 +138,13 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     checked = checked if checked is not None else check_inputs(cfg)
 
     import lightning as L
-    import torch
 
     from train.callbacks.loggers import RunSummary, build_loggers
     from train.callbacks.preemption import Preemption
-    from train.checkpoint import layout
+    from train.callbacks.ranks import LostRank
     from train.checkpoint.callbacks import BestCheckpoint, HFExport, StepCheckpoint
     from train.eval.evaluate import build_eval
     from train.strategies import build_strategy
-    from train.tasks import get_task
     from train.trainer import build_trainer
 
     task, tcfg, run_dir = get_task(cfg.task.name, cfg.task.module), cfg.trainer, checked.run_dir
@@ -138,12 +153,8 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     cfg.data.tokenizer = checked.tokenizer or cfg.data.tokenizer
     cfg.model.revision = checked.init_commit or cfg.model.revision  # config.yaml records the hub commit it starts from
     tokenizer = task.tokenizer(cfg.data, cfg.model.init_from, checked.resume_from, run_dir)  # None: the data's own
-    hparams = layout.write_config(run_dir, cfg)
-    changed = layout.config_changes(checked.resume_meta.get("config"), hparams)
-    if changed:  # each takes effect (optim.*: module.apply_optim_config), or was refused by check_inputs
-        log.info("resume: settings that differ from the checkpoint's: %s", "; ".join(changed))
+    hparams = layout.write_config(run_dir, cfg, previous=checked.resume_meta.get("config"))  # + what a resume changed
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    torch.use_deterministic_algorithms(tcfg.deterministic, warn_only=True)
 
     # -- data
     dm = task.datamodule(cfg.data, cfg.task, tokenizer)
@@ -176,18 +187,23 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     if task.full_validation:  # the task metrics need the whole validation set (every qa window of an example)
         tcfg.limit_val_batches = 1.0 if tcfg.limit_val_batches > 0 else 0
     eval_cb = build_eval(cfg.eval, tokenizer, run_dir, tcfg.val_check_interval, tcfg.fast_dev_run)
-    # best before step: checkpoint N holds BestCheckpoint's state of step N; eval before step: checkpoint N is published
-    # after eval row N is on disk (fast_dev_run: the eval alone, no export); the export, then the summary, at the end
+    # best, eval before step (checkpoint N holds both of step N); fast_dev_run: the eval alone; export, summary last
+    lost_rank = LostRank()  # a rank that died: named in the error instead of the collective's broken connection
     run_callbacks = (eval_cb,) if tcfg.fast_dev_run else (best_cb, eval_cb, ckpt_cb, preempt, export_cb)
     strategy = build_strategy(cfg.strategy, tcfg, task.micro_batch_size(cfg.data, cfg.task), checked.hardware)
     trainer = build_trainer(tcfg, cfg.guard, strategy, checked.hardware.precision, run_dir, loggers,
-                            [cb for cb in (*run_callbacks, summary) if cb is not None])
+                            [cb for cb in (*run_callbacks, lost_rank, summary) if cb is not None])
 
-    trainer.fit(module, datamodule=dm, ckpt_path=str(checked.resume_from) if checked.resume_from else None)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(checked.resume_from) if checked.resume_from else None)
+    except Exception as e:
+        if lost_rank.lost is None:
+            raise
+        raise RankLostError(lost_rank.report(trainer)) from e
     if trainer.interrupted:
         raise KeyboardInterrupt(f"interrupted at step {trainer.global_step}; continue with resume=auto "
                                 f"{override('run_dir', run_dir)}")
     return summary.summary
 
 
-__all__ = ["CheckedInputs", "check_inputs", "train"]
+__all__ = ["CheckedInputs", "RankLostError", "check_inputs", "launch_rank", "train"]

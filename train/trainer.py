@@ -90,7 +90,7 @@ def build_trainer(trainer_cfg, guard_cfg, strategy: Any, precision: str, run_dir
         enable_progress_bar=tcfg.enable_progress_bar,
         enable_model_summary=tcfg.enable_progress_bar,
         plugins=[DirCheckpointIO(), *build_plugins()],  # + SLURMEnvironment(auto_requeue=False) under SLURM
-        deterministic=tcfg.deterministic or None,
+        deterministic="warn" if tcfg.deterministic else None,  # torch.use_deterministic_algorithms(True, warn_only)
         profiler=build_profiler(tcfg.profiler, run_dir),
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,  # data_pipelines' sampler shards by rank and resumes by position

@@ -10,6 +10,7 @@ checkpoint or run dir in well under a second, before they import torch and Light
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from train.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "gpt2-forge-checkpoint"
 FORMAT_VERSION = 1
@@ -59,10 +62,12 @@ def publish_dir(tmp: Path, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ finding checkpoints
-def write_config(run_dir: Path, cfg: Any) -> dict[str, Any]:
+def write_config(run_dir: Path, cfg: Any, previous: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """run_dir/config.yaml (run_dir created if needed): the fully resolved config `cfg` (a structured config
     dataclass, train.config.Config), written before anything runs (tmp + replace). Returns it as plain containers:
-    the hyper-parameters the loggers record."""
+    the hyper-parameters the loggers record. `previous`: the config of the checkpoint a run resumes (its meta.json's
+    "config"); one log line lists the settings that differ from it (`config_changes`): each takes effect from the
+    first resumed step (optim.*: train.module.apply_optim_config) or was refused by the up-front checks."""
     from omegaconf import OmegaConf
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +75,11 @@ def write_config(run_dir: Path, cfg: Any) -> dict[str, Any]:
     tmp = run_dir / f"config.yaml.tmp-{os.getpid()}"
     tmp.write_text(OmegaConf.to_yaml(node, resolve=True))
     os.replace(tmp, run_dir / "config.yaml")
-    return OmegaConf.to_container(node, resolve=True)
+    hparams = OmegaConf.to_container(node, resolve=True)
+    changed = config_changes(previous, hparams)
+    if changed:
+        log.info("resume: settings that differ from the checkpoint's: %s", "; ".join(changed))
+    return hparams
 
 
 # keys that name where a run is, not how it trains: never "changed" on resume
@@ -328,8 +337,10 @@ def tokenizer_source(tokenizer: Optional[str], init_dir: Optional[Path], resume_
 def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     """The checkpoint a run continues from (`resume`: null | auto | <step dir or run dir>), or None for a fresh start.
 
-    A fresh start in a run_dir that already holds checkpoints is refused (it would mix two runs); partial folders a
-    crashed save left behind are removed first. Raises ConfigError / CheckpointError naming the fix.
+    resume=auto: the newest complete checkpoint of run_dir, or None (a fresh start) when it holds none. A fresh start
+    (resume=null) in a run_dir that already holds checkpoints is refused (it would mix two runs); resume=<path> that
+    does not exist or holds no checkpoint is refused. Partial folders a crashed save left behind are removed first.
+    Raises ConfigError / CheckpointError naming the fix.
     """
     if resume is None:
         existing = list_checkpoints(run_dir)
@@ -341,13 +352,9 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
         return None
     clean_partial(run_dir)
     if resume == "auto":
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            raise ConfigError(
-                f"resume=auto found no complete checkpoint in {checkpoints_dir(run_dir)}; drop resume to start "
-                f"fresh, or set run_dir to the run you want to continue."
-            )
-        return found
+        # None: nothing to continue, a fresh start (litgpt's resume="auto", Lightning's ckpt_path="last"), so the
+        # one command a restarting launcher repeats (torchrun --max-restarts, a requeued job) is valid from step 0
+        return latest_checkpoint(run_dir)
     return resolve_checkpoint(resume)
 
 

@@ -14,7 +14,8 @@ before Lightning is imported (the up-front checks), so spec modules import torch
 and `model.init_from` read any of them; training state resumes under the strategies of the same checkpoint family.
 
 The cluster side lives here too: `build_plugins` picks the rendezvous (SLURM, torchrun or Lightning's own env
-variables) and turns off Lightning's SLURM auto-requeue, which train/callbacks/preemption.py replaces.
+variables) and turns off Lightning's SLURM auto-requeue, which train/callbacks/preemption.py replaces; the process group of each
+torchrun restart attempt forms on keys of its own (engines/rendezvous.py).
 """
 
 from __future__ import annotations
