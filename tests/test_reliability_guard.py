@@ -19,7 +19,7 @@ from train.checkpoint import layout as ck
 from train.checkpoint import weights as ck_weights
 from train.callbacks.loggers import read_metrics
 from train.config import GuardConfig, register_configs
-from train.callbacks.guard import GuardError, LossGuard
+from train.trainer import GuardError, LossGuard
 from train.module import GPT2LitModule
 from train.job import train
 

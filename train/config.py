@@ -381,7 +381,7 @@ class CheckpointConfig:
 
 @dataclass
 class GuardConfig:
-    """The loss-spike / NaN guard (conf/guard/*.yaml; train/callbacks/guard.py): skip non-finite updates, roll back
+    """The loss-spike / NaN guard (conf/guard/*.yaml; train/trainer.py's LossGuard): skip non-finite updates, roll back
     spikes."""
 
     enabled: bool = True

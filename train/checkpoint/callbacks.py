@@ -173,7 +173,7 @@ class HFExport(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if not (trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step):
             return
-        from train.callbacks.guard import check_finite_weights
+        from train.trainer import check_finite_weights
         from train.checkpoint.export import export_hf
         from train.checkpoint.weights import load_best_into
 

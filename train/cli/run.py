@@ -40,8 +40,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         errors += (MisconfigurationException,)
-    if "train.callbacks.guard" in sys.modules:  # the loss guard stopped a diverging run
-        from train.callbacks.guard import GuardError
+    if "train.trainer" in sys.modules:  # the loss guard stopped a diverging run
+        from train.trainer import GuardError
 
         errors += (GuardError,)
     return errors
