@@ -12,7 +12,9 @@
 weights without training state, a valid `model.init_from` (`save_model_dir`, `load_best_into`).
 
 `DirCheckpointIO` is a Lightning `CheckpointIO` plugin, so `trainer.save_checkpoint(dir)` and
-`trainer.fit(..., ckpt_path=dir)` go through it and Lightning restores every state it saved. Writes are atomic:
+`trainer.fit(..., ckpt_path=dir)` go through it and Lightning restores every state it saved. A checkpoint of FSDP2 or
+DeepSpeed (meta.json `strategy`) is loaded through the universal training state (train/checkpoint/universal.py) into
+the same layout, so DDP and one device resume it too. Writes are atomic:
 everything goes into `step-N.tmp-<pid>/`, then one `os.rename` publishes it; `checkpoints/last` (a text file with
 the newest complete step dir's name) is replaced with `os.replace`. A crash leaves at worst a `*.tmp-*` folder,
 which is never loaded and is removed by the next run.

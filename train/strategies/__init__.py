@@ -54,8 +54,9 @@ class StrategySpec:
     name: `strategy.name` (= conf/strategy/<name>.yaml). config: its config dataclass (train.config: StrategyConfig
         or a subclass), which its YAML's defaults list names.
     build: (strategy_cfg, trainer_cfg, micro_batch_size, hardware) -> the Lightning strategy object, or "auto".
-    checkpoint_family: the training state its checkpoints hold: "full" (one file: any strategy of the family
-        resumes it), "fsdp" (DCP shards) or "deepspeed" (ZeRO partitions).
+    checkpoint_family: the training state its checkpoints hold: "full" (one file), "fsdp" (DCP shards) or
+        "deepspeed" (ZeRO partitions). A strategy of the same family loads them natively (`native_resume`); any
+        other through the universal training state (train/checkpoint/universal.py).
     check_hardware: (strategy_cfg, trainer_cfg, hardware) -> None, raising ConfigError for what this machine cannot
         run with it (after the checks every strategy shares); None: nothing more to check.
     full_state_dict: (trainer, module) -> the full weights on rank 0 (None elsewhere) when the strategy shards

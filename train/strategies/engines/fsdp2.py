@@ -3,6 +3,8 @@
 
 Checkpoints keep our step-dir layout: the DCP shards of model + optimizer under `sharded/`, plus the gathered
 `model.safetensors`, config.json, training_state.pt and meta.json (train/checkpoint/io.py), published with one rename.
+DCP reshards them to any world size; another family's checkpoint is loaded through the universal training state
+(`load_universal_fsdp`).
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 our step-dir layout, on CUDA GPUs and on the CPU.
 
 DeepSpeed saves its shards into `step-N.tmp-*`; rank 0 consolidates them into an fp32 `model.safetensors`
-(deepspeed_config.py), adds config.json + meta.json and publishes the folder with one rename, so export and
-`model.init_from` read a ZeRO checkpoint like any other. The DeepSpeed JSON itself comes from deepspeed_config.py.
+(deepspeed_config.py), adds config.json, training_state.pt (Lightning's loops, schedule, callbacks, data position) +
+meta.json and publishes the folder with one rename, so export and `model.init_from` read a ZeRO checkpoint like any
+other, and another strategy resumes it (train/checkpoint/universal.py). A checkpoint of another family, ZeRO stage or
+world size is loaded through the universal training state (`load_universal_zero`). The DeepSpeed JSON itself comes
+from deepspeed_config.py.
 """
 
 from __future__ import annotations
