@@ -4,16 +4,16 @@ other strategy loads (`UniversalState`).
     weights    the full fp32 weights under our key names: the checkpoint's model.safetensors, which every family
                writes (DDP: rank 0's replica; FSDP2: gathered from the DTensor shards; ZeRO: DeepSpeed's
                `get_fp32_state_dict_from_zero_checkpoint` over the fp32 master partitions)
-    optimizer  AdamW's state keyed by parameter name, in the optimizer's group order:
-               {"state": {name: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups": [{lr, betas, ..., "params": [names]}]}
-               (the layout of torch.distributed.checkpoint.state_dict's full optimizer state dict)
+    optimizer  AdamW's state keyed by parameter name, in the optimizer's group order (the layout of
+               torch.distributed.checkpoint.state_dict's full optimizer state dict):
+               {"state": {name: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups": [{lr, ..., "params": [names]}]}
     training   everything else Lightning restores: loops and global step, LR schedule, callbacks (RNG states, guard,
                best metric) and the datamodule's position in global samples (`consumed_samples`)
 
 Each family's optimizer state is read with its engine's own tool, not by cutting shards by hand:
 
     full       training_state.pt's `optimizer_states` (torch's Optimizer.state_dict(): integer ids in group order)
-    fsdp       the DCP shards under sharded/, consolidated by torch.distributed.checkpoint.format_utils.dcp_to_torch_save
+    fsdp       the DCP shards under sharded/, consolidated by torch.distributed.checkpoint's dcp_to_torch_save
     deepspeed  the ZeRO partitions, merged per parameter by DeepSpeed's universal-checkpoint converter
                (deepspeed.checkpoint.ds_to_universal); the parameter names per optimizer group come from the
                checkpoint's `param_shapes`, the table zero_to_fp32 reads too
