@@ -225,17 +225,46 @@ def test_unfinished_zero_save_is_not_published(tmp_path):
     assert ck.list_checkpoints(tmp_path) == []
 
 
-def test_resume_across_strategy_families_is_refused(tmp_path):
+def _step(tmp_path, **meta) -> Path:
     step = tmp_path / "step-8"
-    step.mkdir()
-    (step / "meta.json").write_text(json.dumps({"format": ck.FORMAT, "global_step": 8, "strategy": "fsdp"}))
-    check_resume(step, cfg_for("strategy=fsdp").strategy, ck.read_meta(step))
-    with pytest.raises(ConfigError, match=r"holds fsdp training state .* cannot be resumed with strategy=ddp"):
-        check_resume(step, cfg_for("strategy=ddp").strategy, ck.read_meta(step))
-    (step / "meta.json").write_text(json.dumps({"format": ck.FORMAT, "global_step": 8}))
-    check_resume(step, cfg_for("strategy=ddp").strategy, ck.read_meta(step))
-    with pytest.raises(ConfigError, match="model.init_from="):
-        check_resume(step, cfg_for("strategy=deepspeed_zero2").strategy, ck.read_meta(step))
+    step.mkdir(exist_ok=True)
+    (step / "meta.json").write_text(json.dumps({"format": ck.FORMAT, "global_step": 8, **meta}))
+    return step
+
+
+def _check(step: Path, *overrides: str) -> None:
+    cfg = cfg_for(*overrides)
+    check_resume(step, cfg.strategy, ck.read_meta(step), cfg.trainer)
+
+
+def test_resume_across_strategy_families_and_world_sizes_is_allowed(tmp_path):
+    """Any family resumes under any other (the universal training state), at any world size."""
+    step = _step(tmp_path, strategy="fsdp", strategy_name="fsdp", world_size=2, precision="32-true")
+    for strategy in ("fsdp", "ddp", "deepspeed_zero2", "deepspeed_zero3"):
+        _check(step, f"strategy={strategy}", "trainer.devices=1")
+    step = _step(tmp_path, strategy="deepspeed", strategy_name="deepspeed_zero3", world_size=2)
+    (step / ck.STATE_NAME).write_bytes(b"")  # written since universal checkpoints: Lightning's state beside ZeRO's
+    for strategy in ("ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero3"):
+        _check(step, f"strategy={strategy}", "trainer.devices=1")
+
+
+def test_what_cannot_be_mapped_is_refused_in_one_sentence(tmp_path):
+    """A ZeRO checkpoint from before universal checkpoints (no training_state.pt, no world size in meta.json) resumes
+    only natively, at its own world size; fp16 state (its loss scale) stays with its engine."""
+    step = _step(tmp_path, strategy="deepspeed")
+    (step / "checkpoint").mkdir()
+    for rank in (0, 1):
+        (step / "checkpoint" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    _check(step, "strategy=deepspeed_zero3", "trainer.devices=2")  # DeepSpeed's own loader, as before
+    with pytest.raises(ConfigError, match=r"ZeRO partitions of 2 ranks .* trainer.devices x trainer.num_nodes = 2"):
+        _check(step, "strategy=deepspeed_zero3", "trainer.devices=1")
+    with pytest.raises(ConfigError, match=r"inside DeepSpeed's files only .* strategy=ddp cannot resume it; resume it "
+                                          r"with strategy=deepspeed_zero1\|.*model.init_from="):
+        _check(step, "strategy=ddp", "trainer.devices=2")
+    step = _step(tmp_path, strategy="fsdp", strategy_name="fsdp", world_size=2, precision="16-mixed")
+    _check(step, "strategy=fsdp", "trainer.devices=1")  # DCP reshards; the scaler state is the same plugin's
+    with pytest.raises(ConfigError, match=r"trained in fp16.*resume it with strategy=fsdp on 2 ranks"):
+        _check(step, "strategy=deepspeed_zero2", "trainer.devices=2")
 
 
 # ------------------------------------------------------------------------------------------ cluster environment

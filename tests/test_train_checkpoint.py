@@ -131,3 +131,33 @@ def test_no_decay_on_biases_layernorm_embeddings():
     assert groups[1]["weight_decay"] == 0.0
     n_params = sum(p.numel() for g in groups for p in g["params"])
     assert n_params == sum(p.numel() for p in model.parameters())  # each parameter once (tied lm_head included)
+
+
+def test_universal_state_of_a_full_checkpoint_loads_into_a_fresh_optimizer_by_name(tmp_path):
+    """A full checkpoint's optimizer state (integer ids) read as the universal state (by parameter name) and put
+    back in Lightning's layout loads into a new AdamW over a new model with every moment on the right parameter."""
+    from train.checkpoint.universal import lightning_checkpoint, read_universal
+    from train.module import build_optimizer, optimizer_param_names
+
+    model = tiny_model()
+    opt = build_optimizer(model, OptimConfig(lr=1e-3))
+    model(torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8))).loss.backward()
+    opt.step()
+    ckpt = fake_lightning_checkpoint(model)
+    ckpt["optimizer_states"] = [opt.state_dict()]
+    path = tmp_path / "checkpoints" / "step-7"
+    ck_io.DirCheckpointIO().save_checkpoint(ckpt, path)
+    names = optimizer_param_names(model)
+    assert [len(g["params"]) for g in opt.param_groups] == [len(n) for n in names] and "lm_head.weight" not in sum(
+        names, [])  # the tied head is wte, once
+    state = read_universal(path, ck.read_meta(path), names)
+    params = dict(model.named_parameters())
+    for name, s in state.optimizer["state"].items():
+        torch.testing.assert_close(s["exp_avg"], opt.state[params[name]]["exp_avg"], rtol=0, atol=0)
+    assert state.training["LMDataModule"] == {"consumed_samples": 56} and state.step == 7
+    fresh = tiny_model()
+    fresh_opt = build_optimizer(fresh, OptimConfig(lr=1e-3))
+    fresh_opt.load_state_dict(lightning_checkpoint(state, ck.read_meta(path))["optimizer_states"][0])
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(fresh_opt.state[q][k], opt.state[p][k], rtol=0, atol=0, msg=f"{name} {k}")

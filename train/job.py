@@ -107,7 +107,7 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     check_optimizer(cfg.strategy, cfg.optim)
     hardware = check_hardware(cfg.strategy, cfg.trainer, cfg.attention.implementation)
     if resume_from is not None:
-        check_resume(resume_from, cfg.strategy, meta)
+        check_resume(resume_from, cfg.strategy, meta, cfg.trainer)
     if cfg.eval.tasks:  # installed, known, an LM; nothing of lm_eval is imported while eval.tasks is empty
         from train.eval.evaluate import check_eval
 

@@ -110,6 +110,16 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in blocks.parameters() if p.requires_grad and p.ndim == 2]
 
 
+def optimizer_param_names(model: nn.Module) -> list[list[str]]:
+    """The parameter names of each group `build_optimizer` makes for `model`, in its order (a tied weight under the
+    name it was first registered with): how a checkpoint's optimizer state, which numbers parameters by position,
+    is keyed by name (train/checkpoint/universal.py)."""
+    name_of: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        name_of.setdefault(id(p), name)
+    return [[name_of[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
     """torch.optim.Muon over `muon_params` and torch.optim.AdamW over `adamw_groups`, stepped as one optimizer.
 
@@ -519,8 +529,33 @@ class GPT2LitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cfg = self.model.config
         checkpoint[MODEL_CONFIG_KEY] = cfg.to_dict()
-        checkpoint[META_KEY] = dict(self.meta, task=type(self.model).__name__)
+        trainer = self.trainer
+        spec = getattr(trainer.strategy, "strategy_spec", None)
+        # the layout that wrote it: whether a resume loads natively or through the universal training state
+        # (train.strategies.native_resume), and how its loop counts map onto another accumulation (on_load_checkpoint)
+        checkpoint[META_KEY] = dict(self.meta, task=type(self.model).__name__,
+                                    strategy_name=spec.name if spec is not None else "auto",
+                                    world_size=trainer.world_size,
+                                    accumulate_grad_batches=trainer.accumulate_grad_batches,
+                                    precision=str(trainer.precision))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint written with another gradient accumulation (another world size at the same global batch):
+        Lightning counts micro-batches per rank and steps the optimizer when that count reaches a multiple of
+        trainer.accumulate_grad_batches, so the saved count is moved to the one this run would have at the saved
+        step (global_step x accumulation, the offset of a save inside the batch's hooks kept). The data position
+        itself is the datamodule's `consumed_samples`, in global samples, which needs no change."""
+        saved = (checkpoint.get(META_KEY) or {}).get("accumulate_grad_batches")
+        now = self.trainer.accumulate_grad_batches
+        progress = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.batch_progress")
+        if saved is None or int(saved) == now or not progress:
+            return
+        shift = int(checkpoint.get("global_step", 0)) * (now - int(saved))
+        for part in ("total", "current"):
+            for key in ("ready", "started", "processed", "completed"):
+                if key in progress.get(part, {}):
+                    progress[part][key] = max(0, progress[part][key] + shift)
 
 
 __all__ = ["GPT2LitModule", "MuonWithAdamW", "WarmupDecay", "apply_optim_config", "build_optimizer", "hidden_matrices",
-           "param_groups", "schedule"]
+           "optimizer_param_names", "param_groups", "schedule"]

@@ -12,7 +12,9 @@
 weights without training state, a valid `model.init_from` (`save_model_dir`, `load_best_into`).
 
 `DirCheckpointIO` is a Lightning `CheckpointIO` plugin, so `trainer.save_checkpoint(dir)` and
-`trainer.fit(..., ckpt_path=dir)` go through it and Lightning restores every state it saved. Writes are atomic:
+`trainer.fit(..., ckpt_path=dir)` go through it and Lightning restores every state it saved. A checkpoint of FSDP2 or
+DeepSpeed (meta.json `strategy`) is loaded through the universal training state (train/checkpoint/universal.py) into
+the same layout, so DDP and one device resume it too. Writes are atomic:
 everything goes into `step-N.tmp-<pid>/`, then one `os.rename` publishes it; `checkpoints/last` (a text file with
 the newest complete step dir's name) is replaced with `os.replace`. A crash leaves at worst a `*.tmp-*` folder,
 which is never loaded and is removed by the next run.
@@ -54,7 +56,7 @@ from train.checkpoint.weights import load_weights, save_weights, to_plain
 
 # Lightning adds these when a module/datamodule called save_hyperparameters(); we never need them to resume and they
 # may hold arbitrary objects, so they are not stored.
-_DROPPED_KEYS = ("hyper_parameters", "hparams_name", "hparams_type", "datamodule_hyper_parameters")
+DROPPED_KEYS = ("hyper_parameters", "hparams_name", "hparams_type", "datamodule_hyper_parameters")
 
 
 # ------------------------------------------------------------------------------------------------ the plugin
@@ -76,7 +78,7 @@ class DirCheckpointIO(CheckpointIO):
         state_dict = ckpt.pop("state_dict")
         model_config = ckpt.pop(MODEL_CONFIG_KEY, None)
         meta = dict(ckpt.pop(META_KEY, None) or {})
-        for k in _DROPPED_KEYS:
+        for k in DROPPED_KEYS:
             ckpt.pop(k, None)
         weights = {k[len(MODULE_PREFIX):] if k.startswith(MODULE_PREFIX) else k: v for k, v in state_dict.items()}
         prefixed = [k for k in state_dict if k.startswith(MODULE_PREFIX)]
@@ -115,6 +117,13 @@ class DirCheckpointIO(CheckpointIO):
     ) -> dict[str, Any]:
         path = Path(path)
         meta = read_meta(path)
+        if (meta.get("strategy") or "full") != "full":
+            # FSDP's DCP shards or ZeRO partitions: the universal training state, in the layout loaded below
+            from train.checkpoint.universal import lightning_checkpoint, read_universal
+
+            cfg_file = path / CONFIG_NAME
+            config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+            return lightning_checkpoint(read_universal(path, meta), meta, config)
         state_file = path / STATE_NAME
         if not state_file.is_file():
             raise CheckpointError(f"{state_file} is missing; {path} holds weights only and cannot resume training.")

@@ -27,6 +27,8 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 STATE_NAME = "training_state.pt"
 META_NAME = "meta.json"
+SHARDED_DIR = "sharded"  # FSDP2's DCP shards of model + optimizer inside a step dir
+ZERO_DIR = "checkpoint"  # DeepSpeed's partitions inside a step dir (the tag Lightning's DeepSpeedStrategy saves under)
 LAST_NAME = "last"
 # The LightningModule holds the network as `self.model`, so Lightning's state-dict keys are "model.<our key>".
 MODULE_PREFIX = "model."
@@ -251,6 +253,12 @@ def load_model_config_dict(step_path: Path) -> dict[str, Any]:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f} is not valid JSON ({e}); the checkpoint is corrupt.") from e
+
+
+def zero_partition_files(step_path: Path) -> list[Path]:
+    """The optimizer partition files of a ZeRO checkpoint, one per rank that wrote it (empty for other families)."""
+    d = Path(step_path) / ZERO_DIR
+    return sorted(d.glob("*optim_states.pt")) if d.is_dir() else []
 
 
 # ------------------------------------------------------------------------------------------------ model.init_from

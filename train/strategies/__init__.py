@@ -11,7 +11,8 @@ collects them on first use:
 A new strategy is a module here defining its spec, plus conf/strategy/<name>.yaml selecting it. The registry is read
 before Lightning is imported (the up-front checks), so spec modules import torch at most, and Lightning only inside
 `build`. Every strategy's checkpoints/step-N holds the same `model.safetensors` + config.json + meta.json, so export
-and `model.init_from` read any of them; training state resumes under the strategies of the same checkpoint family.
+and `model.init_from` read any of them; training state resumes under any strategy at any world size: natively within a
+family (`native_resume`), else through the universal training state (train/checkpoint/universal.py).
 
 The cluster side lives here too: `build_plugins` picks the rendezvous (SLURM, torchrun or Lightning's own env
 variables) and turns off Lightning's SLURM auto-requeue, which train/callbacks/preemption.py replaces; the process group of each
@@ -21,6 +22,7 @@ torchrun restart attempt forms on keys of its own (engines/rendezvous.py).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import pkgutil
 from dataclasses import dataclass
@@ -53,8 +55,9 @@ class StrategySpec:
     name: `strategy.name` (= conf/strategy/<name>.yaml). config: its config dataclass (train.config: StrategyConfig
         or a subclass), which its YAML's defaults list names.
     build: (strategy_cfg, trainer_cfg, micro_batch_size, hardware) -> the Lightning strategy object, or "auto".
-    checkpoint_family: the training state its checkpoints hold: "full" (one file: any strategy of the family
-        resumes it), "fsdp" (DCP shards) or "deepspeed" (ZeRO partitions).
+    checkpoint_family: the training state its checkpoints hold: "full" (one file), "fsdp" (DCP shards) or
+        "deepspeed" (ZeRO partitions). A strategy of the same family loads them natively (`native_resume`); any
+        other through the universal training state (train/checkpoint/universal.py).
     check_hardware: (strategy_cfg, trainer_cfg, hardware) -> None, raising ConfigError for what this machine cannot
         run with it (after the checks every strategy shares); None: nothing more to check.
     full_state_dict: (trainer, module) -> the full weights on rank 0 (None elsewhere) when the strategy shards
@@ -195,21 +198,75 @@ def checkpoint_family(strategy_name: str) -> str:
     return get_spec(strategy_name).checkpoint_family
 
 
-def check_resume(step_path: Path, strategy_cfg, meta: dict) -> None:
-    """resume= a checkpoint whose training state another strategy family wrote: one sentence, before anything runs.
-    meta: the checkpoint's meta.json (train.checkpoint.layout.read_meta), read once by the caller. (The weights are
-    the same model.safetensors everywhere: model.init_from=<it> starts a new run from them.)"""
+def native_resume(meta: dict, strategy_name: str, world_size: int) -> bool:
+    """Whether a checkpoint resumes under `strategy_name` on `world_size` ranks through its engine's own loader (the
+    fast path), rather than through the universal training state (train/checkpoint/universal.py).
+
+    meta: the checkpoint's meta.json. Native: the same checkpoint family, and for ZeRO also the same stage and world
+    size (DeepSpeed's loader reads one partition file per rank of the writer's stage). FSDP2's DCP shards reshard to
+    any world size by themselves; a full checkpoint loads anywhere. A ZeRO checkpoint whose meta.json does not name
+    its stage and world size (written before they were recorded) keeps the native path within ZeRO.
+    """
     saved = meta.get("strategy") or "full"
-    want = checkpoint_family(strategy_cfg.name)
-    if saved != want:
-        writers = {family: [s.name for s in strategy_specs().values() if s.checkpoint_family == family]
-                   for family in {saved, want}}
-        names = {family: "strategy=" + "|".join(writers[family]) for family in writers}
-        raise ConfigError(
-            f"checkpoint {step_path} holds {saved} training state (written under {names[saved]}) and cannot be resumed "
-            f"with strategy={strategy_cfg.name}; resume with {names[saved]}, or start a new run_dir with "
-            f"model.init_from={step_path}."
-        )
+    spec = get_spec(strategy_name)
+    if saved != spec.checkpoint_family:
+        return False
+    if saved != "deepspeed" or "strategy_name" not in meta or "world_size" not in meta:
+        return True
+    writer = strategy_specs().get(meta["strategy_name"])
+    return writer is not None and writer.zero_stage == spec.zero_stage and int(meta["world_size"]) == world_size
+
+
+def requested_world_size(trainer_cfg) -> Optional[int]:
+    """The number of ranks `trainer.devices` x `trainer.num_nodes` asks for; None when Lightning decides (auto, -1)."""
+    devices = trainer_cfg.devices
+    if isinstance(devices, int) and devices > 0:
+        return devices * trainer_cfg.num_nodes
+    if isinstance(devices, (list, tuple)):
+        return len(devices) * trainer_cfg.num_nodes
+    return None
+
+
+def check_resume(step_path: Path, strategy_cfg, meta: dict, trainer_cfg=None) -> None:
+    """Refuse, in one sentence and before anything is built, a resume whose training state cannot be mapped onto
+    `strategy_cfg` at `trainer_cfg`'s world size. Any family resumes under any other through the universal training
+    state (train/checkpoint/universal.py), except:
+
+    - a ZeRO checkpoint without training_state.pt (written before checkpoints kept Lightning's state apart from
+      DeepSpeed's files) under another family, stage or world size: only DeepSpeed's own loader reads it;
+    - a ZeRO checkpoint under another family, stage or world size when DeepSpeed is not installed (its universal
+      converter reads the partitions);
+    - fp16 training state under another family: its dynamic loss scale lives in the engine's own state.
+
+    meta: the checkpoint's meta.json (train.checkpoint.layout.read_meta), read once by the caller. Raises ConfigError.
+    """
+    from train.checkpoint import layout
+
+    saved = meta.get("strategy") or "full"
+    world = requested_world_size(trainer_cfg) if trainer_cfg is not None else None
+    writer = meta.get("strategy_name") or "|".join(s.name for s in strategy_specs().values()
+                                                    if s.checkpoint_family == saved)
+    if saved == "deepspeed" and "world_size" not in meta:  # written before meta.json recorded it: count partitions
+        files = layout.zero_partition_files(step_path)
+        if files and world is not None and world != len(files) and checkpoint_family(strategy_cfg.name) == saved:
+            raise ConfigError(
+                f"checkpoint {step_path} holds ZeRO partitions of {len(files)} ranks and no universal training state; "
+                f"resume it with trainer.devices x trainer.num_nodes = {len(files)}, or start a new run_dir with "
+                f"model.init_from={step_path}."
+            )
+    if native_resume(meta, strategy_cfg.name, world if world is not None else int(meta.get("world_size", 0))):
+        return
+    how = f"resume it with strategy={writer}" + (f" on {meta['world_size']} ranks" if "world_size" in meta else "")
+    if saved == "deepspeed" and not (step_path / layout.STATE_NAME).is_file():
+        raise ConfigError(f"checkpoint {step_path} keeps its training state inside DeepSpeed's files only (written "
+                          f"before universal checkpoints), so strategy={strategy_cfg.name} cannot resume it; {how}, "
+                          f"or start a new run_dir with model.init_from={step_path}.")
+    if saved == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"checkpoint {step_path} holds ZeRO partitions, which only DeepSpeed's universal "
+                          f"converter can read; install deepspeed (pip install -e '.[dev]') or {how}.")
+    if str(meta.get("precision", "")).startswith("16"):
+        raise ConfigError(f"checkpoint {step_path} trained in fp16, whose dynamic loss scale lives in its engine's "
+                          f"own state, so strategy={strategy_cfg.name} cannot take it over; {how}.")
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -321,7 +378,9 @@ __all__ = [
     "full_state_dict",
     "get_spec",
     "launched_world_size",
+    "requested_world_size",
     "model_for_export",
+    "native_resume",
     "resolve_precision",
     "strategy_specs",
     "timeout",

@@ -3,6 +3,8 @@
 
 Checkpoints keep our step-dir layout: the DCP shards of model + optimizer under `sharded/`, plus the gathered
 `model.safetensors`, config.json, training_state.pt and meta.json (train/checkpoint/io.py), published with one rename.
+DCP reshards them to any world size; another family's checkpoint is loaded through the universal training state
+(`load_universal_fsdp`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from train.strategies.engines.elastic import AttemptProcessGroup
 from train.checkpoint import layout as ck
 from train.config import ConfigError
 
-SHARDED_DIR = "sharded"  # inside checkpoints/step-N: the FSDP2 DCP shards of model + optimizer
+SHARDED_DIR = ck.SHARDED_DIR  # inside checkpoints/step-N: the FSDP2 DCP shards of model + optimizer
 
 
 def import_class(path: str) -> type:
@@ -151,13 +153,12 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
         )
 
         path = Path(self.broadcast(str(checkpoint_path)))
+        meta = ck.read_meta(path)
+        if (meta.get("strategy") or "full") != "fsdp":
+            return load_universal_fsdp(self, path, meta)  # another family's checkpoint
         shards = path / SHARDED_DIR
         if not (shards / ".metadata").is_file():
-            raise ck.CheckpointError(
-                f"{path} has no sharded FSDP state ({SHARDED_DIR}/); it was written by another strategy: resume it "
-                f"with that strategy, or start a new run from its weights with model.init_from={path}."
-            )
-        meta = ck.read_meta(path)
+            raise ck.CheckpointError(f"{path} has no sharded FSDP state ({SHARDED_DIR}/.metadata); it is incomplete.")
         state = {"state_dict": get_model_state_dict(self.model)}
         dcp.load(state, checkpoint_id=str(shards))
         self.model.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
@@ -169,6 +170,30 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
         ckpt = torch.load(path / ck.STATE_NAME, map_location="cpu", weights_only=True)
         ckpt[ck.META_KEY] = meta
         return ckpt
+
+
+def load_universal_fsdp(strategy, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Another family's checkpoint (train/checkpoint/universal.py) into the FSDP2 model and optimizer: every rank
+    holds the full state, torch.distributed.checkpoint.state_dict keeps each rank's shard of it (full_state_dict).
+    Returns the training state Lightning restores (loops, LR schedule, callbacks, data position)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    from train.checkpoint.universal import read_universal
+    from train.module import optimizer_param_names
+
+    module = strategy.lightning_module
+    state = read_universal(path, meta, optimizer_param_names(module.model))
+    prefix = ck.MODULE_PREFIX  # the LightningModule holds the network as `model`: its state-dict keys and FQNs
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(strategy.model, {prefix + k: v for k, v in state.weights.items()},
+                         options=StateDictOptions(full_state_dict=True, strict=module.strict_loading))
+    optim = state.optimizer
+    for opt in strategy.optimizers:
+        set_optimizer_state_dict(strategy.model, opt, optim_state_dict={
+            "state": {prefix + n: s for n, s in optim["state"].items()},
+            "param_groups": [dict(g, params=[prefix + n for n in g["params"]]) for g in optim["param_groups"]],
+        }, options=options)
+    return dict(state.training, **{ck.META_KEY: meta})
 
 
 def retie(full: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -194,6 +219,7 @@ def plain_class(net: nn.Module) -> type:
 
 __all__ = [
     "FSDP2Strategy",
+    "load_universal_fsdp",
     "SHARDED_DIR",
     "apply_fsdp",
     "import_class",

@@ -2,12 +2,16 @@
 our step-dir layout, on CUDA GPUs and on the CPU.
 
 DeepSpeed saves its shards into `step-N.tmp-*`; rank 0 consolidates them into an fp32 `model.safetensors`
-(deepspeed_config.py), adds config.json + meta.json and publishes the folder with one rename, so export and
-`model.init_from` read a ZeRO checkpoint like any other. The DeepSpeed JSON itself comes from deepspeed_config.py.
+(deepspeed_config.py), adds config.json, training_state.pt (Lightning's loops, schedule, callbacks, data position) +
+meta.json and publishes the folder with one rename, so export and `model.init_from` read a ZeRO checkpoint like any
+other, and another strategy resumes it (train/checkpoint/universal.py). A checkpoint of another family, ZeRO stage or
+world size is loaded through the universal training state (`load_universal_zero`). The DeepSpeed JSON itself comes
+from deepspeed_config.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -20,15 +24,23 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from train.checkpoint import layout as ck
+from train.checkpoint.io import DROPPED_KEYS
 from train.strategies.engines.elastic import AttemptProcessGroup
+
+# what training_state.pt leaves to DeepSpeed's files: the weights and the optimizer partitions
+_ENGINE_KEYS = ("state_dict", "optimizer_states", *DROPPED_KEYS)
 
 
 def finalize_zero_checkpoint(tmp: Path, path: Path, model_config: Optional[dict], meta: dict[str, Any],
-                             global_step: int, convert=None) -> Path:
-    """Rank 0, after DeepSpeed wrote its shards into `tmp`: add model.safetensors (fp32, consolidated), config.json
-    and meta.json, then publish `tmp` as `path` with one rename (the same atomic step-dir contract as DirCheckpointIO).
+                             global_step: int, convert=None, training_state: Optional[dict] = None) -> Path:
+    """Rank 0, after DeepSpeed wrote its shards into `tmp`: add model.safetensors (fp32, consolidated), config.json,
+    training_state.pt and meta.json, then publish `tmp` as `path` with one rename (the same atomic step-dir contract
+    as DirCheckpointIO).
 
     convert(checkpoint_dir, out_file): the consolidation; default deepspeed_config.zero_checkpoint_to_safetensors.
+    training_state: Lightning's state besides weights and optimizer (loops, LR schedule, callbacks, data position),
+    also inside DeepSpeed's own files; kept apart (weights_only-loadable) so another strategy can resume the run
+    (train/checkpoint/universal.py).
     """
     from train.checkpoint.weights import to_plain
 
@@ -38,6 +50,8 @@ def finalize_zero_checkpoint(tmp: Path, path: Path, model_config: Optional[dict]
     if not (tmp / "latest").is_file():
         raise ck.CheckpointError(f"{tmp} holds no DeepSpeed checkpoint ('latest' missing); the save did not finish.")
     convert(tmp, tmp / ck.WEIGHTS_NAME)
+    if training_state is not None:
+        torch.save(to_plain(training_state, "training state"), tmp / ck.STATE_NAME)
     if model_config is not None:
         (tmp / ck.CONFIG_NAME).write_text(json.dumps(to_plain(model_config), indent=2, sort_keys=True) + "\n")
     meta = dict(meta or {})
@@ -148,6 +162,18 @@ class ZeroStrategy(AttemptProcessGroup, DeepSpeedStrategy):
         kwargs.setdefault("scale_wrt_gas", False)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        # another family, stage or world size: the universal training state instead of DeepSpeed's loader, which
+        # reads one partition file per rank of the writer's stage
+        from train.strategies import native_resume
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        meta = ck.read_meta(path)
+        spec = getattr(self, "strategy_spec", None)
+        if spec is None or native_resume(meta, spec.name, self.world_size):
+            return super().load_checkpoint(path, weights_only)
+        return load_universal_zero(self, path, meta)
+
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Optional[Any] = None) -> None:
         path = Path(self.broadcast(str(filepath)))
         tmp = Path(self.broadcast(str(path.parent / f"{path.name}.tmp-{os.getpid()}")))
@@ -157,8 +183,59 @@ class ZeroStrategy(AttemptProcessGroup, DeepSpeedStrategy):
         super().save_checkpoint(checkpoint, tmp)  # every rank writes its ZeRO partition (a collective)
         self.barrier("zero-save")
         if self.is_global_zero:
-            finalize_zero_checkpoint(tmp, path, model_config, meta, step)
+            training = {k: v for k, v in checkpoint.items() if k not in _ENGINE_KEYS}
+            finalize_zero_checkpoint(tmp, path, model_config, meta, step, training_state=training)
         self.barrier("zero-finalize")
+
+
+def load_universal_zero(strategy, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of another family, ZeRO stage or world size (train/checkpoint/universal.py) into the DeepSpeed
+    engine, through DeepSpeed's own API for partitioned state (deepspeed.utils.safe_set_full_fp32_param /
+    safe_set_full_optimizer_state: each rank keeps its partition of the full value, any stage). Returns the training
+    state Lightning restores (loops, LR schedule, callbacks, data position).
+
+    Those setters write into AdamW's state, which torch creates at the first step; it is created here as DeepSpeed's
+    own universal-checkpoint loader does (runtime/zero/stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3):
+    the step, zero moments for each flat fp32 partition, and the saved group hyper-parameters (so the LR the schedule
+    last set is the one the next step uses); for stages 1-2 each parameter's fragment is then linked to it with
+    DeepSpeed's lazy_init_hp_params_optimizer_state, as the engine does after its first step.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+    from train.checkpoint.universal import read_universal
+    from train.module import optimizer_param_names
+
+    net = strategy.lightning_module.model
+    state = read_universal(path, meta, optimizer_param_names(net))
+    zero = strategy.deepspeed_engine.optimizer  # DeepSpeed's ZeRO optimizer around our torch AdamW
+    adamw = zero.optimizer  # steps the flat fp32 partitions this rank owns
+    moments = state.optimizer["state"]
+    step = float(next(iter(moments.values()))["step"])
+    stage3 = is_zero3(strategy)
+    flats = zero.fp32_partitioned_groups_flat if stage3 else zero.single_partition_of_fp32_groups
+    for flat in flats:  # torch's AdamW keeps `step` as a float32 scalar tensor (fused: on the parameter's device)
+        adamw.state[flat] = {"step": torch.tensor(step, dtype=torch.float32, device=flat.device),
+                             "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    for group, saved in zip(adamw.param_groups, state.optimizer["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+    for i, lp_params in enumerate([] if stage3 else zero.bit16_groups):
+        lazy_init_hp_params_optimizer_state(lp_params, flats[i], adamw.state)
+    params = dict(net.named_parameters())  # a tied weight once, under its first name
+    for name, p in params.items():
+        safe_set_full_fp32_param(p, state.weights[name].float())
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(p, moments[name][key].float(), key)
+    # the module's own (low-precision) copy: whole on every rank under stages 1-2; stage 3 gathers, rank 0 writes
+    # and DeepSpeed re-partitions on leaving the context
+    gather = deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0) if stage3 \
+        else contextlib.nullcontext()
+    with gather, torch.no_grad():
+        if strategy.is_global_zero or not stage3:
+            for name, p in params.items():
+                p.data.copy_(state.weights[name].to(p.dtype).reshape(p.shape))
+    return dict(state.training, **{ck.META_KEY: meta})
 
 
 def is_zero3(strategy) -> bool:
@@ -167,4 +244,4 @@ def is_zero3(strategy) -> bool:
     return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
 
 
-__all__ = ["ZeroStrategy", "finalize_zero_checkpoint", "is_zero3", "select_cpu_accelerator"]
+__all__ = ["ZeroStrategy", "finalize_zero_checkpoint", "is_zero3", "load_universal_zero", "select_cpu_accelerator"]
