@@ -88,9 +88,6 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     resume_from = layout.resolve_resume(cfg.resume, run_dir)
     if cfg.resume == "auto" and resume_from is None and launch_rank() == 0:
         log.info("resume=auto: no complete checkpoint in %s; starting fresh", layout.checkpoints_dir(run_dir))
-    # model.init_from: a local folder, or a hub id fetched now into the huggingface_hub cache (one sentence offline)
-    init_dir = layout.init_source(cfg.model.init_from, cfg.model.revision) if cfg.model.init_from else None
-    tokenizer = layout.tokenizer_source(cfg.data.tokenizer, init_dir, resume_from)
     meta: dict[str, Any] = {}
     if resume_from is not None:
         meta = layout.read_meta(resume_from)
@@ -98,6 +95,9 @@ def check_inputs(cfg: Config) -> CheckedInputs:
         layout.check_same_optimizer(resume_from, meta, cfg.optim.name)
         if not cfg.model.init_from:  # the shape the config fixes (vocab_size waits for the tokenizer unless set)
             layout.check_compatible(resume_from, meta, layout.model_shape(cfg.model))
+    # model.init_from: a local folder, or a hub id fetched now into the huggingface_hub cache (one sentence offline)
+    init_dir = layout.init_source(cfg.model.init_from, cfg.model.revision) if cfg.model.init_from else None
+    tokenizer = layout.tokenizer_source(cfg.data.tokenizer, init_dir, resume_from)
     # the LM data: an LM's training set, or the corpus a fine-tune's tokenizer is trained on when none is given
     if cfg.task.name == "lm" or not (cfg.model.init_from or cfg.data.tokenizer or resume_from):
         check_source(cfg.data)

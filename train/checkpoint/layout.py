@@ -255,12 +255,6 @@ def load_model_config_dict(step_path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{f} is not valid JSON ({e}); the checkpoint is corrupt.") from e
 
 
-def zero_partition_files(step_path: Path) -> list[Path]:
-    """The optimizer partition files of a ZeRO checkpoint, one per rank that wrote it (empty for other families)."""
-    d = Path(step_path) / ZERO_DIR
-    return sorted(d.glob("*optim_states.pt")) if d.is_dir() else []
-
-
 # ------------------------------------------------------------------------------------------------ model.init_from
 def init_source(init_from: str, revision: Optional[str] = None) -> Path:
     """The folder `model.init_from` names: a local HF folder, checkpoint or run dir as it is; else a hub id's snapshot

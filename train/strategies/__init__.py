@@ -227,6 +227,15 @@ def requested_world_size(trainer_cfg) -> Optional[int]:
     return None
 
 
+def zero_partition_files(step_path: Path) -> list[Path]:
+    """The optimizer partition files of a ZeRO checkpoint (in its train.checkpoint.layout.ZERO_DIR), one per rank that
+    wrote it; empty for other families."""
+    from train.checkpoint.layout import ZERO_DIR
+
+    d = Path(step_path) / ZERO_DIR
+    return sorted(d.glob("*optim_states.pt")) if d.is_dir() else []
+
+
 def check_resume(step_path: Path, strategy_cfg, meta: dict, trainer_cfg=None) -> None:
     """Refuse, in one sentence and before anything is built, a resume whose training state cannot be mapped onto
     `strategy_cfg` at `trainer_cfg`'s world size. Any family resumes under any other through the universal training
@@ -247,7 +256,7 @@ def check_resume(step_path: Path, strategy_cfg, meta: dict, trainer_cfg=None) ->
     writer = meta.get("strategy_name") or "|".join(s.name for s in strategy_specs().values()
                                                     if s.checkpoint_family == saved)
     if saved == "deepspeed" and "world_size" not in meta:  # written before meta.json recorded it: count partitions
-        files = layout.zero_partition_files(step_path)
+        files = zero_partition_files(step_path)
         if files and world is not None and world != len(files) and checkpoint_family(strategy_cfg.name) == saved:
             raise ConfigError(
                 f"checkpoint {step_path} holds ZeRO partitions of {len(files)} ranks and no universal training state; "
@@ -384,4 +393,5 @@ __all__ = [
     "resolve_precision",
     "strategy_specs",
     "timeout",
+    "zero_partition_files",
 ]
