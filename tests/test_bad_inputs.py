@@ -127,7 +127,8 @@ CASES = [
     ("tokenizer-bigger-than-init-from", RUN,
      lambda w: [*run(f"model.init_from={w['pre'] / 'hf'}", f"data.tokenizer={w['bigtok']}")(w)], r"tokenizer has \d+ tokens"),
     ("checkpoint-of-another-model", RUN, lambda w: run(f"resume={w['pre']}", "model.n_embd=64")(w), r"n_embd=32.*n_embd=64"),
-    ("resume-auto-no-checkpoint", RUN, run("resume=auto"), r"resume=auto found no complete checkpoint"),
+    # resume=auto in a run dir without checkpoints starts fresh (test_train_run.py); a named path must exist
+    ("resume-path-missing", RUN, lambda w: run(f"resume={w['d'] / 'no-such-run'}")(w), r"no-such-run does not exist"),
     ("resume-corrupt-safetensors", RUN, lambda w: [*tiny(w), f"run_dir={w['corrupt']}", "resume=auto"],
      r"model\.safetensors.*corrupt"),
     ("fresh-run-into-used-run-dir", RUN, lambda w: [*tiny(w), f"run_dir={w['pre']}"], r"already holds checkpoints"),
@@ -187,7 +188,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 BEFORE_TORCH = {
     "unknown-option", "wrong-type", "out-of-range-lr", "out-of-range-val-fraction", "unknown-group-option",
     "missing-data-file", "empty-data-file", "undecodable-data-file", "wrong-format-jsonl", "missing-column-jsonl",
-    "block-size-over-n-positions", "checkpoint-of-another-model", "resume-auto-no-checkpoint",
+    "block-size-over-n-positions", "checkpoint-of-another-model", "resume-path-missing",
     "resume-corrupt-safetensors", "fresh-run-into-used-run-dir", "init-from-missing", "export-into-non-empty-dir",
     "export-into-a-checkpoint", "export-into-a-model-folder", "export-corrupt-checkpoint", "generate-missing-path",
     "generate-corrupt-checkpoint", "generate-bad-temperature", "generate-zero-samples", "generate-file-as-source",

@@ -175,9 +175,17 @@ def test_a_resumed_runs_last_line_counts_the_steps_this_process_took(tmp_path):
     assert outcome_lines(summary, "", [])[0].startswith("done: 1800 steps in 63s")
 
 
-def test_resume_auto_without_checkpoint_is_a_clear_error(corpus, cache_dir, tmp_path):
-    with pytest.raises(ConfigError, match="resume=auto found no complete checkpoint"):
-        train(compose_cfg(small(corpus, cache_dir, tmp_path / "empty", "resume=auto")))
+def test_resume_auto_without_checkpoint_starts_fresh_and_says_so(corpus, cache_dir, tmp_path, caplog):
+    """resume=auto is the one command a restarting launcher repeats: with nothing to continue it starts at step 0,
+    with one log line saying so."""
+    run_dir = tmp_path / "empty"
+    with caplog.at_level("INFO", logger="train.job"):
+        s = train(compose_cfg(small(corpus, cache_dir, run_dir, "resume=auto", "trainer.max_steps=2",
+                                    "trainer.val_check_interval=2", "checkpoint.every_n_steps=2")))
+    said = [r.getMessage() for r in caplog.records if "starting fresh" in r.getMessage()]
+    assert said == [f"resume=auto: no complete checkpoint in {run_dir / 'checkpoints'}; starting fresh"]
+    assert s["global_step"] == 2 and "resumed_step" not in s
+    assert [int(r["step"]) for r in read_metrics(run_dir / "metrics.csv") if r["train/loss"] is not None][0] == 1
 
 
 def test_fresh_run_refuses_a_run_dir_with_checkpoints(trained, corpus, cache_dir):
@@ -224,7 +232,7 @@ def test_cli_bad_inputs_exit_cleanly(tmp_path):
         (["trainer.max_steps=abc"], "max_steps"),
         (["model=gpt5"], "gpt5"),
         (["trainer.max_steps=-3"], "trainer.max_steps"),
-        ([f"run_dir={tmp_path / 'r'}", "resume=auto"], "resume=auto"),
+        ([f"resume={tmp_path / 'no-such-run'}"], "no-such-run does not exist"),
     ]
     for overrides, needle in cases:
         r = run_cli("train/run.py", f"run_dir={tmp_path / 'x'}", *overrides, timeout=120)

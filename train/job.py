@@ -48,7 +48,7 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     """Refuse, with one sentence, what the job would refuse later but the config and small file reads already show,
     and return what the checks resolved.
 
-    In order: the run dir and `resume` (a fresh run into a used run dir, resume=auto with nothing to resume, a corrupt
+    In order: the run dir and `resume` (a fresh run into a used run dir, a resume=<path> without a checkpoint, a corrupt
     model.safetensors header, a checkpoint of another model shape), a model.init_from that does not exist (and the
     tokenizer that comes with it), the LM data source (missing / empty / not UTF-8 / not JSON lines / no text column),
     then, after `import torch` (~1 s) but before Lightning (~4 s), the hardware (devices, attention kernel, precision)
@@ -64,6 +64,8 @@ def check_inputs(cfg: Config) -> CheckedInputs:
 
     run_dir = Path(cfg.run_dir).expanduser()
     resume_from = layout.resolve_resume(cfg.resume, run_dir)
+    if cfg.resume == "auto" and resume_from is None and launch_rank() == 0:
+        log.info("resume=auto: no complete checkpoint in %s; starting fresh", layout.checkpoints_dir(run_dir))
     if cfg.model.init_from:
         layout.init_source(cfg.model.init_from)
     tokenizer = layout.tokenizer_source(cfg.data.tokenizer, cfg.model.init_from, resume_from)
@@ -87,6 +89,17 @@ def check_inputs(cfg: Config) -> CheckedInputs:
 
         check_eval(cfg.eval, cfg.task.name)
     return CheckedInputs(run_dir, hardware, resume_from, meta, tokenizer)
+
+
+def launch_rank(env: Optional[dict] = None) -> int:
+    """This process's global rank as its launcher set it, before any process group exists: torchrun's RANK, Lightning's
+    LOCAL_RANK (the ranks it spawns on one node), srun's SLURM_PROCID; 0 when none is set (the order of Lightning's
+    `rank_zero_only` rank, lightning/fabric/utilities/rank_zero.py)."""
+    env = os.environ if env is None else env
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    return 0
 
 
 def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any]:
@@ -175,4 +188,4 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     return summary.summary
 
 
-__all__ = ["CheckedInputs", "check_inputs", "train"]
+__all__ = ["CheckedInputs", "check_inputs", "launch_rank", "train"]

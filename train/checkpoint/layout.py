@@ -253,8 +253,10 @@ def tokenizer_source(tokenizer: Optional[str], init_from: Optional[str], resume_
 def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     """The checkpoint a run continues from (`resume`: null | auto | <step dir or run dir>), or None for a fresh start.
 
-    A fresh start in a run_dir that already holds checkpoints is refused (it would mix two runs); partial folders a
-    crashed save left behind are removed first. Raises ConfigError / CheckpointError naming the fix.
+    resume=auto: the newest complete checkpoint of run_dir, or None (a fresh start) when it holds none. A fresh start
+    (resume=null) in a run_dir that already holds checkpoints is refused (it would mix two runs); resume=<path> that
+    does not exist or holds no checkpoint is refused. Partial folders a crashed save left behind are removed first.
+    Raises ConfigError / CheckpointError naming the fix.
     """
     if resume is None:
         existing = list_checkpoints(run_dir)
@@ -266,13 +268,9 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
         return None
     clean_partial(run_dir)
     if resume == "auto":
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            raise ConfigError(
-                f"resume=auto found no complete checkpoint in {checkpoints_dir(run_dir)}; drop resume to start "
-                f"fresh, or set run_dir to the run you want to continue."
-            )
-        return found
+        # None: nothing to continue, a fresh start (litgpt's resume="auto", Lightning's ckpt_path="last"), so the
+        # one command a restarting launcher repeats (torchrun --max-restarts, a requeued job) is valid from step 0
+        return latest_checkpoint(run_dir)
     return resolve_checkpoint(resume)
 
 
