@@ -8,10 +8,11 @@ from train.strategies import StrategySpec, timeout
 
 
 def build_ddp(strategy_cfg: DDPConfig, trainer_cfg, micro_batch_size: int, hardware):
-    """Lightning's DDPStrategy with the ddp group's settings."""
-    from lightning.pytorch.strategies import DDPStrategy
+    """Lightning's DDPStrategy with the ddp group's settings (its process group formed per torchrun restart attempt:
+    engines/elastic.py)."""
+    from train.strategies.engines.elastic import ElasticDDPStrategy
 
-    return DDPStrategy(
+    return ElasticDDPStrategy(
         find_unused_parameters=strategy_cfg.find_unused_parameters,
         gradient_as_bucket_view=strategy_cfg.gradient_as_bucket_view,
         process_group_backend=strategy_cfg.process_group_backend,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from train.checkpoint import io as ck_io
+from train.strategies.engines.elastic import AttemptProcessGroup
 
 from train.checkpoint import layout as ck
 from train.config import ConfigError
@@ -82,10 +83,11 @@ def _model_parallel_base():
     return ModelParallelStrategy
 
 
-class FSDP2Strategy(_model_parallel_base()):
+class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
     """ModelParallelStrategy as pure FSDP2: a 1-D data-parallel mesh over every rank, `fully_shard` applied to the
     LightningModule's `.model` in `setup` (after its configure_model: activation checkpointing / compile), and
-    checkpoints in our step-dir layout (DCP shards under `sharded/`, a consolidated model.safetensors, atomic)."""
+    checkpoints in our step-dir layout (DCP shards under `sharded/`, a consolidated model.safetensors, atomic). Its
+    process group is formed per torchrun restart attempt (engines/elastic.py)."""
 
     def __init__(self, wrap_class: Optional[str] = None, reshard_after_forward: bool = True, offload: bool = False,
                  param_precision: str = "32-true", **kwargs: Any):

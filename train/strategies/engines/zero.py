@@ -20,6 +20,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from train.checkpoint import layout as ck
+from train.strategies.engines.elastic import AttemptProcessGroup
 
 
 def finalize_zero_checkpoint(tmp: Path, path: Path, model_config: Optional[dict], meta: dict[str, Any],
@@ -64,8 +65,9 @@ def select_cpu_accelerator() -> None:
             set_accelerator(CPU_Accelerator())
 
 
-class ZeroStrategy(DeepSpeedStrategy):
-    """DeepSpeed saves its shards into step-N.tmp-*, rank 0 consolidates them into model.safetensors, renames.
+class ZeroStrategy(AttemptProcessGroup, DeepSpeedStrategy):
+    """DeepSpeed saves its shards into step-N.tmp-*, rank 0 consolidates them into model.safetensors, renames. Its
+    process group is formed per torchrun restart attempt (engines/elastic.py).
 
     On the CPU (DeepSpeed's CPU accelerator, gloo), three small overrides get past Lightning 2.6's CUDA-only
     assumptions (1-3); on any device, a validate() after fit keeps the training engine (4) and the loss is
