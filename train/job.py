@@ -23,6 +23,11 @@ from train.config import Config, ConfigError
 log = logging.getLogger(__name__)
 
 
+class RankLostError(RuntimeError):
+    """The run stopped because another of its ranks ended (train/callbacks/ranks.py); the message names that rank,
+    its signal or exit code where known, the step reached and the newest checkpoint."""
+
+
 @dataclass(frozen=True)
 class CheckedInputs:
     """What `check_inputs` resolved, handed to `train` as it is (nothing is checked or read twice).
@@ -110,7 +115,8 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     `checked`: what `check_inputs(cfg)` returned (train/run.py runs it before importing Lightning); None runs it here.
     Raises TypeError (cfg is not a `train.config.Config`: convert a DictConfig with `to_config`), ConfigError /
     CheckpointError / OSError (bad input: one sentence naming the fix), GuardError (the loss guard stopped a diverging
-    run), KeyboardInterrupt (Ctrl-C; the newest checkpoint resumes it).
+    run), RankLostError (another rank of the run died; the newest checkpoint resumes it), KeyboardInterrupt (Ctrl-C;
+    the newest checkpoint resumes it).
     """
     if not isinstance(cfg, Config):  # a DictConfig would skip every __post_init__ check
         raise TypeError(f"train() takes a train.config.Config, not {type(cfg).__name__}; use to_config(cfg).")
@@ -122,6 +128,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
 
     from train.callbacks.loggers import RunSummary, build_loggers
     from train.callbacks.preemption import Preemption
+    from train.callbacks.ranks import LostRank
     from train.checkpoint import layout
     from train.checkpoint.callbacks import BestCheckpoint, HFExport, StepCheckpoint
     from train.eval.evaluate import build_eval
@@ -176,16 +183,25 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     # best before step: a step-N checkpoint written after validation N holds BestCheckpoint's state of step N;
     # eval before step: checkpoint N is published after eval row N is on disk (fast_dev_run: the eval alone, no
     # export); the export, then the summary, at the end
-    run_callbacks = (eval_cb,) if tcfg.fast_dev_run else (best_cb, eval_cb, ckpt_cb, preempt, export_cb)
+    lost_rank = LostRank()  # a rank that died: named in the error instead of the collective's broken connection
+    run_callbacks = ((eval_cb, lost_rank) if tcfg.fast_dev_run
+                     else (best_cb, eval_cb, ckpt_cb, preempt, export_cb, lost_rank))
     strategy = build_strategy(cfg.strategy, tcfg, task.micro_batch_size(cfg.data, cfg.task), checked.hardware)
     trainer = build_trainer(tcfg, cfg.guard, strategy, checked.hardware.precision, run_dir, loggers,
                             [cb for cb in (*run_callbacks, summary) if cb is not None])
 
-    trainer.fit(module, datamodule=dm, ckpt_path=str(checked.resume_from) if checked.resume_from else None)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(checked.resume_from) if checked.resume_from else None)
+    except Exception as e:
+        if lost_rank.lost is None:
+            raise
+        newest = layout.latest_checkpoint(run_dir)
+        latest = newest.name if newest is not None else "none yet"
+        raise RankLostError(f"{lost_rank.lost} at step {trainer.global_step} (newest checkpoint: {latest})") from e
     if trainer.interrupted:
         raise KeyboardInterrupt(f"interrupted at step {trainer.global_step}; continue with resume=auto "
                                 f"run_dir={run_dir}")
     return summary.summary
 
 
-__all__ = ["CheckedInputs", "check_inputs", "launch_rank", "train"]
+__all__ = ["CheckedInputs", "RankLostError", "check_inputs", "launch_rank", "train"]

@@ -4,7 +4,8 @@ compose conf/ -> the typed `Config` (a bad value fails here, before torch and Li
 `check_inputs(cfg)` (a used run dir, a missing or unreadable data file, a corrupt checkpoint, hardware this machine
 lacks: before Lightning is imported) -> `train(cfg, checked)` (train/job.py, an ordinary function tests call
 directly) -> the outcome lines. Expected errors end with one sentence on stderr and exit code 1 (HYDRA_FULL_ERROR=1
-or GPT2_FORGE_DEBUG=1 for the traceback); Ctrl-C exits 130, a SIGTERM stop 143, a SIGUSR1 stop (SLURM requeue) 0.
+or GPT2_FORGE_DEBUG=1 for the traceback); Ctrl-C exits 130, a SIGTERM stop 143, a SIGUSR1 stop (SLURM requeue) 0;
+a rank that died (train/callbacks/ranks.py) ends with the rank named and the command that resumes the run, exit 1.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from data_pipelines.config import register_configs as register_data_configs
 from train.cli import EXPECTED_ERRORS, debug, error_line
 from train.cli.malloc import tune_glibc_malloc
 from train.config import ConfigError, check_overrides, register_configs, sweep_root_from_run_dir, to_config
-from train.job import check_inputs, train
+from train.job import RankLostError, check_inputs, train
 
 register_configs()  # the typed schemas must be in Hydra's ConfigStore before composition
 register_data_configs()  # data_schema, the data group's own schema name
@@ -84,6 +85,12 @@ def main(dcfg: DictConfig) -> Optional[float]:
     except KeyboardInterrupt as e:
         print(f"stopped: {e or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
+    except RankLostError as e:
+        if debug():
+            raise
+        print(f"stopped: {e}\nresume: {resume_command(HydraConfig.get().overrides.task, dcfg.run_dir)}",
+              file=sys.stderr)
+        sys.exit(1)
     if summary.get("preempted"):
         requeued = " and requeued the SLURM job" if summary.get("requeued") else ""
         print(f"stopped: {summary['preempted']} at step {summary['global_step']}; saved {summary['checkpoint']}"
@@ -102,9 +109,6 @@ def outcome_lines(summary: dict[str, Any], prompt: str, overrides: Sequence[str]
     metric, and for an LM run a last line saying what to open and what to type next (sample from hf/, resume for as
     many steps again with this run's own overrides). Paths are shown as the user types them."""
 
-    def shown(path: str) -> str:  # relative to the working directory when below it
-        return path if os.path.relpath(path).startswith("..") else os.path.relpath(path)
-
     lines = []
     if summary.get("first_train_loss") is not None:
         val = summary.get("last_val_loss")
@@ -120,15 +124,29 @@ def outcome_lines(summary: dict[str, Any], prompt: str, overrides: Sequence[str]
                      f"export {summary.get('hf_dir')}")
     if summary.get("samples"):
         rd = shown(summary["run_dir"])
-        skip = ("run_dir", "resume", "trainer.max_steps")  # replaced below
-        again = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in skip]
-        again += [f"run_dir={rd}", "resume=auto", f"trainer.max_steps={2 * summary['global_step']}"]
-        py = shlex.quote(shown(sys.executable))  # `make run`'s .venv/bin/python works without an activated venv
+        py = shlex.quote(shown(sys.executable))
         lines.append(f"open {shown(summary['samples'])} and {shown(summary.get('plot', rd + '/plots'))}; sample: {py} "
                      f"train/cli/generate.py {shlex.quote(shown(summary['hf_dir']))} --prompt {shlex.quote(prompt)}; "
-                     f"resume for {summary['global_step']} more steps: {py} train/run.py "
-                     f"{' '.join(map(shlex.quote, again))}")
+                     f"resume for {summary['global_step']} more steps: "
+                     f"{resume_command(overrides, summary['run_dir'], 2 * summary['global_step'])}")
     return lines
+
+
+def shown(path: str) -> str:
+    """A path as the user types it: relative to the working directory when below it."""
+    return path if os.path.relpath(path).startswith("..") else os.path.relpath(path)
+
+
+def resume_command(overrides: Sequence[str], run_dir: str, max_steps: Optional[int] = None) -> str:
+    """The command that continues this run from its newest checkpoint: this interpreter, train/run.py, the run's own
+    overrides with run_dir, resume=auto (and trainer.max_steps when given) in place of theirs, shell-quoted."""
+    skip = ("run_dir", "resume") + (("trainer.max_steps",) if max_steps is not None else ())  # replaced below
+    again = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in skip]
+    again += [f"run_dir={shown(run_dir)}", "resume=auto"]
+    if max_steps is not None:
+        again.append(f"trainer.max_steps={max_steps}")
+    py = shlex.quote(shown(sys.executable))  # `make run`'s .venv/bin/python works without an activated venv
+    return f"{py} train/run.py {' '.join(map(shlex.quote, again))}"
 
 
 def cli() -> None:
@@ -141,4 +159,4 @@ def cli() -> None:
     main()
 
 
-__all__ = ["cli", "main", "outcome_lines"]
+__all__ = ["cli", "main", "outcome_lines", "resume_command", "shown"]
