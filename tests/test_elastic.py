@@ -94,7 +94,7 @@ WORKER = r"""
 import os, signal, time
 from datetime import timedelta
 import torch, torch.distributed as dist
-from train.strategies import init_attempt_process_group
+from train.strategies.engines.rendezvous import init_attempt_process_group
 attempt, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
 if attempt == 1 and rank == 1:
     time.sleep(8)

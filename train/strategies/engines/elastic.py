@@ -1,5 +1,5 @@
 """torchrun restarts (`--max-restarts N`) under its static rendezvous: the strategies' process group is formed on keys
-of the restart attempt only (`train.strategies.init_attempt_process_group` says why), before Lightning's or
+of the restart attempt only (engines/rendezvous.py says why), before Lightning's or
 DeepSpeed's own init, which then find it initialized. Outside torchrun nothing changes.
 """
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from lightning.pytorch.strategies import DDPStrategy
 
-from train.strategies import init_attempt_process_group
+from train.strategies.engines.rendezvous import init_attempt_process_group
 
 
 class AttemptProcessGroup:
