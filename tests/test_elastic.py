@@ -109,8 +109,9 @@ print(f"attempt {attempt} rank {rank} all_reduce {t.item():.0f}", flush=True)
 
 
 def test_restarted_workers_form_their_group_on_this_attempts_keys(tmp_path):
-    """torchrun's static rendezvous keeps the dead attempt's gloo addresses in its store (`default_pg/0//cpu//0/<rank>`);
-    the restarted workers, arriving seconds apart, form their group on keys of their own attempt and all-reduce."""
+    """torchrun's static rendezvous keeps the dead attempt's gloo addresses in its store
+    (`default_pg/0//cpu//0/<rank>`); the restarted workers, arriving seconds apart, form their group on keys of their
+    own attempt and all-reduce."""
     (tmp_path / "worker.py").write_text(WORKER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(tmp_path / "worker.py")]
