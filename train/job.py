@@ -13,6 +13,7 @@ tests call it directly (lightning-hydra-template's `train(cfg)`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
