@@ -3,13 +3,13 @@
     python benchmarks/elastic_restart.py                       # model=tiny, ddp / fsdp / deepspeed_zero2, 2 CPU ranks
     python benchmarks/elastic_restart.py --strategies fsdp --model demo --devices 2
 
-For each strategy: `torchrun --nproc-per-node D --max-restarts 1 ... train/run.py resume=auto` is started, and once
-checkpoints/step-K is published, the worker with RANK=1 is SIGKILLed. Printed per strategy:
+For each strategy: `torchrun --nproc-per-node D --max-restarts 1 ... train/run.py resume=auto` is started, and half a
+checkpoint interval after checkpoints/step-K is published, the worker with RANK=1 is SIGKILLed. Printed per strategy:
   restart  seconds from the kill to the first optimizer step of the restarted workers (their first row in
-           metrics.csv: written right after that step), split into the time until the restarted job has rebuilt its
-           loggers (metrics.csv rewritten down to the resumed step: torchrun noticed, stopped the group, started the
-           workers, which imported torch / Lightning and read their inputs) and the rest (data, model, strategy
-           setup, checkpoint load, the step itself)
+           metrics.csv: written right after that step), split into the time until the restarted job has built its
+           loggers (metrics.csv rewritten down to the resumed step: torchrun noticed, stopped the group and started
+           the workers, which imported torch / Lightning, read the data and built the model) and the rest (the
+           strategy and its process group, the checkpoint load, the step itself)
   redone   optimizer steps the restarted workers did again (between the checkpoint and the kill)
   ckpt     bytes of checkpoints/step-K on disk, and of its model.safetensors alone (the rest: optimizer state and
            the strategy's own shards)
@@ -90,10 +90,14 @@ def one(strategy: str, args, work: Path) -> str:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: newest_step(run_dir) >= args.kill_after, proc, f"checkpoint step-{args.kill_after}")
+        resumed = newest_step(run_dir)
+        # mid-interval, as a fault lands: a few steps after the checkpoint, which the restart then redoes
+        wait_until(lambda: max(logged_steps(run_dir), default=0) >= resumed + args.every // 2, proc, "the kill step")
         os.kill(worker_with_rank(proc.pid, 1), signal.SIGKILL)
         t_kill = time.monotonic()
-        resumed = newest_step(run_dir)
         killed_at = max(logged_steps(run_dir), default=0)
+        if newest_step(run_dir) != resumed:
+            raise RuntimeError("a checkpoint was published while the worker was killed; rerun")
         t_loggers = wait_until(lambda: max(logged_steps(run_dir), default=0) <= resumed, proc, "the restart")
         t_step = wait_until(lambda: resumed + 1 in logged_steps(run_dir), proc, "the first step after the restart")
         if proc.wait(timeout=600) != 0:

@@ -13,6 +13,7 @@ tests call it directly (lightning-hydra-template's `train(cfg)`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,17 @@ def check_inputs(cfg: Config) -> CheckedInputs:
 
         check_eval(cfg.eval, cfg.task.name)
     return CheckedInputs(run_dir, hardware, resume_from, meta, tokenizer, init_dir)
+
+
+def launch_rank(env: Optional[dict] = None) -> int:
+    """This process's global rank as its launcher set it, before any process group exists: torchrun's RANK, Lightning's
+    LOCAL_RANK (the ranks it spawns on one node), srun's SLURM_PROCID; 0 when none is set (the order of Lightning's
+    `rank_zero_only` rank, lightning/fabric/utilities/rank_zero.py)."""
+    env = os.environ if env is None else env
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    return 0
 
 
 def launch_rank(env: Optional[dict] = None) -> int:
