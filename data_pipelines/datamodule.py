@@ -2,7 +2,7 @@
 
 prepare_data (local rank 0 of each node): tokenize + pack + cache (no-op when cached).
 setup: every rank opens the cached token folder (ranks other than local 0 wait for it), builds the datasets.
-train_dataloader: endless, seeded, rank-sharded, resumable from `consumed_samples` — Lightning must not swap in
+train_dataloader: endless, seeded, rank-sharded, resumable from `consumed_samples` (kept in samples) — Lightning must not swap in
 its own DistributedSampler, so build the Trainer with `use_distributed_sampler=False`, and validate on a step
 interval (`val_check_interval=<int>`, `check_val_every_n_epoch=None`): the stream has no epochs.
 """
@@ -19,7 +19,14 @@ from torch.utils.data import DataLoader
 
 from data_pipelines.cache import TokenData, prepare_tokens, read_token_dir
 from data_pipelines.config import DataConfig, Source, to_data_config
-from data_pipelines.sampler import PackedBlocks, ResumableBatchSampler, batched, passthrough, val_indices
+from data_pipelines.sampler import (
+    PackedBlocks,
+    ResumableBatchSampler,
+    batched,
+    passthrough,
+    step_batches,
+    val_indices,
+)
 from gpt2.tokenizer import GPT2TokenizerFast
 
 WAIT_SECONDS = 4 * 3600  # ranks > 0 wait this long for local rank 0 to finish tokenizing
@@ -155,8 +162,10 @@ class LMDataModule(L.LightningDataModule):
             consumed_samples=self.consumed_samples,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.train_sampler())
+    def train_dataloader(self):
+        """The endless training loader; under a Trainer whose module counts items, each micro-batch carries its
+        optimizer step's item counts (`sampler.StepBatches`)."""
+        return step_batches(self._loader(self.train_dataset, self.train_sampler()), getattr(self, "trainer", None))
 
     def val_dataloader(self) -> DataLoader | list:
         self._require_setup()

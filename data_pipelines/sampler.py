@@ -4,12 +4,20 @@ Global sample order: position g = 0, 1, 2, ... of an endless stream that chains 
 (sample = perm_{g // N}[g % N], perm_e = default_rng([seed, e]).permutation(N)). Global batch k covers positions
 [c + k·G, c + (k+1)·G) where c = consumed_samples and G = micro_batch·world_size; rank r takes the r-th slice of b.
 So 2 ranks × micro-batch b see exactly the samples 1 rank × micro-batch 2b sees, in the same order (what DDP / FSDP
-loss comparisons need), and a sampler built at consumed_samples=c continues exactly where the old one stood.
+loss comparisons need), and a sampler built at consumed_samples=c continues exactly where the old one stood. The
+position is kept in samples, so a run resumed with another micro-batch, accumulation or rank count continues at the
+same sample.
+
+`StepBatches` hands each micro-batch the item counts of its whole optimizer step (transformers' Trainer
+`get_batch_samples` + num_items_in_batch), so a loss can be normalised by the step's items instead of each micro-batch's.
+Validation (`val_indices`) covers every block: ranks get equal batch counts, the shorter shard padded with blocks whose
+labels are -100 (scored by no loss).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +25,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from data_pipelines.cache import TokenSplit
+
+IGNORE_INDEX = -100  # the label no loss scores (torch cross_entropy's ignore_index)
 
 
 class PackedBlocks(Dataset):
@@ -59,15 +69,23 @@ class PackedBlocks(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([index])  # a (1, T) batch; the DataLoader uses __getitems__
 
-    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def __getitems__(self, indices: list[int | None]) -> dict[str, torch.Tensor]:
+        """(B, T) input_ids and labels of the blocks `indices`; None is a padding row (`val_indices`): block 0's
+        tokens with every label -100, so no loss or count sees it."""
+        pad = [i is None for i in indices]
+        indices = [0 if i is None else int(i) for i in indices]
         if not self.shards:
             # one fancy-index gather from the memmap -> (B, T) copy
             rows = self.blocks[np.asarray(indices, dtype=np.int64)]
         else:
-            rows = np.stack([self._sharded_block(int(i)) for i in indices])  # (B, T)
+            rows = np.stack([self._sharded_block(i) for i in indices])  # (B, T)
         # int64 because embedding/cross-entropy want it
         x = torch.from_numpy(rows.astype(np.int64))  # (B, T)
-        return {"input_ids": x, "labels": x}
+        if not any(pad):
+            return {"input_ids": x, "labels": x}
+        labels = x.clone()
+        labels[torch.tensor(pad)] = IGNORE_INDEX
+        return {"input_ids": x, "labels": labels}
 
     def _sharded_block(self, index: int) -> np.ndarray:
         if self._maps is None:
@@ -141,12 +159,52 @@ class ResumableBatchSampler(Sampler[list[int]]):
     # no __len__: the stream never ends; the trainer stops on max_steps
 
 
-def val_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
-    """Fixed-order validation shard: rank r gets samples r, r+W, ... of the first W·floor(N/W) (equal counts, so
-    no rank waits in a collective for a batch another rank does not have)."""
-    usable = (num_samples // world_size) * world_size
-    return list(range(rank, usable, world_size))
+def val_indices(num_samples: int, rank: int, world_size: int) -> list[int | None]:
+    """Fixed-order validation shard: rank r gets samples r, r+W, ... of all N, padded with None to ceil(N/W) entries.
+
+    Every sample is scored once; the counts are equal, so no rank waits in a collective (an FSDP all-gather, a DDP
+    buffer broadcast) for a batch another rank does not have. `PackedBlocks` turns None into a row labelled -100
+    throughout, which adds nothing to a loss summed over labelled tokens.
+    """
+    own: list[int | None] = list(range(rank, num_samples, world_size))
+    return own + [None] * (-(-num_samples // world_size) - len(own))
 
 
 def batched(indices: list[int], batch_size: int) -> list[list[int]]:
     return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+class StepBatches:
+    """The micro-batches of `loader`, each carrying the item counts of its whole optimizer step on this rank.
+
+    Pulls `accumulate` micro-batches at a time (one optimizer step's), sums `count_items(batch)` ({name: 0-dim
+    integer tensor}, e.g. the labelled tokens) over them, and yields each batch dict with two more keys:
+    "step_items" (those sums, the same for every micro-batch of the step) and "step_micro_batch" (its index in the
+    step, an int). The training step all-reduces the counts over ranks at micro-batch 0 and divides the summed loss
+    by them, so the gradient is the mean over every item of the step however the step is cut (transformers'
+    Trainer: `get_batch_samples` and num_items_in_batch, PR #34191). The loader starts at a step boundary (the
+    sampler's consumed_samples), so the grouping matches the optimizer's.
+    """
+
+    def __init__(self, loader: Iterable[dict], accumulate: int, count_items: Callable[[dict], dict]):
+        if accumulate < 1:
+            raise ValueError(f"accumulate={accumulate}: the micro-batches per optimizer step must be >= 1.")
+        self.loader, self.accumulate, self.count_items = loader, accumulate, count_items
+
+    def __iter__(self) -> Iterator[dict]:
+        it = iter(self.loader)
+        while group := list(itertools.islice(it, self.accumulate)):
+            counts = [self.count_items(b) for b in group]
+            step_items = {k: sum(c[k] for c in counts) for k in counts[0]}
+            for i, batch in enumerate(group):
+                yield {**batch, "step_items": dict(step_items), "step_micro_batch": i}
+
+
+def step_batches(loader: Iterable[dict], trainer) -> Iterable[dict]:
+    """`loader` wrapped in `StepBatches` when the Trainer's LightningModule defines `count_items(batch)`, with
+    the Trainer's accumulate_grad_batches; else `loader` itself (a module that normalises by micro-batch)."""
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    count_items = getattr(module, "count_items", None)
+    if count_items is None:
+        return loader
+    return StepBatches(loader, int(trainer.accumulate_grad_batches), count_items)

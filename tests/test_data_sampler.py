@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
 from data_pipelines import DataConfig, LMDataModule
 from data_pipelines.sampler import ResumableBatchSampler, val_indices
@@ -53,10 +54,31 @@ def test_two_ranks_see_what_one_rank_with_double_batch_sees():
     assert [a + b for a, b in zip(r0, r1)] == one
 
 
-def test_val_shards_are_disjoint_equal_and_fixed():
+def test_val_shards_cover_every_block_once_in_equal_counts():
     shards = [val_indices(11, r, 3) for r in range(3)]
-    assert all(len(s) == 3 for s in shards)
-    assert sorted(i for s in shards for i in s) == list(range(9))
+    assert all(len(s) == 4 for s in shards)  # equal batch counts on every rank: no collective waits
+    assert sorted(i for s in shards for i in s if i is not None) == list(range(11))  # none dropped, none twice
+    assert [s.count(None) for s in shards] == [0, 0, 1]
+
+
+def test_padding_rows_carry_no_label(tmp_path):
+    np.arange(8 * 5, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    cfg = DataConfig(source="tokens", path=str(tmp_path), vocab_size=100, block_size=8, batch_size=2,
+                     val_fraction=0)
+    dm = LMDataModule(cfg)
+    dm.setup()
+    batch = dm.train_dataset.__getitems__([3, None])
+    assert batch["labels"][0].tolist() == batch["input_ids"][0].tolist() == list(range(24, 32))
+    assert (batch["labels"][1] == -100).all()
+
+
+def test_step_batches_carry_the_items_of_their_whole_step():
+    from data_pipelines.sampler import StepBatches
+
+    loader = [{"labels": torch.tensor([[1, -100, 2], [-100, -100, 3]][i % 2])} for i in range(5)]
+    out = list(StepBatches(loader, 2, lambda b: {"labelled": (b["labels"] != -100).sum()}))
+    assert [b["step_micro_batch"] for b in out] == [0, 1, 0, 1, 0]
+    assert [int(b["step_items"]["labelled"]) for b in out] == [3, 3, 3, 3, 2]  # 2 + 1 per step; the tail alone
 
 
 def test_datamodule_resumes_data_order_from_state_dict(tmp_path):

@@ -4,9 +4,10 @@ The network is built outside (train/tasks/model.py) and passed in, so the module
 same `nn.Module` can be wrapped by any strategy (lightning-hydra-template: "the LightningModule wraps a plain
 nn.Module"). Nothing here calls `.item()` in the step: the loss is synced to the host only at logging intervals.
 
-`GPT2LitModule` trains the causal LM as it is; a fine-tuning task (train/tasks/) subclasses it and overrides three
-hooks: `step` (forward + loss of a batch), `collect` (what validation keeps of a batch) and `val_metrics` (the
-task's scores at the end of a validation).
+`GPT2LitModule` trains the causal LM as it is; a fine-tuning task (train/tasks/) subclasses it and overrides four
+hooks: `loss_sums` (forward + each loss term summed over the batch's items), `count_items` (those items, from the
+labels alone), `collect` (what validation keeps of a batch) and `val_metrics` (the task's scores at the end of a
+validation). Every loss is a mean over items of the whole optimizer step or validation split.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import nn
+from torchmetrics.aggregation import SumMetric
 
 from train.checkpoint.layout import META_KEY, MODEL_CONFIG_KEY
 from train.config import OptimConfig
@@ -27,6 +29,14 @@ from train.config import OptimConfig
 # the default there (DeepSpeed's precision plugin clips nothing; DeepSpeed clips by trainer.gradient_clip_val itself),
 # so the warning is not true of this module.
 warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
+
+IGNORE_INDEX = -100  # the label no loss scores (torch cross_entropy's ignore_index, transformers' convention)
+
+
+def item_sum() -> SumMetric:
+    """A float64 sum that all-reduces on compute() (torchmetrics); NaN kept (the loss guard must see it) and never
+    checked per update (that check syncs the host)."""
+    return SumMetric(nan_strategy="disable").set_dtype(torch.float64)
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -101,6 +111,11 @@ class GPT2LitModule(L.LightningModule):
         compile / activation_checkpointing: trainer switches applied to the network in `configure_model`.
         overfit_batches: > 0 -> train and validate on the first N micro-batches only (debug/overfit_batch).
         meta: extra fields stored in each checkpoint's meta.json (e.g. where the tokenizer lives).
+        loss_weights: {loss term: weight} of `loss_sums`' terms in the loss (the LM's one term: {"tokens": 1}).
+
+    Losses and metrics are means over items (tokens, labelled tokens, examples), never over batches: training
+    divides each term's sum by the items of the whole optimizer step (`training_step`), validation sums and counts
+    over the whole split (`on_validation_epoch_end`).
     """
 
     def __init__(
@@ -113,6 +128,7 @@ class GPT2LitModule(L.LightningModule):
         activation_checkpointing: bool = False,
         overfit_batches: int = 0,
         meta: Optional[dict[str, Any]] = None,
+        loss_weights: Optional[dict[str, float]] = None,
     ):
         super().__init__()
         self.model = model
@@ -124,11 +140,12 @@ class GPT2LitModule(L.LightningModule):
         self.overfit_batches = overfit_batches
         self.meta = dict(meta or {})
         self._overfit_cache: list[dict[str, torch.Tensor]] = []
-        self._loss_sum: Optional[torch.Tensor] = None
-        self._loss_n = 0
+        self.loss_weights = dict(loss_weights or {"tokens": 1.0})
+        self.train_loss = item_sum()  # this step's micro-batch shares of its mean loss
+        self.val_sums = nn.ModuleDict({t: item_sum() for t in self.loss_weights})
+        self.val_counts = nn.ModuleDict({t: item_sum() for t in self.loss_weights})
+        self._step_items: Optional[dict[str, torch.Tensor]] = None  # this step's all-reduced item counts
         self._last_step = -1
-        self._val_sum: Optional[torch.Tensor] = None
-        self._val_n: Optional[torch.Tensor] = None
         self.last_logged: dict[str, float] = {}
         self.last_val_metrics: dict[str, float] = {}  # the latest validation's row (BestCheckpoint reads it)
         # this optimizer step's total gradient 2-norm (0-dim tensor) when a callback already computed it exactly as
@@ -203,30 +220,70 @@ class GPT2LitModule(L.LightningModule):
                             gradient_clip_algorithm=gradient_clip_algorithm)
 
     # -- batches
-    def _maybe_overfit(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+    def _maybe_overfit(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         if not self.overfit_batches:
             return batch
         if len(self._overfit_cache) < self.overfit_batches:
-            self._overfit_cache.append({k: v.detach().clone() for k, v in batch.items()})
-        return self._overfit_cache[batch_idx % len(self._overfit_cache)]
+            self._overfit_cache.append({k: v.detach().clone() for k, v in batch.items() if torch.is_tensor(v)})
+        # the step's item counts stay those of the step being trained (the cached blocks hold as many tokens)
+        step = {k: batch[k] for k in ("step_items", "step_micro_batch") if k in batch}
+        return {**self._overfit_cache[batch_idx % len(self._overfit_cache)], **step}
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
         return self.model(input_ids=input_ids, labels=labels)
 
-    def step(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
-        """(model outputs, loss) of one batch: next-token cross-entropy (labels shifted inside the model)."""
-        out = self.model(input_ids=batch["input_ids"], labels=batch["labels"])
-        return out, out.loss
+    def count_items(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{loss term: 0-dim integer tensor}: the items each term of `loss_sums` sums over in `batch`, from its labels
+        alone (the data loader counts a whole optimizer step ahead with it: data_pipelines.sampler.StepBatches).
+        The causal LM's: the tokens that have a next-token label (labels[..., 1:] != -100)."""
+        return {"tokens": (batch["labels"][..., 1:] != IGNORE_INDEX).sum()}
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def loss_sums(self, batch: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """(model outputs, {loss term: the SUM of its loss over the batch's items}, fp32 0-dim): next-token
+        cross-entropy summed over the labelled tokens (transformers' ForCausalLMLoss with num_items_in_batch=1)."""
+        out = self.model(input_ids=batch["input_ids"], labels=batch["labels"], num_items_in_batch=1)
+        return out, {"tokens": out.loss}
+
+    def weighted_mean(self, sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sum over terms of weight x sum / count (a term with no items adds 0)."""
+        return torch.stack([self.loss_weights[t] * sums[t] / counts[t].clamp(min=1) for t in sums]).sum()
+
+    def step_items(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """{loss term: items of the WHOLE optimizer step, over its micro-batches and every rank} (0-dim tensors on
+        this device): the counts StepBatches attached, all-reduced once, at the step's first micro-batch. A batch
+        from a loader without StepBatches counts itself and assumes its step's micro-batches hold as many items."""
+        local = batch.get("step_items")
+        if local is None:
+            scale = self.trainer.accumulate_grad_batches
+            return {k: v * scale for k, v in self._all_reduce_counts(self.count_items(batch)).items()}
+        if batch.get("step_micro_batch", 0) == 0 or self._step_items is None:
+            self._step_items = self._all_reduce_counts(local)
+        return self._step_items
+
+    def _all_reduce_counts(self, counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        names = list(counts)
+        stacked = torch.stack([torch.as_tensor(counts[k]) for k in names]).to(self.device, torch.int64)
+        if self.trainer.world_size > 1:  # one collective for every term
+            stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum")
+        return dict(zip(names, stacked.unbind()))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """The micro-batch's share of the optimizer step's mean loss, scaled for what follows it.
+
+        Each term is summed over the micro-batch's items and divided by the items of the whole step (all
+        micro-batches, all ranks): the gradient is that of the mean over every item of the step, however the step
+        is cut into micro-batches, accumulation and ranks (transformers' num_items_in_batch). Lightning divides the
+        returned loss by accumulate_grad_batches (DeepSpeed's engine is told not to divide again) and DDP / FSDP /
+        ZeRO average gradients over the ranks, so the loss is multiplied back by both.
+        """
         n_samples = batch["input_ids"].shape[0]
         batch = self._maybe_overfit(batch, batch_idx)
-        _, loss = self.step(batch)
-        # The mean over the micro-batches of one optimizer step, kept on the device (no host sync here).
-        self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
-        self._loss_n += 1
+        counts = self.step_items(batch)
+        _, sums = self.loss_sums(batch)
+        loss = self.weighted_mean(sums, counts)
+        self.train_loss.update(loss.detach())  # summed over the step's micro-batches and ranks: the step's mean
         self.count_samples(n_samples)
-        return loss
+        return loss * (self.trainer.world_size * self.trainer.accumulate_grad_batches)
 
     def count_samples(self, n_samples: int) -> None:
         """Advance the datamodule's `consumed_samples` (contract with data_pipelines: the GLOBAL sample count,
@@ -237,6 +294,7 @@ class GPT2LitModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._last_step = self.trainer.global_step
+        self.train_loss.reset()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log_train_step()
@@ -248,13 +306,13 @@ class GPT2LitModule(L.LightningModule):
         if step == self._last_step:
             return
         self._last_step = step
-        loss_sum, n = self._loss_sum, self._loss_n
-        self._loss_sum, self._loss_n = None, 0
-        if not self.should_log(step) or loss_sum is None:
+        if not self.should_log(step) or not self.train_loss.update_called:
+            self.train_loss.reset()
             return
-        # the mean over all ranks (one collective, at logging steps only): the number 1 process with the whole
-        # global batch would log; the only host sync of the training loss
-        loss = self.trainer.strategy.reduce(loss_sum / n, reduce_op="mean").item()
+        # the step's exact mean loss: the micro-batches' shares summed over all ranks (torchmetrics syncs them, at
+        # logging steps only: the only host sync of the training loss)
+        loss = float(self.train_loss.compute())
+        self.train_loss.reset()
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.emit_metrics({"train/loss": loss, "lr": lr}, step)  # the progress bar reads them from last_logged
         self._flush_logs()  # the row is complete (throughput was logged before this hook)
@@ -278,15 +336,17 @@ class GPT2LitModule(L.LightningModule):
 
     # -- validation
     def on_validation_epoch_start(self) -> None:
-        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._val_n = torch.zeros((), device=self.device, dtype=torch.float64)
+        for metric in (*self.val_sums.values(), *self.val_counts.values()):
+            metric.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         if self.overfit_batches and self._overfit_cache:
             batch = self._overfit_cache[batch_idx % len(self._overfit_cache)]
-        out, loss = self.step(batch)
-        self._val_sum += loss.detach().double()
-        self._val_n += 1
+        out, sums = self.loss_sums(batch)
+        counts = self.count_items(batch)
+        for term, value in sums.items():
+            self.val_sums[term].update(value.detach())
+            self.val_counts[term].update(counts[term])
         self.collect(out, batch)
 
     def collect(self, outputs: Any, batch: dict[str, torch.Tensor]) -> None:
@@ -297,17 +357,43 @@ class GPT2LitModule(L.LightningModule):
         return {"val/ppl": math.exp(min(val_loss, 700.0))}
 
     def on_validation_epoch_end(self) -> None:
-        # the mean over every rank's batches (the LM's validation stream is sharded by rank)
-        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
-        count = self.trainer.strategy.reduce(self._val_n, reduce_op="sum")
-        if count.item() == 0:
+        # each term's loss summed and its items counted over every batch of every rank (torchmetrics all-reduces
+        # both), divided once: the exact mean over the split's items whatever the batch size or rank count
+        terms = [t for t in self.loss_weights if self.val_counts[t].update_called]
+        if not terms:
             return
-        val_loss = (total / count).item()
+        sums = {t: self.val_sums[t].compute() for t in terms}
+        counts = {t: self.val_counts[t].compute() for t in terms}
+        if not any(float(c) > 0 for c in counts.values()):
+            return
+        val_loss = float(sum(self.loss_weights[t] * sums[t] / counts[t].clamp(min=1) for t in terms))
         metrics = {"val/loss": val_loss, **self.val_metrics(val_loss)}
         self.last_val_metrics = metrics
         self.emit_metrics(metrics, self.trainer.global_step)
         self._flush_logs()
         self.log("val_loss", val_loss, prog_bar=True, logger=False, on_epoch=True)
+
+    # -- resume with another cut of the same step
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Count the resumed run's micro-batches in ITS micro-batches per step.
+
+        Lightning restores its batch counters as the saved run counted them, then decides when to step the
+        optimizer (batch count % accumulate_grad_batches) and when to validate (batch count % val_check_batch) from
+        them: a run saved at step 3 of 8 x 1 and resumed as 4 x accumulate 2 took a first step of one micro-batch
+        and validated off its steps. Checkpoints are taken at optimizer-step boundaries and the data position is
+        kept in samples, so setting the counters to global_step x this run's micro-batches per step resumes as if
+        this run had made every step.
+        """
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        progress = loop.get("epoch_loop.batch_progress")
+        if progress is None or "global_step" not in checkpoint:
+            return
+        per_step = 1 if self.trainer.strategy.handles_gradient_accumulation else self.trainer.accumulate_grad_batches
+        batches = int(checkpoint["global_step"]) * per_step
+        for part in ("total", "current"):
+            for key in ("ready", "started", "processed", "completed"):
+                if key in progress.get(part, {}):
+                    progress[part][key] = batches
 
     # -- checkpoints: the GPT2Config and our meta travel with every checkpoint (config.json / meta.json)
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ import lightning as L
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler
 
-from data_pipelines.sampler import ResumableBatchSampler
+from data_pipelines.sampler import ResumableBatchSampler, step_batches
 
 from data_pipelines.tasks.base import TaskData, task_data
 from data_pipelines.tasks.config import TaskDataConfig, to_task_data_config
@@ -164,16 +164,18 @@ class TaskDataModule(L.LightningDataModule):
         return DataLoader(feats, batch_sampler=batch_sampler, collate_fn=self.collator, num_workers=cfg.num_workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self):
         """Endless seeded batches, a fresh shuffle each pass, sharded across ranks, starting after `consumed_samples`
-        (ResumableBatchSampler, the LM data's sampler): a resumed run sees exactly the batches the uninterrupted run
-        would have seen. The trainer stops on max_steps."""
+        (ResumableBatchSampler, the LM data's sampler): a resumed run sees exactly the samples the uninterrupted run
+        would have seen, whatever its micro-batch, accumulation or rank count. Under a Trainer whose module counts
+        items, each micro-batch carries its optimizer step's item counts (`sampler.StepBatches`). The trainer stops
+        on max_steps."""
         self._require_setup()
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = ResumableBatchSampler(len(self.train_features), self.cfg.batch_size, rank=rank, world_size=world,
                                         seed=self.cfg.seed, consumed_samples=self.consumed_samples)
-        return self._loader(self.train_features, sampler)
+        return step_batches(self._loader(self.train_features, sampler), trainer)
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()

@@ -75,20 +75,23 @@ class Task:
 
 # ------------------------------------------------------------------------------------------------ fine-tuning
 class TaskModule(GPT2LitModule):
-    """GPT2LitModule for a fine-tuning head: the forward takes the batch keys the head accepts
-    (its TaskData's model_keys), and validation keeps what each task scores of every batch (`keep`, on the
-    CPU) to score the WHOLE validation set at its end (`score`): qa's post-processing needs every window of an
-    example. Every rank scores the whole set (TaskDataModule's validation loader is not sharded).
+    """GPT2LitModule for a fine-tuning head: the forward takes the batch keys the head accepts (its TaskData's
+    model_keys) except the targets (`target_keys`: the task sums its loss terms itself, `loss_sums`, and counts
+    their items, `count_items`), and validation keeps what each task scores of every batch (`keep`, on the CPU) to
+    score the WHOLE validation set at its end (`score`): qa's post-processing needs every window of an example.
+    Every rank scores the whole set (TaskDataModule's validation loader is not sharded).
     """
+
+    target_keys: tuple[str, ...] = ()  # batch keys that are targets of the loss, not inputs of the forward
 
     def __init__(self, model: nn.Module, optim, max_steps: int, *, model_keys: tuple[str, ...], **kwargs):
         super().__init__(model, optim, max_steps, **kwargs)
         self.model_keys = tuple(model_keys)
         self.kept: list[tuple] = []
 
-    def step(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
-        out = self.model(**{k: batch[k] for k in self.model_keys if k in batch})
-        return out, out.loss
+    def outputs(self, batch: dict[str, torch.Tensor]) -> Any:
+        """The head's outputs (logits) for the batch's inputs; no loss is computed in the model."""
+        return self.model(**{k: batch[k] for k in self.model_keys if k in batch and k not in self.target_keys})
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()

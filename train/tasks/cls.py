@@ -9,12 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 import gpt2
 
+from train.module import IGNORE_INDEX
 from train.tasks.base import FineTuneTask, TaskModule
 
 
@@ -34,10 +36,43 @@ def classification_metrics(logits: Any, labels: Any, regression: bool = False) -
             "macro_f1": float(multiclass_f1_score(logits, labels, num_classes=n, average="macro"))}
 
 
+def problem_type(config, labels: torch.Tensor) -> str:
+    """The loss GPT2ForSequenceClassification takes for these labels: config.problem_type, else inferred as
+    transformers does (1 label: regression; integer labels: single-label; else multi-label)."""
+    if config.problem_type:
+        return config.problem_type
+    if config.num_labels == 1:
+        return "regression"
+    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
 class ClsModule(TaskModule):
+    """Items: examples (single-label: those labelled, not -100), label entries for regression / multi-label."""
+
+    target_keys = ("labels",)
+
     def __init__(self, *args: Any, regression: bool = False, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, loss_weights={"examples": 1.0}, **kwargs)
         self.regression = regression
+
+    def count_items(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        labels = batch["labels"]
+        if problem_type(self.model.config, labels) == "single_label_classification":
+            return {"examples": (labels != IGNORE_INDEX).sum()}
+        return {"examples": torch.tensor(labels.numel())}
+
+    def loss_sums(self, batch: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """transformers' classification losses (cross-entropy, MSE, BCE) with reduction="sum" (fp32)."""
+        out = self.outputs(batch)
+        logits, labels = out.logits.float(), batch["labels"]  # (B, num_labels), (B,) or (B, num_labels)
+        problem = problem_type(self.model.config, labels)
+        if problem == "single_label_classification":
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), reduction="sum")
+        elif problem == "regression":
+            loss = F.mse_loss(logits.view(labels.shape), labels.float(), reduction="sum")
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="sum")
+        return out, {"examples": loss}
 
     def keep(self, outputs: Any, batch: dict[str, torch.Tensor]) -> tuple:
         return outputs.logits.float().cpu(), batch["labels"].cpu()  # (B, L), (B,)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.text import squad
 
@@ -85,9 +86,27 @@ class QAModule(TaskModule):
     """qa_eval: the validation features (offsets, example_index), contexts and gold answer texts, and the
     post-processing limits (n_best_size, max_answer_length)."""
 
+    target_keys = ("start_positions", "end_positions")
+
     def __init__(self, *args: Any, qa_eval: dict[str, Any], **kwargs: Any):
-        super().__init__(*args, **kwargs)
+        # transformers' QA loss: (mean start cross-entropy + mean end cross-entropy) / 2
+        super().__init__(*args, loss_weights={"start": 0.5, "end": 0.5}, **kwargs)
         self.qa_eval = qa_eval
+
+    def count_items(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Items: the windows whose start (end) position lies inside the input; one outside is ignored, as in
+        transformers (clamped to T, ignore_index=T)."""
+        T = batch["input_ids"].size(-1)
+        return {k: (batch[f"{k}_positions"].reshape(-1).clamp(0, T) != T).sum() for k in ("start", "end")}
+
+    def loss_sums(self, batch: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+        out = self.outputs(batch)
+        sums = {}
+        for k, logits in (("start", out.start_logits), ("end", out.end_logits)):
+            T = logits.size(1)
+            target = batch[f"{k}_positions"].reshape(-1).clamp(0, T)
+            sums[k] = F.cross_entropy(logits.float(), target, ignore_index=T, reduction="sum")
+        return out, sums
 
     def keep(self, outputs: Any, batch: dict[str, torch.Tensor]) -> tuple:
         return (outputs.start_logits.float().cpu(), outputs.end_logits.float().cpu(),

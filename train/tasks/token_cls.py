@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gpt2
@@ -54,9 +55,23 @@ def token_cls_metrics(pred_ids: Sequence[Any], label_ids: Sequence[Any], id2labe
 
 
 class TokenClsModule(TaskModule):
+    """Items: the labelled tokens (the first sub-token of each word)."""
+
+    target_keys = ("labels",)
+
     def __init__(self, *args: Any, id2label: Optional[dict[int, str]] = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, loss_weights={"labelled_tokens": 1.0}, **kwargs)
         self.id2label = id2label
+
+    def count_items(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"labelled_tokens": (batch["labels"] != IGNORE_INDEX).sum()}
+
+    def loss_sums(self, batch: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """Cross-entropy summed over the labelled tokens (transformers' GPT2ForTokenClassification loss x items)."""
+        out = self.outputs(batch)
+        logits = out.logits.float()  # (B, T, num_labels)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), batch["labels"].view(-1), reduction="sum")
+        return out, {"labelled_tokens": loss}
 
     def keep(self, outputs: Any, batch: dict[str, torch.Tensor]) -> tuple:
         return outputs.logits.argmax(-1).cpu(), batch["labels"].cpu()  # (B, T), (B, T)
