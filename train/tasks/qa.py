@@ -100,12 +100,19 @@ class QAModule(TaskModule):
         return {k: (batch[f"{k}_positions"].reshape(-1).clamp(0, T) != T).sum() for k in ("start", "end")}
 
     def loss_sums(self, batch: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """Start and end cross-entropy summed over the windows, over the window's own positions: padding is left
+        out of the softmax (transformers' QA loss keeps it, so its loss changes with how long the longest window
+        of the batch is)."""
         out = self.outputs(batch)
+        pad = batch["attention_mask"] == 0 if "attention_mask" in batch else None
         sums = {}
         for k, logits in (("start", out.start_logits), ("end", out.end_logits)):
             T = logits.size(1)
+            logits = logits.float()
+            if pad is not None:
+                logits = logits.masked_fill(pad, torch.finfo(logits.dtype).min)
             target = batch[f"{k}_positions"].reshape(-1).clamp(0, T)
-            sums[k] = F.cross_entropy(logits.float(), target, ignore_index=T, reduction="sum")
+            sums[k] = F.cross_entropy(logits, target, ignore_index=T, reduction="sum")
         return out, sums
 
     def keep(self, outputs: Any, batch: dict[str, torch.Tensor]) -> tuple:
