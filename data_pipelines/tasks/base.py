@@ -66,6 +66,12 @@ class TaskData:
     def check_splits(self, train: list[dict], val: list[dict]) -> None:
         """What the two splits must agree on (e.g. mc's number of choices)."""
 
+    def hf_tokenizer(self, tokenizer):
+        """The tokenizer an export ships: one with which transformers' documented calls (`tokenizer(text)`, text
+        pairs, pre-split words, the pipelines) encode an input as `encode` did in training. By default the training
+        tokenizer itself (one text, no special tokens)."""
+        return tokenizer
+
     def num_labels(self, label_map) -> int:
         """The head's output count."""
         return label_map.num_labels

@@ -235,3 +235,35 @@ def padded_ids(feats: list[dict], pad_token_id: int) -> dict:
     ids = [f["input_ids"] for f in feats]
     return {"input_ids": torch.tensor(pad(ids, pad_token_id, T)),  # (B, T)
             "attention_mask": torch.tensor(pad([[1] * len(s) for s in ids], 0, T))}  # (B, T)
+
+
+# ------------------------------------------------------------------------------------------------ export layouts
+def with_prefix_space(tokenizer):
+    """A copy of `tokenizer` that puts a space before its input (and before each word of pre-split input), as
+    transformers' GPT-2 tokenizer does with add_prefix_space=True (saved in tokenizer_config.json and tokenizer.json's
+    ByteLevel pre-tokenizer, which transformers rebuilds from it)."""
+    import copy
+
+    from tokenizers import pre_tokenizers
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_prefix_space = True
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
+    return tok
+
+
+def with_pair_template(tokenizer, pair: str):
+    """A copy of `tokenizer` whose post-processor lays out a text pair as `pair` (tokenizers' TemplateProcessing
+    syntax, "<eos>" standing for the tokenizer's eos token), one text as it is; saved in tokenizer.json, which
+    transformers loads with the folder, so `tokenizer(first, second)` gives that layout. Byte-level offsets are kept
+    as the tokenizer had them (the ByteLevel step runs first)."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizer)
+    eos = tok.eos_token
+    template = processors.TemplateProcessing(single="$A:0", pair=pair.replace("<eos>", eos),
+                                             special_tokens=[(eos, tok.eos_token_id)])
+    tok.backend_tokenizer.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), template])
+    return tok

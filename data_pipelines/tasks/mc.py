@@ -19,7 +19,7 @@ import re
 from data_pipelines.tasks.config import TaskDataConfig
 from data_pipelines.tasks.base import TaskData
 from data_pipelines.tasks.demo import mc_rows
-from data_pipelines.tasks.loading import RawSplit, as_list, pad, resolve_column
+from data_pipelines.tasks.loading import RawSplit, as_list, pad, resolve_column, with_pair_template
 from data_pipelines.tasks.token_cls import IGNORE_INDEX
 
 _ENDING_COL = re.compile(r"ending(\d+)")
@@ -137,6 +137,11 @@ class McData(TaskData):
 
     def encode(self, examples, tokenizer, cfg, labels, where, validation):
         return encode(examples, tokenizer, cfg)
+
+    def hf_tokenizer(self, tokenizer):
+        """The choice layout context + ending + eos as the pair post-processor: `tokenizer(context, " " + ending)`
+        gives a training sequence, and its last token (the eos) is the one mc_token_ids points to."""
+        return with_pair_template(tokenizer, "$A:0 $B:1 <eos>:1")
 
     def collate(self, feats, pad_token_id, regression):
         import torch

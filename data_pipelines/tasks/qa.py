@@ -5,6 +5,10 @@ longer than fits is cut into overlapping slices, consecutive ones sharing `doc_s
 
     [question tokens][eos][context slice]        (question first: a causal model reads the context *knowing* it)
 
+The export's tokenizer carries this layout as its pair post-processor (`hf_tokenizer`), so transformers'
+`model(**tokenizer(question, context))` feeds a window as training did (questions longer than max_question_length
+are cut in training only).
+
 `start_positions`/`end_positions` are the answer's first/last token in the window when the answer lies FULLY inside
 it; otherwise both point at the separator — `no_answer_index = len(question tokens)`. The separator (not index 0, the
 usual [CLS] slot) because in a causal model position 0 has seen only the first question token, while the separator
@@ -21,7 +25,7 @@ from __future__ import annotations
 from data_pipelines.tasks.config import TaskDataConfig
 from data_pipelines.tasks.base import TaskData
 from data_pipelines.tasks.demo import qa_rows
-from data_pipelines.tasks.loading import RawSplit, padded_ids, resolve_column
+from data_pipelines.tasks.loading import RawSplit, padded_ids, resolve_column, with_pair_template
 
 
 def _answers(value, where: str) -> tuple[list[str], list[int]]:
@@ -183,6 +187,12 @@ class QaData(TaskData):
 
     def encode(self, examples, tokenizer, cfg, labels, where, validation):
         return encode(examples, tokenizer, cfg, keep_offsets=validation)
+
+    def hf_tokenizer(self, tokenizer):
+        """The pair layout [question][eos][context] as the post-processor: `tokenizer(question, context)` (and
+        the question-answering pipeline, which calls it with truncation="only_second" and a stride) gives the ids
+        of a training window; the eos gets no sequence id, so the pipeline answers from context tokens only."""
+        return with_pair_template(tokenizer, "$A:0 <eos>:0 $B:1")
 
     def collate(self, feats, pad_token_id, regression):
         import torch

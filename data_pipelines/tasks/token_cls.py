@@ -23,6 +23,7 @@ from data_pipelines.tasks.loading import (
     pad,
     padded_ids,
     resolve_column,
+    with_prefix_space,
 )
 
 IGNORE_INDEX = -100  # torch cross_entropy's ignore_index
@@ -90,6 +91,12 @@ class TokenClsData(TaskData):
     read_examples = staticmethod(read_examples)
     label_map = staticmethod(label_map)
     encode = staticmethod(encode)  # training and validation features are encoded alike
+
+    def hf_tokenizer(self, tokenizer):
+        """add_prefix_space=True: `encode` puts a space before every word, the first included, which is what
+        transformers' GPT-2 tokenizer does with it for `tokenizer(words, is_split_into_words=True)`; the
+        token-classification pipeline's `tokenizer(sentence)` then gives every word the ids training gave it."""
+        return with_prefix_space(tokenizer)
 
     def collate(self, feats, pad_token_id, regression):
         import torch

@@ -189,7 +189,8 @@ class HFExport(Callback):
                 log.info("best %s=%.4f at step %d -> %s", self.best.monitor, best["value"], best["global_step"],
                          self.run_dir / "hf")
         check_finite_weights(net, trainer.global_step)
-        self.fields["hf_dir"] = str(export_hf(net, self.tokenizer, self.run_dir / "hf", overwrite=True))
+        tokenizer = self.task.export_tokenizer(self.tokenizer)  # with training's input layout (prefix space, pairs)
+        self.fields["hf_dir"] = str(export_hf(net, tokenizer, self.run_dir / "hf", overwrite=True))
         log.info("exported %s (loads in transformers.%s)", self.fields["hf_dir"], self.task.hf_class)
         self.fields.update(self.task.after_export(net, self.tokenizer, self.sample_cfg, self.run_dir))
 

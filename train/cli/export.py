@@ -28,7 +28,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     def body() -> int:
         check_export_dir(args.out, overwrite=args.force)  # before the checkpoint is loaded
         model, tok, step = load_for_export(args.src)
-        out = export_hf(model, tok, args.out, overwrite=args.force)
+        from train.tasks import task_of_model
+
+        task = task_of_model(type(model).__name__)  # its tokenizer layout (prefix space, pair template)
+        out = export_hf(model, task.export_tokenizer(tok) if task else tok, args.out, overwrite=args.force)
         print(f"exported {step} -> {out}")
         return 0
 

@@ -61,6 +61,11 @@ class Task:
         """Fields the task adds to summary.json; rows: metrics.csv as numbers."""
         return {}
 
+    def export_tokenizer(self, tokenizer):
+        """The tokenizer the HF export ships: one that transformers' documented calls make feed the model as
+        training did. The LM's: the training tokenizer as it is."""
+        return tokenizer
+
     def after_export(self, net: nn.Module, tokenizer, sample_cfg, run_dir: Path) -> dict[str, Any]:
         """Files the task writes next to the export, as summary fields {name: path}."""
         return {}
@@ -152,6 +157,10 @@ class FineTuneTask(Task):
         from data_pipelines.tokenizing import get_tokenizer
 
         return get_tokenizer(data_cfg, DocumentSource(data_cfg))
+
+    def export_tokenizer(self, tokenizer):
+        """The task data's layout carried by the tokenizer (`TaskData.hf_tokenizer`: prefix space, pair template)."""
+        return self.task_data().hf_tokenizer(tokenizer)
 
     def datamodule(self, data_cfg, task_cfg, tokenizer):
         from data_pipelines.tasks import TaskDataModule
