@@ -30,7 +30,7 @@ def overrides(task: str, corpus: str, cache: str, micro: int) -> list[str]:
             "task.data.demo_val_size=37", "task.data.max_length=64", "task.data.max_question_length=16",
             "task.data.doc_stride=16"] if task != "lm" else []
     return [f"task={task}", "data=text", f"data.path={corpus}", f"data.cache_dir={cache}", "data.vocab_size=320",
-            "data.block_size=24", f"data.batch_size={micro}", "data.val_fraction=0.1", "model=tiny",
+            "data.block_size=25", f"data.batch_size={micro}", "data.val_fraction=0.1", "model=tiny",
             "model.n_embd=32", "model.n_head=2", "model.n_positions=64", "model.dropout=0.0", "guard=off",
             f"run_dir={cache}/run-{task}", *data]
 
