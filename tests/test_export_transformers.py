@@ -218,3 +218,79 @@ def test_lm_evaluation_harness_hf_backend_loads_the_export(exports):
         assert logprob == pytest.approx(float(logp[range(len(cont)), cont].sum()), abs=1e-3)
         assert greedy == bool((logp.argmax(-1) == torch.tensor(cont)).all())
     assert lm_eval.__version__
+
+
+# ------------------------------------------------------------------------------------------------ training's layout
+def training_data(folder: Path, task: str):
+    """The run's task data encoded as training encoded it: the run's tokenizer/ and its config.yaml's task.data."""
+    from omegaconf import OmegaConf
+
+    from data_pipelines.tasks import TaskDataModule
+
+    run_dir = folder.parent
+    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").task.data)
+    dm = TaskDataModule(task, cfg, gpt2.GPT2TokenizerFast.from_pretrained(run_dir / "tokenizer"))
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def test_token_cls_export_gives_training_ids_and_predictions_to_pre_split_words_and_the_pipeline(exports):
+    folder = exports["token_cls"]
+    dm = training_data(folder, "token_cls")
+    with no_warnings():
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        model = transformers.AutoModelForTokenClassification.from_pretrained(folder)
+        pipe = transformers.pipeline("token-classification", model=str(folder), aggregation_strategy="none",
+                                     ignore_labels=[])
+    trained, _ = ours("GPT2ForTokenClassification", folder)
+    checked = 0
+    for example, feature in zip(dm.val_examples, dm.val_features):
+        enc = tok(example["tokens"], is_split_into_words=True, return_tensors="pt")
+        if enc["input_ids"].shape[1] > len(feature["input_ids"]):
+            continue  # cut at max_length in training
+        assert enc["input_ids"][0].tolist() == feature["input_ids"]  # a space before every word, the first too
+        with torch.no_grad():
+            want = trained(torch.tensor([feature["input_ids"]])).logits.argmax(-1)[0]
+            got = model(**enc).logits.argmax(-1)[0]
+        assert torch.equal(got, want)
+        piped = pipe(" ".join(example["tokens"]))  # the pipeline tokenizes the sentence: the same ids
+        assert [t["entity"] for t in piped] == [model.config.id2label[int(i)] for i in want]
+        checked += 1
+    assert checked >= 10
+
+
+def test_qa_export_gives_training_windows_and_spans_to_tokenizer_question_context(exports):
+    folder = exports["qa"]
+    dm = training_data(folder, "qa")
+    with no_warnings():
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        model = transformers.AutoModelForQuestionAnswering.from_pretrained(folder)
+    trained, _ = ours("GPT2ForQuestionAnswering", folder)
+    windows = [f["example_index"] for f in dm.val_features]
+    checked = 0
+    for feature in dm.val_features:
+        example = dm.val_examples[feature["example_index"]]
+        if windows.count(feature["example_index"]) > 1 or len(tok(example["question"])["input_ids"]) > \
+                dm.cfg.max_question_length:
+            continue  # a context cut into windows, or a question cut in training
+        enc = tok(example["question"], example["context"], return_tensors="pt")  # transformers' documented call
+        assert enc["input_ids"][0].tolist() == feature["input_ids"]  # [question][eos][context]
+        with torch.no_grad():
+            want = trained(torch.tensor([feature["input_ids"]]))
+            got = model(**enc)
+        assert int(got.start_logits.argmax()) == int(want.start_logits.argmax())
+        assert int(got.end_logits.argmax()) == int(want.end_logits.argmax())
+        checked += 1
+    assert checked >= 10
+
+
+def test_mc_export_lays_out_a_choice_as_training_did(exports):
+    folder = exports["mc"]
+    dm = training_data(folder, "mc")
+    with no_warnings():
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+    example, feature = dm.val_examples[0], dm.val_features[0]
+    enc = tok([example["context"]] * len(example["endings"]), [" " + e for e in example["endings"]])
+    assert enc["input_ids"] == feature["input_ids"]  # context, " " + ending, eos
+    assert [len(ids) - 1 for ids in enc["input_ids"]] == feature["mc_token_ids"]
