@@ -89,10 +89,21 @@ class TaskModule(GPT2LitModule):
 
     target_keys: tuple[str, ...] = ()  # batch keys that are targets of the loss, not inputs of the forward
 
-    def __init__(self, model: nn.Module, optim, max_steps: int, *, model_keys: tuple[str, ...], **kwargs):
-        super().__init__(model, optim, max_steps, **kwargs)
+    def __init__(self, model: nn.Module, optim, max_steps: int, *, model_keys: tuple[str, ...],
+                 loss_weights: Optional[dict[str, float]] = None, **kwargs):
+        super().__init__(model, optim, max_steps, loss_weights=loss_weights or {"examples": 1.0}, **kwargs)
         self.model_keys = tuple(model_keys)
         self.kept: list[tuple] = []
+
+    # The defaults, for a head of one's own that computes its loss itself: that loss is taken as a mean over the
+    # batch's examples. A head whose loss averages over anything else (tokens, labelled positions) overrides both,
+    # as the built-in tasks do, or its gradients change with how a step is cut into micro-batches.
+    def count_items(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"examples": torch.tensor(batch["input_ids"].shape[0])}
+
+    def loss_sums(self, batch: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+        out = self.outputs(batch)
+        return out, {"examples": out.loss.float() * batch["input_ids"].shape[0]}
 
     def outputs(self, batch: dict[str, torch.Tensor]) -> Any:
         """The head's outputs (logits) for the batch's inputs; no loss is computed in the model."""
