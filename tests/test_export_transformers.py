@@ -294,3 +294,12 @@ def test_mc_export_lays_out_a_choice_as_training_did(exports):
     enc = tok([example["context"]] * len(example["endings"]), [" " + e for e in example["endings"]])
     assert enc["input_ids"] == feature["input_ids"]  # context, " " + ending, eos
     assert [len(ids) - 1 for ids in enc["input_ids"]] == feature["mc_token_ids"]
+
+
+def test_export_cli_gives_a_checkpoint_the_runs_tokenizer_layout(exports, tmp_path):
+    from train.cli.export import main
+
+    for task in ("token_cls", "qa", "mc"):
+        assert main([str(exports[task].parent), str(tmp_path / task)]) == 0
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            assert (tmp_path / task / name).read_text() == (exports[task] / name).read_text(), (task, name)

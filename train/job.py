@@ -143,6 +143,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     if length > model.config.n_positions:
         raise ConfigError(f"{key}={length} exceeds the model's n_positions={model.config.n_positions}; lower {key}.")
     meta = {"tokenizer_dir": "../../tokenizer"} if tokenizer is not None else {}  # in every checkpoint's meta.json
+    meta.update(task.checkpoint_meta())
     module = task.module(model, dm, cfg.task, tcfg, cfg.optim, meta)
 
     # -- callbacks (the end of the run too: the export and summary.json are written at on_fit_end), loggers, Trainer

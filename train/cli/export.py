@@ -15,6 +15,7 @@ import sys
 from typing import Optional
 
 from train.checkpoint.export import check_export_dir, export_hf, load_for_export
+from train.checkpoint.layout import read_meta
 from train.cli import run_cli
 
 
@@ -28,10 +29,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     def body() -> int:
         check_export_dir(args.out, overwrite=args.force)  # before the checkpoint is loaded
         model, tok, step = load_for_export(args.src)
-        from train.tasks import task_of_model
+        data_task = read_meta(step).get("data_task")  # a fine-tuning run's: its input layout rides on the tokenizer
+        if data_task:
+            from data_pipelines.tasks import task_data
 
-        task = task_of_model(type(model).__name__)  # its tokenizer layout (prefix space, pair template)
-        out = export_hf(model, task.export_tokenizer(tok) if task else tok, args.out, overwrite=args.force)
+            tok = task_data(data_task).hf_tokenizer(tok)
+        out = export_hf(model, tok, args.out, overwrite=args.force)
         print(f"exported {step} -> {out}")
         return 0
 

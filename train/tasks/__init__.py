@@ -49,13 +49,4 @@ def get_task(name: str, module: Optional[str] = None):
     return task
 
 
-def task_of_model(class_name: str):
-    """The built-in task that trains the gpt2 class `class_name` (a checkpoint's meta.json "task"), or None."""
-    for name in task_names():
-        task = get_task(name)
-        if task.model_class.__name__ == class_name:
-            return task
-    return None
-
-
-__all__ = ["get_task", "task_names", "task_of_model"]
+__all__ = ["get_task", "task_names"]

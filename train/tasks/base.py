@@ -66,6 +66,11 @@ class Task:
         training did. The LM's: the training tokenizer as it is."""
         return tokenizer
 
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Fields every checkpoint's meta.json gets from the task (train/cli/export.py reads "data_task" to give an
+        export of a checkpoint the same tokenizer layout as the run's own export)."""
+        return {}
+
     def after_export(self, net: nn.Module, tokenizer, sample_cfg, run_dir: Path) -> dict[str, Any]:
         """Files the task writes next to the export, as summary fields {name: path}."""
         return {}
@@ -172,6 +177,10 @@ class FineTuneTask(Task):
     def export_tokenizer(self, tokenizer):
         """The task data's layout carried by the tokenizer (`TaskData.hf_tokenizer`: prefix space, pair template)."""
         return self.task_data().hf_tokenizer(tokenizer)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """{"data_task": name} of built-in task data (data_pipelines.tasks.task_data finds it by that name)."""
+        return {"data_task": self.task_data().name} if self.data is None else {}
 
     def datamodule(self, data_cfg, task_cfg, tokenizer):
         from data_pipelines.tasks import TaskDataModule
