@@ -2,9 +2,9 @@
 
 prepare_data (local rank 0 of each node): tokenize + pack + cache (no-op when cached).
 setup: every rank opens the cached token folder (ranks other than local 0 wait for it), builds the datasets.
-train_dataloader: endless, seeded, rank-sharded, resumable from `consumed_samples` (kept in samples) — Lightning must not swap in
-its own DistributedSampler, so build the Trainer with `use_distributed_sampler=False`, and validate on a step
-interval (`val_check_interval=<int>`, `check_val_every_n_epoch=None`): the stream has no epochs.
+train_dataloader: endless, seeded, rank-sharded, resumable from `consumed_samples` (a position in samples) —
+Lightning must not swap in its own DistributedSampler, so build the Trainer with `use_distributed_sampler=False`, and
+validate on a step interval (`val_check_interval=<int>`, `check_val_every_n_epoch=None`): the stream has no epochs.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ position is kept in samples, so a run resumed with another micro-batch, accumula
 same sample.
 
 `StepBatches` hands each micro-batch the item counts of its whole optimizer step (transformers' Trainer
-`get_batch_samples` + num_items_in_batch), so a loss can be normalised by the step's items instead of each micro-batch's.
+`get_batch_samples` + num_items_in_batch), so a loss can be normalised by the step's items instead of each
+micro-batch's.
 Validation (`val_indices`) covers every block: ranks get equal batch counts, the shorter shard padded with blocks whose
 labels are -100 (scored by no loss).
 """
