@@ -3,7 +3,8 @@ global batch of 16 taken as 16 x 1, 8 x accumulate 2, 4 x accumulate 4 and 2 ran
 gradients, the same logged train loss and the same consumed samples, and the validation loss is the exact mean over
 the split's items (computed here example by example with the model's own transformers loss) for validation batches
 of 16, 8 and 4 on one rank and 8 per rank on two. Then: a run of 8 x 1 stopped at step 3 and resumed as
-4 x accumulate 2 logs what the uninterrupted run logs, step for step, and validates at the same steps.
+4 x accumulate 2 logs what the uninterrupted run logs, step for step, and validates at the same steps; resumed again
+with a global batch of 16 it continues at the next sample.
 
 Runs: tests/split_runs.py in two subprocesses (one and two ranks), tiny model, dropout off, ~45 s together.
 Tolerances: gradients within 1e-5 of the largest gradient entry (measured: <= 4e-7; per-micro-batch means, the bug
@@ -84,6 +85,7 @@ def _lm_run(run_dir: Path, corpus: Path, cache: Path, micro: int, accumulate: in
         "model.n_positions=24", "model.dropout=0.0", f"trainer.accumulate_grad_batches={accumulate}",
         f"trainer.max_steps={steps}", "trainer.val_check_interval=2", "trainer.limit_val_batches=1000",
         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=3",
+        "checkpoint.keep_last=0",
         "optim.warmup_steps=2", "optim.decay_steps=6", "sample.max_new_tokens=2", f"run_dir={run_dir}",
         *(["resume=auto"] if resume else []),
     ])
@@ -109,3 +111,7 @@ def test_resume_with_another_cut_of_the_same_global_batch_equals_the_uninterrupt
         assert got[step]["val/loss"] == pytest.approx(ref[step]["val/loss"], rel=1e-6), step
     state = torch.load(tmp_path / "cut" / "checkpoints" / "step-6" / "training_state.pt", weights_only=False)
     assert state["LMDataModule"] == {"consumed_samples": 48}  # 6 steps x 8 samples, none lost at the resume
+    # another global batch: the data continues at sample 48, each further step taking 16 samples
+    _lm_run(tmp_path / "cut", corpus, cache, 16, 1, 8, resume=True)
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "step-8" / "training_state.pt", weights_only=False)
+    assert state["LMDataModule"] == {"consumed_samples": 48 + 2 * 16}
