@@ -157,7 +157,7 @@ def main() -> None:
                   f"{ratio:.3f}x (goal <= 0.8)")
         secs = list(RUN_SECONDS.values())
         print(f"runs: {len(secs)} of {args.max_steps} steps, {statistics.mean(secs):.0f} s each on average "
-              f"({min(secs):.0f}..{max(secs):.0f}; run.py's own wall time, {args.jobs} at a time), "
+              f"({min(secs):.0f}..{max(secs):.0f}: run.py's own wall time, sharing the CPU with the runs beside it), "
               f"{sum(secs) / 60:.0f} min in all; this invocation trained {len(walls)} of them in "
               f"{time.perf_counter() - t_start:.0f} s and reused the rest from --work-dir")
 
