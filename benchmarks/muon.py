@@ -20,6 +20,7 @@ steps <= 0.8 x AdamW's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -38,6 +39,7 @@ from common import NO_RECORD_HELP, machine_line, recorded  # noqa: E402  benchma
 from train.callbacks.loggers import read_metrics  # noqa: E402
 
 ADAMW_DEFAULT_LR = 3e-3  # conf/optim/adamw.yaml (OptimConfig.lr)
+RUN_SECONDS: dict[str, float] = {}  # each run's own wall time (its summary.json), trained here or reused
 
 
 def run_once(work: Path, optim: str, lr: float, seed: int, args) -> tuple[list[tuple[int, float]], Optional[float]]:
@@ -59,6 +61,7 @@ def run_once(work: Path, optim: str, lr: float, seed: int, args) -> tuple[list[t
         if r.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{r.stderr[-3000:]}")
         wall = time.perf_counter() - t0
+    RUN_SECONDS[name] = json.loads((run_dir / "summary.json").read_text())["seconds"]
     rows = read_metrics(run_dir / "metrics.csv")
     curve = [(int(r["step"]), r["val/loss"]) for r in rows if r.get("val/loss") is not None]
     return curve, wall
@@ -152,9 +155,11 @@ def main() -> None:
             ratio = statistics.mean(m) / statistics.mean(a)
             print(f"steps to target, mean: muon {statistics.mean(m):.0f} / adamw {statistics.mean(a):.0f} = "
                   f"{ratio:.3f}x (goal <= 0.8)")
-        per_run = f", {statistics.mean(walls):.0f} s per run" if walls else ""
-        print(f"wall: {time.perf_counter() - t_start:.0f} s for {len(walls)} runs trained here, {args.jobs} at a "
-              f"time{per_run} (runs found finished in --work-dir are reused)")
+        secs = list(RUN_SECONDS.values())
+        print(f"runs: {len(secs)} of {args.max_steps} steps, {statistics.mean(secs):.0f} s each on average "
+              f"({min(secs):.0f}..{max(secs):.0f}: run.py's own wall time, sharing the CPU with the runs beside it), "
+              f"{sum(secs) / 60:.0f} min in all; this invocation trained {len(walls)} of them in "
+              f"{time.perf_counter() - t_start:.0f} s and reused the rest from --work-dir")
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(data, strategy):
     for step in ref_rows:
         for key in ("train/loss", "val/loss", "lr"):
             assert run_rows[step][key] == ref_rows[step][key], (step, key, run_rows[step], ref_rows[step])
-    assert ref_rows[MAX_STEPS]["train/loss"] < ref_rows[1]["train/loss"] - 1.0  # and Muon trains
+    assert ref_rows[MAX_STEPS]["train/loss"] < ref_rows[1]["train/loss"] - 0.5  # and Muon trains
     a = load_file(str(ref_dir / "checkpoints" / f"step-{MAX_STEPS}" / "model.safetensors"))
     b = load_file(str(run_dir / "checkpoints" / f"step-{MAX_STEPS}" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -179,12 +179,17 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     optim=adamw: AdamW over `param_groups(model)`. optim=muon (`cfg.needs_whole_matrices`): `MuonWithAdamW`, Muon over
     `hidden_matrices(model)` with cfg.muon_* and AdamW over the rest with cfg.lr / betas / eps / weight_decay.
     fused=null: torch's single-kernel AdamW wherever it exists (CUDA and CPU): one pass over each parameter instead
-    of foreach's several.
+    of foreach's several. Raises ValueError for optim=muon over sharded parameters (FSDP2 DTensors, ZeRO-3).
     """
     adamw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=_fused(model, cfg.fused))
     if not cfg.needs_whole_matrices:
         return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **adamw)
     matrices = hidden_matrices(model)
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in matrices):  # train/job.py refuses this earlier
+        raise ValueError("torch.optim.Muon orthogonalizes whole matrices, but these parameters are shards (FSDP2 "
+                         "DTensors or DeepSpeed ZeRO-3 partitions); use optim=adamw with a sharding strategy.")
     muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
                 nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn)
     return MuonWithAdamW(matrices, param_groups(model, cfg.weight_decay, exclude=matrices), muon, adamw)
