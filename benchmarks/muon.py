@@ -1,13 +1,14 @@
 """Muon vs AdamW: optimizer steps to reach AdamW's final validation loss, demo model, embedded corpus, 3 seeds.
 
-The target: the mean over the seeds of the final validation loss of `python train/run.py` as it is (optim=adamw at
-its tuned default lr, 900 steps). Each optimizer then gets its best lr from a small sweep run on the first seed
-(AdamW: optim.lr; Muon: optim.muon_lr, its AdamW part keeping optim.lr's default), the lr that reaches the target
-in the fewest steps (ties: the lower final loss), and is run on every seed at that lr. "Steps to the target" is the
-first step at which the validation loss is <= the target, linearly interpolated between the two validations around
-the crossing (validation every --val-every steps, default 50, on the same first 20 validation batches); a run that
-never gets there counts as not reaching it (reported as "> max_steps"). The schedule is the default one (warm-up 90 steps,
-cosine over 900) for every run, so a faster optimizer reaches the target before the decay ends.
+The target of seed s: the final validation loss of `python train/run.py seed=s` as it is (optim=adamw at its tuned
+default lr, 900 steps), so every comparison is paired by seed (same initial weights, same data order) and AdamW at
+its default reaches its own target by step 900. Each optimizer gets its best lr from a small sweep run on the first
+seed (AdamW: optim.lr; Muon: optim.muon_lr, its AdamW part keeping optim.lr's default): the lr that reaches that
+seed's target in the fewest steps (ties: the lower final loss); it is then run on every seed. "Steps to the target"
+is the first step at which the validation loss is <= the target, linearly interpolated between the two validations
+around the crossing (validation every --val-every steps, default 50, on the same first 20 validation batches); a
+run that never gets there counts as not reaching it (reported as "> max_steps"). The schedule is the default one
+(warm-up 90 steps, cosine over 900) for every run, so a faster optimizer reaches the target before the decay ends.
 
 Every run is a fresh `python train/run.py` process with the default config plus the overrides printed; their
 metrics.csv are kept in --work-dir, and a run whose metrics are already there is not repeated (rerun to resume an
@@ -127,15 +128,15 @@ def main() -> None:
         first += base_specs[len(muon_specs):] + muon_specs[len(base_specs):]
         first += [("adamw", lr, seeds[0]) for lr in sweeps["adamw"]]
         curves = run_many(first, args, walls)
-        target = statistics.mean(curves[spec][-1][1] for spec in base_specs)
-        print(f"target: AdamW lr {ADAMW_DEFAULT_LR:g} final validation loss, mean of {len(seeds)} seeds = {target:.4f} "
-              f"({', '.join(f'{curves[spec][-1][1]:.4f}' for spec in base_specs)}) at step {args.max_steps}")
+        target = {spec[2]: curves[spec][-1][1] for spec in base_specs}  # seed -> AdamW's final validation loss
+        print(f"targets: AdamW lr {ADAMW_DEFAULT_LR:g} final validation loss at step {args.max_steps}, per seed: "
+              f"{', '.join(f'{s} {t:.4f}' for s, t in target.items())}")
         best = {}
         for optim in ("adamw", "muon"):
             ranked = []
             for lr in sweeps[optim]:
                 curve = curves[(optim, lr, seeds[0])]
-                st = steps_to(curve, target)
+                st = steps_to(curve, target[seeds[0]])
                 ranked.append((st if st is not None else float("inf"), curve[-1][1], lr))
                 print(f"sweep {optim:5s} lr {lr:<7g} seed {seeds[0]}: steps to target {fmt(st, args.max_steps):>6}, "
                       f"final val loss {curve[-1][1]:.4f}")
@@ -144,7 +145,7 @@ def main() -> None:
         results = {}
         for optim in ("adamw", "muon"):
             runs = [curves[(optim, best[optim], s)] for s in seeds]
-            results[optim] = [steps_to(c, target) for c in runs]
+            results[optim] = [steps_to(c, target[s]) for c, s in zip(runs, seeds)]
             print(f"{optim:5s} best lr {best[optim]:g}: steps to target per seed "
                   f"{', '.join(fmt(x, args.max_steps) for x in results[optim])}; final val loss mean "
                   f"{statistics.mean(c[-1][1] for c in runs):.4f}")
