@@ -552,8 +552,8 @@ def unknown_keys(node: Any, prefix: str = "") -> list[str]:
         if key not in fields:
             found.append(f"{prefix}{key}")
             continue
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+        child = None if OmegaConf.is_missing(node, key) else node[key]
+        if isinstance(child, DictConfig):
             found += unknown_keys(child, f"{prefix}{key}.")
     return found
 

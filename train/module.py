@@ -221,7 +221,6 @@ def apply_optim_config(optimizer, scheduler, reference: torch.optim.Optimizer, c
         lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
         for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr
-        scheduler._last_lr = lrs  # what get_last_lr() reports (torch.optim.lr_scheduler.LRScheduler)
     return before, optimizer.param_groups[0]["lr"]
 
 
