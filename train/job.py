@@ -127,17 +127,6 @@ def launch_rank(env: Optional[dict] = None) -> int:
     return 0
 
 
-def launch_rank(env: Optional[dict] = None) -> int:
-    """This process's global rank as its launcher set it, before any process group exists: torchrun's RANK, Lightning's
-    LOCAL_RANK (the ranks it spawns on one node), srun's SLURM_PROCID; 0 when none is set (the order of Lightning's
-    `rank_zero_only` rank, lightning/fabric/utilities/rank_zero.py)."""
-    env = os.environ if env is None else env
-    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        if env.get(key, "").isdigit():
-            return int(env[key])
-    return 0
-
-
 def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any]:
     """Run the training job `cfg` describes; returns run_dir/summary.json's dict (train.callbacks.loggers.RunSummary)
     or a preemption stop's {"preempted", "requeued", "checkpoint", ...}. `checked`: `check_inputs(cfg)`'s result (None
