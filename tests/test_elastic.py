@@ -188,7 +188,8 @@ def test_rank_killed_without_restart_names_it_and_the_resume_command(data):
     assert stopped.endswith(f"(newest checkpoint: step-{newest})"), stopped
     # the command as printed, composed: this run's own overrides, continued from its newest checkpoint
     cmd = shlex.split(resume.removeprefix("resume: "))
-    assert cmd[:2] == [sys.executable, "train/run.py"], resume
+    py = os.path.relpath(sys.executable, ROOT)  # the interpreter that ran it, as typed from the repository root
+    assert cmd[:2] == [sys.executable if py.startswith("..") else py, "train/run.py"], resume
     again = compose_config(cmd[2:])
     assert (again.run_dir, again.resume, again.strategy.name, again.trainer.max_steps) == (
         str(run_dir), "auto", "ddp", 2000)
