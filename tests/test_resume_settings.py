@@ -69,6 +69,7 @@ def test_optimizer_settings_and_a_longer_horizon_take_effect_from_the_first_resu
     for change in ("optim.lr 0.003 -> 0.001", "optim.betas [0.9, 0.95] -> [0.8, 0.9]", "optim.weight_decay 0.1 -> 0.05",
                    "trainer.max_steps 6 -> 10"):
         assert change in line, line
+    assert "data.tokenizer" not in line, line  # the checkpoint's own tokenizer, resolved for the resume: no change
     logged = {int(r["step"]): r["lr"] for r in read_metrics(run_dir / "metrics.csv") if r.get("lr") is not None}
     for s in range(4, 11):
         assert logged[s] == pytest.approx(cosine(1e-3, 10, s), rel=1e-6), (s, logged[s])

@@ -99,6 +99,8 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     # model.init_from: a local folder, or a hub id fetched now into the huggingface_hub cache (one sentence offline)
     init_dir = layout.init_source(cfg.model.init_from, cfg.model.revision) if cfg.model.init_from else None
     tokenizer = layout.tokenizer_source(cfg.data.tokenizer, init_dir, resume_from)
+    if resume_from is not None and not cfg.data.tokenizer and (meta.get("config") or {}).get("data"):
+        meta["config"]["data"]["tokenizer"] = tokenizer  # the checkpoint's own: no change for the resume line to list
     # the LM data: an LM's training set, or the corpus a fine-tune's tokenizer is trained on when none is given
     if cfg.task.name == "lm" or not (cfg.model.init_from or cfg.data.tokenizer or resume_from):
         check_source(cfg.data)
