@@ -385,3 +385,12 @@ def test_demo_files_cached_and_loaded_through_the_datamodule(tok, tmp_path):
     dm = TaskDataModule("cls", cfg, tok)
     dm.setup()
     assert dm.id2label == {0: "original", 1: "shuffled"}
+
+
+def test_a_missing_task_data_file_is_named_by_its_own_key(tmp_path):
+    """A fine-tune's data come from task.data.*: a missing file is named under that key (not the LM's data.path)."""
+    from data_pipelines.tasks.loading import load_splits
+
+    cfg = TaskDataConfig(source="jsonl", path=str(tmp_path / "train.jsonl"), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(FileNotFoundError, match=r"^task\.data\.path=.*train\.jsonl does not exist"):
+        load_splits(cfg, cfg.path)

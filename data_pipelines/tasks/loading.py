@@ -41,7 +41,7 @@ def _load(cfg: TaskDataConfig, split: str, path: str | None = None):
         from data_pipelines.sources import resolve_files
 
         kind = "jsonl" if cfg.source == "demo" else cfg.source
-        key = "data.path" if split == "train" else "data.val_path"
+        key = "task.data.path" if split == "train" else "task.data.val_path"
         files = resolve_files(path, kind, key)
         ds = datasets.load_dataset(FILE_BUILDERS[kind], data_files=[str(f) for f in files], split="train",
                                    cache_dir=str(cfg.cache_root / "hf_datasets"))
