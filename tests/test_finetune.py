@@ -182,7 +182,8 @@ def _cls_rows(labels: list[str], n: int) -> list[dict]:
             for i in range(n)]
 
 
-def test_string_labels_reach_the_export_and_label_count_mismatch_reinitialises(lm_export, cache, tmp_path, caplog):
+def test_string_labels_reach_the_export_and_label_count_mismatch_reinitialises(lm_export, cache, tmp_path, caplog,
+                                                                               capsys):
     """cls on a jsonl with string labels -> id2label/label2id in hf/config.json; then init_from that 2-label
     checkpoint into a 3-label task: the trunk is kept, the head re-initialised with a notice."""
     transformers = pytest.importorskip("transformers")
@@ -200,6 +201,15 @@ def test_string_labels_reach_the_export_and_label_count_mismatch_reinitialises(l
     assert export_main([str(tmp_path / "two"), str(tmp_path / "exported")]) == 0
     again = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported")
     assert type(again).__name__ == "GPT2ForSequenceClassification" and again.config.id2label == hf.config.id2label
+    # generate.py refuses a task head given as the HF folder too, as it does its run dir and checkpoint
+    from train.cli.generate import main as generate_main
+
+    for src in (tmp_path / "exported", tmp_path / "two"):
+        capsys.readouterr()
+        assert generate_main([str(src), "--prompt", "x"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds a GPT2ForSequenceClassification (a fine-tuned task head), which does not " \
+            "generate text" in err[0], err
 
     three = _write_jsonl(tmp_path / "three.jsonl", _cls_rows(["red", "green", "blue"], 60))
     with caplog.at_level(logging.INFO, logger="train.tasks"):

@@ -168,9 +168,6 @@ def load_for_export(src: str | os.PathLike):
     return model, GPT2TokenizerFast.from_pretrained(str(tok_dir)), step
 
 
-
-
-
 def load_model_and_tokenizer(src: str | os.PathLike):
     """An HF folder (config.json + weights + tokenizer files) or a checkpoint / run dir of ours."""
     p = Path(src).expanduser()
@@ -179,6 +176,10 @@ def load_model_and_tokenizer(src: str | os.PathLike):
     if (p / "config.json").is_file() and not (p / "meta.json").is_file():
         if not ((p / "tokenizer.json").is_file() or (p / "vocab.json").is_file()):
             raise FileNotFoundError(f"{p} has no tokenizer files (tokenizer.json or vocab.json + merges.txt).")
+        heads = json.loads((p / "config.json").read_text()).get("architectures") or []
+        if heads and not any(h.endswith(("LMHeadModel", "ForCausalLM")) for h in heads):  # e.g. a cls export
+            raise ValueError(f"{p} holds a {heads[0]} (a fine-tuned task head), which does not generate text; sample "
+                             f"from an LM run's hf/ folder or checkpoint instead.")
         import torch
 
         from gpt2 import GPT2LMHeadModel, GPT2TokenizerFast
