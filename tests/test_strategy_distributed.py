@@ -223,10 +223,11 @@ def test_fsdp_task_best_checkpoint_holds_the_full_model(setup, tmp_path):
 
     import gpt2
 
-    d, corpus, cache, _ = setup
+    d, corpus, cache, ref = setup
     run_dir = tmp_path / "cls"
+    # the demo task data, encoded with the reference LM run's small BPE (data.* would choose task data: refused)
     run(["task=cls", "strategy=fsdp", "trainer.devices=2", "trainer.accelerator=cpu", f"run_dir={run_dir}",
-         "data=text", f"data.path={corpus}", f"data.cache_dir={cache}", "data.vocab_size=320",
+         f"data.tokenizer={ref / 'tokenizer'}", f"data.cache_dir={cache}",
          f"task.data.cache_dir={cache}", "task.data.demo_train_size=64", "task.data.demo_val_size=16",
          "task.data.batch_size=8", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "trainer.max_steps=6",
          "trainer.val_check_interval=3", "checkpoint.every_n_steps=3", "checkpoint.keep_last=0",
