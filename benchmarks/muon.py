@@ -27,6 +27,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -109,7 +110,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=900)
     ap.add_argument("--val-every", type=int, default=50)
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each with cores/jobs intra-op threads)")
-    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/gpt2-forge-bench-muon"))
+    ap.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "gpt2-forge-bench-muon")
     ap.add_argument("--no-record", action="store_true", help=NO_RECORD_HELP)
     args = ap.parse_args()
     with recorded("muon.py"):
