@@ -112,10 +112,29 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
         super().setup(trainer)
 
     # -- checkpoints: checkpoints/step-N/{sharded/ (DCP), model.safetensors, config.json, training_state.pt, meta.json}
+    checkpoint_writer = None  # a BackgroundWriter once use_async_save() is called (checkpoint.async_save)
+    _checkpoint_group = None
+
+    def use_async_save(self) -> None:
+        """Save through torch.distributed.checkpoint.async_save from now on (train/checkpoint/async_io.py)."""
+        from train.checkpoint.async_io import BackgroundWriter
+
+        self.checkpoint_writer = BackgroundWriter()
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """Every rank writes its DCP shard into `step-N.tmp-<pid>/sharded/`; rank 0 adds the gathered weights and the
+        rest (DirCheckpointIO), then one rename publishes the folder. With `use_async_save()` the shards are staged
+        (copied to host memory) and written by DCP's async_save in a thread, and rank 0 publishes from its
+        BackgroundWriter once the save's future is done (its coordinator wrote `.metadata` after every rank's
+        shard); the next save waits for the previous one on every rank."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        from train.checkpoint.async_io import snapshot
+
+        writer = self.checkpoint_writer
+        if writer is not None:
+            writer.wait()  # the previous checkpoint is published (or its error raised) on every rank first
         path = Path(self.broadcast(str(filepath)))
         tmp = Path(self.broadcast(str(path.parent / f"{path.name}.tmp-{os.getpid()}")))  # rank 0's pid names it
         if self.is_global_zero:
@@ -125,23 +144,51 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
         sharded = {"state_dict": checkpoint.pop("state_dict")}
         sharded.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
         try:
-            dcp.save(sharded, checkpoint_id=str(tmp / SHARDED_DIR))  # every rank writes its shard
+            if writer is None:
+                dcp.save(sharded, checkpoint_id=str(tmp / SHARDED_DIR))  # every rank writes its shard
+                done = None
+            else:
+                # stages a copy of the shards in host memory now, writes it in DCP's thread; that thread's
+                # collectives use a process group of their own, so they never interleave with training's
+                done = dcp.async_save(sharded, checkpoint_id=str(tmp / SHARDED_DIR),
+                                      process_group=self.checkpoint_group())
             # the full weights, gathered to rank 0's CPU (a collective: every rank takes part)
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             full = retie(full, self.model)
             if self.is_global_zero:
-                checkpoint["state_dict"] = full
                 meta = checkpoint[ck.META_KEY] = dict(checkpoint.get(ck.META_KEY) or {}, strategy="fsdp")
                 net = self.lightning_module.model
                 if meta.get("task") == type(net).__name__:  # the model's class, not fully_shard's FSDP<class>
                     meta["task"] = plain_class(net).__name__
-                # DirCheckpointIO writes the rest into the same tmp dir and publishes it with one rename
-                ck_io.DirCheckpointIO().save_checkpoint(checkpoint, path, storage_options={"tmp_dir": tmp})
+                if writer is None:
+                    checkpoint["state_dict"] = full
+                    # DirCheckpointIO writes the rest into the same tmp dir and publishes it with one rename
+                    ck_io.DirCheckpointIO().save_checkpoint(checkpoint, path, storage_options={"tmp_dir": tmp})
+                else:
+                    # gathered over >1 ranks the full tensors are new memory; on one rank they may be the params
+                    rest = dict(snapshot(checkpoint), state_dict=full if self.world_size > 1 else snapshot(full))
+                    writer.submit(_publish_when_written, done, rest, path, tmp)
+            elif done is not None:
+                writer.submit(done.result)
         except BaseException:
             if self.is_global_zero:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.barrier("fsdp-save-done")
+
+    def checkpoint_group(self):
+        """The gloo process group async_save's thread runs its collectives on (made on first use, on every rank)."""
+        if self._checkpoint_group is None:
+            self._checkpoint_group = torch.distributed.new_group(backend="gloo")
+        return self._checkpoint_group
+
+    def teardown(self) -> None:
+        try:
+            if self.checkpoint_writer is not None:
+                self.checkpoint_writer.close()  # the last checkpoint is published (or its error raised) first
+        finally:
+            self._checkpoint_group = None
+            super().teardown()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
@@ -170,6 +217,18 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
         ckpt = torch.load(path / ck.STATE_NAME, map_location="cpu", weights_only=True)
         ckpt[ck.META_KEY] = meta
         return ckpt
+
+
+def _publish_when_written(done, checkpoint: dict[str, Any], path: Path, tmp: Path) -> None:
+    """Rank 0's BackgroundWriter job: wait for DCP's async_save future (every rank's shard and `.metadata` are
+    written), then DirCheckpointIO adds model.safetensors, config.json, training_state.pt, meta.json last, and
+    publishes `tmp` as `path` with one rename. A failure removes `tmp` (nothing half-written is ever published)."""
+    try:
+        done.result()
+        ck_io.DirCheckpointIO().save_checkpoint(checkpoint, path, storage_options={"tmp_dir": tmp})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_universal_fsdp(strategy, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
