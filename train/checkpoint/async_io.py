@@ -145,7 +145,7 @@ def writer_of(strategy: Any) -> Optional[BackgroundWriter]:
     writer = getattr(strategy, "checkpoint_writer", None)
     if writer is not None:
         return writer
-    io = getattr(strategy, "_checkpoint_io", None)  # the property would create a default plugin where none is set
+    io = getattr(strategy, "checkpoint_io", None)  # the plugin build_trainer gave the Trainer
     return io.writer if isinstance(io, AsyncDirCheckpointIO) else None
 
 
