@@ -140,11 +140,14 @@ def test_sigkill_during_checkpoint_write_and_export_then_resume_matches(tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_full_disk_during_save_keeps_the_previous_checkpoint(monkeypatch, tmp_path, corpus):
-    """ENOSPC halfway through a checkpoint: a clear error, the previous checkpoint intact, resume=auto works."""
+@pytest.mark.parametrize("async_save", [False, True])
+def test_full_disk_during_save_keeps_the_previous_checkpoint(monkeypatch, tmp_path, corpus, async_save):
+    """ENOSPC halfway through a checkpoint: a clear error, the previous checkpoint intact, resume=auto works. With
+    checkpoint.async_save the failed background write stops the run at its next save with the same error."""
     run_dir = tmp_path / "run"
     small = ["model.n_layer=1", "model.n_embd=32", "data.vocab_size=384", "trainer.val_check_interval=10",
-             "checkpoint.every_n_steps=5", "sample.max_new_tokens=2", "model.dropout=0.0"]
+             "checkpoint.every_n_steps=5", "sample.max_new_tokens=2", "model.dropout=0.0",
+             f"checkpoint.async_save={str(async_save).lower()}"]
     run_args = [a for a in args(corpus, tmp_path / "cache", run_dir, *small)
                 if not a.startswith(("checkpoint.every_n_steps=4", "model.n_layer=2", "model.n_embd=64",
                                      "data.vocab_size=512", "trainer.val_check_interval=10", "model.dropout=0.1"))]
