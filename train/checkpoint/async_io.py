@@ -59,11 +59,6 @@ class BackgroundWriter:
         self._error: Optional[BaseException] = None
         self._lock = threading.Lock()
 
-    @property
-    def busy(self) -> bool:
-        """Whether a submitted job has not finished yet."""
-        return any(not f.done() for f in self._futures)
-
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
