@@ -124,13 +124,11 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         """Every rank writes its DCP shard into `step-N.tmp-<pid>/sharded/`; rank 0 adds the gathered weights and the
         rest (DirCheckpointIO), then one rename publishes the folder. With `use_async_save()` the shards are staged
-        (copied to host memory) and written by DCP's async_save in a thread, and rank 0 publishes from its
-        BackgroundWriter once the save's future is done (its coordinator wrote `.metadata` after every rank's
-        shard); the next save waits for the previous one on every rank."""
+        (copied to host memory) and written by DCP's async_save in a thread, and rank 0's BackgroundWriter, once
+        that save's future is done (its coordinator wrote `.metadata` after every rank's shard), reads the full
+        weights back from the shards (no gather in the loop) and publishes; the next save waits for the previous
+        one on every rank."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        from train.checkpoint.async_io import snapshot
 
         writer = self.checkpoint_writer
         if writer is not None:
@@ -144,37 +142,45 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
         sharded = {"state_dict": checkpoint.pop("state_dict")}
         sharded.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
         try:
-            if writer is None:
-                dcp.save(sharded, checkpoint_id=str(tmp / SHARDED_DIR))  # every rank writes its shard
-                done = None
-            else:
-                # stages a copy of the shards in host memory now, writes it in DCP's thread; that thread's
-                # collectives use a process group of their own, so they never interleave with training's
-                done = dcp.async_save(sharded, checkpoint_id=str(tmp / SHARDED_DIR),
-                                      process_group=self.checkpoint_group())
-            # the full weights, gathered to rank 0's CPU (a collective: every rank takes part)
-            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            full = retie(full, self.model)
             if self.is_global_zero:
                 meta = checkpoint[ck.META_KEY] = dict(checkpoint.get(ck.META_KEY) or {}, strategy="fsdp")
                 net = self.lightning_module.model
                 if meta.get("task") == type(net).__name__:  # the model's class, not fully_shard's FSDP<class>
                     meta["task"] = plain_class(net).__name__
-                if writer is None:
-                    checkpoint["state_dict"] = full
-                    # DirCheckpointIO writes the rest into the same tmp dir and publishes it with one rename
-                    ck_io.DirCheckpointIO().save_checkpoint(checkpoint, path, storage_options={"tmp_dir": tmp})
-                else:
-                    # gathered over >1 ranks the full tensors are new memory; on one rank they may be the params
-                    rest = dict(snapshot(checkpoint), state_dict=full if self.world_size > 1 else snapshot(full))
-                    writer.submit(_publish_when_written, done, rest, path, tmp)
-            elif done is not None:
-                writer.submit(done.result)
+            if writer is None:
+                dcp.save(sharded, checkpoint_id=str(tmp / SHARDED_DIR))  # every rank writes its shard
+                self._save_full_state(checkpoint, path, tmp)
+            else:
+                self._async_save(sharded, checkpoint, path, tmp)
         except BaseException:
             if self.is_global_zero:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.barrier("fsdp-save-done")
+
+    def _save_full_state(self, checkpoint: dict[str, Any], path: Path, tmp: Path) -> None:
+        """The full weights gathered to rank 0's CPU (a collective: every rank takes part); rank 0's DirCheckpointIO
+        writes them and the rest into `tmp` and publishes it with one rename."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.is_global_zero:
+            checkpoint["state_dict"] = retie(full, self.model)
+            ck_io.DirCheckpointIO().save_checkpoint(checkpoint, path, storage_options={"tmp_dir": tmp})
+
+    def _async_save(self, sharded: dict[str, Any], checkpoint: dict[str, Any], path: Path, tmp: Path) -> None:
+        """dcp.async_save of the shards (staged in host memory now, written in DCP's thread, whose collectives use a
+        process group of their own so they never interleave with training's); rank 0's writer publishes after."""
+        import torch.distributed.checkpoint as dcp
+
+        from train.checkpoint.async_io import snapshot
+
+        done = dcp.async_save(sharded, checkpoint_id=str(tmp / SHARDED_DIR), process_group=self.checkpoint_group())
+        if self.is_global_zero:
+            self.checkpoint_writer.submit(_publish_when_written, done, snapshot(checkpoint), path, tmp,
+                                          tied_aliases(self.model))
+        else:
+            self.checkpoint_writer.submit(done.result)
 
     def checkpoint_group(self):
         """The gloo process group async_save's thread runs its collectives on (made on first use, on every rank)."""
@@ -219,13 +225,28 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
         return ckpt
 
 
-def _publish_when_written(done, checkpoint: dict[str, Any], path: Path, tmp: Path) -> None:
+def _publish_when_written(done, checkpoint: dict[str, Any], path: Path, tmp: Path, aliases: dict[str, str]) -> None:
     """Rank 0's BackgroundWriter job: wait for DCP's async_save future (every rank's shard and `.metadata` are
-    written), then DirCheckpointIO adds model.safetensors, config.json, training_state.pt, meta.json last, and
-    publishes `tmp` as `path` with one rename. A failure removes `tmp` (nothing half-written is ever published)."""
+    written); read the full weights back from those shards (`dcp.load` into full-size plain tensors, no_dist: DCP
+    reshards on load, and no collective runs beside training's); then DirCheckpointIO adds model.safetensors,
+    config.json, training_state.pt, meta.json last, and publishes `tmp` as `path` with one rename. A failure removes
+    `tmp` (nothing half-written is ever published). aliases: `tied_aliases` of the model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     try:
         done.result()
-        ck_io.DirCheckpointIO().save_checkpoint(checkpoint, path, storage_options={"tmp_dir": tmp})
+        shards = tmp / SHARDED_DIR
+        stored = dcp.FileSystemReader(str(shards)).read_metadata().state_dict_metadata
+        prefix = "state_dict."  # DCP's flattened key of {"state_dict": {...}}
+        full = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in stored.items()
+                if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+        dcp.load({"state_dict": full}, checkpoint_id=str(shards), no_dist=True)
+        for alias, name in aliases.items():
+            if alias in full and name in full:
+                full[alias] = full[name]
+        ck_io.DirCheckpointIO().save_checkpoint(dict(checkpoint, state_dict=full), path,
+                                                storage_options={"tmp_dir": tmp})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -258,12 +279,22 @@ def load_universal_fsdp(strategy, path: Path, meta: dict[str, Any]) -> dict[str,
 def retie(full: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """The gathered full state dict holds one copy per name; names of one shared parameter (tied embeddings:
     lm_head.weight is transformer.wte.weight) point at one tensor again, so the safetensors file stores it once."""
-    first: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first and name in full and first[id(p)] in full:
-            full[name] = full[first[id(p)]]
-        first.setdefault(id(p), name)
+    for alias, name in tied_aliases(model).items():
+        if alias in full and name in full:
+            full[alias] = full[name]
     return full
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{a later name of a shared parameter: its first name} in named_parameters order, e.g. {"lm_head.weight":
+    "transformer.wte.weight"} for tied embeddings (names as `model.state_dict()` spells them)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        first.setdefault(id(p), name)
+    return aliases
 
 
 def plain_class(net: nn.Module) -> type:
@@ -285,4 +316,5 @@ __all__ = [
     "mixed_precision_policy",
     "plain_class",
     "retie",
+    "tied_aliases",
 ]
