@@ -119,6 +119,8 @@ def test_async_save_writes_the_state_of_its_step_and_surfaces_a_failed_write(tmp
     assert (tmp_path / "checkpoints" / "last").read_text().strip() == "step-7"
     for k, v in before.items():
         assert torch.equal(back["state_dict"][f"model.{k}"], v), k
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())  # the snapshot kept the tied weight one tensor: stored once
 
     bad = dict(fake_lightning_checkpoint(model), callbacks={"Bad": {"fn": object()}})  # not storable: the write fails
     io.save_checkpoint(bad, ck.step_dir(tmp_path, 8))

@@ -40,9 +40,19 @@ log = logging.getLogger(__name__)
 def snapshot(checkpoint: Any) -> Any:
     """A point-in-time copy of every tensor in a (nested) checkpoint dict, on the calling thread, so that training can
     update the weights and optimizer state in place while the copy is written (Lightning's AsyncCheckpointIO does
-    the same: `t.detach().clone()`). Tensors stay on their device; other values are shared (they are not mutated).
-    Costs one copy of the checkpoint's tensors in memory until the write finishes."""
-    return apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().clone())
+    the same: `t.detach().clone()`). Tensors that are one tensor under several names (tied embeddings: lm_head.weight
+    is transformer.wte.weight) stay one copy, so the weights file still stores them once. Tensors stay on their
+    device; other values are shared (they are not mutated). Costs one copy of the checkpoint's tensors in memory
+    until the write finishes."""
+    copies: dict[tuple, torch.Tensor] = {}
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() == 0 or key not in copies:
+            copies[key] = t.detach().clone()
+        return copies[key]
+
+    return apply_to_collection(checkpoint, torch.Tensor, copy)
 
 
 class BackgroundWriter:

@@ -178,7 +178,7 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
         done = dcp.async_save(sharded, checkpoint_id=str(tmp / SHARDED_DIR), process_group=self.checkpoint_group())
         if self.is_global_zero:
             self.checkpoint_writer.submit(_publish_when_written, done, snapshot(checkpoint), path, tmp,
-                                          tied_aliases(self.model))
+                                          list(sharded["state_dict"]), tied_aliases(self.model))
         else:
             self.checkpoint_writer.submit(done.result)
 
@@ -225,12 +225,17 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
         return ckpt
 
 
-def _publish_when_written(done, checkpoint: dict[str, Any], path: Path, tmp: Path, aliases: dict[str, str]) -> None:
+def _publish_when_written(done, checkpoint: dict[str, Any], path: Path, tmp: Path, names: list[str],
+                          aliases: dict[str, str]) -> None:
     """Rank 0's BackgroundWriter job: wait for DCP's async_save future (every rank's shard and `.metadata` are
     written); read the full weights back from those shards (`dcp.load` into full-size plain tensors, no_dist: DCP
     reshards on load, and no collective runs beside training's); then DirCheckpointIO adds model.safetensors,
     config.json, training_state.pt, meta.json last, and publishes `tmp` as `path` with one rename. A failure removes
-    `tmp` (nothing half-written is ever published). aliases: `tied_aliases` of the model."""
+    `tmp` (nothing half-written is ever published).
+
+    names: the model's state-dict keys in order; aliases: its `tied_aliases` (DCP stores a shared tensor under one
+    of its names only): the weights come back under every name, in that order, a shared one as one tensor.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -239,12 +244,14 @@ def _publish_when_written(done, checkpoint: dict[str, Any], path: Path, tmp: Pat
         shards = tmp / SHARDED_DIR
         stored = dcp.FileSystemReader(str(shards)).read_metadata().state_dict_metadata
         prefix = "state_dict."  # DCP's flattened key of {"state_dict": {...}}
-        full = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in stored.items()
-                if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
-        dcp.load({"state_dict": full}, checkpoint_id=str(shards), no_dist=True)
-        for alias, name in aliases.items():
-            if alias in full and name in full:
-                full[alias] = full[name]
+        got = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in stored.items()
+               if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+        dcp.load({"state_dict": got}, checkpoint_id=str(shards), no_dist=True)
+        shared = {**{n: a for a, n in aliases.items()}, **aliases}  # either name of a tied pair -> the other
+        full: dict[str, torch.Tensor] = {}
+        for name in names:
+            first = aliases.get(name)
+            full[name] = full[first] if first in full else got[name] if name in got else got[shared[name]]
         ck_io.DirCheckpointIO().save_checkpoint(dict(checkpoint, state_dict=full), path,
                                                 storage_options={"tmp_dir": tmp})
     except BaseException:
