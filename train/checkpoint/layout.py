@@ -256,17 +256,19 @@ def load_model_config_dict(step_path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ model.init_from
-def init_source(init_from: str, revision: Optional[str] = None) -> Path:
-    """The folder `model.init_from` names: a local HF folder, checkpoint or run dir as it is; else a hub id's snapshot
-    folder in the huggingface_hub cache, fetched (config, weights, tokenizer files) at `revision` (None: main) as
-    `from_pretrained` does (gpt2.hub.resolve_model_dir). A folder of the hub id's name that holds none of those
-    (e.g. the package folder `gpt2/` seen from the repository root) does not shadow the hub id.
+def init_source(init_from: str, revision: Optional[str] = None, label: Optional[str] = None) -> Path:
+    """The folder `model.init_from` (or a command's model argument) names: a local HF folder, checkpoint or run dir
+    as it is; else a hub id's snapshot folder in the huggingface_hub cache, fetched (config, weights, tokenizer files)
+    at `revision` (None: main) as `from_pretrained` does (gpt2.hub.resolve_model_dir). A folder of the hub id's name
+    that holds none of those (e.g. the package folder `gpt2/` seen from the repository root) does not shadow the hub
+    id. `label`: how messages name the input (default "model.init_from=<init_from>").
 
     Raises FileNotFoundError in one sentence: a local path that does not exist, a hub id that could not be fetched
     (naming HF_HUB_OFFLINE and the cache), or a revision given for a local folder.
     """
     from gpt2 import hub  # torch-free: os, re and (for hub ids) huggingface_hub
 
+    label = label or f"model.init_from={init_from}"
     src = Path(init_from).expanduser()
     local = src.is_file() or (src / "config.json").is_file() or (src / META_NAME).is_file() or src.name == \
         "checkpoints" or checkpoints_dir(src).is_dir()
@@ -274,16 +276,14 @@ def init_source(init_from: str, revision: Optional[str] = None) -> Path:
         try:
             return Path(hub.resolve_model_dir(init_from, revision=revision))
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"model.init_from={init_from}: {e}") from None
+            raise FileNotFoundError(f"{label}: {e}") from None
     if revision is not None:
         raise FileNotFoundError(
             f"model.revision={revision} is a hub revision, but model.init_from={init_from} is a local folder; drop "
             f"model.revision (or name the hub id)."
         )
     if not src.exists():
-        raise FileNotFoundError(
-            f"model.init_from={init_from} does not exist; give an HF folder, a checkpoint, a run dir or a hub id."
-        )
+        raise FileNotFoundError(f"{label} does not exist; give an HF folder, a checkpoint, a run dir or a hub id.")
     return src
 
 

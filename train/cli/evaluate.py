@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from data_pipelines.cli import ArgumentParser
+from train.checkpoint.export import EVAL_DIR
 from train.cli import run_cli
 from train.eval.evaluate import DEFAULT_BOOTSTRAP_ITERS, evaluate, load_harness, write_json
 
@@ -31,7 +32,7 @@ from train.eval.evaluate import DEFAULT_BOOTSTRAP_ITERS, evaluate, load_harness,
 def default_output(resolved: Path, run_dir: Optional[Path], now: Optional[float] = None) -> Path:
     """<run-dir>/eval/<timestamp>.json, or <hf-dir>/eval/<timestamp>.json for a model outside a run."""
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now))
-    return (run_dir if run_dir is not None else resolved) / "eval" / f"{stamp}.json"
+    return (run_dir if run_dir is not None else resolved) / EVAL_DIR / f"{stamp}.json"
 
 
 def _init_distributed() -> tuple[bool, Optional[str]]:

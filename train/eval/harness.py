@@ -55,7 +55,8 @@ _GEN_KWARGS = ("do_sample", "temperature", "top_k", "top_p")
 
 # ------------------------------------------------------------------------------------------------ loading
 def load_model(src: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model, tokenizer, resolved_dir, run_dir) for an HF folder, a checkpoints/step-N folder or a run dir.
+    """(model, tokenizer, resolved_dir, run_dir) for an HF folder, a hub id (its snapshot in the huggingface_hub
+    cache), a checkpoints/step-N folder or a run dir.
 
     A run dir resolves to its newest complete checkpoint, or to its `hf/` export when it holds no checkpoint;
     `run_dir` is the run the weights belong to (None for a standalone HF folder). Raises ValueError when the
@@ -65,9 +66,9 @@ def load_model(src: str | os.PathLike, device: str | torch.device = "cpu"):
 
     from train.checkpoint.export import load_model_and_tokenizer
 
-    p = Path(src).expanduser()
-    if not p.exists():
-        raise ValueError(f"{p} does not exist; give an HF folder, a checkpoints/step-N folder or a run dir.")
+    from train.checkpoint.layout import init_source
+
+    p = init_source(str(src), label=str(src))  # FileNotFoundError: neither a path nor a hub id it could fetch
     if p.is_dir() and p.name == "checkpoints":
         p = p.parent
     run_dir: Optional[Path] = None
