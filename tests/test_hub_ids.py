@@ -115,6 +115,9 @@ def runs(hub) -> dict[str, subprocess.CompletedProcess]:
                                 "task.data.config_name=sst2", "model.init_from=gpt2", f"run_dir={d / 'glue'}"),
         "generate": lambda: cli(hub, "gpt2", "--prompt", "To be", "--max-new-tokens", "4", "--greedy",
                                 script="train/cli/generate.py"),
+        # evaluate.py on the hub id, with a built-in lm_eval task whose dataset is not in the (empty) datasets cache
+        "evaluate_offline": lambda: cli(hub, "gpt2", "--tasks", "lambada_openai", "--limit", "2",
+                                        script="train/cli/evaluate.py"),
         "generate_missing": lambda: cli(hub, "openai-community/gpt2-xl", "--prompt", "x",
                                         script="train/cli/generate.py"),
     }
@@ -187,6 +190,13 @@ def test_generate_takes_a_hub_id(runs, hub):
     assert expected in r.stdout, (expected, r.stdout)
     line = one_error_line(runs["generate_missing"])
     assert "openai-community/gpt2-xl" in line and "HF_HUB_OFFLINE=1" in line
+
+
+def test_evaluate_takes_a_hub_id_and_an_offline_task_dataset_is_one_sentence(runs):
+    """The model (the hub id) loads; lm_eval's lambada_openai then needs its dataset, which the offline cache lacks:
+    one sentence naming the task, the cache advice and the local-task alternative."""
+    line = one_error_line(runs["evaluate_offline"])
+    assert "lm_eval task(s) lambada_openai" in line and "HF_DATASETS_OFFLINE=1" in line and "--include-path" in line
 
 
 def test_gpt2_owt_recipe_gets_past_the_tokenizer(runs):

@@ -139,6 +139,13 @@ def evaluate(
                 except KeyError:  # an include-path task names a built-in one: retry with the full index
                     if task_manager is _TASK_MANAGERS.get(_manager_key(include_path, True)):
                         raise
+                except ConnectionError as e:  # a task's hub dataset, offline and not in the datasets cache
+                    from data_pipelines.sources import hub_dataset_error
+
+                    raise FileNotFoundError(hub_dataset_error(
+                        f"the dataset of lm_eval task(s) {', '.join(names)}", e,
+                        local="a task YAML of your own with dataset_path: json and local data files, loaded with "
+                              "--include-path / eval.include_path (python train/cli/sample_task.py writes one)")) from e
     finally:
         _restore_random_states(states)
     if results is not None:
