@@ -89,6 +89,9 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     hardware = check_hardware(cfg.strategy, cfg.trainer, cfg.attention.implementation)
     if resume_from is not None:
         check_resume(resume_from, cfg.strategy, meta)
+    from train.lora import check_peft_inputs  # torch, not peft
+
+    check_peft_inputs(cfg.peft, cfg.model.init_from, resume_from, meta)
     if cfg.eval.tasks:  # installed, known, an LM; nothing of lm_eval is imported while eval.tasks is empty
         from train.eval.evaluate import check_eval
 
@@ -115,6 +118,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     from train.callbacks.preemption import Preemption
     from train.checkpoint import layout
     from train.checkpoint.callbacks import BestCheckpoint, HFExport, StepCheckpoint
+    from train import lora
     from train.eval.evaluate import build_eval
     from train.strategies import build_strategy
     from train.tasks import get_task
@@ -143,11 +147,13 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
 
     # -- model: fresh or from model.init_from; a resumed checkpoint must hold the same head and vocabulary
     model, init_report = task.build_model(cfg.model, cfg.attention, cfg.stability, dm)
+    model = lora.wrap(model, cfg.peft)  # peft=lora: adapters injected in place, the base frozen; else as it is
     if checked.resume_from is not None:
         layout.check_compatible(checked.resume_from, checked.resume_meta, model.config, type(model).__name__)
     task.check_sequence_length(model.config, cfg.data, cfg.task)
     # in every checkpoint's meta.json: the config (what a resume compares its settings with), where the tokenizer is
-    meta = {"config": hparams, **({"tokenizer_dir": "../../tokenizer"} if tokenizer is not None else {})}
+    meta = {"config": hparams, **({"tokenizer_dir": "../../tokenizer"} if tokenizer is not None else {}),
+            **lora.run_meta(model, cfg.model.init_from and lora.base_path(cfg.model.init_from))}
     module = task.module(model, dm, cfg.task, tcfg, cfg.optim, meta)
 
     # -- callbacks (the end of the run too: the export and summary.json are written at on_fit_end), loggers, Trainer

@@ -21,8 +21,9 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import nn
 
-from train.checkpoint.layout import META_KEY, MODEL_CONFIG_KEY
+from train.checkpoint.layout import META_KEY, MODEL_CONFIG_KEY, MODULE_PREFIX, CheckpointError
 from train.config import OptimConfig
+from train.lora import is_lora, trainable_names, trainable_only
 
 # Lightning's DeepSpeed strategy warns whenever a module overrides configure_gradient_clipping. Ours falls through to
 # the default there (DeepSpeed's precision plugin clips nothing; DeepSpeed clips by trainer.gradient_clip_val itself),
@@ -171,6 +172,8 @@ class GPT2LitModule(L.LightningModule):
         # clip_grad_norm_ would (the loss guard does), for `configure_gradient_clipping`; reset there every step
         self.grad_norm: Optional[torch.Tensor] = None
         self.step_lr: Optional[float] = None  # the lr of the newest optimizer step (what its metrics row logs)
+        # a LoRA model's checkpoints hold its trainable weights only (the frozen base comes from model.init_from)
+        self.strict_loading = not is_lora(model)
 
     # -- setup
     def configure_model(self) -> None:
@@ -358,6 +361,16 @@ class GPT2LitModule(L.LightningModule):
         cfg = self.model.config
         checkpoint[MODEL_CONFIG_KEY] = cfg.to_dict()
         checkpoint[META_KEY] = dict(self.meta, task=type(self.model).__name__)
+        if "state_dict" in checkpoint:  # LoRA: the adapters and the head only (train/lora.py)
+            checkpoint["state_dict"] = trainable_only(checkpoint["state_dict"], self.model, MODULE_PREFIX)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a LoRA checkpoint loads non-strictly (it lacks the frozen base): every trainable weight must be in it
+        if is_lora(self.model) and "state_dict" in checkpoint:
+            missing = sorted({MODULE_PREFIX + n for n in trainable_names(self.model)} - set(checkpoint["state_dict"]))
+            if missing:
+                raise CheckpointError(f"the checkpoint lacks {len(missing)} adapter/head weight(s) of this run "
+                                      f"({missing[0]}, ...); it was written with other peft settings.")
 
 
 __all__ = ["GPT2LitModule", "WarmupDecay", "build_optimizer", "param_groups"]

@@ -20,6 +20,7 @@ from train.checkpoint import io as ck_io
 
 from train.checkpoint import layout as ck
 from train.config import ConfigError
+from train.lora import trainable_only
 
 SHARDED_DIR = "sharded"  # inside checkpoints/step-N: the FSDP2 DCP shards of model + optimizer
 
@@ -125,6 +126,7 @@ class FSDP2Strategy(_model_parallel_base()):
             # the full weights, gathered to rank 0's CPU (a collective: every rank takes part)
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             full = retie(full, self.model)
+            full = trainable_only(full, self.lightning_module.model, ck.MODULE_PREFIX)  # LoRA: adapters + head
             if self.is_global_zero:
                 checkpoint["state_dict"] = full
                 meta = checkpoint[ck.META_KEY] = dict(checkpoint.get(ck.META_KEY) or {}, strategy="fsdp")
@@ -156,7 +158,9 @@ class FSDP2Strategy(_model_parallel_base()):
                 f"with that strategy, or start a new run from its weights with model.init_from={path}."
             )
         meta = ck.read_meta(path)
-        state = {"state_dict": get_model_state_dict(self.model)}
+        # what the module saved (LoRA: the adapters and the head; the frozen base comes from model.init_from)
+        state = {"state_dict": trainable_only(get_model_state_dict(self.model), self.lightning_module.model,
+                                              ck.MODULE_PREFIX)}
         dcp.load(state, checkpoint_id=str(shards))
         self.model.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
         for i, opt in enumerate(self.optimizers):
