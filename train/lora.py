@@ -6,7 +6,7 @@ its class, forward and config, so task and strategy code see the same network) a
 `ModulesToSaveWrapper` (modules_to_save: trained in full); every other weight is frozen (requires_grad=False), so
 the optimizer (train/module.py param_groups) holds state for the adapters and the head only.
 
-The head is every top-level module besides the trunk (`transformer`): score, classifier, qa_outputs,
+The head is every top-level module with parameters besides the trunk (`transformer`): score, classifier, qa_outputs,
 multiple_choice_head, or a head of a user's own class. A tied lm_head is the trunk's token embedding (wte), not a head
 of its own: it stays frozen with the base, as in peft's causal-LM recipes (wrapping it would untie it and train a
 vocab x n_embd copy).
@@ -43,9 +43,11 @@ TRUNK = "transformer"
 
 # ------------------------------------------------------------------------------------------------ the hook
 def head_modules(model: nn.Module) -> list[str]:
-    """The names of `model`'s task head: its top-level modules besides the trunk, minus a lm_head tied to wte."""
+    """The names of `model`'s task head: its top-level modules with parameters besides the trunk, minus a lm_head tied
+    to wte (a dropout owns nothing to train)."""
     tied = getattr(model.config, "tie_word_embeddings", False)
-    return [name for name, _ in model.named_children() if name != TRUNK and not (name == "lm_head" and tied)]
+    return [name for name, m in model.named_children()
+            if name != TRUNK and not (name == "lm_head" and tied) and any(True for _ in m.parameters())]
 
 
 def check_targets(model: nn.Module, targets: list[str]) -> None:
