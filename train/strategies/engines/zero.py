@@ -20,6 +20,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from train.checkpoint import layout as ck
+from train.lora import is_lora
 
 
 def finalize_zero_checkpoint(tmp: Path, path: Path, model_config: Optional[dict], meta: dict[str, Any],
@@ -152,6 +153,9 @@ class ZeroStrategy(DeepSpeedStrategy):
         model_config = checkpoint.pop(ck.MODEL_CONFIG_KEY, None)
         meta = checkpoint.pop(ck.META_KEY, None) or {}
         step = int(checkpoint.get("global_step", 0))
+        # a LoRA model's checkpoint holds what trains (DeepSpeed's own switch; the base comes from model.init_from),
+        # and loads non-strictly (Lightning passes the module's strict_loading to engine.load_checkpoint)
+        self.exclude_frozen_parameters = is_lora(self.lightning_module.model)
         super().save_checkpoint(checkpoint, tmp)  # every rank writes its ZeRO partition (a collective)
         self.barrier("zero-save")
         if self.is_global_zero:
