@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import compose_config, corpus_text
+from helpers import compose_config, corpus_text, tiny_base
 from train.job import train
 
 BASE = ["model=tiny", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=5", "guard=off",
@@ -171,3 +171,68 @@ def test_bad_lora_inputs_get_one_sentence(lora_runs, tmp_path):
     with pytest.raises(ConfigError, match=r"holds LoRA adapters, not a base model"):
         check_inputs(compose_config(["task=cls", f"run_dir={tmp_path / 'x'}", "peft=lora",
                                      f"model.init_from={cls_dir}"]))
+
+
+@pytest.mark.slow
+def test_lora_sigkill_then_resume_auto_matches_uninterrupted(tmp_path):
+    """A LoRA run SIGKILLed the moment its step-12 checkpoint appears, continued with resume=auto, logs the same losses
+    as an uninterrupted one and ends with bit-identical adapters (the pattern of tests/test_train_resume.py)."""
+    import subprocess
+    import sys
+
+    from helpers import sigkill_when
+    from train.callbacks.loggers import read_metrics
+    from train.checkpoint.weights import load_weights
+
+    root = Path(__file__).resolve().parents[1]
+    base, corpus, cache = tiny_base(tmp_path / "base"), tmp_path / "corpus.txt", tmp_path / "cache"
+    corpus.write_text(corpus_text(60_000))
+    steps = 20
+
+    def args(run_dir: Path, *extra: str) -> list[str]:
+        return [sys.executable, str(root / "train" / "run.py"), "data=text", f"data.path={corpus}",
+                f"data.cache_dir={cache}", "data.block_size=32", "data.batch_size=4", f"model.init_from={base}",
+                "model.dropout=0.1", "peft=lora", "peft.r=4", "peft.dropout=0.1",  # dropout: the same masks again
+                f"trainer.max_steps={steps}", "trainer.val_check_interval=6", "trainer.limit_val_batches=1",
+                "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=4",
+                "optim.lr=1e-2", "sample.max_new_tokens=2", f"run_dir={run_dir}", *extra]
+
+    from data_pipelines import LMDataModule
+
+    LMDataModule(compose_config(args(tmp_path / "x")[2:]).data).prepare_data()  # the token cache, once
+    ref = subprocess.Popen(args(tmp_path / "ref"), cwd=root, stdout=open(tmp_path / "ref.log", "w"),
+                           stderr=subprocess.STDOUT)
+    victim_dir = tmp_path / "victim"
+    victim = subprocess.Popen(args(victim_dir), cwd=root, stdout=open(tmp_path / "victim.log", "w"),
+                              stderr=subprocess.STDOUT)
+
+    def last() -> int:
+        try:
+            return int((victim_dir / "checkpoints" / "last").read_text().strip().split("-")[1])
+        except (FileNotFoundError, IndexError, ValueError):
+            return -1
+
+    try:
+        sigkill_when(victim, lambda: last() >= 12, tmp_path / "victim.log", "a step-12 checkpoint")
+        assert ref.wait(timeout=400) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+    killed_at = last()
+    assert 12 <= killed_at < steps
+    resumed = subprocess.run(args(victim_dir, "resume=auto"), cwd=root, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref_rows = {int(r["step"]): r for r in read_metrics(tmp_path / "ref" / "metrics.csv")}
+    run_rows = {int(r["step"]): r for r in read_metrics(victim_dir / "metrics.csv")}
+    assert sorted(run_rows) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        for key in ("train/loss", "val/loss", "lr"):
+            assert run_rows[step][key] == ref_rows[step][key], (step, key)
+    a = load_weights(tmp_path / "ref" / "checkpoints" / f"step-{steps}" / "model.safetensors")
+    b = load_weights(victim_dir / "checkpoints" / f"step-{steps}" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and len(a) == 2 * 4 * 2
+    from safetensors.torch import load_file
+
+    x = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))
+    y = load_file(str(victim_dir / "adapter" / "adapter_model.safetensors"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
