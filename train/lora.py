@@ -130,12 +130,13 @@ def base_path(init_from: str) -> str:
 
 
 def check_peft_inputs(peft_cfg: Any, init_from: Optional[str], resume_from: Optional[Path], meta: dict) -> None:
-    """Refuse, with one sentence, a LoRA setting the run dir or the base already show cannot work: peft=lora on a base
-    that is itself a LoRA checkpoint (its weights are adapters only), or a resume whose checkpoint was written with
-    another peft method or adapter shape (`meta`: its meta.json). Reads small files only. Raises ConfigError."""
+    """Refuse, with one sentence, a LoRA setting the run dir or the base already show cannot work: a model.init_from
+    that is a LoRA checkpoint (its weights are adapters only; its run's hf/ is the merged model), or a resume whose
+    checkpoint was written with another peft method or adapter shape (`meta`: its meta.json). Reads small files only.
+    Raises ConfigError."""
     from train.checkpoint.layout import is_hf_folder, read_meta, resolve_checkpoint
 
-    if peft_cfg.method == "lora" and init_from and not is_hf_folder(Path(init_from).expanduser()):
+    if init_from and not is_hf_folder(Path(init_from).expanduser()):
         base = resolve_checkpoint(Path(init_from).expanduser())
         if read_meta(base).get("peft"):
             raise ConfigError(f"model.init_from={init_from} holds LoRA adapters, not a base model; start from its "
