@@ -164,7 +164,8 @@ def merged_model(model: nn.Module) -> nn.Module:
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     net = copy.deepcopy(model)
-    wrapped = [(name, m) for name, m in net.named_modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+    peft_layers = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+    wrapped = [(name, m) for name, m in net.named_modules() if isinstance(m, peft_layers)]
     for name, m in wrapped:  # outer first: named_modules lists a parent before its children
         parent_name, _, child = name.rpartition(".")
         parent = net.get_submodule(parent_name)
