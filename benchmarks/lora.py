@@ -92,6 +92,7 @@ def main() -> None:
     with recorded("lora") as rec:
         rec.skip = args.no_record
         print(machine_line())
+        print("load average at start: %.1f %.1f %.1f" % os.getloadavg())
         print(f"model {args.n_layer} x {args.n_embd} (vocab 50257), batch {args.batch} x {args.block}, "
               f"LoRA r={args.r} on c_attn/c_proj/c_fc, AdamW; {args.steps} timed steps x {args.rounds} rounds")
         for i in range(args.rounds):
@@ -111,6 +112,7 @@ def main() -> None:
         print(f"{'':22s} {'full FT':>14s} {'LoRA r=' + str(args.r):>14s} {'full / LoRA':>12s}")
         for name, a, b, ratio in rows:
             print(f"{name:22s} {a:>14s} {b:>14s} {ratio:>11.2f}x")
+        print("load average at end: %.1f %.1f %.1f" % os.getloadavg())
         print("step times per round (s): full " + ", ".join(f"{r['step_s']:.2f}" for r in runs["full"])
               + "; LoRA " + ", ".join(f"{r['step_s']:.2f}" for r in runs["lora"]))
 
