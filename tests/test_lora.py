@@ -142,6 +142,24 @@ def test_lora_loss_falls_and_cls_beats_chance(lora_runs):
 
 
 @pytest.mark.slow
+def test_generate_and_evaluate_load_an_adapter_folder_and_a_lora_checkpoint(lora_runs):
+    """train/cli/generate.py and train/cli/evaluate.py (train.eval.harness.load_model) take the adapter folder (its
+    base from adapter_config.json), a LoRA checkpoint and the LoRA run dir: each gives the merged export's logits."""
+    from gpt2 import GPT2LMHeadModel
+    from train.eval.harness import load_model
+
+    run_dir, _ = lora_runs["lm"]
+    ref = GPT2LMHeadModel.from_pretrained(str(run_dir / "hf"), dtype=torch.float32).eval()
+    ids = torch.randint(0, ref.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    for src in (run_dir / "adapter", run_dir / "checkpoints" / f"step-{TASKS['lm'][0]}", run_dir):
+        model, tok, _, owner = load_model(src)
+        assert owner == run_dir and tok.eos_token_id == ref.config.eos_token_id
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-5,
+                                       msg=str(src))
+
+
+@pytest.mark.slow
 def test_bad_lora_inputs_get_one_sentence(lora_runs, tmp_path):
     from train.config import ConfigError
     from train.job import check_inputs
