@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -269,7 +270,9 @@ def load_adapter_model(path: str | os.PathLike, cls: type) -> nn.Module:
     from safetensors.torch import load_file
 
     p = Path(path)
-    model = cls.from_pretrained(adapter_base(p), dtype=torch.float32)
+    with warnings.catch_warnings():  # a head is not in the base: it comes from the adapter (modules_to_save)
+        warnings.filterwarnings("ignore", message=".*newly initialized")
+        model = cls.from_pretrained(adapter_base(p), dtype=torch.float32)
     cfg = peft.LoraConfig.from_pretrained(str(p))
     cfg.fan_in_fan_out = False  # our projections are nn.Linear
     cfg.inference_mode = False

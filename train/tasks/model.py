@@ -7,6 +7,7 @@ The model is built here and handed to the LightningModule (train/module.py), whi
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -214,10 +215,12 @@ def load_lora_checkpoint(step_path: Path, cls: type, peft_meta: dict[str, Any], 
         raise CheckpointError(f"{step_path} holds LoRA adapters of base model {base!r}, which does not exist here; "
                               f"use the run's merged hf/ folder, or put the base back at that path.")
     src = Path(base)
-    if is_hf_folder(src):
-        model = cls.from_pretrained(str(src), dtype=torch.float32, **overrides)
-    else:
-        model = load_checkpoint_model(resolve_checkpoint(src), cls, **overrides)
+    with warnings.catch_warnings():  # the head is not in the base: it comes from this checkpoint, checked below
+        warnings.filterwarnings("ignore", message=".*newly initialized")
+        if is_hf_folder(src):
+            model = cls.from_pretrained(str(src), dtype=torch.float32, **overrides)
+        else:
+            model = load_checkpoint_model(resolve_checkpoint(src), cls, **overrides)
     settings = SimpleNamespace(method="lora", r=peft_meta["r"], alpha=peft_meta["alpha"], dropout=0.0,
                                target_modules=peft_meta["target_modules"])
     model = lora.wrap(model, settings)
