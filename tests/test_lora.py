@@ -7,7 +7,10 @@ folder), shared by the tests below.
 - Only the adapters and the head train: the optimizer holds state for exactly those, the checkpoints hold exactly
   those and name the base, and the merged export keeps every frozen weight of the base bit for bit.
 - The loss falls, and the cls fine-tune beats chance (0.5: two balanced classes) by a margin.
+- evaluate / generate load the adapter folder, a LoRA checkpoint and the LoRA run dir as the merged model.
 - Bad input gets one sentence (ConfigError).
+- A LoRA run SIGKILLed after a checkpoint and resumed equals an uninterrupted one (its own small runs).
+The ZeRO-3 / FSDP adapters: tests/test_lora_distributed.py.
 """
 
 from __future__ import annotations
