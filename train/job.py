@@ -111,6 +111,9 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     hardware = check_hardware(cfg.strategy, cfg.trainer, cfg.attention.implementation)
     if resume_from is not None:
         check_resume(resume_from, cfg.strategy, meta, cfg.trainer)
+    from train.adapters.lora import check_peft_inputs  # torch, not peft
+
+    check_peft_inputs(cfg.peft, init_dir, resume_from, meta)
     if cfg.eval.tasks:  # installed, known, an LM; nothing of lm_eval is imported while eval.tasks is empty
         from train.eval.evaluate import check_eval
 
@@ -133,8 +136,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     """Run the training job `cfg` describes; returns run_dir/summary.json's dict (train.callbacks.loggers.RunSummary)
     or a preemption stop's {"preempted", "requeued", "checkpoint", ...}. `checked`: `check_inputs(cfg)`'s result (None
     runs it here). Raises TypeError (not a `train.config.Config`: use `to_config`), ConfigError / CheckpointError /
-    OSError (bad input), GuardError (a diverging run), RankLostError (another rank died), KeyboardInterrupt (Ctrl-C).
-    """
+    OSError (bad input), GuardError (a diverging run), RankLostError (another rank died), KeyboardInterrupt (Ctrl-C)."""
     if not isinstance(cfg, Config):  # a DictConfig would skip every __post_init__ check
         raise TypeError(f"train() takes a train.config.Config, not {type(cfg).__name__}; use to_config(cfg).")
     t_start = time.perf_counter()
@@ -142,6 +144,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
 
     import lightning as L
 
+    from train.adapters import lora
     from train.callbacks.loggers import RunSummary, build_loggers
     from train.callbacks.preemption import Preemption
     from train.callbacks.ranks import LostRank
@@ -169,12 +172,14 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
 
     # -- model: fresh or from model.init_from; a resumed checkpoint must hold the same head and vocabulary
     model, init_report = task.build_model(cfg.model, cfg.attention, cfg.stability, dm)
+    model = lora.wrap(model, cfg.peft, base=lora.base_model(cfg.model.init_from, checked.init_dir),
+                      revision=checked.init_commit)  # peft=lora: adapters injected, the base frozen; else as it is
     if checked.resume_from is not None:
         layout.check_compatible(checked.resume_from, checked.resume_meta, model.config, type(model).__name__)
     task.check_sequence_length(model.config, cfg.data, cfg.task)
-    # in every checkpoint's meta.json: the config (a resume compares its settings), the tokenizer, the task's fields
+    # in every checkpoint's meta.json: the config (a resume compares it), the tokenizer, the task's fields, LoRA's
     meta = {"config": hparams, **({"tokenizer_dir": "../../tokenizer"} if tokenizer is not None else {}),
-            **task.checkpoint_meta()}
+            **task.checkpoint_meta(), **lora.run_meta(model)}
     module = task.module(model, dm, cfg.task, tcfg, cfg.optim, meta)
 
     # -- callbacks (the end of the run too: the export and summary.json are written at on_fit_end), loggers, Trainer

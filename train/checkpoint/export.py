@@ -177,13 +177,31 @@ def load_for_export(src: str | os.PathLike):
     return model, GPT2TokenizerFast.from_pretrained(str(tok_dir)), step
 
 
+def load_adapter_and_tokenizer(folder: Path):
+    """(merged LM, tokenizer) of a PEFT LoRA adapter folder: the base model its adapter_config.json names, the adapter
+    merged in (train.adapters.lora.load_adapter_model); the tokenizer files of the folder, else of its base, else of
+    the run dir it sits in. Raises FileNotFoundError (base or tokenizer missing)."""
+    from gpt2 import GPT2LMHeadModel, GPT2TokenizerFast
+
+    from train.adapters.lora import adapter_base, load_adapter_model
+
+    base = Path(adapter_base(folder))
+    for d in (folder, base, folder.parent / "tokenizer"):
+        if (d / "tokenizer.json").is_file() or (d / "vocab.json").is_file():
+            return load_adapter_model(folder, GPT2LMHeadModel), GPT2TokenizerFast.from_pretrained(str(d))
+    raise FileNotFoundError(f"no tokenizer files next to {folder} or its base {base}.")
+
+
 def load_model_and_tokenizer(src: str | os.PathLike):
-    """(LM, tokenizer) of an HF folder (config.json + weights + tokenizer files), a hub id (fetched into, or read
-    from, the huggingface_hub cache), or a checkpoint / run dir of ours. Raises FileNotFoundError / ValueError /
+    """(LM, tokenizer) of an HF folder (config.json + weights + tokenizer files), a PEFT LoRA adapter folder
+    (adapter_config.json: its base model with the adapter merged in), a hub id (fetched into, or read from, the
+    huggingface_hub cache), or a checkpoint / run dir of ours. Raises FileNotFoundError / ValueError /
     CheckpointError in one sentence (nothing there, no tokenizer files, a task head that does not generate)."""
     from train.checkpoint.layout import init_source
 
     p = init_source(str(src), label=str(src))
+    if (p / "adapter_config.json").is_file():  # a PEFT adapter folder (a LoRA run's adapter/): on its base
+        return load_adapter_and_tokenizer(p)
     if (p / "config.json").is_file() and not (p / "meta.json").is_file():
         if not ((p / "tokenizer.json").is_file() or (p / "vocab.json").is_file()):
             raise FileNotFoundError(f"{p} has no tokenizer files (tokenizer.json or vocab.json + merges.txt).")

@@ -270,8 +270,8 @@ def init_source(init_from: str, revision: Optional[str] = None, label: Optional[
 
     label = label or f"model.init_from={init_from}"
     src = Path(init_from).expanduser()
-    local = src.is_file() or (src / "config.json").is_file() or (src / META_NAME).is_file() or src.name == \
-        "checkpoints" or checkpoints_dir(src).is_dir()
+    local = src.is_file() or any((src / name).is_file() for name in ("config.json", "adapter_config.json", META_NAME)) \
+        or src.name == "checkpoints" or checkpoints_dir(src).is_dir()  # adapter_config.json: a PEFT adapter folder
     if not local and hub.is_hub_id(init_from):
         try:
             return Path(hub.resolve_model_dir(init_from, revision=revision))

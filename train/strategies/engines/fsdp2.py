@@ -23,6 +23,7 @@ from train.strategies.engines.elastic import AttemptProcessGroup
 
 from train.checkpoint import layout as ck
 from train.config import ConfigError
+from train.adapters.lora import trainable_only
 
 SHARDED_DIR = ck.SHARDED_DIR  # inside checkpoints/step-N: the FSDP2 DCP shards of model + optimizer
 
@@ -129,6 +130,7 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
             # the full weights, gathered to rank 0's CPU (a collective: every rank takes part)
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             full = retie(full, self.model)
+            full = trainable_only(full, self.lightning_module.model, ck.MODULE_PREFIX)  # LoRA: adapters + head
             if self.is_global_zero:
                 checkpoint["state_dict"] = full
                 meta = checkpoint[ck.META_KEY] = dict(checkpoint.get(ck.META_KEY) or {}, strategy="fsdp")
@@ -159,7 +161,9 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
         shards = path / SHARDED_DIR
         if not (shards / ".metadata").is_file():
             raise ck.CheckpointError(f"{path} has no sharded FSDP state ({SHARDED_DIR}/.metadata); it is incomplete.")
-        state = {"state_dict": get_model_state_dict(self.model)}
+        # what the module saved (LoRA: the adapters and the head; the frozen base comes from model.init_from)
+        state = {"state_dict": trainable_only(get_model_state_dict(self.model), self.lightning_module.model,
+                                              ck.MODULE_PREFIX)}
         dcp.load(state, checkpoint_id=str(shards))
         self.model.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
         for i, opt in enumerate(self.optimizers):
