@@ -39,19 +39,22 @@ The model of memory, per GPU (Ψ = parameter count, N = world size, e = bytes pe
   Models", §4.1, Eq. 1, no tensor/sequence parallelism): per layer s·b·h·(34 + 5·a·s/h) bytes with 16-bit
   activations — 34 = 16 two-byte tensors (2 bytes x 16 = 32) + 2 one-byte dropout masks; the 5·a·s²·b term is the
   softmax output, its dropout mask and the dropped-out probabilities. Generalised to e bytes per element:
-  s·b·h·(16e + 2) + a·s²·b·(2e + 1). Flash / memory-efficient attention (`attention=sdpa|flash`, Dao et al. 2022)
+  s·b·h·(16e + 2) + a·s²·b·(2e + 1). Under autocast (`bf16-mixed`, `16-mixed` over fp32 weights: DDP, FSDP)
+  LayerNorm runs in fp32, so its two inputs per layer (the residual stream) take 4 bytes, and every matmul also saves
+  the 16-bit copy of its weight (e bytes x the block's four matrices); DeepSpeed's bf16/fp16 modes cast the module
+  itself, so everything is e bytes there. Flash / memory-efficient attention (`attention=sdpa|flash`, Dao et al. 2022)
   never stores the s x s matrices, so the a·s² term disappears (CPU SDPA does so too, except with attention
   dropout, where it falls back to the math kernel). Outside the layers: the embedding output and its dropout mask,
   the final LayerNorm and LM-head inputs (s·b·h·(2e + 1)), and the LM loss. On whole logits: the fp32 log-softmax
-  that cross-entropy saves (4·s·b·v) and, at the start of backward, its gradient and the logits' gradient
-  (s·b·v·(4 + e)). In chunks (gpt2/loss.py, the run's default; not under ZeRO-3, whose partitioned LM head is
+  that cross-entropy saves (4·s·b·v) and, at the start of backward, the fp32 gradients of its output and input
+  (8·s·b·v). In chunks (gpt2/loss.py, the run's default; not under ZeRO-3, whose partitioned LM head is
   gathered only by a call of the module): the gradients of the hidden states (in place of the LM-head input) and of
   the v x h LM-head weight (v·h·w, weights' dtype), computed in forward, and the transient of one chunk's logits and
-  log-softmax (chunk·v·(e + 4)). Dropout masks are counted only when the dropout probability is > 0.
+  log-softmax (8·chunk·v: the logits' fp32 copy and its log-softmax). Dropout masks are counted only when the dropout probability is > 0.
   With activation checkpointing of every block (our `gradient_checkpointing_enable`), only each block's input
   (s·b·h·e per layer) is kept, plus one block's full activations while it is recomputed — after the loss's
-  transients are freed, so the peak adds the larger of the two. Measured in fp32 on CPU for the tiny and demo
-  models (saved tensors and the peak of live tensors, tests/test_launch_plan.py).
+  transients are freed, so the peak adds the larger of the two. Measured on CPU, in fp32 and under bf16 autocast,
+  for the tiny and demo models (saved tensors and the peak of live tensors, tests/test_launch_plan.py).
 
 The estimates are sums of these terms (a conservative peak: transient step-time buffers and the CUDA caching
 allocator's fragmentation are not modelled; the 10 % headroom is for them and the CUDA context).
@@ -63,10 +66,11 @@ import sys
 from dataclasses import dataclass, field
 
 from gpt2 import ATTENTION_BACKENDS, DEFAULT_ATTENTION, PRESETS, GPT2Config
-# DeepSpeed bucket sizes: the numbers train/strategies/engines/deepspeed_config.py writes into the DeepSpeed JSON (a pure module: importing
-# it pulls in neither Lightning nor DeepSpeed)
+# the run's model defaults (dropout, loss_chunk_size): dataclass defaults, no Lightning import
 from train.config import ModelConfig
 from train.strategies import get_spec, strategy_specs
+# DeepSpeed bucket sizes: the numbers train/strategies/engines/deepspeed_config.py writes into the DeepSpeed JSON (a pure module: importing
+# it pulls in neither Lightning nor DeepSpeed)
 from train.strategies.engines.deepspeed_config import REDUCE_BUCKET_SIZE
 
 GiB = 1024**3
@@ -107,40 +111,47 @@ def count_parameters(cfg: GPT2Config) -> dict[str, int]:
 
 def activation_bytes(cfg: GPT2Config, micro_batch: int, seq: int, act_bytes: int, attention: str,
                      checkpointing: bool, peak: bool = True, chunked_loss: bool | None = None,
-                     param_bytes: int = 4) -> int:
+                     param_bytes: int = 4, autocast: bool = False) -> int:
     """Activation memory of one micro-batch on one GPU, bytes (see the module docstring for the formula and sources).
 
     peak=False: only what autograd saves during forward (measurable on CPU with saved-tensor hooks);
     peak=True adds the larger transient: the loss's logits-sized buffers or, with checkpointing, one recomputed block.
     chunked_loss: whether the LM loss runs chunk by chunk (gpt2/loss.py); None -> `cfg.loss_chunk_size > 0`.
     param_bytes: bytes per element of the weights (the chunked loss saves the LM head's gradient in their dtype).
+    autocast: mixed precision over fp32 weights (`16-mixed`, `bf16-mixed`): act_bytes is the matmuls' dtype, but
+    LayerNorm runs in fp32, so the residual stream (the LayerNorm inputs) stays fp32, and each matmul saves the
+    act_bytes copy of its weight (torch.autocast's op lists: layer_norm runs in fp32, linear/matmul in 16 bits).
     """
     s, b, h, a, L, v = seq, micro_batch, cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.vocab_size
     e = act_bytes
+    r = 4 if autocast else e  # bytes of the residual stream
     sbh = s * b * h
     chunked = cfg.loss_chunk_size > 0 if chunked_loss is None else chunked_loss
     # Korthikanti Eq. 1 linear terms: 16 tensors of e bytes (2 LN inputs, QKV input, Q/K/V, attention output,
     # MLP input, 4h pre- and post-GeLU) + the two residual-dropout masks (1 byte each) = 34·sbh at e = 2
-    per_layer = sbh * (16 * e + 2 * (cfg.resid_pdrop > 0))
+    per_layer = sbh * (14 * e + 2 * r + 2 * (cfg.resid_pdrop > 0))
+    if autocast:  # the 16-bit copies of the block's four matrices
+        per_layer += e * count_parameters(cfg)["block_matrices"]
     if ATTENTION_BACKENDS[attention].materializes_scores:  # the s x s probabilities (+ dropout mask, output): 5·a·s²·b
         per_layer += a * s * s * b * (e + (2 * e + 1 - e) * (cfg.attn_pdrop > 0))
-    # outside the blocks: ln_f and lm_head inputs, the embedding-dropout mask, then the loss
-    outside = sbh * (2 * e + (cfg.embd_pdrop > 0))
+    # outside the blocks: the ln_f input, the embedding-dropout mask, then the loss
+    outside = sbh * (r + (cfg.embd_pdrop > 0))
     if chunked:
-        # gpt2/loss.py LinearCrossEntropy saves no logits: the gradients of the hidden states (s·b·h, in their
-        # dtype; counted in place of the lm_head input) and of the (v, h) LM head weight (in the weights' dtype),
-        # computed in forward
-        outside += v * h * param_bytes
-    else:  # cross-entropy's fp32 log-softmax
-        outside += 4 * s * b * v
-    saved = (L * sbh * e if checkpointing else L * per_layer) + outside
+        # gpt2/loss.py LinearCrossEntropy saves no logits: the gradients of the hidden states (s·b·h, in the ln_f
+        # output's dtype) and of the (v, h) LM head weight (in the weights' dtype), computed in forward
+        outside += sbh * r + v * h * param_bytes
+    else:  # the lm_head input, cross-entropy's fp32 log-softmax (and autocast's 16-bit copy of the LM head weight)
+        outside += sbh * e + 4 * s * b * v + (v * h * e if autocast else 0)
+    saved = (L * sbh * r if checkpointing else L * per_layer) + outside
     if not peak:
         return saved
     if chunked:
-        # forward: one chunk's logits (e) and fp32 log-softmax; backward: the scaled copies of the two gradients
-        loss = max(min(cfg.loss_chunk_size, s * b) * v * (e + 4), sbh * e + v * h * param_bytes)
-    else:  # backward starts with the fp32 gradient of the log-softmax and of the logits (+ its activation-dtype cast)
-        loss = (4 + e) * s * b * v
+        # forward: one chunk's logits as fp32 (`.float()`) and their fp32 log-softmax; backward: the scaled copies
+        # of the two saved gradients
+        loss = max(min(cfg.loss_chunk_size, s * b) * v * 8, sbh * r + v * h * param_bytes)
+    else:  # backward starts with the fp32 gradients of the log-softmax's output and input (the logits' fp32 copy);
+        # their cast to the logits' dtype follows once the first is freed
+        loss = 8 * s * b * v
     # with checkpointing, the last block is recomputed after the loss's buffers are freed: the larger of the two
     return saved + max(loss, per_layer if checkpointing else 0)
 
@@ -247,7 +258,8 @@ def estimate(cfg: GPT2Config, strategy: str, world_size: int, micro_batch: int, 
     if spec.engine == "torch":
         # Lightning's mixed precision is autocast over fp32 weights; bf16-true keeps everything in bf16
         w = 2 if precision == "bf16-true" else 4
-        acts = activation_bytes(cfg, micro_batch, seq, act_e, attention, activation_checkpointing, param_bytes=w)
+        acts = activation_bytes(cfg, micro_batch, seq, act_e, attention, activation_checkpointing, param_bytes=w,
+                                autocast=precision in ("16-mixed", "bf16-mixed"))
         params, grads, optim_b = w * P, w * P, optimizer_bytes(cfg, optim, w)
         if spec.zero_stage == 0:  # DDP: a full replica of everything
             return Estimate(strategy, params, grads, optim_b, 0, acts)
@@ -263,7 +275,7 @@ def estimate(cfg: GPT2Config, strategy: str, world_size: int, micro_batch: int, 
     # ZeRO-3's partitioned lm_head weight is gathered only by a call of the lm_head module, so the model computes
     # the loss on whole logits there (gpt2/modeling.py GPT2LMHeadModel._chunked_loss)
     acts = activation_bytes(cfg, micro_batch, seq, act_e, attention, activation_checkpointing,
-                            chunked_loss=False if spec.zero_stage == 3 else None, param_bytes=w)
+                            chunked_loss=False if spec.zero_stage == 3 else None, param_bytes=w)  # no autocast
     # optimizer bytes per parameter: fp32 master + momentum + variance. ZeRO-3 makes no master copy when the
     # partitions already are fp32 (deepspeed/runtime/zero/stage3.py `_create_fp32_partitions`: it appends
     # `fp16_partitioned_groups_flat[i]` itself when dtype and device match), so K = 8 in fp32; ZeRO-1/2 always
