@@ -50,10 +50,10 @@ The model of memory, per GPU (Ψ = parameter count, N = world size, e = bytes pe
   (8·s·b·v). In chunks (gpt2/loss.py, the run's default; not under ZeRO-3, whose partitioned LM head is
   gathered only by a call of the module): the gradients of the hidden states (in place of the LM-head input) and of
   the v x h LM-head weight (v·h·w, weights' dtype), computed in forward, and the transient of one chunk's logits and
-  log-softmax (8·chunk·v: the logits' fp32 copy and its log-softmax). Dropout masks are counted only when the dropout probability is > 0.
-  With activation checkpointing of every block (our `gradient_checkpointing_enable`), only each block's input
-  (s·b·h·e per layer) is kept, plus one block's full activations while it is recomputed — after the loss's
-  transients are freed, so the peak adds the larger of the two. Measured on CPU, in fp32 and under bf16 autocast,
+  log-softmax (8·chunk·v: the logits' fp32 copy and its log-softmax). Dropout masks are counted only when the
+  dropout probability is > 0. With activation checkpointing of every block (our `gradient_checkpointing_enable`),
+  only each block's input (s·b·h·e per layer; 4 bytes under autocast) is kept, plus one block's full activations
+  while it is recomputed — after the loss's transients are freed, so the peak adds the larger of the two. Measured on CPU, in fp32 and under bf16 autocast,
   for the tiny and demo models (saved tensors and the peak of live tensors, tests/test_launch_plan.py).
 
 The estimates are sums of these terms (a conservative peak: transient step-time buffers and the CUDA caching
@@ -221,8 +221,9 @@ def _normalize_precision(precision: str) -> str:
     return p
 
 
-def optimizer_bytes(cfg: GPT2Config, optim: str, weight_bytes: int) -> int:
-    """Bytes of torch optimizer state for the whole model, weights of `weight_bytes` bytes per element.
+def optimizer_bytes(cfg: GPT2Config, optim: str, weight_bytes: int, shards: int = 1) -> int:
+    """Bytes of torch optimizer state on one rank, weights of `weight_bytes` bytes per element sharded over `shards`
+    ranks (FSDP2: each rank's moments are those of its shards; the `step` scalars are per tensor on every rank).
 
     adamw: torch.optim.AdamW's exp_avg + exp_avg_sq (2 tensors like each weight) and a 4-byte float32 `step`
     per parameter tensor (torch/optim/adam.py `_init_group`). muon: train/module.py MuonWithAdamW — torch.optim.Muon's
@@ -234,7 +235,7 @@ def optimizer_bytes(cfg: GPT2Config, optim: str, weight_bytes: int) -> int:
     counts = count_parameters(cfg)
     muon = cfg.n_layer * counts["block_matrices"] if optim == "muon" else 0
     adamw_tensors = counts["tensors"] - (4 * cfg.n_layer if optim == "muon" else 0)
-    return 2 * weight_bytes * (counts["total"] - muon) + weight_bytes * muon + 4 * adamw_tensors
+    return _ceil_div(2 * weight_bytes * (counts["total"] - muon) + weight_bytes * muon, shards) + 4 * adamw_tensors
 
 
 def estimate(cfg: GPT2Config, strategy: str, world_size: int, micro_batch: int, seq: int, precision: str = "bf16-mixed",
@@ -268,7 +269,8 @@ def estimate(cfg: GPT2Config, strategy: str, world_size: int, micro_batch: int, 
         compute = 4 if precision == "32" else 2
         working = emb + 2 * blk
         buffers = working * compute + working * w
-        return Estimate(strategy, _ceil_div(params, N), _ceil_div(grads, N), _ceil_div(optim_b, N), buffers, acts)
+        return Estimate(strategy, _ceil_div(params, N), _ceil_div(grads, N), optimizer_bytes(cfg, optim, w, N),
+                        buffers, acts)
 
     # DeepSpeed ZeRO
     w = 4 if precision == "32" else 2  # weights and gradients in the engine's dtype
