@@ -53,8 +53,9 @@ The model of memory, per GPU (Ψ = parameter count, N = world size, e = bytes pe
   log-softmax (8·chunk·v: the logits' fp32 copy and its log-softmax). Dropout masks are counted only when the
   dropout probability is > 0. With activation checkpointing of every block (our `gradient_checkpointing_enable`),
   only each block's input (s·b·h·e per layer; 4 bytes under autocast) is kept, plus one block's full activations
-  while it is recomputed — after the loss's transients are freed, so the peak adds the larger of the two. Measured on CPU, in fp32 and under bf16 autocast,
-  for the tiny and demo models (saved tensors and the peak of live tensors, tests/test_launch_plan.py).
+  while it is recomputed — after the loss's transients are freed, so the peak adds the larger of the two.
+  Measured on CPU, in fp32 and under bf16 autocast, for the tiny and demo models (saved tensors and the peak of live
+  tensors, tests/test_launch_plan.py).
 
 The estimates are sums of these terms (a conservative peak: transient step-time buffers and the CUDA caching
 allocator's fragmentation are not modelled; the 10 % headroom is for them and the CUDA context).
