@@ -26,15 +26,17 @@ The model of memory, per GPU (Ψ = parameter count, N = world size, e = bytes pe
     Models", §5 / Fig. 1): with 16-bit training 2Ψ weights + 2Ψ gradients + KΨ optimizer state, K = 12
     (fp32 master + momentum + variance). Stage 1 partitions the KΨ, stage 2 also the gradients, stage 3 also the
     weights: 2Ψ + 2Ψ + KΨ/N, 2Ψ + (2 + K)Ψ/N, (2 + 2 + K)Ψ/N. In fp32 the weights and gradients take 4Ψ each and
-    K stays 12 under ZeRO-1/2, which always clone their fp32 master partition (`single_partition_of_fp32_groups`),
-    and drops to 8 under ZeRO-3, whose fp32 parameter partitions are themselves the master weights
-    (`fp32_partitioned_groups_flat` is `fp16_partitioned_groups_flat` when dtype and device match,
-    deepspeed/runtime/zero/stage3.py); measured per rank on CPU runs (tests/test_deepspeed_cpu.py).
+    K stays 12: every stage clones its fp32 master partition (see `estimate`). ZeRO-2's gradient partition
+    (`grads_in_partition`, contiguous_gradients) holds the whole gradient of every tensor that overlaps the rank's
+    partition, so a tensor spanning several partitions (the token embedding) is held whole by each of those ranks
+    (`zero2_gradient_partition`): more than 2Ψ/N, e.g. 3.3x for gpt2 on 8 ranks. Measured per rank on CPU runs
+    (tests/test_deepspeed_cpu.py).
     Buffers: stages 1/2 allocate `reduce_bucket_size` gradient elements (twice with `overlap_comm`,
     deepspeed/runtime/zero/stage_1_and_2.py); stage 3 holds the gathered weights of the live modules
     (the embeddings, or two blocks) and one reduce bucket.
-  - ZeRO-3 with offload: ZeRO-Infinity / ZeRO-Offload — fp32 master weights, moments and gradients and the
-    16-bit weight partitions live in CPU memory (reported as host bytes); the GPU keeps the stage-3 working set.
+  - ZeRO-3 with offload: ZeRO-Infinity / ZeRO-Offload — fp32 master weights, moments and gradients, the 16-bit
+    weight and gradient partitions live in CPU memory (reported as host bytes); the GPU keeps the stage-3 working
+    set.
 * activations per micro-batch (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
   Models", §4.1, Eq. 1, no tensor/sequence parallelism): per layer s·b·h·(34 + 5·a·s/h) bytes with 16-bit
   activations — 34 = 16 two-byte tensors (2 bytes x 16 = 32) + 2 one-byte dropout masks; the 5·a·s²·b term is the
@@ -65,8 +67,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-from gpt2 import ATTENTION_BACKENDS, DEFAULT_ATTENTION, PRESETS, GPT2Config
+import torch
+
+from gpt2 import ATTENTION_BACKENDS, DEFAULT_ATTENTION, PRESETS, GPT2Config, GPT2LMHeadModel
 # the run's model defaults (dropout, loss_chunk_size): dataclass defaults, no Lightning import
 from train.config import ModelConfig
 from train.strategies import get_spec, strategy_specs
@@ -279,23 +284,67 @@ def estimate(cfg: GPT2Config, strategy: str, world_size: int, micro_batch: int, 
     # the loss on whole logits there (gpt2/modeling.py GPT2LMHeadModel._chunked_loss)
     acts = activation_bytes(cfg, micro_batch, seq, act_e, attention, activation_checkpointing,
                             chunked_loss=False if spec.zero_stage == 3 else None, param_bytes=w)  # no autocast
-    # optimizer bytes per parameter: fp32 master + momentum + variance. ZeRO-3 makes no master copy when the
-    # partitions already are fp32 (deepspeed/runtime/zero/stage3.py `_create_fp32_partitions`: it appends
-    # `fp16_partitioned_groups_flat[i]` itself when dtype and device match), so K = 8 in fp32; ZeRO-1/2 always
-    # clone it (stage_1_and_2.py: `single_partition_of_fp32_groups` is `.clone()` of the 16-bit partition).
-    K = 8 if (spec.zero_stage == 3 and w == 4 and not spec.offload) else 12
+    # optimizer bytes per parameter: fp32 master + momentum + variance, in fp32 too: ZeRO-1/2 `.clone()` the master
+    # partition (stage_1_and_2.py `single_partition_of_fp32_groups`), and ZeRO-3 (stage3.py
+    # `_create_fp32_partitions`) would reuse its fp32 partitions only if `tensor.device == self.device`, which compares
+    # a torch.device with the str `current_device_name()` and so is False: it clones as well (measured, K = 12)
+    K = 12
     bucket = REDUCE_BUCKET_SIZE * w
     gathered = max(emb, 2 * blk) * w  # stage 3: weights of the live modules, gathered from all ranks
     if spec.zero_stage == 1:
         return Estimate(strategy, w * P, w * P, _ceil_div(K * P, N), 2 * bucket, acts)
     if spec.zero_stage == 2:
-        return Estimate(strategy, w * P, _ceil_div(w * P, N), _ceil_div(K * P, N), 2 * bucket, acts)
+        return Estimate(strategy, w * P, w * zero2_gradient_partition(cfg, N), _ceil_div(K * P, N), 2 * bucket, acts)
     if not spec.offload:
         return Estimate(strategy, _ceil_div(w * P, N), _ceil_div(w * P, N), _ceil_div(K * P, N),
                         gathered + bucket, acts)
-    # stage 3 with offload: weights, gradients and optimizer state in host memory (fp32 gradients for the CPU Adam)
-    cpu = _ceil_div(w * P, N) + _ceil_div(4 * P, N) + _ceil_div(K * P, N)
+    # stage 3 with offload: weights, gradients and optimizer state in host memory (stage3.py: with the optimizer
+    # offloaded `self.device` is the CPU, so `grad_partitions_flat_buffer` is there, and `_setup_for_real_optimizer`
+    # gives each fp32 master partition an fp32 `.grad` buffer of its own besides)
+    cpu = _ceil_div(w * P, N) + _ceil_div(w * P, N) + _ceil_div(4 * P, N) + _ceil_div(K * P, N)
     return Estimate(strategy, 0, 0, 0, gathered + bucket, acts, cpu=cpu)
+
+
+@lru_cache(maxsize=16)
+def _optimizer_groups(n_layer: int, n_embd: int, n_head: int, n_inner: int | None, vocab_size: int,
+                      n_positions: int, tie_word_embeddings: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Element counts of the parameters of train/module.py's two optimizer groups, in order: the weights of the
+    nn.Linear layers, then the rest (module order, a tied weight once), from a model built on the meta device."""
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_inner=n_inner,
+                                           vocab_size=vocab_size, n_positions=n_positions,
+                                           tie_word_embeddings=tie_word_embeddings))
+    groups: dict[bool, list[int]] = {True: [], False: []}
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                groups[isinstance(module, torch.nn.Linear) and name == "weight"].append(p.numel())
+    return tuple(groups[True]), tuple(groups[False])
+
+
+def zero2_gradient_partition(cfg: GPT2Config, world_size: int, rank: int | None = None) -> int:
+    """Elements of the gradient partition buffer of `rank` (None: the fullest rank) under DeepSpeed ZeRO-2
+    (contiguous_gradients, our default): `grads_in_partition` holds the whole gradient of every parameter that overlaps the rank's
+    partition (deepspeed/runtime/zero/stage_1_and_2.py `copy_grads_in_partition` sizes it by `params_in_partition`),
+    so a large tensor across a partition boundary (GPT-2's token embedding) is held whole by each rank it spans.
+
+    The partitions: each optimizer parameter group (train/module.py `param_groups`: the weights of nn.Linear layers,
+    then the rest, in module order, a tied weight once) flattened, padded to a multiple of 2 x world_size elements
+    (`nccl_start_alignment_factor`) and cut into world_size equal parts. The model is built on the meta device.
+    """
+    held = [0] * world_size
+    for sizes in _optimizer_groups(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_inner, cfg.vocab_size,
+                                   cfg.n_positions, cfg.tie_word_embeddings):
+        part = _ceil_div(sum(sizes), 2 * world_size) * 2  # padded group / world_size
+        start = 0
+        for n in sizes:
+            for r in range(world_size):
+                if start < (r + 1) * part and start + n > r * part:
+                    held[r] += n
+            start += n
+    return max(held) if rank is None else held[rank]
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -388,7 +437,6 @@ def memory_model(p: Plan) -> list[str]:
     opt = optimizer_bytes(c, p.optim, torch_w) / p.n_params
     moments = ("AdamW: 2 moments" if p.optim == "adamw"
                else "Muon: 1 momentum for the block matrices, AdamW: 2 for the rest")
-    k3 = 8 if ds_w == 4 else 12  # estimate(): fp32 ZeRO-3's partitions are its master weights
     e = 4 if p.precision == "32" else 2
     scores = "stores" if ATTENTION_BACKENDS[p.attention].materializes_scores else "does not store"
     loss = (f"LM loss in chunks of {c.loss_chunk_size} tokens (gpt2/loss.py; ZeRO-3: on whole logits)"
@@ -396,8 +444,8 @@ def memory_model(p: Plan) -> list[str]:
     return [
         f"memory model: bytes per parameter (weights + gradients + optimizer state, before sharding) "
         f"DDP/FSDP {torch_w} + {torch_w} + {opt:.2f} (optim={p.optim}, {moments}, +4 B step per AdamW tensor); "
-        f"DeepSpeed {ds_w} + {ds_w} + K, K = {k3} under ZeRO-3 and 12 under ZeRO-1/2 (fp32 master "
-        f"+ 2 moments; fp32 ZeRO-3 keeps no master copy)",
+        f"DeepSpeed {ds_w} + {ds_w} + 12 (fp32 master + 2 moments; ZeRO-2: whole gradients of the tensors "
+        f"overlapping a rank's partition)",
         f"activations: Korthikanti et al. 2022 Eq. 1 at {e} B per element, dropout {c.resid_pdrop:g}/{c.attn_pdrop:g}/"
         f"{c.embd_pdrop:g} (resid/attn/embd), attention={p.attention} {scores} the s x s scores, {loss}",
     ]
