@@ -87,7 +87,8 @@ def held_bytes(trainer, module: torch.nn.Module, optimizer: torch.optim.Optimize
     `trainer` runs (`module`: the network; `optimizer`: what Lightning hands `on_before_optimizer_step`, or a torch
     optimizer; trainer=None: a plain torch loop).
 
-    Call it where the gradients and the optimizer state are both alive: before an optimizer step after the first.
+    Call it where the gradients and the optimizer state are both alive: before an optimizer step after the first
+    (under DeepSpeed, whose engine Lightning steps after every micro-batch, after each micro-batch of such a step).
     """
     params = list({id(p): p for p in module.parameters()}.values())  # a tied weight once
     optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's LightningOptimizer wraps the torch one
