@@ -8,17 +8,18 @@ What is counted, by engine:
   DTensor counts its local shard (`to_local()`, whose storage is the rank's padded shard). Under DDP with
   `gradient_as_bucket_view=True` the gradients are views into the reducer's buckets: the buckets are what is counted.
 * DeepSpeed ZeRO-1/2 (deepspeed/runtime/zero/stage_1_and_2.py): parameters = the module's (views into the flat
-  `bit16_groups_flat`); gradients = each parameter's `.grad`, the reduced partitions (`averaged_gradients`) and the
-  fp32 master partition's `.grad`; optimizer = the fp32 master partitions (`single_partition_of_fp32_groups`) and the
+  `bit16_groups_flat`); gradients = each parameter's `.grad`, the reduced partitions (`averaged_gradients`, views
+  into `grads_in_partition`) and the fp32 master partition's `.grad`; optimizer = the fp32 master partitions (`single_partition_of_fp32_groups`) and the
   wrapped optimizer's state; buffers = the reduce buckets (`ipg_buckets`).
 * DeepSpeed ZeRO-3 (deepspeed/runtime/zero/stage3.py): parameters = each parameter's partition (`ds_tensor`, views
   into the flat 16-bit partition); gradients = `grad_partitions_flat_buffer`, `averaged_gradients` and the master
-  partitions' `.grad`; optimizer = `fp32_partitioned_groups_flat` and the optimizer's state; buffers = the reduce
+  partitions' `.grad` (an fp32 buffer of its own when the optimizer is offloaded); optimizer = `fp32_partitioned_groups_flat` and the optimizer's state; buffers = the reduce
   buckets.
 
 A tensor is counted by its untyped storage (`untyped_storage().nbytes()`, keyed by its data_ptr), once: views of one
 buffer count the buffer, and a storage already counted in an earlier part (parameters, then gradients, then
-optimizer, then buffers) is not counted again (fp32 ZeRO-3 uses the parameter partitions as its master weights).
+optimizer, then buffers) is not counted again (so a master partition that shared its parameters' storage would count
+as parameters only).
 Storages of 0 bytes (a ZeRO-3 parameter's released `data`) count nothing.
 """
 
