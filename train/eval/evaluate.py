@@ -140,12 +140,7 @@ def evaluate(
                     if task_manager is _TASK_MANAGERS.get(_manager_key(include_path, True)):
                         raise
                 except ConnectionError as e:  # a task's hub dataset, offline and not in the datasets cache
-                    from data_pipelines.sources import hub_dataset_error
-
-                    raise FileNotFoundError(hub_dataset_error(
-                        f"the dataset of lm_eval task(s) {', '.join(names)}", e,
-                        local="a task YAML of your own with dataset_path: json and local data files, loaded with "
-                              "--include-path / eval.include_path (python train/cli/sample_task.py writes one)")) from e
+                    raise offline_dataset_error(names, e) from e
     finally:
         _restore_random_states(states)
     if results is not None:
@@ -155,6 +150,17 @@ def evaluate(
         if not log_samples:
             results.pop("samples", None)
     return results
+
+
+def offline_dataset_error(names: list[str], err: ConnectionError) -> FileNotFoundError:
+    """The one sentence for lm_eval tasks `names` whose hub dataset is neither reachable nor in the datasets cache:
+    the cache advice of data_pipelines.sources.hub_dataset_error, and a local task YAML as the alternative."""
+    from data_pipelines.sources import hub_dataset_error
+
+    return FileNotFoundError(hub_dataset_error(
+        f"the dataset of lm_eval task(s) {', '.join(names)}", err,
+        local="a task YAML of your own with dataset_path: json and local data files, loaded with --include-path / "
+              "eval.include_path (python train/cli/sample_task.py writes one)"))
 
 
 def metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -476,5 +482,5 @@ def eval_model(trainer, pl_module):
     return net.to(device=pl_module.device, dtype=dtype).eval()
 
 
-__all__ = ["EvaluationError", "HarnessEval", "build_eval", "check_eval", "check_tasks", "eval_model", "evaluate",
+__all__ = ["EvaluationError", "HarnessEval", "build_eval", "check_eval", "check_tasks", "eval_model", "evaluate", "offline_dataset_error",
            "load_harness", "metrics", "write_json"]
