@@ -482,5 +482,5 @@ def eval_model(trainer, pl_module):
     return net.to(device=pl_module.device, dtype=dtype).eval()
 
 
-__all__ = ["EvaluationError", "HarnessEval", "build_eval", "check_eval", "check_tasks", "eval_model", "evaluate", "offline_dataset_error",
-           "load_harness", "metrics", "write_json"]
+__all__ = ["EvaluationError", "HarnessEval", "build_eval", "check_eval", "check_tasks", "eval_model", "evaluate",
+           "load_harness", "metrics", "offline_dataset_error", "write_json"]
