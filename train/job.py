@@ -99,6 +99,7 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     # model.init_from: a local folder, or a hub id fetched now into the huggingface_hub cache (one sentence offline)
     init_dir = layout.init_source(cfg.model.init_from, cfg.model.revision) if cfg.model.init_from else None
     tokenizer = layout.tokenizer_source(cfg.data.tokenizer, init_dir, resume_from)
+    layout.check_same_peft(cfg.peft, init_dir, resume_from, meta)  # LoRA: no adapters as a base, same adapters on resume
     if resume_from is not None and not cfg.data.tokenizer and (meta.get("config") or {}).get("data"):
         meta["config"]["data"]["tokenizer"] = tokenizer  # the checkpoint's own: no change for the resume line to list
     # the LM data: an LM's training set, or the corpus a fine-tune's tokenizer is trained on when none is given
@@ -111,9 +112,6 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     hardware = check_hardware(cfg.strategy, cfg.trainer, cfg.attention.implementation)
     if resume_from is not None:
         check_resume(resume_from, cfg.strategy, meta, cfg.trainer)
-    from train.adapters.lora import check_peft_inputs  # torch, not peft
-
-    check_peft_inputs(cfg.peft, init_dir, resume_from, meta)
     if cfg.eval.tasks:  # installed, known, an LM; nothing of lm_eval is imported while eval.tasks is empty
         from train.eval.evaluate import check_eval
 

@@ -140,32 +140,6 @@ def base_model(init_from: Optional[str], init_dir: Optional[Path]) -> Optional[s
     return str(local) if local == Path(init_dir).resolve() else init_from
 
 
-def check_peft_inputs(peft_cfg: Any, init_dir: Optional[Path], resume_from: Optional[Path], meta: dict) -> None:
-    """Refuse, with one sentence, a LoRA setting the run dir or the base already show cannot work: a model.init_from
-    that is a LoRA checkpoint (its weights are adapters only; its run's hf/ is the merged model), or a resume whose
-    checkpoint was written with another peft method or adapter shape (`meta`: its meta.json). Reads small files only.
-    Raises ConfigError."""
-    from train.checkpoint.layout import is_hf_folder, read_meta, resolve_checkpoint
-
-    if init_dir is not None and not is_hf_folder(init_dir):
-        if read_meta(resolve_checkpoint(init_dir)).get("peft"):
-            raise ConfigError(f"model.init_from={init_dir} holds LoRA adapters, not a base model; start from its "
-                              f"merged model (the run's hf/ folder) or from the base it names.")
-    if resume_from is None:
-        return
-    saved = meta.get("peft") or {"method": "none"}
-    if saved["method"] != peft_cfg.method:
-        raise ConfigError(f"checkpoint {resume_from} was trained with peft={saved['method']} and cannot be resumed "
-                          f"with peft={peft_cfg.method}; resume with peft={saved['method']}, or start a new run_dir.")
-    if peft_cfg.method == "lora":
-        now = {"r": peft_cfg.r, "target_modules": sorted(peft_cfg.target_modules)}
-        was = {k: saved.get(k) for k in now}
-        if now != was:
-            raise ConfigError(f"checkpoint {resume_from} holds adapters of peft.r={was['r']} on "
-                              f"{was['target_modules']}, not peft.r={now['r']} on {now['target_modules']}; resume with "
-                              f"the checkpoint's peft settings, or start a new run_dir.")
-
-
 # ------------------------------------------------------------------------------------------------ merged model
 def merged_model(model: nn.Module) -> nn.Module:
     """A plain copy of LoRA model `model` (same class, no peft layers): each adapted layer's weight + its LoRA update
@@ -312,7 +286,6 @@ __all__ = [
     "adapter_base",
     "adapter_state_dict",
     "base_model",
-    "check_peft_inputs",
     "check_targets",
     "head_modules",
     "inject_like",

@@ -115,6 +115,30 @@ def check_same_optimizer(step_path: Path, meta: dict[str, Any], optim_name: str)
         )
 
 
+def check_same_peft(peft_cfg: Any, init_dir: Optional[Path], resume_from: Optional[Path], meta: dict) -> None:
+    """Refuse, with one sentence, a LoRA setting the run dir or the base already show cannot work: a model.init_from
+    that is a LoRA checkpoint (its weights are adapters only; its run's hf/ is the merged model), or a resume whose
+    checkpoint was written with another peft method or adapter shape (`meta`: its meta.json). Reads small files only.
+    Raises ConfigError."""
+    if init_dir is not None and not is_hf_folder(init_dir):
+        if read_meta(resolve_checkpoint(init_dir)).get("peft"):
+            raise ConfigError(f"model.init_from={init_dir} holds LoRA adapters, not a base model; start from its "
+                              f"merged model (the run's hf/ folder) or from the base it names.")
+    if resume_from is None:
+        return
+    saved = meta.get("peft") or {"method": "none"}
+    if saved["method"] != peft_cfg.method:
+        raise ConfigError(f"checkpoint {resume_from} was trained with peft={saved['method']} and cannot be resumed "
+                          f"with peft={peft_cfg.method}; resume with peft={saved['method']}, or start a new run_dir.")
+    if peft_cfg.method == "lora":
+        now = {"r": peft_cfg.r, "target_modules": sorted(peft_cfg.target_modules)}
+        was = {k: saved.get(k) for k in now}
+        if now != was:
+            raise ConfigError(f"checkpoint {resume_from} holds adapters of peft.r={was['r']} on "
+                              f"{was['target_modules']}, not peft.r={now['r']} on {now['target_modules']}; resume with "
+                              f"the checkpoint's peft settings, or start a new run_dir.")
+
+
 def read_meta(step_dir: Path) -> dict[str, Any]:
     step_dir = Path(step_dir)
     f = step_dir / META_NAME
