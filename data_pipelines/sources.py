@@ -301,22 +301,23 @@ class DocumentSource:
         return _not_utf8_message(where, offset, byte, reason)
 
 
-def hub_dataset_error(label: str, err: BaseException) -> str:
+def hub_dataset_error(label: str, err: BaseException,
+                      local: str = "data=jsonl data.path=<file or folder> (or data=text / csv / parquet)") -> str:
     """One sentence for a hub dataset `datasets.load_dataset` could not load: no such dataset (DatasetNotFoundError),
-    or not reachable and not in the datasets cache (ConnectionError: offline, or no network); the fix for each."""
+    or not reachable and not in the datasets cache (ConnectionError: offline, or no network); the fix for each.
+    `local`: the overrides that name local files instead (the LM data group's by default)."""
     import datasets
 
     lines = str(err).strip().splitlines()
     reason = lines[0].rstrip(".") if lines else type(err).__name__
     if isinstance(err, datasets.exceptions.DatasetNotFoundError):
         return (f"{label} was not found on the Hugging Face hub ({reason}); check data.name (a private or gated "
-                f"dataset needs HF_TOKEN), or give local files: data=jsonl data.path=<file or folder>.")
+                f"dataset needs HF_TOKEN), or give local files: {local}.")
     offline = datasets.config.HF_DATASETS_OFFLINE
     mode = "offline mode: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE" if offline else "no network"
     return (f"{label} could not be loaded: it is not in the datasets cache {datasets.config.HF_DATASETS_CACHE} and "
             f"the hub cannot be reached ({mode}: {reason}); load it once where there is network into that cache "
-            f"(HF_DATASETS_CACHE or HF_HOME) and run with HF_DATASETS_OFFLINE=1, or give local files: "
-            f"data=jsonl data.path=<file or folder> (or data=text / csv / parquet).")
+            f"(HF_DATASETS_CACHE or HF_HOME) and run with HF_DATASETS_OFFLINE=1, or give local files: {local}.")
 
 
 def _not_utf8_message(where, offset: int, byte: bytes, reason: str) -> str:

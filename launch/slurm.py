@@ -150,9 +150,9 @@ class JobSpec:
         out = [o for o in self.overrides if not o.startswith("run_dir=")]
         out.append(f"run_dir={self.run_dir}")
         out += [f"{k}={v}" for k, v in want.items() if k not in keys]
-        # a requeued (or resubmitted) job must continue, not restart: the script adds resume=auto once the run dir
-        # holds a complete checkpoint (train/run.py refuses resume=auto on an empty run dir, and refuses to start
-        # fresh over existing checkpoints). An explicit resume= from the user is passed through instead.
+        # a requeued (or resubmitted) job must continue, not restart (train/run.py refuses to start fresh over
+        # existing checkpoints): the script adds resume=auto once the run dir holds a complete checkpoint and logs
+        # which one, so the job's log tells a requeue from a first start. An explicit resume= is passed through.
         self.auto_resume = "resume" not in keys
         self.train_overrides = out
 
@@ -228,6 +228,18 @@ done
 echo "[launch] job $SLURM_JOB_ID training exited with $rc at $(date -Is)"
 exit "$rc"
 """
+
+
+def check_training_overrides(spec: JobSpec) -> None:
+    """Run `train/run.py --check` with the job's overrides before anything is written or submitted, so a misspelled
+    key or a bad value fails here in one sentence instead of in the queued job (train.cli.run.check_command: the
+    config is composed and validated, nothing else runs). Raises SlurmError with train/run.py's sentence."""
+    cmd = [spec.python, str(ROOT / "train" / "run.py"), "--check", *spec.train_overrides]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
+        msg = lines[-1].removeprefix("error: ") if lines else f"train/run.py --check exited with {p.returncode}"
+        raise SlurmError(f"the training overrides do not compose: {msg}")
 
 
 def _write_executable(path: Path, text: str) -> Path:
@@ -387,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                        tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
                        partition=args.partition, time=args.time, job_name=args.job_name, env_file=args.env_file,
                        extra_sbatch=args.sbatch)
+        check_training_overrides(spec)
         if args.dry_run:
             print(render_script(spec, dry_run=True), end="")
             return 0

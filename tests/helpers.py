@@ -69,3 +69,18 @@ def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], log: Path, w
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def tiny_base(d: Path, n_positions: int = 64) -> Path:
+    """An untrained tiny GPT-2 LM with a 512-token BPE, as an HF folder: a base for runs whose test does not need a
+    trained one (made in a second)."""
+    from data_pipelines.corpus import build_corpus
+    from gpt2 import GPT2Config, GPT2LMHeadModel
+    from gpt2.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(build_corpus()[:200], vocab_size=512)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return d

@@ -267,12 +267,17 @@ def test_existing_outputs_untouched(world, results):
 
 
 def test_export_replaces_an_earlier_export_without_force(world, tmp_path):
-    """Exporting again into a folder that holds only an earlier export replaces it (no --force needed); the refusals
-    above cover folders that merely contain config.json and model.safetensors."""
+    """Exporting again into a folder that holds only an earlier export replaces it (no --force needed), keeping the
+    eval/ results train/cli/evaluate.py writes into a standalone HF folder; the refusals above cover folders that
+    merely contain config.json and model.safetensors."""
     out = tmp_path / "again"
     shutil.copytree(world["pre"] / "hf", out)
     (out / "model.safetensors").write_bytes(b"stale")  # whatever was there is replaced as a whole
+    (out / "eval").mkdir()
+    (out / "eval" / "2026-01-01_00-00-00.json").write_text('{"results": {}}')
     r = subprocess.run([sys.executable, str(ROOT / "train" / "cli" / "export.py"), str(world["pre"]), str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "model.safetensors").read_bytes() == (world["pre"] / "hf" / "model.safetensors").read_bytes()
+    assert (out / "eval" / "2026-01-01_00-00-00.json").read_text() == '{"results": {}}'
+

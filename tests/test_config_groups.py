@@ -22,6 +22,7 @@ from train.config import (
     LoggerConfig,
     ModelConfig,
     OptimConfig,
+    PeftConfig,
     StabilityConfig,
     StrategyConfig,
     TaskConfig,
@@ -45,12 +46,14 @@ SCHEMAS = {
     "logger": LoggerConfig,
     "checkpoint": CheckpointConfig,
     "eval": EvalConfig,
+    "peft": PeftConfig,
 }
 # Presets with mandatory (???) values get them from the user; give test values.
 REQUIRED = {
     ("experiment", "shakespeare-finetune"): ["model.init_from=some-hf-dir", "data.path=input.txt"],
     **{("data", s): ["data.path=some-data"] for s in ("text", "jsonl", "csv", "parquet", "tokens")},
     ("data", "hub"): ["data.name=some/dataset"],
+    ("peft", "lora"): ["model.init_from=some-hf-dir"],
 }
 
 

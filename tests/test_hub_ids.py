@@ -111,6 +111,15 @@ def runs(hub) -> dict[str, subprocess.CompletedProcess]:
         "owt": lambda: cli(hub, "experiment=gpt2-owt", "trainer.devices=1", f"run_dir={d / 'owt'}"),
         "prepare_hub": lambda: cli(hub, "data=hub", "data.name=Skylion007/openwebtext", "data.tokenizer=gpt2",
                                    script="data_pipelines/prepare.py"),
+        "task_hub": lambda: cli(hub, "task=cls", "task.data.source=hub", "task.data.name=nyu-mll/glue",
+                                "task.data.config_name=sst2", "model.init_from=gpt2", f"run_dir={d / 'glue'}"),
+        "generate": lambda: cli(hub, "gpt2", "--prompt", "To be", "--max-new-tokens", "4", "--greedy",
+                                script="train/cli/generate.py"),
+        # evaluate.py on the hub id, with a built-in lm_eval task whose dataset is not in the (empty) datasets cache
+        "evaluate_offline": lambda: cli(hub, "gpt2", "--tasks", "lambada_openai", "--limit", "2",
+                                        script="train/cli/evaluate.py"),
+        "generate_missing": lambda: cli(hub, "openai-community/gpt2-xl", "--prompt", "x",
+                                        script="train/cli/generate.py"),
     }
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {k: pool.submit(f) for k, f in cases.items()}
@@ -162,6 +171,32 @@ def test_hub_id_not_in_the_offline_cache_is_one_sentence(runs, hub):
     assert str(hub["cache"]) in line
     line = one_error_line(runs["tokenizer_missing"])
     assert "data.tokenizer=gpt2" in line and "holds no tokenizer files" in line and "HF_HUB_OFFLINE=1" in line
+
+
+def test_task_hub_dataset_offline_is_one_sentence_with_the_cache_advice(runs):
+    line = one_error_line(runs["task_hub"])
+    assert "hub dataset nyu-mll/glue/sst2" in line and "HF_DATASETS_OFFLINE=1" in line
+    assert "task.data.source=jsonl task.data.path=" in line  # the local alternative, in the task's own keys
+
+
+def test_generate_takes_a_hub_id(runs, hub):
+    """train/cli/generate.py gpt2 (from the repository root, where ./gpt2 is the package): the cached hub model's greedy
+    continuation, the same as the snapshot folder's; a hub id the cache lacks is one sentence."""
+    r = runs["generate"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    model, tok = GPT2LMHeadModel.from_pretrained(hub["snap"]).eval(), GPT2TokenizerFast.from_pretrained(hub["snap"])
+    ids = tok("To be", return_tensors="pt").input_ids
+    expected = tok.decode(model.generate(ids, max_new_tokens=4, do_sample=False)[0])
+    assert expected in r.stdout, (expected, r.stdout)
+    line = one_error_line(runs["generate_missing"])
+    assert "openai-community/gpt2-xl" in line and "HF_HUB_OFFLINE=1" in line
+
+
+def test_evaluate_takes_a_hub_id_and_an_offline_task_dataset_is_one_sentence(runs):
+    """The model (the hub id) loads; lm_eval's lambada_openai then needs its dataset, which the offline cache lacks:
+    one sentence naming the task, the cache advice and the local-task alternative."""
+    line = one_error_line(runs["evaluate_offline"])
+    assert "lm_eval task(s) lambada_openai" in line and "HF_DATASETS_OFFLINE=1" in line and "--include-path" in line
 
 
 def test_gpt2_owt_recipe_gets_past_the_tokenizer(runs):

@@ -117,6 +117,23 @@ def test_cli_error_is_one_sentence():
     assert r.returncode == 2 and "needs --tasks-per-node" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("override,match", [
+    ("+trainer.max_step=5", r"trainer.max_step is not a setting .*did you mean trainer.max_steps"),  # Hydra's own hint
+    ("trainer.max_step=5", r"trainer.max_step is not a setting"),
+    ("model=gpt5", r"gpt5"),
+    ("optim.lr=fast", r"optim.lr"),
+])
+def test_training_overrides_are_validated_before_anything_is_written(tmp_path, capsys, override, match):
+    """A mistake in the training overrides fails at submission in one sentence (train/run.py --check), not in the
+    queued job; nothing is written, not even with --dry-run."""
+    run_dir = tmp_path / "run"
+    rc = main(["--gpus-per-node", "0", "--tasks-per-node", "2", "--", "model=tiny", override, f"run_dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(match, err), err
+    assert err.startswith("error: the training overrides do not compose: ") and err.count("\n") == 1, err
+    assert not run_dir.exists()
+
+
 # ------------------------------------------------------------------------------------------ the real cluster
 def _slurm_up() -> bool:
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:

@@ -173,6 +173,29 @@ def test_a_resumed_runs_last_line_counts_the_steps_this_process_took(tmp_path):
     assert outcome_lines(summary, "", [])[0].startswith("done: 900 more steps (900 -> 1800) in 63s, train loss 8.330")
     del summary["resumed_step"]
     assert outcome_lines(summary, "", [])[0].startswith("done: 1800 steps in 63s")
+    # one logged loss (a run shorter than trainer.log_every_n_steps) shows no "x -> x" trend
+    summary.update(global_step=3, first_train_loss=8.33, last_train_loss=8.33, logged_train_steps=1)
+    assert outcome_lines(summary, "", [])[0].startswith("done: 3 steps in 63s, train loss 8.330;")
+
+
+def test_resuming_at_trainer_max_steps_says_there_is_nothing_to_train(trained, corpus, cache_dir, tmp_path):
+    """A resume whose checkpoint already reached trainer.max_steps (a requeue after the final checkpoint, or a
+    max_steps not raised) trains no step, leaves the checkpoints as they were, exports the model and says so."""
+    import shutil
+
+    from train.cli.run import outcome_lines
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained[0], run_dir)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    for max_steps in (40, 30):
+        s = train(compose_cfg(small(corpus, cache_dir, run_dir, "resume=auto", f"trainer.max_steps={max_steps}")))
+        assert s["global_step"] == 40 and s["resumed_step"] == 40 and s["first_train_loss"] is None
+        assert outcome_lines(s, "", [])[0] == (f"done: nothing to train: the checkpoint is at step 40, at or past "
+                                                f"trainer.max_steps; raise trainer.max_steps to train on; run dir "
+                                                f"{run_dir}")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    assert (run_dir / "hf" / "model.safetensors").is_file()
 
 
 def test_the_logged_lr_is_the_lr_its_update_used(corpus, cache_dir, tmp_path):
@@ -284,3 +307,4 @@ def test_cli_bad_inputs_exit_cleanly(tmp_path):
         assert r.returncode == 1, (overrides, r.stderr)
         assert needle in r.stderr, (overrides, r.stderr)
         assert "Traceback" not in r.stderr, (overrides, r.stderr)
+        assert not (tmp_path / "x").exists(), overrides  # a refused start leaves no run dir (nor an empty run.log)

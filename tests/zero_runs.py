@@ -5,9 +5,11 @@ fixture (tests/conftest.py).
 `make_runs(d)` trains, under d: a DDP reference and ZeRO-1, ZeRO-2, ZeRO-3 and ZeRO-3-offload runs of S = 20
 optimizer steps, a ZeRO-2 run SIGKILLed after step 12 and resumed to step 20 (`deepspeed_zero2`) next to an
 uninterrupted one (`zero2-uninterrupted`), and a fine-tuning run under ZeRO-3 started from the ZeRO-3 checkpoint
-(`cls`, 5 steps: its last validation runs in a trainer.validate() after fit). Each ZeRO run but the killed one leaves
-`probe/live.safetensors`, its live weights at the end of fit (ZeRO-3: gathered from both ranks), and the ZeRO runs
-`probe/probe-rank{0,1}.json`, the elements each rank held at step 3. The run settings and why they are what they are:
+(`cls`, 5 steps: its last validation runs in a trainer.validate() after fit), and a 3-step FSDP2 run (`fsdp`). Each
+ZeRO run but the killed one leaves `probe/live.safetensors`, its live weights at the end of fit (ZeRO-3: gathered from
+both ranks), the ZeRO runs `probe/probe-rank{0,1}.json`, the elements each rank held at step 3, and every LM run
+`probe/bytes-rank{0,1}.json`, the bytes of parameters / gradients / optimizer state / buffers each rank held then
+(tests/state_bytes.py). The run settings and why they are what they are:
 tests/test_deepspeed_cpu.py's docstring. Three single-process scripts run alongside, their outcome in SCRIPTS: a
 bf16-mixed ZeRO-2 checkpoint (`zero2-bf16-mixed/`, for the conversion test), a Lightning script that saves under ZeRO-3
 after a validate() that follows fit (`validate-then-save/`), and train/cli/export.py of the ZeRO-1 checkpoint
@@ -40,8 +42,9 @@ CONCURRENT_LAUNCHES = 2
 
 # train/run.py with two test-only additions (a wrapper, not product code; the rank Lightning launches runs it too):
 # the loss of step SPIKE_AT multiplied, and a probe that writes, at the accumulation boundary of step PROBE_AT, how
-# many elements of parameters / gradients / optimizer state this rank holds, and at the end of fit the live weights
-# (ZeRO-3: gathered from every rank) as PROBE_OUT/live.safetensors.
+# many elements of parameters / gradients / optimizer state this rank holds (DeepSpeed) and how many bytes (every
+# strategy: tests/state_bytes.py), and at the end of fit the live weights (ZeRO-3: gathered from every rank) as
+# PROBE_OUT/live.safetensors.
 WRAPPER = r'''
 import json, os, runpy, sys
 import torch
@@ -64,9 +67,28 @@ def numel(ts):
 peak_grads = 0
 
 
+held_max = {}
+
+
+def write_held_bytes(self, optimizer, engine):
+    """PROBE_OUT/bytes-rank{r}.json: the bytes this rank holds (tests/state_bytes.py), each part's largest value
+    after the micro-batches of step PROBE_AT (DeepSpeed calls this hook after each one; ZeRO-1 holds whole
+    gradients until the last), written at its accumulation boundary."""
+    if self.trainer.global_step + 1 != probe_at:
+        return
+    sys.path.insert(0, os.path.join(os.environ["FORGE_ROOT"], "tests"))
+    from state_bytes import held_bytes
+    for k, v in held_bytes(self.trainer, self.model, optimizer).items():
+        held_max[k] = max(held_max.get(k, 0), v)
+    if engine is None or engine.is_gradient_accumulation_boundary():
+        with open(os.path.join(out, f"bytes-rank{self.trainer.global_rank}.json"), "w") as f:
+            json.dump(held_max, f)
+
+
 def on_before_optimizer_step(self, optimizer):  # under DeepSpeed: after every micro-batch
     global peak_grads
     engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+    write_held_bytes(self, optimizer, engine)
     if engine is None or self.trainer.global_step + 1 != probe_at:
         return
     opt, params = engine.optimizer, list(self.model.parameters())
@@ -309,8 +331,8 @@ def make_runs(d: Path) -> Path:
     wrapper = d / "run_wrapped.py"
     wrapper.write_text(WRAPPER)
 
-    def lm(name: str, strategy: str, probe: bool = True):
-        return lambda: train(wrapper, overrides(corpus, cache, d / name, strategy, S), name,
+    def lm(name: str, strategy: str, probe: bool = True, steps: int = S):
+        return lambda: train(wrapper, overrides(corpus, cache, d / name, strategy, steps), name,
                              probe=d / name / "probe" if probe else None)
 
     def zero2_killed_and_resumed():
@@ -353,10 +375,12 @@ def make_runs(d: Path) -> Path:
     first = zero2_killed_and_resumed
     rest = {name: lm(name, name) for name in ("deepspeed_zero3", "deepspeed_zero3_offload")}
     rest.update({"zero2-uninterrupted": lm("zero2-uninterrupted", "deepspeed_zero2"),
-                 "deepspeed_zero1": lm("deepspeed_zero1", "deepspeed_zero1"), "ddp": lm("ddp", "ddp", probe=False),
+                 "deepspeed_zero1": lm("deepspeed_zero1", "deepspeed_zero1"), "ddp": lm("ddp", "ddp"),
                  "cls": cls, "zero2-bf16-mixed": scripts_job("zero2-bf16-mixed", BF16_WRITER, port=True),
                  "validate-then-save": scripts_job("validate-then-save", VALIDATE_THEN_SAVE),
-                 "export zero1": export_zero1})
+                 "export zero1": export_zero1,
+                 # FSDP2 only for launch/plan.py's per-rank bytes (tests/test_deepspeed_cpu.py): probed at step 3
+                 "fsdp": lm("fsdp", "fsdp", steps=3)})
     t0 = time.monotonic()
     with ThreadPoolExecutor(CONCURRENT_LAUNCHES) as pool:
         jobs["deepspeed_zero2"] = pool.submit(first)

@@ -458,6 +458,37 @@ class SampleConfig:
         _check(self.top_p is None or 0 < self.top_p <= 1, f"sample.top_p={self.top_p} must be in (0, 1].")
 
 
+# ----------------------------------------------------------------------------------------------------- peft
+PEFT_METHODS = ("none", "lora")
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (conf/peft/*.yaml; train/adapters/lora.py): `none` trains every weight; `lora`
+    freezes the base model of model.init_from and trains low-rank adapters on `target_modules` plus the task head in full
+    (peft's modules_to_save), with the `peft` library (Hu et al. 2021, "LoRA"; peft's LoraConfig names: r,
+    lora_alpha, lora_dropout, target_modules).
+
+    r: the adapters' rank. alpha: their scale numerator (the update is alpha / r * B A). dropout: on the adapters'
+    input. target_modules: module names (transformers' GPT-2 names) that get an adapter.
+    """
+
+    method: str = "none"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+
+    def __post_init__(self) -> None:
+        _check(self.method in PEFT_METHODS, f"peft.method={self.method!r} is unknown; use peft=none or peft=lora.")
+        _check(self.r >= 1, f"peft.r={self.r} must be >= 1 (the adapters' rank).")
+        _check(self.alpha > 0, f"peft.alpha={self.alpha} must be positive.")
+        _check(0.0 <= self.dropout < 1.0, f"peft.dropout={self.dropout} must be in [0, 1).")
+        self.target_modules = [str(t).strip() for t in self.target_modules]
+        _check(bool(self.target_modules) and all(self.target_modules),
+               f"peft.target_modules={list(self.target_modules)} must list module names, e.g. [c_attn,c_proj,c_fc].")
+
+
 # ----------------------------------------------------------------------------------------------------- root
 @dataclass
 class Config:
@@ -476,6 +507,7 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     seed: int = 1337
     run_dir: str = "outputs/run"
     resume: Optional[str] = None  # null | auto (newest complete checkpoint in run_dir) | <step dir or run dir>
@@ -483,6 +515,11 @@ class Config:
     def __post_init__(self) -> None:
         _check(bool(self.run_dir), "run_dir is empty; set run_dir=<folder>.")
         _check(self.resume is None or bool(self.resume), "resume is empty; use resume=auto or resume=<checkpoint>.")
+        _check(
+            self.peft.method == "none" or self.model.init_from is not None,
+            f"peft={self.peft.method} adapts a trained base model, but model.init_from is unset; set "
+            f"model.init_from=<an HF folder, a checkpoint or a run dir>.",
+        )
         # The model must see every position the data produces (INTERFACE.md: "a sequence longer than n_positions").
         # With model.init_from the size comes from those weights; train/job.py checks it once they are loaded.
         _check(

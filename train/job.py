@@ -99,6 +99,7 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     # model.init_from: a local folder, or a hub id fetched now into the huggingface_hub cache (one sentence offline)
     init_dir = layout.init_source(cfg.model.init_from, cfg.model.revision) if cfg.model.init_from else None
     tokenizer = layout.tokenizer_source(cfg.data.tokenizer, init_dir, resume_from)
+    layout.check_same_peft(cfg.peft, init_dir, resume_from, meta)  # LoRA: no adapters as a base, same adapters on resume
     if resume_from is not None and not cfg.data.tokenizer and (meta.get("config") or {}).get("data"):
         meta["config"]["data"]["tokenizer"] = tokenizer  # the checkpoint's own: no change for the resume line to list
     # the LM data: an LM's training set, or the corpus a fine-tune's tokenizer is trained on when none is given
@@ -133,8 +134,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     """Run the training job `cfg` describes; returns run_dir/summary.json's dict (train.callbacks.loggers.RunSummary)
     or a preemption stop's {"preempted", "requeued", "checkpoint", ...}. `checked`: `check_inputs(cfg)`'s result (None
     runs it here). Raises TypeError (not a `train.config.Config`: use `to_config`), ConfigError / CheckpointError /
-    OSError (bad input), GuardError (a diverging run), RankLostError (another rank died), KeyboardInterrupt (Ctrl-C).
-    """
+    OSError (bad input), GuardError (a diverging run), RankLostError (another rank died), KeyboardInterrupt (Ctrl-C)."""
     if not isinstance(cfg, Config):  # a DictConfig would skip every __post_init__ check
         raise TypeError(f"train() takes a train.config.Config, not {type(cfg).__name__}; use to_config(cfg).")
     t_start = time.perf_counter()
@@ -142,6 +142,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
 
     import lightning as L
 
+    from train.adapters import lora
     from train.callbacks.loggers import RunSummary, build_loggers
     from train.callbacks.preemption import Preemption
     from train.callbacks.ranks import LostRank
@@ -170,12 +171,14 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
 
     # -- model: fresh or from model.init_from; a resumed checkpoint must hold the same head and vocabulary
     model, init_report = task.build_model(cfg.model, cfg.attention, cfg.stability, dm)
+    model = lora.wrap(model, cfg.peft, base=lora.base_model(cfg.model.init_from, checked.init_dir),
+                      revision=checked.init_commit)  # peft=lora: adapters injected, the base frozen; else as it is
     if checked.resume_from is not None:
         layout.check_compatible(checked.resume_from, checked.resume_meta, model.config, type(model).__name__)
     task.check_sequence_length(model.config, cfg.data, cfg.task)
-    # in every checkpoint's meta.json: the config (a resume compares its settings), the tokenizer, the task's fields
+    # in every checkpoint's meta.json: the config (a resume compares it), the tokenizer, the task's fields, LoRA's
     meta = {"config": hparams, **({"tokenizer_dir": "../../tokenizer"} if tokenizer is not None else {}),
-            **task.checkpoint_meta()}
+            **task.checkpoint_meta(), **lora.run_meta(model)}
     module = task.module(model, dm, cfg.task, tcfg, cfg.optim, meta)
 
     # -- callbacks (the end of the run too: the export and summary.json are written at on_fit_end), loggers, Trainer

@@ -31,8 +31,9 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import nn
 from torchmetrics.aggregation import SumMetric
 
-from train.checkpoint.layout import META_KEY, MODEL_CONFIG_KEY
+from train.checkpoint.layout import META_KEY, MODEL_CONFIG_KEY, MODULE_PREFIX, CheckpointError
 from train.config import OptimConfig
+from train.adapters.lora import is_lora, trainable_names, trainable_only
 
 # Lightning's DeepSpeed strategy warns whenever a module overrides configure_gradient_clipping. Ours falls through to
 # the default there (DeepSpeed's precision plugin clips nothing; DeepSpeed clips by trainer.gradient_clip_val itself),
@@ -277,6 +278,8 @@ class GPT2LitModule(L.LightningModule):
         # clip_grad_norm_ would (the loss guard does), for `configure_gradient_clipping`; reset there every step
         self.grad_norm: Optional[torch.Tensor] = None
         self.step_lr: Optional[float] = None  # the lr of the newest optimizer step (what its metrics row logs)
+        # a LoRA model's checkpoints hold its trainable weights only (the frozen base comes from model.init_from)
+        self.strict_loading = not is_lora(model)
 
     # -- setup
     def configure_model(self) -> None:
@@ -542,13 +545,22 @@ class GPT2LitModule(L.LightningModule):
                                     world_size=trainer.world_size,
                                     accumulate_grad_batches=trainer.accumulate_grad_batches,
                                     precision=str(trainer.precision))
+        if "state_dict" in checkpoint:  # LoRA: the adapters and the head only (train/adapters/lora.py)
+            checkpoint["state_dict"] = trainable_only(checkpoint["state_dict"], self.model, MODULE_PREFIX)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint written with another gradient accumulation (another world size at the same global batch):
         Lightning counts micro-batches per rank and steps the optimizer when that count reaches a multiple of
         trainer.accumulate_grad_batches, so the saved count is moved to the one this run would have at the saved
         step (global_step x accumulation, the offset of a save inside the batch's hooks kept). The data position
-        itself is the datamodule's `consumed_samples`, in global samples, which needs no change."""
+        itself is the datamodule's `consumed_samples`, in global samples, which needs no change.
+        A LoRA checkpoint loads non-strictly (it lacks the frozen base): every trainable weight must be in it;
+        raises CheckpointError when one is not (written with other peft settings)."""
+        if is_lora(self.model) and "state_dict" in checkpoint:
+            missing = sorted({MODULE_PREFIX + n for n in trainable_names(self.model)} - set(checkpoint["state_dict"]))
+            if missing:
+                raise CheckpointError(f"the checkpoint lacks {len(missing)} adapter/head weight(s) of this run "
+                                      f"({missing[0]}, ...); it was written with other peft settings.")
         saved = (checkpoint.get(META_KEY) or {}).get("accumulate_grad_batches")
         now = self.trainer.accumulate_grad_batches
         progress = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.batch_progress")

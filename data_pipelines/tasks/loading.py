@@ -48,8 +48,14 @@ def _load(cfg: TaskDataConfig, split: str, path: str | None = None):
         where = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
         return ds, where
     hub_split = cfg.split if split == "train" else cfg.val_split
-    ds = datasets.load_dataset(cfg.name, cfg.config_name, split=hub_split)
     where = f"hub dataset {cfg.name}" + (f"/{cfg.config_name}" if cfg.config_name else "") + f" [{hub_split}]"
+    try:
+        ds = datasets.load_dataset(cfg.name, cfg.config_name, split=hub_split)
+    except (ConnectionError, FileNotFoundError) as e:  # unreachable / not cached, or no such dataset
+        from data_pipelines.sources import hub_dataset_error
+
+        raise FileNotFoundError(hub_dataset_error(
+            where, e, local="task.data.source=jsonl task.data.path=<file> (or csv / parquet)")) from e
     return ds, where
 
 

@@ -207,7 +207,8 @@ class RunSummary(Callback):
     Fields: run_dir, global_step, checkpoint (the newest), train_seconds (fit start to the end of the last step's
     validation), resumed_step (after a resume: `seconds` count this process only, from that step on), init (what
     model.init_from gave, `init_report`), then what each callback of the run adds through `summary_fields()` (eval,
-    monitor, best, hf_dir, samples ...), first/last_train_loss of this process's steps, the task's own fields
+    monitor, best, hf_dir, samples ...), first/last_train_loss of this process's steps and how many steps logged one
+    (logged_train_steps), the task's own fields
     (`task.summary`), plot (plots/loss.png) and seconds (to now). A fit stopped early (preemption) is not done: no
     summary.json, and `summary` is {run_dir, global_step, checkpoint, preempted, requeued}.
     Sits last among the callbacks: its `on_fit_end` reads what the others' wrote (HFExport's export).
@@ -248,7 +249,7 @@ class RunSummary(Callback):
         losses = [r["train/loss"] for r in rows
                   if r.get("train/loss") is not None and (self.resume_step is None or r["step"] > self.resume_step)]
         summary.update(first_train_loss=losses[0] if losses else None, last_train_loss=losses[-1] if losses else None,
-                       **self.task.summary(pl_module, trainer.datamodule, rows))
+                       logged_train_steps=len(losses), **self.task.summary(pl_module, trainer.datamodule, rows))
         if rows:
             summary["plot"] = str(plot_losses(metrics_csv, self.run_dir / "plots" / "loss.png"))
         summary["seconds"] = time.perf_counter() - self.t_start

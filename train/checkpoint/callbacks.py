@@ -24,6 +24,7 @@ from train.checkpoint.async_io import after_save
 from train.checkpoint.layout import best_dir, retain, step_dir, write_last
 from train.checkpoint.weights import save_model_dir
 from train.config import ConfigError
+from train.adapters.lora import is_lora, merged_model, save_adapter, trainable_only
 from train.strategies import full_state_dict, model_for_export
 from train.strategies.engines.fsdp2 import plain_class
 
@@ -143,6 +144,7 @@ class BestCheckpoint(Callback):
         self.best, self.best_step = v, trainer.global_step
         state = full_state_dict(trainer, pl_module)  # every rank: FSDP / ZeRO-3 gather their shards
         if trainer.is_global_zero:
+            state = trainable_only(state, pl_module.model)  # LoRA: the adapters and the head
             meta = dict(self.meta, global_step=trainer.global_step, task=plain_class(pl_module.model).__name__,
                         monitor=self.monitor, mode=self.mode, value=v, metrics=dict(metrics))
             save_model_dir(state, pl_module.model.config, self.path, meta)
@@ -195,6 +197,11 @@ class HFExport(Callback):
                 log.info("best %s=%.4f at step %d -> %s", self.best.monitor, best["value"], best["global_step"],
                          self.run_dir / "hf")
         check_finite_weights(net, trainer.global_step)
+        if is_lora(net):  # run_dir/adapter (PEFT format), then the merged model is the export
+            base = (pl_module.meta.get("peft") or {}).get("base_model")
+            self.fields["adapter_dir"] = str(save_adapter(net, self.run_dir / "adapter", base))
+            log.info("wrote the LoRA adapter %s (base %s)", self.fields["adapter_dir"], base)
+            net = merged_model(net)
         tokenizer = self.task.export_tokenizer(self.tokenizer)  # with training's input layout (prefix space, pairs)
         self.fields["hf_dir"] = str(export_hf(net, tokenizer, self.run_dir / "hf", overwrite=True))
         log.info("exported %s (loads in transformers.%s)", self.fields["hf_dir"], self.task.hf_class)

@@ -72,12 +72,18 @@ EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safete
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
+# train/cli/evaluate.py's results for an HF folder outside a run: <hf-dir>/eval/<timestamp>.json. Part of an export:
+# a new export into the folder keeps them (a record of results over time, as a run dir's eval/ holds every step's)
+EVAL_DIR = "eval"
+
+
 def is_hf_export(d: Path) -> bool:
     """Whether folder `d` is an earlier export that a new one may replace without --force: it has config.json and
-    weights, and nothing but the files an export writes."""
+    weights, and nothing but the files an export writes and an eval/ folder of evaluation results."""
     if not ((d / "config.json").is_file() and any((d / m).is_file() for m in HF_MARKERS[1:])):
         return False
-    return all(p.is_file() and (p.name in EXPORT_FILES or _SHARD.fullmatch(p.name)) for p in d.iterdir())
+    return all((p.is_file() and (p.name in EXPORT_FILES or _SHARD.fullmatch(p.name)))
+               or (p.name == EVAL_DIR and p.is_dir()) for p in d.iterdir())
 
 
 def check_export_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -96,7 +102,8 @@ def check_export_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Pat
 def export_hf(model: Any, tokenizer: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write `model` (+ tokenizer) as an HF folder at out_dir, atomically (tmp folder + rename).
 
-    An existing out_dir is replaced only when it is an earlier HF export (or empty), or with overwrite=True.
+    An existing out_dir is replaced only when it is an earlier HF export (or empty), or with overwrite=True; its
+    eval/ folder of evaluation results is kept.
     """
     out = check_export_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +121,8 @@ def export_hf(model: Any, tokenizer: Any, out_dir: str | os.PathLike, overwrite:
         if tokenizer is not None:
             export_tokenizer(tokenizer, model.config, pad).save_pretrained(str(tmp))
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(model.config, pad), indent=2) + "\n")
+        if (out / EVAL_DIR).is_dir():  # the evaluation results kept in the folder stay with it (EVAL_DIR)
+            shutil.copytree(out / EVAL_DIR, tmp / EVAL_DIR)
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -168,11 +177,31 @@ def load_for_export(src: str | os.PathLike):
     return model, GPT2TokenizerFast.from_pretrained(str(tok_dir)), step
 
 
+def load_adapter_and_tokenizer(folder: Path):
+    """(merged LM, tokenizer) of a PEFT LoRA adapter folder: the base model its adapter_config.json names, the adapter
+    merged in (train.adapters.lora.load_adapter_model); the tokenizer files of the folder, else of its base, else of
+    the run dir it sits in. Raises FileNotFoundError (base or tokenizer missing)."""
+    from gpt2 import GPT2LMHeadModel, GPT2TokenizerFast
+
+    from train.adapters.lora import adapter_base, load_adapter_model
+
+    base = Path(adapter_base(folder))
+    for d in (folder, base, folder.parent / "tokenizer"):
+        if (d / "tokenizer.json").is_file() or (d / "vocab.json").is_file():
+            return load_adapter_model(folder, GPT2LMHeadModel), GPT2TokenizerFast.from_pretrained(str(d))
+    raise FileNotFoundError(f"no tokenizer files next to {folder} or its base {base}.")
+
+
 def load_model_and_tokenizer(src: str | os.PathLike):
-    """An HF folder (config.json + weights + tokenizer files) or a checkpoint / run dir of ours."""
-    p = Path(src).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist; give an HF folder, a checkpoints/step-N folder or a run dir.")
+    """(LM, tokenizer) of an HF folder (config.json + weights + tokenizer files), a PEFT LoRA adapter folder
+    (adapter_config.json: its base model with the adapter merged in), a hub id (fetched into, or read from, the
+    huggingface_hub cache), or a checkpoint / run dir of ours. Raises FileNotFoundError / ValueError /
+    CheckpointError in one sentence (nothing there, no tokenizer files, a task head that does not generate)."""
+    from train.checkpoint.layout import init_source
+
+    p = init_source(str(src), label=str(src))
+    if (p / "adapter_config.json").is_file():  # a PEFT adapter folder (a LoRA run's adapter/): on its base
+        return load_adapter_and_tokenizer(p)
     if (p / "config.json").is_file() and not (p / "meta.json").is_file():
         if not ((p / "tokenizer.json").is_file() or (p / "vocab.json").is_file()):
             raise FileNotFoundError(f"{p} has no tokenizer files (tokenizer.json or vocab.json + merges.txt).")

@@ -115,6 +115,30 @@ def check_same_optimizer(step_path: Path, meta: dict[str, Any], optim_name: str)
         )
 
 
+def check_same_peft(peft_cfg: Any, init_dir: Optional[Path], resume_from: Optional[Path], meta: dict) -> None:
+    """Refuse, with one sentence, a LoRA setting the run dir or the base already show cannot work: a model.init_from
+    that is a LoRA checkpoint (its weights are adapters only; its run's hf/ is the merged model), or a resume whose
+    checkpoint was written with another peft method or adapter shape (`meta`: its meta.json). Reads small files only.
+    Raises ConfigError."""
+    if init_dir is not None and not is_hf_folder(init_dir):
+        if read_meta(resolve_checkpoint(init_dir)).get("peft"):
+            raise ConfigError(f"model.init_from={init_dir} holds LoRA adapters, not a base model; start from its "
+                              f"merged model (the run's hf/ folder) or from the base it names.")
+    if resume_from is None:
+        return
+    saved = meta.get("peft") or {"method": "none"}
+    if saved["method"] != peft_cfg.method:
+        raise ConfigError(f"checkpoint {resume_from} was trained with peft={saved['method']} and cannot be resumed "
+                          f"with peft={peft_cfg.method}; resume with peft={saved['method']}, or start a new run_dir.")
+    if peft_cfg.method == "lora":
+        now = {"r": peft_cfg.r, "target_modules": sorted(peft_cfg.target_modules)}
+        was = {k: saved.get(k) for k in now}
+        if now != was:
+            raise ConfigError(f"checkpoint {resume_from} holds adapters of peft.r={was['r']} on "
+                              f"{was['target_modules']}, not peft.r={now['r']} on {now['target_modules']}; resume with "
+                              f"the checkpoint's peft settings, or start a new run_dir.")
+
+
 def read_meta(step_dir: Path) -> dict[str, Any]:
     step_dir = Path(step_dir)
     f = step_dir / META_NAME
@@ -256,34 +280,34 @@ def load_model_config_dict(step_path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ model.init_from
-def init_source(init_from: str, revision: Optional[str] = None) -> Path:
-    """The folder `model.init_from` names: a local HF folder, checkpoint or run dir as it is; else a hub id's snapshot
-    folder in the huggingface_hub cache, fetched (config, weights, tokenizer files) at `revision` (None: main) as
-    `from_pretrained` does (gpt2.hub.resolve_model_dir). A folder of the hub id's name that holds none of those
-    (e.g. the package folder `gpt2/` seen from the repository root) does not shadow the hub id.
+def init_source(init_from: str, revision: Optional[str] = None, label: Optional[str] = None) -> Path:
+    """The folder `model.init_from` (or a command's model argument) names: a local HF folder, checkpoint or run dir
+    as it is; else a hub id's snapshot folder in the huggingface_hub cache, fetched (config, weights, tokenizer files)
+    at `revision` (None: main) as `from_pretrained` does (gpt2.hub.resolve_model_dir). A folder of the hub id's name
+    that holds none of those (e.g. the package folder `gpt2/` seen from the repository root) does not shadow the hub
+    id. `label`: how messages name the input (default "model.init_from=<init_from>").
 
     Raises FileNotFoundError in one sentence: a local path that does not exist, a hub id that could not be fetched
     (naming HF_HUB_OFFLINE and the cache), or a revision given for a local folder.
     """
     from gpt2 import hub  # torch-free: os, re and (for hub ids) huggingface_hub
 
+    label = label or f"model.init_from={init_from}"
     src = Path(init_from).expanduser()
-    local = src.is_file() or (src / "config.json").is_file() or (src / META_NAME).is_file() or src.name == \
-        "checkpoints" or checkpoints_dir(src).is_dir()
+    local = src.is_file() or any((src / name).is_file() for name in ("config.json", "adapter_config.json", META_NAME)) \
+        or src.name == "checkpoints" or checkpoints_dir(src).is_dir()  # adapter_config.json: a PEFT adapter folder
     if not local and hub.is_hub_id(init_from):
         try:
             return Path(hub.resolve_model_dir(init_from, revision=revision))
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"model.init_from={init_from}: {e}") from None
+            raise FileNotFoundError(f"{label}: {e}") from None
     if revision is not None:
         raise FileNotFoundError(
             f"model.revision={revision} is a hub revision, but model.init_from={init_from} is a local folder; drop "
             f"model.revision (or name the hub id)."
         )
     if not src.exists():
-        raise FileNotFoundError(
-            f"model.init_from={init_from} does not exist; give an HF folder, a checkpoint, a run dir or a hub id."
-        )
+        raise FileNotFoundError(f"{label} does not exist; give an HF folder, a checkpoint, a run dir or a hub id.")
     return src
 
 

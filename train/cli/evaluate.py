@@ -1,6 +1,7 @@
 """Score a model on lm-evaluation-harness tasks with our own GPT2LMHeadModel.
 
-    python train/cli/evaluate.py <hf-dir | checkpoints/step-N | run-dir> --tasks hellaswag,lambada_openai,wikitext
+    python train/cli/evaluate.py <hf-dir | adapter-dir | checkpoints/step-N | run-dir>
+        --tasks hellaswag,lambada_openai,wikitext
         [--include-path DIR] [--num-fewshot K] [--limit N] [--batch-size B] [--device cpu|cuda] [--out FILE]
 
 lm_eval does the benchmark (task registry, prompts, few-shot examples, metrics, aggregation: `simple_evaluate`);
@@ -24,6 +25,7 @@ from typing import Optional
 import torch
 
 from data_pipelines.cli import ArgumentParser
+from train.checkpoint.export import EVAL_DIR
 from train.cli import run_cli
 from train.eval.evaluate import DEFAULT_BOOTSTRAP_ITERS, evaluate, load_harness, write_json
 
@@ -31,7 +33,7 @@ from train.eval.evaluate import DEFAULT_BOOTSTRAP_ITERS, evaluate, load_harness,
 def default_output(resolved: Path, run_dir: Optional[Path], now: Optional[float] = None) -> Path:
     """<run-dir>/eval/<timestamp>.json, or <hf-dir>/eval/<timestamp>.json for a model outside a run."""
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now))
-    return (run_dir if run_dir is not None else resolved) / "eval" / f"{stamp}.json"
+    return (run_dir if run_dir is not None else resolved) / EVAL_DIR / f"{stamp}.json"
 
 
 def _init_distributed() -> tuple[bool, Optional[str]]:
@@ -63,7 +65,8 @@ def _limit(text: str) -> float | int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("src", help="HF folder, checkpoints/step-N folder, or run dir (its newest checkpoint, else hf/)")
+    p.add_argument("src", help="HF folder, LoRA adapter folder (on the base its adapter_config.json names), "
+                                "checkpoints/step-N folder, or run dir (its newest checkpoint, else hf/)")
     p.add_argument("--tasks", required=True, help="comma-separated lm_eval task / group / tag names")
     p.add_argument("--include-path", default=None, help="folder(s) of extra task YAMLs, comma-separated")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's own)")

@@ -1,6 +1,7 @@
-"""Sample text from an HF folder or one of our checkpoints.
+"""Sample text from an HF folder, a LoRA adapter folder (PEFT format, on the base its config names) or one of our
+checkpoints.
 
-    python train/cli/generate.py <hf-dir-or-checkpoint-or-run-dir> --prompt "..." [--max-new-tokens N]
+    python train/cli/generate.py <hf-dir-or-adapter-dir-or-checkpoint-or-run-dir> --prompt "..." [--max-new-tokens N]
         [--temperature T --top-k K --top-p P --seed S --greedy --num-samples N]
 """
 
@@ -18,7 +19,7 @@ from train.eval.samples import sample
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = ArgumentParser(description="Sample text from an HF folder or a gpt2-forge checkpoint.")
-    p.add_argument("src", help="HF folder, checkpoints/step-N folder, or run dir")
+    p.add_argument("src", help="HF folder, LoRA adapter folder, checkpoints/step-N folder, or run dir")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=1.0)

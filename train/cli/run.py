@@ -65,7 +65,10 @@ def _route_lightning_logs() -> None:
 
 
 # an absolute path: Hydra reads a relative config_path as a module path when this file is imported as train.cli.run
-@hydra.main(config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="config", version_base="1.3")
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -79,6 +82,7 @@ def main(dcfg: DictConfig) -> Optional[float]:
         _route_lightning_logs()
         summary = train(cfg, checked)
     except _expected_errors() as e:
+        discard_unused_run_dir(Path(dcfg.run_dir))
         if debug():
             raise
         print(f"error: {error_line(e)}", file=sys.stderr)
@@ -105,20 +109,38 @@ def main(dcfg: DictConfig) -> Optional[float]:
     return best["value"] if best else summary.get("last_val_loss")
 
 
+def discard_unused_run_dir(run_dir: Path) -> None:
+    """After a refused start: remove what Hydra made for it alone (its job logging opens run_dir/run.log before the
+    job runs) when run.log is all the run dir holds, and the run dir when that leaves it empty, so a mistake leaves no
+    stray run dir behind. A run dir with anything else in it (config.yaml, checkpoints, a user's files) is left as
+    it is."""
+    try:
+        if [p.name for p in run_dir.iterdir()] == ["run.log"]:
+            (run_dir / "run.log").unlink()
+            run_dir.rmdir()
+    except OSError:  # gone already, or not ours to remove: nothing to clean
+        pass
+
+
 def outcome_lines(summary: dict[str, Any], prompt: str, overrides: Sequence[str]) -> list[str]:
     """What train/run.py prints after a finished run: the losses (+ validation perplexity), a fine-tune's best
     metric, and for an LM run a last line saying what to open and what to type next (sample from hf/, resume for as
     many steps again with this run's own overrides). Paths are shown as the user types them."""
 
     lines = []
+    start, end = summary.get("resumed_step"), summary["global_step"]
     if summary.get("first_train_loss") is not None:
         val = summary.get("last_val_loss")
         val_txt = f", validation loss {val:.3f} (perplexity {math.exp(val):.1f})" if val is not None else ""
-        start, end = summary.get("resumed_step"), summary["global_step"]
         steps = f"{end - start} more steps ({start} -> {end})" if start is not None else f"{end} steps"
-        lines.append(f"done: {steps} in {summary['seconds']:.0f}s, train loss "
-                     f"{summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}{val_txt}; "
+        first, last = summary["first_train_loss"], summary["last_train_loss"]
+        # one logged step (trainer.log_every_n_steps longer than the run) has no trend to show
+        loss = f"{first:.3f}" if summary.get("logged_train_steps") == 1 else f"{first:.3f} -> {last:.3f}"
+        lines.append(f"done: {steps} in {summary['seconds']:.0f}s, train loss {loss}{val_txt}; "
                      f"run dir {summary['run_dir']}")
+    elif start is not None and end <= start:  # resumed at or past trainer.max_steps: fit ends before its first step
+        lines.append(f"done: nothing to train: the checkpoint is at step {start}, at or past trainer.max_steps; raise "
+                     f"trainer.max_steps to train on; run dir {summary['run_dir']}")
     best = summary.get("best")
     if best:  # a fine-tuning task: the monitored metric of the exported (best) model
         lines.append(f"best {best['metric']}={best['value']:.4f} at step {best['step']}; "
@@ -151,15 +173,48 @@ def resume_command(overrides: Sequence[str], run_dir: str, max_steps: Optional[i
     return f"{py} train/run.py {' '.join(again)}"
 
 
+CHECK_FLAG = "--check"  # `python train/run.py --check <overrides>`: validate the overrides, run nothing
+
+
+def check_command(overrides: Sequence[str]) -> str:
+    """Compose conf/ with `overrides` and validate them as a run does before it starts (the typed Config: values,
+    unknown keys, `+key` spellings; data.* a fine-tune would ignore), without Hydra's run dir and log, the run-dir and
+    hardware checks of check_inputs, or torch: what launch/slurm.py runs on the login node before it submits.
+    Returns the line to print. Raises Hydra's / OmegaConf's composition errors and ConfigError."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        dcfg = compose("config", overrides=list(overrides))
+    cfg = to_config(dcfg)
+    check_overrides(cfg, overrides)
+    return (f"ok: task={cfg.task.name} model={cfg.model.n_layer}x{cfg.model.n_embd} strategy={cfg.strategy.name} "
+            f"devices={cfg.trainer.devices} nodes={cfg.trainer.num_nodes}; the overrides compose and validate")
+
+
+def _check(overrides: Sequence[str]) -> None:
+    try:
+        print(check_command(overrides))
+    except EXPECTED_ERRORS as e:
+        if debug():
+            raise
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
 def cli() -> None:
     """`python train/run.py`: under -m a plain run_dir=X becomes the sweep's root, then Hydra's main (its composition
-    errors as one `error:` line: data_pipelines.cli.run_hydra)."""
+    errors as one `error:` line: data_pipelines.cli.run_hydra). `--check` validates the overrides only
+    (`check_command`)."""
     try:
         sys.argv = sweep_root_from_run_dir(sys.argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    if CHECK_FLAG in sys.argv[1:]:
+        run_hydra(lambda: _check([a for a in sys.argv[1:] if a != CHECK_FLAG]))
+        return
     run_hydra(main)
 
 
-__all__ = ["cli", "main", "outcome_lines", "resume_command", "shown"]
+__all__ = ["CHECK_FLAG", "check_command", "cli", "discard_unused_run_dir", "main", "outcome_lines", "resume_command",
+           "shown"]

@@ -139,6 +139,8 @@ def evaluate(
                 except KeyError:  # an include-path task names a built-in one: retry with the full index
                     if task_manager is _TASK_MANAGERS.get(_manager_key(include_path, True)):
                         raise
+                except ConnectionError as e:  # a task's hub dataset, offline and not in the datasets cache
+                    raise offline_dataset_error(names, e) from e
     finally:
         _restore_random_states(states)
     if results is not None:
@@ -148,6 +150,17 @@ def evaluate(
         if not log_samples:
             results.pop("samples", None)
     return results
+
+
+def offline_dataset_error(names: list[str], err: ConnectionError) -> FileNotFoundError:
+    """The one sentence for lm_eval tasks `names` whose hub dataset is neither reachable nor in the datasets cache:
+    the cache advice of data_pipelines.sources.hub_dataset_error, and a local task YAML as the alternative."""
+    from data_pipelines.sources import hub_dataset_error
+
+    return FileNotFoundError(hub_dataset_error(
+        f"the dataset of lm_eval task(s) {', '.join(names)}", err,
+        local="a task YAML of your own with dataset_path: json and local data files, loaded with --include-path / "
+              "eval.include_path (python train/cli/sample_task.py writes one)"))
 
 
 def metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -470,4 +483,4 @@ def eval_model(trainer, pl_module):
 
 
 __all__ = ["EvaluationError", "HarnessEval", "build_eval", "check_eval", "check_tasks", "eval_model", "evaluate",
-           "load_harness", "metrics", "write_json"]
+           "load_harness", "metrics", "offline_dataset_error", "write_json"]

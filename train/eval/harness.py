@@ -55,7 +55,9 @@ _GEN_KWARGS = ("do_sample", "temperature", "top_k", "top_p")
 
 # ------------------------------------------------------------------------------------------------ loading
 def load_model(src: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model, tokenizer, resolved_dir, run_dir) for an HF folder, a checkpoints/step-N folder or a run dir.
+    """(model, tokenizer, resolved_dir, run_dir) for an HF folder, a hub id (its snapshot in the huggingface_hub
+    cache), a PEFT LoRA adapter folder (on the base its adapter_config.json names), a checkpoints/step-N folder or a
+    run dir.
 
     A run dir resolves to its newest complete checkpoint, or to its `hf/` export when it holds no checkpoint;
     `run_dir` is the run the weights belong to (None for a standalone HF folder). Raises ValueError when the
@@ -64,16 +66,16 @@ def load_model(src: str | os.PathLike, device: str | torch.device = "cpu"):
     from gpt2 import GPT2LMHeadModel
 
     from train.checkpoint.export import load_model_and_tokenizer
+    from train.checkpoint.layout import init_source
 
-    p = Path(src).expanduser()
-    if not p.exists():
-        raise ValueError(f"{p} does not exist; give an HF folder, a checkpoints/step-N folder or a run dir.")
+    p = init_source(str(src), label=str(src))  # FileNotFoundError: neither a path nor a hub id it could fetch
     if p.is_dir() and p.name == "checkpoints":
         p = p.parent
     run_dir: Optional[Path] = None
-    if (p / "config.json").is_file() and not (p / "meta.json").is_file():  # an HF folder (e.g. a run's hf/ export)
+    hf_or_adapter = (p / "config.json").is_file() or (p / "adapter_config.json").is_file()
+    if hf_or_adapter and not (p / "meta.json").is_file():  # an HF folder (a run's hf/ export) or a LoRA adapter/
         model, tok = load_model_and_tokenizer(p)
-        if p.name == "hf" and (p.parent / "config.yaml").is_file():
+        if p.name in ("hf", "adapter") and (p.parent / "config.yaml").is_file():
             run_dir = p.parent
         return model.to(device).eval(), tok, p, run_dir
     # our checkpoints: train.checkpoint.io imports Lightning (seconds), so only on this path

@@ -366,7 +366,9 @@ def model_for_export(trainer, module) -> Optional[nn.Module]:
     full = full_state_dict(trainer, module)
     if full is None:
         return None
-    net = plain_class(module.model)(module.model.config)
+    from train.adapters.lora import inject_like
+
+    net = inject_like(module.model, plain_class(module.model)(module.model.config))  # LoRA: the same adapters
     net.load_state_dict(full, strict=False)
     if getattr(net.config, "tie_word_embeddings", False) and hasattr(net, "tie_weights"):
         net.tie_weights()

@@ -7,6 +7,7 @@ The model is built here and handed to the LightningModule (train/module.py), whi
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -184,6 +185,9 @@ def load_checkpoint_model(step_path: Path, cls: Optional[type] = None, **overrid
         if saved not in HEAD_MODELS:
             raise CheckpointError(f"{step_path} holds a {saved}, which is not one of {sorted(HEAD_MODELS)}.")
         cls = HEAD_MODELS[saved]
+    peft_meta = read_meta(Path(step_path)).get("peft")
+    if peft_meta:  # a LoRA checkpoint: its base model with these adapters, merged
+        return load_lora_checkpoint(Path(step_path), cls, peft_meta, **overrides)
     config = GPT2Config.from_dict(load_model_config_dict(step_path), **overrides)
     model = cls(config)
     sd = load_weights(Path(step_path) / WEIGHTS_NAME)
@@ -199,6 +203,37 @@ def load_checkpoint_model(step_path: Path, cls: Optional[type] = None, **overrid
     return model
 
 
+def load_lora_checkpoint(step_path: Path, cls: type, peft_meta: dict[str, Any], **overrides) -> nn.Module:
+    """The merged model of a LoRA run's checkpoint (train/adapters/lora.py): the base its meta.json names (an HF folder,
+    one of our checkpoints or a hub id), the same adapters injected, the checkpoint's adapter and head weights loaded, merged.
+    Raises CheckpointError when the base is gone or the checkpoint lacks an adapter weight."""
+    from types import SimpleNamespace
+
+    from train.adapters import lora
+
+    from gpt2.hub import is_hub_id
+
+    base = peft_meta.get("base_model")
+    if not base or not (Path(base).exists() or is_hub_id(base)):
+        raise CheckpointError(f"{step_path} holds LoRA adapters of base model {base!r}, which does not exist here; "
+                              f"use the run's merged hf/ folder, or put the base back at that path.")
+    src = init_source(base, peft_meta.get("base_revision"))  # a local folder, or a hub id's cached snapshot
+    with warnings.catch_warnings():  # the head is not in the base: it comes from this checkpoint, checked below
+        warnings.filterwarnings("ignore", message=".*newly initialized")
+        if is_hf_folder(src):
+            model = cls.from_pretrained(str(src), dtype=torch.float32, **overrides)
+        else:
+            model = load_checkpoint_model(resolve_checkpoint(src), cls, **overrides)
+    settings = SimpleNamespace(method="lora", r=peft_meta["r"], alpha=peft_meta["alpha"], dropout=0.0,
+                               target_modules=peft_meta["target_modules"])
+    model = lora.wrap(model, settings)
+    sd = load_weights(step_path / WEIGHTS_NAME)
+    missing = sorted(lora.trainable_names(model) - set(sd))
+    if missing:
+        raise CheckpointError(f"{step_path} lacks {len(missing)} adapter/head weight(s) ({missing[0]}, ...); it was "
+                              f"written by another model.")
+    model.load_state_dict(sd, strict=False)
+    return lora.merged_model(model).eval()
 
 
 __all__ = [
@@ -208,5 +243,6 @@ __all__ = [
     "build_model_config",
     "check_vocab",
     "load_checkpoint_model",
+    "load_lora_checkpoint",
     "runtime_overrides",
 ]

@@ -12,6 +12,7 @@ Field meanings: https://www.deepspeed.ai/docs/config-json/ (and deepspeed/runtim
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -169,18 +170,21 @@ def _precision_section(mode: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------- checkpoints
 # Prefixes the engine's module adds in front of our model keys: Lightning wraps the LightningModule in
 # `_LightningModuleWrapperBase` (attribute `_forward_module`), DDP-style wrappers add `module.`, and our LightningModule
-# holds the network as `self.model`. The model keys are found by their first key, `transformer.wte.weight`.
+# holds the network as `self.model`. The model keys are found by the trunk's: `transformer.wte.weight`, or a block's
+# `transformer.h.<i>.` (a LoRA checkpoint holds the blocks' adapters but not the frozen embeddings).
 _ANCHOR_KEY = "transformer.wte.weight"
+_ANCHOR = re.compile(r"^(.*?)transformer\.(?:wte\.weight$|h\.\d+\.)")
 
 
 def strip_wrapper_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Our model's keys from a wrapped model's state dict: drops the prefix in front of `transformer.wte.weight`
-    (e.g. `_forward_module.model.`) from every key; keys without it (optimizer-side extras) are dropped."""
-    anchors = [k for k in state_dict if k.endswith(_ANCHOR_KEY)]
+    """Our model's keys from a wrapped model's state dict: drops the prefix in front of `transformer.wte.weight` or
+    `transformer.h.<i>.` (e.g. `_forward_module.model.`) from every key; keys without it (optimizer-side extras) are
+    dropped."""
+    anchors = [m.group(1) for m in map(_ANCHOR.match, state_dict) if m]
     if not anchors:
         raise ValueError(f"the checkpoint has no '{_ANCHOR_KEY}' parameter (keys start with "
                          f"{sorted(state_dict)[:3]}); it is not a gpt2-forge GPT-2 checkpoint.")
-    prefix = min(anchors, key=len)[: -len(_ANCHOR_KEY)]
+    prefix = min(anchors, key=len)
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 

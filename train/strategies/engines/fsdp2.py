@@ -23,6 +23,7 @@ from train.strategies.engines.elastic import AttemptProcessGroup
 
 from train.checkpoint import layout as ck
 from train.config import ConfigError
+from train.adapters.lora import trainable_only
 
 SHARDED_DIR = ck.SHARDED_DIR  # inside checkpoints/step-N: the FSDP2 DCP shards of model + optimizer
 
@@ -165,7 +166,9 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
 
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.is_global_zero:
-            checkpoint["state_dict"] = retie(full, self.model)
+            # LoRA: the adapters + head only (train/adapters/lora.py)
+            checkpoint["state_dict"] = trainable_only(retie(full, self.model), self.lightning_module.model,
+                                                      ck.MODULE_PREFIX)
             ck_io.DirCheckpointIO().save_checkpoint(checkpoint, path, storage_options={"tmp_dir": tmp})
 
     def _async_save(self, sharded: dict[str, Any], checkpoint: dict[str, Any], path: Path, tmp: Path) -> None:
@@ -177,8 +180,9 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
 
         done = dcp.async_save(sharded, checkpoint_id=str(tmp / SHARDED_DIR), process_group=self.checkpoint_group())
         if self.is_global_zero:
-            self.checkpoint_writer.submit(_publish_when_written, done, snapshot(checkpoint), path, tmp,
-                                          list(sharded["state_dict"]), tied_aliases(self.model))
+            names = list(trainable_only(sharded["state_dict"], self.lightning_module.model, ck.MODULE_PREFIX))
+            self.checkpoint_writer.submit(_publish_when_written, done, snapshot(checkpoint), path, tmp, names,
+                                          tied_aliases(self.model))
         else:
             self.checkpoint_writer.submit(done.result)
 
@@ -212,7 +216,9 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
         shards = path / SHARDED_DIR
         if not (shards / ".metadata").is_file():
             raise ck.CheckpointError(f"{path} has no sharded FSDP state ({SHARDED_DIR}/.metadata); it is incomplete.")
-        state = {"state_dict": get_model_state_dict(self.model)}
+        # what the module saved (LoRA: the adapters and the head; the frozen base comes from model.init_from)
+        state = {"state_dict": trainable_only(get_model_state_dict(self.model), self.lightning_module.model,
+                                              ck.MODULE_PREFIX)}
         dcp.load(state, checkpoint_id=str(shards))
         self.model.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
         for i, opt in enumerate(self.optimizers):

@@ -25,6 +25,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from train.checkpoint import layout as ck
 from train.checkpoint.io import DROPPED_KEYS
+from train.adapters.lora import is_lora
 from train.strategies.engines.elastic import AttemptProcessGroup
 
 # what training_state.pt leaves to DeepSpeed's files: the weights and the optimizer partitions
@@ -198,6 +199,9 @@ class ZeroStrategy(AttemptProcessGroup, DeepSpeedStrategy):
         model_config = checkpoint.pop(ck.MODEL_CONFIG_KEY, None)
         meta = checkpoint.pop(ck.META_KEY, None) or {}
         step = int(checkpoint.get("global_step", 0))
+        # a LoRA model's checkpoint holds what trains (DeepSpeed's own switch; the base comes from model.init_from),
+        # and loads non-strictly (Lightning passes the module's strict_loading to engine.load_checkpoint)
+        self.exclude_frozen_parameters = is_lora(self.lightning_module.model)
         super().save_checkpoint(checkpoint, tmp)  # every rank writes its ZeRO partition (a collective)
         self.barrier("zero-save")
         if self.is_global_zero:
