@@ -140,11 +140,14 @@ def test_sigkill_during_checkpoint_write_and_export_then_resume_matches(tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_full_disk_during_save_keeps_the_previous_checkpoint(monkeypatch, tmp_path, corpus):
-    """ENOSPC halfway through a checkpoint: a clear error, the previous checkpoint intact, resume=auto works."""
+@pytest.mark.parametrize("async_save", [False, True])
+def test_full_disk_during_save_keeps_the_previous_checkpoint(monkeypatch, tmp_path, corpus, async_save):
+    """ENOSPC halfway through a checkpoint: a clear error, the previous checkpoint intact, resume=auto works. With
+    checkpoint.async_save the failed background write stops the run at its next save with the same error."""
     run_dir = tmp_path / "run"
     small = ["model.n_layer=1", "model.n_embd=32", "data.vocab_size=384", "trainer.val_check_interval=10",
-             "checkpoint.every_n_steps=5", "sample.max_new_tokens=2", "model.dropout=0.0"]
+             "checkpoint.every_n_steps=5", "sample.max_new_tokens=2", "model.dropout=0.0",
+             f"checkpoint.async_save={str(async_save).lower()}"]
     run_args = [a for a in args(corpus, tmp_path / "cache", run_dir, *small)
                 if not a.startswith(("checkpoint.every_n_steps=4", "model.n_layer=2", "model.n_embd=64",
                                      "data.vocab_size=512", "trainer.val_check_interval=10", "model.dropout=0.1"))]
@@ -172,3 +175,40 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(monkeypatch, tmp_pa
     monkeypatch.setattr(ck_io, "save_weights", orig)  # space freed
     summary = train(compose_run("resume=auto"))
     assert summary["global_step"] == 12 and ck.latest_checkpoint(run_dir).name == "step-12"
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """The steps metrics.csv holds so far (a run in progress may be mid-line: the partial row is dropped)."""
+    try:
+        return [int(r["step"]) for r in read_metrics(run_dir / "metrics.csv") if r.get("step") is not None]
+    except (FileNotFoundError, ValueError, TypeError):
+        return []
+
+
+def test_async_checkpoint_killed_mid_write_is_never_resumed(tmp_path, corpus):
+    """checkpoint.async_save=true: the step-12 write hangs in the background writer while training goes on (row 14
+    is logged before the kill, so the loop did not wait for the disk); a SIGKILL then leaves step-12 half written,
+    never published: `last` and resume=auto take step-8, and the resumed run completes."""
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    small = ["model.n_layer=1", "model.n_embd=32", "model.dropout=0.0", "checkpoint.async_save=true",
+             "trainer.limit_val_batches=0", "sample.max_new_tokens=2"]
+    run_args = [a for a in args(corpus, cache, run_dir, *small)
+                if not a.startswith(("model.n_layer=2", "model.n_embd=64", "model.dropout=0.1",
+                                     "trainer.limit_val_batches=2"))]
+    victim, marker = launch_paused(tmp_path, run_args, "12", tmp_path / "victim.log")
+    sigkill_when(victim, lambda: marker.exists() and max(logged_steps(run_dir), default=0) >= 14,
+                 tmp_path / "victim.log", "training past the hung step-12 write")
+    partial = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-12.tmp-")]
+    assert partial and (partial[0] / ck.WEIGHTS_NAME).is_file() and not (partial[0] / ck.META_NAME).exists()
+    assert not ck.step_dir(run_dir, 12).exists()
+    assert ck.latest_checkpoint(run_dir).name == "step-8"
+    assert (run_dir / "checkpoints" / "last").read_text().strip() == "step-8"
+
+    resumed = run_plain([*[a for a in run_args if not a.startswith("trainer.max_steps=")], "trainer.max_steps=16",
+                         "resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step-8" in resumed.stdout + resumed.stderr  # "Restoring states from .../step-8"
+    assert ck.latest_checkpoint(run_dir).name == "step-16"
+    assert (run_dir / "checkpoints" / "last").read_text().strip() == "step-16"
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if ".tmp-" in p.name]
+    assert ck_io.DirCheckpointIO().load_checkpoint(ck.step_dir(run_dir, 16))["global_step"] == 16

@@ -88,6 +88,50 @@ def test_partial_checkpoints_are_never_picked(tmp_path):
     assert not (tmp_path / "checkpoints" / f"step-6.tmp-{os.getpid() + 1}").exists()
 
 
+def test_async_save_writes_the_state_of_its_step_and_surfaces_a_failed_write(tmp_path, monkeypatch):
+    """checkpoint.async_save's full-state path (AsyncDirCheckpointIO): the checkpoint holds the weights of the moment
+    it was saved even though training changes them in place during the write; what follows a save (the `last`
+    pointer) runs after the publish; a failed write is raised at the next save, and what followed it is skipped."""
+    import threading
+
+    from train.checkpoint.async_io import AsyncDirCheckpointIO
+
+    model = tiny_model()
+    ckpt = fake_lightning_checkpoint(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    io = AsyncDirCheckpointIO()
+    gate, orig = threading.Event(), ck_io.save_weights
+
+    def held_save_weights(weights, file):  # the write is held, so it is still pending when training moves on
+        gate.wait(timeout=60)
+        orig(weights, file)
+
+    monkeypatch.setattr(ck_io, "save_weights", held_save_weights)
+    path = ck.step_dir(tmp_path, 7)
+    io.save_checkpoint(ckpt, path)
+    io.writer.submit(lambda: ck.write_last(tmp_path, path))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # the next optimizer step, in place
+    assert not path.exists() and ck.latest_checkpoint(tmp_path) is None  # not published while the write is pending
+    gate.set()
+    back = io.load_checkpoint(path)  # waits for the write
+    assert (tmp_path / "checkpoints" / "last").read_text().strip() == "step-7"
+    for k, v in before.items():
+        assert torch.equal(back["state_dict"][f"model.{k}"], v), k
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())  # the snapshot kept the tied weight one tensor: stored once
+
+    bad = dict(fake_lightning_checkpoint(model), callbacks={"Bad": {"fn": object()}})  # not storable: the write fails
+    io.save_checkpoint(bad, ck.step_dir(tmp_path, 8))
+    io.writer.submit(lambda: ck.write_last(tmp_path, ck.step_dir(tmp_path, 8)))
+    with pytest.raises(TypeError, match="Bad"):
+        io.save_checkpoint(fake_lightning_checkpoint(model), ck.step_dir(tmp_path, 9))
+    assert (tmp_path / "checkpoints" / "last").read_text().strip() == "step-7"
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step-7"]
+    io.teardown()  # the error was raised once; nothing else is pending
+
+
 def test_corrupt_and_foreign_checkpoints_give_clear_errors(tmp_path):
     io = ck_io.DirCheckpointIO()
     path = ck.step_dir(tmp_path, 3)

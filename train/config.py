@@ -373,6 +373,9 @@ class CheckpointConfig:
     every_n_steps: int = 100
     keep_last: int = 3  # keep the newest N step dirs (0 = keep all); the one resumed from is never deleted
     save_final: bool = True  # also save at the last step
+    # write checkpoints in the background (train/checkpoint/async_io.py): training waits only for a copy of the
+    # state in host memory, not for the disk; published only when complete, like a synchronous save
+    async_save: bool = True
 
     def __post_init__(self) -> None:
         _check(self.every_n_steps > 0, f"checkpoint.every_n_steps={self.every_n_steps} must be positive.")

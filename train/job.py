@@ -146,6 +146,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     from train.callbacks.loggers import RunSummary, build_loggers
     from train.callbacks.preemption import Preemption
     from train.callbacks.ranks import LostRank
+    from train.checkpoint.async_io import checkpoint_plugin
     from train.checkpoint.callbacks import BestCheckpoint, HFExport, StepCheckpoint
     from train.eval.evaluate import build_eval
     from train.strategies import build_strategy
@@ -198,7 +199,8 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     run_callbacks = (eval_cb,) if tcfg.fast_dev_run else (best_cb, eval_cb, ckpt_cb, preempt, export_cb)
     strategy = build_strategy(cfg.strategy, tcfg, task.micro_batch_size(cfg.data, cfg.task), checked.hardware)
     trainer = build_trainer(tcfg, cfg.guard, strategy, checked.hardware.precision, run_dir, loggers,
-                            [cb for cb in (*run_callbacks, lost_rank, summary) if cb is not None])
+                            [cb for cb in (*run_callbacks, lost_rank, summary) if cb is not None],
+                            checkpoint_io=checkpoint_plugin(strategy, cfg.checkpoint.async_save))
 
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(checked.resume_from) if checked.resume_from else None)

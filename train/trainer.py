@@ -236,6 +236,10 @@ class LossGuard(Callback):
 
     def rollback(self, trainer, pl_module) -> int:
         """Reload model, optimizer and LR schedule from checkpoints/last; the step it came from, or -1 if none."""
+        from train.checkpoint.async_io import wait_for_checkpoints
+
+        wait_for_checkpoints(trainer.strategy)  # checkpoint.async_save: the newest one is published (rank 0) ...
+        trainer.strategy.barrier("LossGuard.rollback")  # ... before any rank looks for it
         target = latest_checkpoint(self.run_dir)
         if target is None:
             return -1
@@ -284,7 +288,7 @@ def check_finite_weights(model: torch.nn.Module, step: int) -> None:
 
 # ------------------------------------------------------------------------------------------------ the Trainer
 def build_trainer(trainer_cfg, guard_cfg, strategy: Any, precision: str, run_dir: Path, loggers: list,
-                  extra_callbacks: Sequence = ()):
+                  extra_callbacks: Sequence = (), checkpoint_io: Any = None):
     """The Lightning Trainer of a run (also what benchmarks/overhead.py times).
 
     Args:
@@ -294,6 +298,8 @@ def build_trainer(trainer_cfg, guard_cfg, strategy: Any, precision: str, run_dir
             Lightning precision string (train.strategies.Hardware.precision).
         run_dir, loggers: where the run writes, and its loggers (train.callbacks.loggers.build_loggers).
         extra_callbacks: the run's own callbacks (checkpoints, evaluation, preemption), after the loss guard.
+        checkpoint_io: the CheckpointIO plugin (train.checkpoint.async_io.checkpoint_plugin); None: a synchronous
+            DirCheckpointIO.
 
     Callbacks, in order: StepSeed, RNGState, Throughput, the loss guard (before the checkpoint callbacks in
     `extra_callbacks`, so a step-N save holds a rolled-back state, not the spiking one), ValidateLastStep, then the
@@ -335,7 +341,7 @@ def build_trainer(trainer_cfg, guard_cfg, strategy: Any, precision: str, run_dir
         enable_checkpointing=False,  # StepCheckpoint owns checkpoints/
         enable_progress_bar=tcfg.enable_progress_bar,
         enable_model_summary=tcfg.enable_progress_bar,
-        plugins=[DirCheckpointIO(), *build_plugins()],  # + SLURMEnvironment(auto_requeue=False) under SLURM
+        plugins=[checkpoint_io or DirCheckpointIO(), *build_plugins()],  # + SLURMEnvironment(auto_requeue=False) under SLURM
         deterministic="warn" if tcfg.deterministic else None,  # torch.use_deterministic_algorithms(True, warn_only)
         profiler=build_profiler(tcfg.profiler, run_dir),
         default_root_dir=str(run_dir),

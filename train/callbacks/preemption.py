@@ -22,6 +22,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from train.checkpoint.async_io import wait_for_checkpoints
+
 _NONE, _TERM, _USR1 = 0, 1, 2  # what a rank saw; the max over ranks decides (USR1 = requeue wins)
 
 
@@ -112,6 +114,7 @@ class Preemption(Callback):
             return
         self.signal_name = "SIGUSR1" if seen == _USR1 else "SIGTERM"
         path = self.checkpoint.save(trainer)  # every rank: checkpoints/step-N (atomic, `last`), then a barrier
+        wait_for_checkpoints(trainer.strategy)  # checkpoint.async_save: published before the job may be requeued
         rank_zero_info(f"{self.signal_name}: saved {path} at step {step}; stopping")
         self.stopped = True
         job = slurm_job_id()

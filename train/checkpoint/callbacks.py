@@ -20,6 +20,7 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from train.checkpoint.async_io import after_save
 from train.checkpoint.layout import best_dir, retain, step_dir, write_last
 from train.checkpoint.weights import save_model_dir
 from train.config import ConfigError
@@ -90,11 +91,16 @@ class StepCheckpoint(Callback):
             log_train_step()  # row N reaches metrics.csv before step-N is published
         trainer.save_checkpoint(path, weights_only=False)  # -> DirCheckpointIO (rank 0 writes for single-device/DDP)
         if trainer.is_global_zero:
-            write_last(self.run_dir, path)
-            retain(self.run_dir, self.keep_last, protect=(self.protect,) if self.protect else ())
+            # with checkpoint.async_save the write is still under way: the pointer moves and retention deletes
+            # only after it is published (train/checkpoint/async_io.py)
+            after_save(trainer.strategy, lambda: self._published(path))
         trainer.strategy.barrier("StepCheckpoint.save")
         self.saved.append(path)
         return path
+
+    def _published(self, path: Path) -> None:
+        write_last(self.run_dir, path)
+        retain(self.run_dir, self.keep_last, protect=(self.protect,) if self.protect else ())
 
     def summary_fields(self) -> dict[str, Any]:
         """{"checkpoint": the newest checkpoint this process saved, or None}."""

@@ -113,10 +113,27 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
         super().setup(trainer)
 
     # -- checkpoints: checkpoints/step-N/{sharded/ (DCP), model.safetensors, config.json, training_state.pt, meta.json}
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    checkpoint_writer = None  # a BackgroundWriter once use_async_save() is called (checkpoint.async_save)
+    _checkpoint_group = None
 
+    def use_async_save(self) -> None:
+        """Save through torch.distributed.checkpoint.async_save from now on (train/checkpoint/async_io.py)."""
+        from train.checkpoint.async_io import BackgroundWriter
+
+        self.checkpoint_writer = BackgroundWriter()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """Every rank writes its DCP shard into `step-N.tmp-<pid>/sharded/`; rank 0 adds the gathered weights and the
+        rest (DirCheckpointIO), then one rename publishes the folder. With `use_async_save()` the shards are staged
+        (copied to host memory) and written by DCP's async_save in a thread, and rank 0's BackgroundWriter, once
+        that save's future is done (its coordinator wrote `.metadata` after every rank's shard), reads the full
+        weights back from the shards (no gather in the loop) and publishes; the next save waits for the previous
+        one on every rank."""
+        import torch.distributed.checkpoint as dcp
+
+        writer = self.checkpoint_writer
+        if writer is not None:
+            writer.wait()  # the previous checkpoint is published (or its error raised) on every rank first
         path = Path(self.broadcast(str(filepath)))
         tmp = Path(self.broadcast(str(path.parent / f"{path.name}.tmp-{os.getpid()}")))  # rank 0's pid names it
         if self.is_global_zero:
@@ -126,24 +143,62 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
         sharded = {"state_dict": checkpoint.pop("state_dict")}
         sharded.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
         try:
-            dcp.save(sharded, checkpoint_id=str(tmp / SHARDED_DIR))  # every rank writes its shard
-            # the full weights, gathered to rank 0's CPU (a collective: every rank takes part)
-            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            full = retie(full, self.model)
-            full = trainable_only(full, self.lightning_module.model, ck.MODULE_PREFIX)  # LoRA: adapters + head
             if self.is_global_zero:
-                checkpoint["state_dict"] = full
                 meta = checkpoint[ck.META_KEY] = dict(checkpoint.get(ck.META_KEY) or {}, strategy="fsdp")
                 net = self.lightning_module.model
                 if meta.get("task") == type(net).__name__:  # the model's class, not fully_shard's FSDP<class>
                     meta["task"] = plain_class(net).__name__
-                # DirCheckpointIO writes the rest into the same tmp dir and publishes it with one rename
-                ck_io.DirCheckpointIO().save_checkpoint(checkpoint, path, storage_options={"tmp_dir": tmp})
+            if writer is None:
+                dcp.save(sharded, checkpoint_id=str(tmp / SHARDED_DIR))  # every rank writes its shard
+                self._save_full_state(checkpoint, path, tmp)
+            else:
+                self._async_save(sharded, checkpoint, path, tmp)
         except BaseException:
             if self.is_global_zero:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.barrier("fsdp-save-done")
+
+    def _save_full_state(self, checkpoint: dict[str, Any], path: Path, tmp: Path) -> None:
+        """The full weights gathered to rank 0's CPU (a collective: every rank takes part); rank 0's DirCheckpointIO
+        writes them and the rest into `tmp` and publishes it with one rename."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.is_global_zero:
+            # LoRA: the adapters + head only (train/adapters/lora.py)
+            checkpoint["state_dict"] = trainable_only(retie(full, self.model), self.lightning_module.model,
+                                                      ck.MODULE_PREFIX)
+            ck_io.DirCheckpointIO().save_checkpoint(checkpoint, path, storage_options={"tmp_dir": tmp})
+
+    def _async_save(self, sharded: dict[str, Any], checkpoint: dict[str, Any], path: Path, tmp: Path) -> None:
+        """dcp.async_save of the shards (staged in host memory now, written in DCP's thread, whose collectives use a
+        process group of their own so they never interleave with training's); rank 0's writer publishes after."""
+        import torch.distributed.checkpoint as dcp
+
+        from train.checkpoint.async_io import snapshot
+
+        done = dcp.async_save(sharded, checkpoint_id=str(tmp / SHARDED_DIR), process_group=self.checkpoint_group())
+        if self.is_global_zero:
+            names = list(trainable_only(sharded["state_dict"], self.lightning_module.model, ck.MODULE_PREFIX))
+            self.checkpoint_writer.submit(_publish_when_written, done, snapshot(checkpoint), path, tmp, names,
+                                          tied_aliases(self.model))
+        else:
+            self.checkpoint_writer.submit(done.result)
+
+    def checkpoint_group(self):
+        """The gloo process group async_save's thread runs its collectives on (made on first use, on every rank)."""
+        if self._checkpoint_group is None:
+            self._checkpoint_group = torch.distributed.new_group(backend="gloo")
+        return self._checkpoint_group
+
+    def teardown(self) -> None:
+        try:
+            if self.checkpoint_writer is not None:
+                self.checkpoint_writer.close()  # the last checkpoint is published (or its error raised) first
+        finally:
+            self._checkpoint_group = None
+            super().teardown()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
@@ -176,6 +231,40 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
         return ckpt
 
 
+def _publish_when_written(done, checkpoint: dict[str, Any], path: Path, tmp: Path, names: list[str],
+                          aliases: dict[str, str]) -> None:
+    """Rank 0's BackgroundWriter job: wait for DCP's async_save future (every rank's shard and `.metadata` are
+    written); read the full weights back from those shards (`dcp.load` into full-size plain tensors, no_dist: DCP
+    reshards on load, and no collective runs beside training's); then DirCheckpointIO adds model.safetensors,
+    config.json, training_state.pt, meta.json last, and publishes `tmp` as `path` with one rename. A failure removes
+    `tmp` (nothing half-written is ever published).
+
+    names: the model's state-dict keys in order; aliases: its `tied_aliases` (DCP stores a shared tensor under one
+    of its names only): the weights come back under every name, in that order, a shared one as one tensor.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        done.result()
+        shards = tmp / SHARDED_DIR
+        stored = dcp.FileSystemReader(str(shards)).read_metadata().state_dict_metadata
+        prefix = "state_dict."  # DCP's flattened key of {"state_dict": {...}}
+        got = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in stored.items()
+               if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+        dcp.load({"state_dict": got}, checkpoint_id=str(shards), no_dist=True)
+        shared = {**{n: a for a, n in aliases.items()}, **aliases}  # either name of a tied pair -> the other
+        full: dict[str, torch.Tensor] = {}
+        for name in names:
+            first = aliases.get(name)
+            full[name] = full[first] if first in full else got[name] if name in got else got[shared[name]]
+        ck_io.DirCheckpointIO().save_checkpoint(dict(checkpoint, state_dict=full), path,
+                                                storage_options={"tmp_dir": tmp})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def load_universal_fsdp(strategy, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Another family's checkpoint (train/checkpoint/universal.py) into the FSDP2 model and optimizer: every rank
     holds the full state, torch.distributed.checkpoint.state_dict keeps each rank's shard of it (full_state_dict).
@@ -203,12 +292,22 @@ def load_universal_fsdp(strategy, path: Path, meta: dict[str, Any]) -> dict[str,
 def retie(full: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """The gathered full state dict holds one copy per name; names of one shared parameter (tied embeddings:
     lm_head.weight is transformer.wte.weight) point at one tensor again, so the safetensors file stores it once."""
-    first: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first and name in full and first[id(p)] in full:
-            full[name] = full[first[id(p)]]
-        first.setdefault(id(p), name)
+    for alias, name in tied_aliases(model).items():
+        if alias in full and name in full:
+            full[alias] = full[name]
     return full
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{a later name of a shared parameter: its first name} in named_parameters order, e.g. {"lm_head.weight":
+    "transformer.wte.weight"} for tied embeddings (names as `model.state_dict()` spells them)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        first.setdefault(id(p), name)
+    return aliases
 
 
 def plain_class(net: nn.Module) -> type:
@@ -230,4 +329,5 @@ __all__ = [
     "mixed_precision_policy",
     "plain_class",
     "retie",
+    "tied_aliases",
 ]

@@ -175,7 +175,25 @@ class ZeroStrategy(AttemptProcessGroup, DeepSpeedStrategy):
             return super().load_checkpoint(path, weights_only)
         return load_universal_zero(self, path, meta)
 
+    checkpoint_writer = None  # a BackgroundWriter once use_async_save() is called (checkpoint.async_save)
+
+    def use_async_save(self) -> None:
+        """Consolidate and publish checkpoints in the background from now on (train/checkpoint/async_io.py).
+        DeepSpeed's own writer (engine.save_checkpoint) still writes the ZeRO partitions before the loop goes on."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from train.checkpoint.async_io import BackgroundWriter
+
+        self.checkpoint_writer = BackgroundWriter()
+        rank_zero_info("checkpoint.async_save: DeepSpeed writes its ZeRO partitions synchronously; model.safetensors "
+                       "and the publish of each checkpoint are done in the background")
+
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Optional[Any] = None) -> None:
+        from train.checkpoint.async_io import snapshot
+
+        writer = self.checkpoint_writer
+        if writer is not None:
+            writer.wait()  # the previous checkpoint is published (or its error raised) first
         path = Path(self.broadcast(str(filepath)))
         tmp = Path(self.broadcast(str(path.parent / f"{path.name}.tmp-{os.getpid()}")))
         model_config = checkpoint.pop(ck.MODEL_CONFIG_KEY, None)
@@ -188,8 +206,30 @@ class ZeroStrategy(AttemptProcessGroup, DeepSpeedStrategy):
         self.barrier("zero-save")
         if self.is_global_zero:
             training = {k: v for k, v in checkpoint.items() if k not in _ENGINE_KEYS}
-            finalize_zero_checkpoint(tmp, path, model_config, meta, step, training_state=training)
+            if writer is None:
+                finalize_zero_checkpoint(tmp, path, model_config, meta, step, training_state=training)
+            else:  # the partitions are on disk; the consolidation reads them there, not the live engine
+                writer.submit(_finalize_or_remove, tmp, path, model_config, meta, step, snapshot(training))
         self.barrier("zero-finalize")
+
+    def teardown(self) -> None:
+        try:
+            if self.checkpoint_writer is not None:
+                self.checkpoint_writer.close()  # the last checkpoint is published (or its error raised) first
+        finally:
+            super().teardown()
+
+
+def _finalize_or_remove(tmp: Path, path: Path, model_config: Optional[dict], meta: dict[str, Any], step: int,
+                        training: dict[str, Any]) -> None:
+    """finalize_zero_checkpoint in the BackgroundWriter; a failure removes `tmp`, so nothing half-made is published."""
+    import shutil
+
+    try:
+        finalize_zero_checkpoint(tmp, path, model_config, meta, step, training_state=training)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_universal_zero(strategy, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
