@@ -17,6 +17,7 @@ import json
 import os
 import re
 import warnings
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -180,6 +181,19 @@ def _check_shapes(model, ours: dict[str, torch.Tensor]) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # folders
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str,
+                     metadata: Optional[dict[str, str]] = None) -> None:
+    """`safetensors.torch.save_file`, then the file mode any file this process creates gets (0666 minus the umask).
+
+    safetensors (0.8) writes its file with mode 0600, readable by its owner alone, unlike the JSON and tokenizer files
+    beside it; on a shared cluster another user (or a separate evaluation account) could not load the weights.
+    """
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def weight_files(folder: str) -> list[str]:
@@ -347,12 +361,12 @@ def save_pretrained(model, save_directory, safe_serialization: bool = True, max_
             os.remove(os.path.join(save_directory, name))
     metadata = {"format": "pt"}  # what transformers expects in the safetensors header
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(save_directory, SAFE_WEIGHTS), metadata=metadata)
+        save_safetensors(shards[0], os.path.join(save_directory, SAFE_WEIGHTS), metadata=metadata)
     else:
         weight_map = {}
         for j, shard in enumerate(shards, 1):
             name = f"model-{j:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(save_directory, name), metadata=metadata)
+            save_safetensors(shard, os.path.join(save_directory, name), metadata=metadata)
             weight_map.update({k: name for k in shard})
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
                  "weight_map": dict(sorted(weight_map.items()))}

@@ -76,6 +76,11 @@ def test_run_dir_has_everything_interface_lists(trained):
     assert {p.name for p in step.iterdir()} >= {"model.safetensors", "config.json", "training_state.pt"}
     assert (run_dir / "samples.txt").read_text().strip()
     assert "max_steps: 40" in (run_dir / "config.yaml").read_text()
+    # the weights get the mode of every other file the run writes (safetensors alone would write 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in (step / "model.safetensors", run_dir / "hf" / "model.safetensors"):
+        assert weights.stat().st_mode & 0o777 == 0o666 & ~umask == (run_dir / "config.yaml").stat().st_mode & 0o777
 
 
 def test_loss_falls_and_metrics_are_step_indexed(trained):
@@ -196,6 +201,11 @@ def test_resuming_at_trainer_max_steps_says_there_is_nothing_to_train(trained, c
                                                 f"{run_dir}")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
     assert (run_dir / "hf" / "model.safetensors").is_file()
+    # train/run.py on a finished run (summary.json written): the line, and the run dir's records left as they are
+    records = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "summary.json", "metrics.csv")}
+    r = run_cli("train/run.py", *small(corpus, cache_dir, run_dir, "resume=auto", "trainer.max_steps=10"))
+    assert r.returncode == 0 and "done: nothing to train: the checkpoint is at step 40" in r.stdout, r.stderr[-2000:]
+    assert records == {name: (run_dir / name).read_bytes() for name in records}
 
 
 def test_the_logged_lr_is_the_lr_its_update_used(corpus, cache_dir, tmp_path):

@@ -203,7 +203,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, out: str | os.PathLike, base: Optional[str]) -> Path:
     """Write LoRA model `model` as a PEFT adapter folder at `out` (adapter_config.json naming `base`,
     adapter_model.safetensors), atomically (tmp folder + rename). Returns `out`."""
-    from safetensors.torch import save_file
+    from gpt2.hf_io import save_safetensors
 
     from train.checkpoint.layout import publish_dir
 
@@ -221,7 +221,7 @@ def save_adapter(model: nn.Module, out: str | os.PathLike, base: Optional[str]) 
         cfg.target_modules = sorted(c.target_modules)
         cfg.modules_to_save = list(c.modules_to_save or [])  # hf_io keeps the heads' names
         cfg.save_pretrained(str(tmp))
-        save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -236,10 +236,18 @@ def is_adapter_folder(path: str | os.PathLike) -> bool:
 
 
 def adapter_base(path: str | os.PathLike) -> str:
-    """The base model folder an adapter folder names (adapter_config.json's base_model_name_or_path); FileNotFoundError
-    naming the fix when it is missing or not there."""
+    """The base model folder an adapter folder names (adapter_config.json's base_model_name_or_path: a local folder,
+    or a hub id read from the huggingface_hub cache at its `revision`); FileNotFoundError naming the fix when it is
+    missing or cannot be had."""
     p = Path(path)
-    base = json.loads((p / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    config = json.loads((p / ADAPTER_CONFIG).read_text())
+    base = config.get("base_model_name_or_path")
+    from gpt2.hub import is_hub_id
+
+    if base and not Path(base).expanduser().exists() and is_hub_id(base):  # a hub id: its snapshot in the HF cache
+        from train.checkpoint.layout import init_source
+
+        return str(init_source(base, config.get("revision"), label=f"the base model {base} of {p}"))
     if not base or not Path(base).expanduser().exists():
         raise FileNotFoundError(f"{p / ADAPTER_CONFIG} names base model {base!r}, which does not exist here; set its "
                                 f"base_model_name_or_path to the base model's HF folder.")

@@ -18,8 +18,9 @@ from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from gpt2.hf_io import save_safetensors
 from train.checkpoint.layout import (
     CONFIG_NAME,
     FORMAT,
@@ -48,7 +49,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
             continue
         seen[key] = name
         tensors[name] = t.contiguous().cpu()
-    save_file(tensors, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    save_safetensors(tensors, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases)})
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
