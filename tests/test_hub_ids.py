@@ -118,6 +118,9 @@ def runs(hub) -> dict[str, subprocess.CompletedProcess]:
         # evaluate.py on the hub id, with a built-in lm_eval task whose dataset is not in the (empty) datasets cache
         "evaluate_offline": lambda: cli(hub, "gpt2", "--tasks", "lambada_openai", "--limit", "2",
                                         script="train/cli/evaluate.py"),
+        # in-training evaluation on a task whose dataset the offline cache lacks: refused before anything trains
+        "train_eval_offline": lambda: cli(hub, *small(hub, d / "ev", "eval.tasks=[lambada_openai]",
+                                                     "eval.every_n_steps=2")),
         "generate_missing": lambda: cli(hub, "openai-community/gpt2-xl", "--prompt", "x",
                                         script="train/cli/generate.py"),
     }
@@ -197,6 +200,12 @@ def test_evaluate_takes_a_hub_id_and_an_offline_task_dataset_is_one_sentence(run
     one sentence naming the task, the cache advice and the local-task alternative."""
     line = one_error_line(runs["evaluate_offline"])
     assert "lm_eval task(s) lambada_openai" in line and "HF_DATASETS_OFFLINE=1" in line and "--include-path" in line
+
+
+def test_in_training_evaluation_without_its_dataset_is_refused_before_training(runs, hub):
+    line = one_error_line(runs["train_eval_offline"])
+    assert "lm_eval task(s) lambada_openai" in line and "HF_DATASETS_OFFLINE=1" in line
+    assert not (hub["d"] / "ev" / "metrics.csv").exists()  # no step was trained (and then lost)
 
 
 def test_gpt2_owt_recipe_gets_past_the_tokenizer(runs):

@@ -192,6 +192,20 @@ def check_tasks(tasks: str | Sequence[str], include_path=None, *, option: str = 
     return names
 
 
+def check_task_data(names: list[str], include_path=None, *, option: str = "--include-path") -> None:
+    """Build lm_eval's task objects for `names` once, which loads their datasets (from the datasets cache, or the hub),
+    so a task whose data cannot be had stops a training run before its first step instead of at its first
+    evaluation, with the whole run's work lost. Raises FileNotFoundError (`offline_dataset_error`)."""
+    from lm_eval.tasks import get_task_dict
+
+    manager = next(_task_managers(names, include_path, option))
+    try:
+        with _quiet_lm_eval(False):
+            get_task_dict(names, manager)
+    except ConnectionError as e:  # a task's hub dataset, offline or unreachable and not in the datasets cache
+        raise offline_dataset_error(names, e) from e
+
+
 def _task_names(tasks: str | Sequence[str]) -> list[str]:
     items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     names = [t.strip() for t in items if t and t.strip()]
@@ -436,8 +450,9 @@ class HarnessEval(Callback):
 
 def check_eval(eval_cfg, task_name: str) -> None:
     """Refuse up front, before any data is prepared, what cannot evaluate: a task without an LM head, lm_eval not
-    installed, an unknown task name, a missing include path or a task YAML there that does not parse. Raises
-    ConfigError (one sentence naming the fix). Builds the task index `HarnessEval` reuses (~10 s for lm_eval's
+    installed, an unknown task name, a missing include path or a task YAML there that does not parse, a task whose
+    dataset cannot be loaded (`check_task_data`). Raises ConfigError or FileNotFoundError (one sentence naming the
+    fix). Builds the task index `HarnessEval` reuses (~10 s for lm_eval's
     built-in tasks; a task list that the include path alone defines skips it)."""
     from train.config import ConfigError
 
@@ -445,9 +460,10 @@ def check_eval(eval_cfg, task_name: str) -> None:
         raise ConfigError(f"eval.tasks scores a language model, and task={task_name} trains a fine-tuning head; "
                           f"drop eval.tasks, or evaluate with task=lm.")
     try:
-        check_tasks(eval_cfg.tasks, eval_cfg.include_path, option="eval.include_path")
+        names = check_tasks(eval_cfg.tasks, eval_cfg.include_path, option="eval.include_path")
     except EvaluationError as e:
         raise ConfigError(f"eval.tasks: {e}") from None
+    check_task_data(names, eval_cfg.include_path, option="eval.include_path")
 
 
 def build_eval(eval_cfg, tokenizer: Any, run_dir: Path, val_check_interval: int, fast_dev_run: bool = False):
@@ -482,5 +498,5 @@ def eval_model(trainer, pl_module):
     return net.to(device=pl_module.device, dtype=dtype).eval()
 
 
-__all__ = ["EvaluationError", "HarnessEval", "build_eval", "check_eval", "check_tasks", "eval_model", "evaluate",
-           "load_harness", "metrics", "offline_dataset_error", "write_json"]
+__all__ = ["EvaluationError", "HarnessEval", "build_eval", "check_eval", "check_task_data", "check_tasks", "eval_model",
+           "evaluate", "load_harness", "metrics", "offline_dataset_error", "write_json"]
