@@ -213,6 +213,9 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(setup):
     step = int(saved.split("-")[1])
     assert step >= 3 and "SIGTERM" in err and f"step {step}" in err
     assert not (run_dir / "hf").exists()  # not done: no export
+    # the printed command continues this run with its own overrides (its trainer.max_steps among them)
+    resume = next(line for line in err.splitlines() if line.startswith("resume: "))
+    assert "resume=auto" in resume and "trainer.max_steps=100000" in resume and str(run_dir) in resume, resume
     assert max(losses(run_dir)) == step
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from data_pipelines.cli import override
 from train.checkpoint import layout  # torch-free: checked before torch and Lightning are imported
 from train.config import Config
 from train.tasks import get_task  # torch-free until a task is imported
@@ -67,6 +66,14 @@ class CheckedInputs:
         """The optimizer step of the checkpoint resumed from; None for a fresh start."""
         return self.resume_meta.get("global_step") if self.resume_from is not None else None
 
+    def finished(self, max_steps: int) -> bool:
+        """Whether the run resumed is already done for `max_steps` (trainer.max_steps): its checkpoint is at or past
+        it and the run dir holds the summary.json a finished run writes last. Restarting such a run (a requeue after
+        the end, a max_steps not raised) has nothing to do; one stopped between its final checkpoint and its summary
+        (export, samples) has not finished and goes on to write them."""
+        step = self.resume_step
+        return step is not None and 0 < max_steps <= step and (self.run_dir / "summary.json").is_file()
+
 
 def check_inputs(cfg: Config) -> CheckedInputs:
     """Refuse, with one sentence, what the job would refuse later but the config and small file reads already show,
@@ -99,7 +106,7 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     # model.init_from: a local folder, or a hub id fetched now into the huggingface_hub cache (one sentence offline)
     init_dir = layout.init_source(cfg.model.init_from, cfg.model.revision) if cfg.model.init_from else None
     tokenizer = layout.tokenizer_source(cfg.data.tokenizer, init_dir, resume_from)
-    layout.check_same_peft(cfg.peft, init_dir, resume_from, meta)  # LoRA: no adapters as a base, same adapters on resume
+    layout.check_same_peft(cfg.peft, init_dir, resume_from, meta)  # LoRA: no adapters as a base nor a changed shape
     if resume_from is not None and not cfg.data.tokenizer and (meta.get("config") or {}).get("data"):
         meta["config"]["data"]["tokenizer"] = tokenizer  # the checkpoint's own: no change for the resume line to list
     # the LM data: an LM's training set, or the corpus a fine-tune's tokenizer is trained on when none is given
@@ -137,8 +144,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     OSError (bad input), GuardError (a diverging run), RankLostError (another rank died), KeyboardInterrupt (Ctrl-C)."""
     if not isinstance(cfg, Config):  # a DictConfig would skip every __post_init__ check
         raise TypeError(f"train() takes a train.config.Config, not {type(cfg).__name__}; use to_config(cfg).")
-    t_start = time.perf_counter()
-    checked = checked if checked is not None else check_inputs(cfg)
+    t_start, checked = time.perf_counter(), checked if checked is not None else check_inputs(cfg)
 
     import lightning as L
 
@@ -146,7 +152,6 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     from train.callbacks.loggers import RunSummary, build_loggers
     from train.callbacks.preemption import Preemption
     from train.callbacks.ranks import LostRank
-    from train.checkpoint.async_io import checkpoint_plugin
     from train.checkpoint.callbacks import BestCheckpoint, HFExport, StepCheckpoint
     from train.eval.evaluate import build_eval
     from train.strategies import build_strategy
@@ -158,7 +163,7 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     cfg.data.tokenizer = checked.tokenizer or cfg.data.tokenizer
     cfg.model.revision = checked.init_commit or cfg.model.revision  # config.yaml records the hub commit it starts from
     tokenizer = task.tokenizer(cfg.data, cfg.model.init_from, checked.resume_from, run_dir)  # None: the data's own
-    hparams = layout.write_config(run_dir, cfg, previous=checked.resume_meta.get("config"))  # + what a resume changed
+    hparams = layout.write_config(run_dir, cfg, checked.resume_meta.get("config"), launch_rank())  # + resume changes
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # -- data
@@ -197,10 +202,10 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     # best, eval before step (checkpoint N holds both of step N); fast_dev_run: the eval alone; export, summary last
     lost_rank = LostRank()  # a rank that died: named in the error instead of the collective's broken connection
     run_callbacks = (eval_cb,) if tcfg.fast_dev_run else (best_cb, eval_cb, ckpt_cb, preempt, export_cb)
+    callbacks = [cb for cb in (*run_callbacks, lost_rank, summary) if cb is not None]
     strategy = build_strategy(cfg.strategy, tcfg, task.micro_batch_size(cfg.data, cfg.task), checked.hardware)
-    trainer = build_trainer(tcfg, cfg.guard, strategy, checked.hardware.precision, run_dir, loggers,
-                            [cb for cb in (*run_callbacks, lost_rank, summary) if cb is not None],
-                            checkpoint_io=checkpoint_plugin(strategy, cfg.checkpoint.async_save))
+    trainer = build_trainer(tcfg, cfg.guard, strategy, checked.hardware.precision, run_dir, loggers, callbacks,
+                            cfg.checkpoint.async_save)
 
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(checked.resume_from) if checked.resume_from else None)
@@ -209,8 +214,8 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
             raise
         raise RankLostError(lost_rank.report(trainer)) from e
     if trainer.interrupted:
-        raise KeyboardInterrupt(f"interrupted at step {trainer.global_step}; continue with resume=auto "
-                                f"{override('run_dir', run_dir)}")
+        raise KeyboardInterrupt(f"interrupted at step {trainer.global_step} (newest checkpoint in {run_dir}; "
+                                f"resume=auto continues)")
     return summary.summary
 
 

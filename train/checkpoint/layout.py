@@ -64,12 +64,13 @@ def publish_dir(tmp: Path, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ finding checkpoints
-def write_config(run_dir: Path, cfg: Any, previous: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def write_config(run_dir: Path, cfg: Any, previous: Optional[dict[str, Any]] = None, rank: int = 0) -> dict[str, Any]:
     """run_dir/config.yaml (run_dir created if needed): the fully resolved config `cfg` (a structured config
     dataclass, train.config.Config), written before anything runs (tmp + replace). Returns it as plain containers:
     the hyper-parameters the loggers record. `previous`: the config of the checkpoint a run resumes (its meta.json's
     "config"); one log line lists the settings that differ from it (`config_changes`): each takes effect from the
-    first resumed step (optim.*: train.module.apply_optim_config) or was refused by the up-front checks."""
+    first resumed step (optim.*: train.module.apply_optim_config) or was refused by the up-front checks; only
+    `rank` 0 (the launcher's rank of this process) says it, as every rank of a job runs this."""
     from omegaconf import OmegaConf
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,7 @@ def write_config(run_dir: Path, cfg: Any, previous: Optional[dict[str, Any]] = N
     os.replace(tmp, run_dir / "config.yaml")
     hparams = OmegaConf.to_container(node, resolve=True)
     changed = config_changes(previous, hparams)
-    if changed:
+    if changed and rank == 0:
         log.info("resume: settings that differ from the checkpoint's: %s", "; ".join(changed))
     return hparams
 

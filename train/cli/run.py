@@ -78,6 +78,9 @@ def main(dcfg: DictConfig) -> Optional[float]:
         cfg = to_config(dcfg)  # a bad value fails here, before torch and Lightning are imported
         check_overrides(cfg, HydraConfig.get().overrides.task)  # a data override the task would ignore
         checked = check_inputs(cfg)  # run dir, resume, data files, hardware: before Lightning's ~4 s import
+        if checked.finished(cfg.trainer.max_steps):  # nothing to do: the run dir and its records stay as they are
+            print(nothing_to_train_line(checked.resume_step, str(checked.run_dir)))
+            return None
         tune_glibc_malloc()  # this process owns the allocator: keep each step's freed memory for the next step
         _route_lightning_logs()
         summary = train(cfg, checked)
@@ -88,7 +91,8 @@ def main(dcfg: DictConfig) -> Optional[float]:
         print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:
-        print(f"stopped: {e or 'interrupted'}", file=sys.stderr)
+        print(f"stopped: {e or 'interrupted'}\n"
+              f"resume: {resume_command(HydraConfig.get().overrides.task, dcfg.run_dir)}", file=sys.stderr)
         sys.exit(130)
     except RankLostError as e:
         if debug():
@@ -96,10 +100,11 @@ def main(dcfg: DictConfig) -> Optional[float]:
         print(f"stopped: {e}\nresume: {resume_command(HydraConfig.get().overrides.task, dcfg.run_dir)}",
               file=sys.stderr)
         sys.exit(1)
-    if summary.get("preempted"):
+    if summary.get("preempted"):  # the command that continues it keeps this run's overrides (trainer.max_steps ...)
         requeued = " and requeued the SLURM job" if summary.get("requeued") else ""
         print(f"stopped: {summary['preempted']} at step {summary['global_step']}; saved {summary['checkpoint']}"
-              f"{requeued}; continue with resume=auto {override('run_dir', summary['run_dir'])}", file=sys.stderr)
+              f"{requeued}\nresume: {resume_command(HydraConfig.get().overrides.task, summary['run_dir'])}",
+              file=sys.stderr)
         # a requeued job's exit does not matter; a SIGTERM stop is 128+15, as if the signal had ended it
         sys.exit(0 if summary["preempted"] == "SIGUSR1" else 143)
     prompt = dcfg.sample.prompts[0] if dcfg.sample.prompts else ""
@@ -122,6 +127,12 @@ def discard_unused_run_dir(run_dir: Path) -> None:
         pass
 
 
+def nothing_to_train_line(step: int, run_dir: str) -> str:
+    """What a run resumed at or past trainer.max_steps prints."""
+    return (f"done: nothing to train: the checkpoint is at step {step}, at or past trainer.max_steps; raise "
+            f"trainer.max_steps to train on; run dir {run_dir}")
+
+
 def outcome_lines(summary: dict[str, Any], prompt: str, overrides: Sequence[str]) -> list[str]:
     """What train/run.py prints after a finished run: the losses (+ validation perplexity), a fine-tune's best
     metric, and for an LM run a last line saying what to open and what to type next (sample from hf/, resume for as
@@ -139,8 +150,7 @@ def outcome_lines(summary: dict[str, Any], prompt: str, overrides: Sequence[str]
         lines.append(f"done: {steps} in {summary['seconds']:.0f}s, train loss {loss}{val_txt}; "
                      f"run dir {summary['run_dir']}")
     elif start is not None and end <= start:  # resumed at or past trainer.max_steps: fit ends before its first step
-        lines.append(f"done: nothing to train: the checkpoint is at step {start}, at or past trainer.max_steps; raise "
-                     f"trainer.max_steps to train on; run dir {summary['run_dir']}")
+        lines.append(nothing_to_train_line(start, summary["run_dir"]))
     best = summary.get("best")
     if best:  # a fine-tuning task: the monitored metric of the exported (best) model
         lines.append(f"best {best['metric']}={best['value']:.4f} at step {best['step']}; "
@@ -213,8 +223,17 @@ def cli() -> None:
     if CHECK_FLAG in sys.argv[1:]:
         run_hydra(lambda: _check([a for a in sys.argv[1:] if a != CHECK_FLAG]))
         return
-    run_hydra(main)
+    try:
+        run_hydra(main)
+    except Exception as e:  # hydra/launcher=slurm: submitit's errors (sbatch refused the job) reach the launching process
+        if not type(e).__module__.startswith("submitit") or debug():
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        print(f"error: the Slurm launcher could not submit the sweep ({lines[-1] if lines else type(e).__name__}); "
+              f"fit hydra.launcher.* to the cluster (partition, gpus_per_node=0 on CPU nodes, mem_gb, "
+              f"cpus_per_task)", file=sys.stderr)
+        sys.exit(1)
 
 
-__all__ = ["CHECK_FLAG", "check_command", "cli", "discard_unused_run_dir", "main", "outcome_lines", "resume_command",
-           "shown"]
+__all__ = ["CHECK_FLAG", "check_command", "cli", "discard_unused_run_dir", "main", "nothing_to_train_line",
+           "outcome_lines", "resume_command", "shown"]
