@@ -208,8 +208,8 @@ def test_string_labels_reach_the_export_and_label_count_mismatch_reinitialises(l
         capsys.readouterr()
         assert generate_main([str(src), "--prompt", "x"]) == 1
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "holds a GPT2ForSequenceClassification (a fine-tuned task head), which does not " \
-            "generate text" in err[0], err
+        assert len(err) == 1 and "holds a GPT2ForSequenceClassification (a fine-tuned task head), not a language " \
+            "model" in err[0], err
 
     three = _write_jsonl(tmp_path / "three.jsonl", _cls_rows(["red", "green", "blue"], 60))
     with caplog.at_level(logging.INFO, logger="train.tasks"):

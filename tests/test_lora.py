@@ -166,6 +166,16 @@ def test_generate_and_evaluate_load_an_adapter_folder_and_a_lora_checkpoint(lora
 
 
 @pytest.mark.slow
+def test_generate_refuses_a_task_heads_adapter_in_one_sentence(lora_runs, capsys):
+    from train.cli.generate import main as generate_main
+
+    assert generate_main([str(lora_runs["cls"][0] / "adapter"), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a LoRA adapter (with the fine-tuned task head score), not a language model" \
+        in err[0], err
+
+
+@pytest.mark.slow
 def test_bad_lora_inputs_get_one_sentence(lora_runs, tmp_path):
     from train.config import ConfigError
     from train.job import check_inputs

@@ -288,7 +288,7 @@ def check_finite_weights(model: torch.nn.Module, step: int) -> None:
 
 # ------------------------------------------------------------------------------------------------ the Trainer
 def build_trainer(trainer_cfg, guard_cfg, strategy: Any, precision: str, run_dir: Path, loggers: list,
-                  extra_callbacks: Sequence = (), checkpoint_io: Any = None):
+                  extra_callbacks: Sequence = (), async_save: bool = False):
     """The Lightning Trainer of a run (also what benchmarks/overhead.py times).
 
     Args:
@@ -298,8 +298,8 @@ def build_trainer(trainer_cfg, guard_cfg, strategy: Any, precision: str, run_dir
             Lightning precision string (train.strategies.Hardware.precision).
         run_dir, loggers: where the run writes, and its loggers (train.callbacks.loggers.build_loggers).
         extra_callbacks: the run's own callbacks (checkpoints, evaluation, preemption), after the loss guard.
-        checkpoint_io: the CheckpointIO plugin (train.checkpoint.async_io.checkpoint_plugin); None: a synchronous
-            DirCheckpointIO.
+        async_save: `checkpoint.async_save`: checkpoints written by a background writer (the CheckpointIO plugin
+            of train.checkpoint.async_io.checkpoint_plugin), else synchronously (DirCheckpointIO).
 
     Callbacks, in order: StepSeed, RNGState, Throughput, the loss guard (before the checkpoint callbacks in
     `extra_callbacks`, so a step-N save holds a rolled-back state, not the spiking one), ValidateLastStep, then the
@@ -310,7 +310,7 @@ def build_trainer(trainer_cfg, guard_cfg, strategy: Any, precision: str, run_dir
     from train.callbacks.progress import StepProgressBar
     from train.callbacks.rng import RNGState, StepSeed
     from train.callbacks.throughput import Throughput
-    from train.checkpoint.io import DirCheckpointIO
+    from train.checkpoint.async_io import checkpoint_plugin
     from train.strategies import build_plugins
 
     tcfg, fast = trainer_cfg, trainer_cfg.fast_dev_run
@@ -341,7 +341,8 @@ def build_trainer(trainer_cfg, guard_cfg, strategy: Any, precision: str, run_dir
         enable_checkpointing=False,  # StepCheckpoint owns checkpoints/
         enable_progress_bar=tcfg.enable_progress_bar,
         enable_model_summary=tcfg.enable_progress_bar,
-        plugins=[checkpoint_io or DirCheckpointIO(), *build_plugins()],  # + SLURMEnvironment(auto_requeue=False) under SLURM
+        # the CheckpointIO, + SLURMEnvironment(auto_requeue=False) under SLURM
+        plugins=[checkpoint_plugin(strategy, async_save), *build_plugins()],
         deterministic="warn" if tcfg.deterministic else None,  # torch.use_deterministic_algorithms(True, warn_only)
         profiler=build_profiler(tcfg.profiler, run_dir),
         default_root_dir=str(run_dir),

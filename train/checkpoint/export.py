@@ -192,6 +192,12 @@ def load_adapter_and_tokenizer(folder: Path):
     raise FileNotFoundError(f"no tokenizer files next to {folder} or its base {base}.")
 
 
+def not_a_language_model(where: Any, what: str, note: str = "a fine-tuned task head") -> ValueError:
+    """The one sentence for a model generate / evaluate cannot use: `where` holds `what` (`note`)."""
+    return ValueError(f"{where} holds a {what} ({note}), not a language model; generate and evaluate take an LM "
+                      f"run's hf/ or adapter/ folder, a checkpoint or a run dir.")
+
+
 def load_model_and_tokenizer(src: str | os.PathLike):
     """(LM, tokenizer) of an HF folder (config.json + weights + tokenizer files), a PEFT LoRA adapter folder
     (adapter_config.json: its base model with the adapter merged in), a hub id (fetched into, or read from, the
@@ -201,14 +207,16 @@ def load_model_and_tokenizer(src: str | os.PathLike):
 
     p = init_source(str(src), label=str(src))
     if (p / "adapter_config.json").is_file():  # a PEFT adapter folder (a LoRA run's adapter/): on its base
+        head = json.loads((p / "adapter_config.json").read_text()).get("modules_to_save") or []
+        if head:  # a fine-tune's adapter: its head (score, classifier, ...) trained in full beside the adapters
+            raise not_a_language_model(p, "LoRA adapter", f"with the fine-tuned task head {', '.join(head)}")
         return load_adapter_and_tokenizer(p)
     if (p / "config.json").is_file() and not (p / "meta.json").is_file():
         if not ((p / "tokenizer.json").is_file() or (p / "vocab.json").is_file()):
             raise FileNotFoundError(f"{p} has no tokenizer files (tokenizer.json or vocab.json + merges.txt).")
         heads = json.loads((p / "config.json").read_text()).get("architectures") or []
         if heads and not any(h.endswith(("LMHeadModel", "ForCausalLM")) for h in heads):  # e.g. a cls export
-            raise ValueError(f"{p} holds a {heads[0]} (a fine-tuned task head), which does not generate text; sample "
-                             f"from an LM run's hf/ folder or checkpoint instead.")
+            raise not_a_language_model(p, heads[0])
         import torch
 
         from gpt2 import GPT2LMHeadModel, GPT2TokenizerFast
@@ -220,6 +228,5 @@ def load_model_and_tokenizer(src: str | os.PathLike):
     from gpt2 import GPT2LMHeadModel
 
     if not isinstance(model, GPT2LMHeadModel):
-        raise ValueError(f"{step} holds a {type(model).__name__} (a fine-tuned task head), which does not generate "
-                         f"text; sample from an LM run or checkpoint instead.")
+        raise not_a_language_model(step, type(model).__name__)
     return model, tok

@@ -80,7 +80,7 @@ def load_model(src: str | os.PathLike, device: str | torch.device = "cpu"):
         return model.to(device).eval(), tok, p, run_dir
     # our checkpoints: train.checkpoint.io imports Lightning (seconds), so only on this path
     from train.checkpoint.layout import META_NAME, latest_checkpoint
-    from train.checkpoint.export import load_for_export
+    from train.checkpoint.export import load_for_export, not_a_language_model
 
     if (p / META_NAME).is_file():  # a checkpoint of ours
         step = p
@@ -97,10 +97,7 @@ def load_model(src: str | os.PathLike, device: str | torch.device = "cpu"):
         )
     model, tok, step = load_for_export(step)
     if not isinstance(model, GPT2LMHeadModel):
-        raise ValueError(
-            f"{step} holds a {type(model).__name__} (a fine-tuned task head), not a language model; evaluate an LM "
-            f"run or checkpoint instead."
-        )
+        raise not_a_language_model(step, type(model).__name__)
     return model.to(device).eval(), tok, step, run_dir
 
 
