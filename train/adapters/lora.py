@@ -235,6 +235,19 @@ def is_adapter_folder(path: str | os.PathLike) -> bool:
     return (p / ADAPTER_CONFIG).is_file() and (p / ADAPTER_WEIGHTS).is_file()
 
 
+def base_folder(base: Optional[str], revision: Optional[str], label: str) -> Optional[Path]:
+    """The folder of the base model a LoRA adapter or checkpoint names: a local folder as it is, a hub id's snapshot in
+    the huggingface_hub cache at `revision` (train.checkpoint.layout.init_source; FileNotFoundError in one sentence,
+    naming `label`, when it cannot be had); None when `base` is empty or a local path that does not exist (the
+    caller's message says which file to fix)."""
+    from gpt2.hub import is_hub_id
+    from train.checkpoint.layout import init_source
+
+    if not base or not (Path(base).expanduser().exists() or is_hub_id(base)):
+        return None
+    return init_source(base, revision, label=label)
+
+
 def adapter_base(path: str | os.PathLike) -> str:
     """The base model folder an adapter folder names (adapter_config.json's base_model_name_or_path: a local folder,
     or a hub id read from the huggingface_hub cache at its `revision`); FileNotFoundError naming the fix when it is
@@ -242,16 +255,11 @@ def adapter_base(path: str | os.PathLike) -> str:
     p = Path(path)
     config = json.loads((p / ADAPTER_CONFIG).read_text())
     base = config.get("base_model_name_or_path")
-    from gpt2.hub import is_hub_id
-
-    if base and not Path(base).expanduser().exists() and is_hub_id(base):  # a hub id: its snapshot in the HF cache
-        from train.checkpoint.layout import init_source
-
-        return str(init_source(base, config.get("revision"), label=f"the base model {base} of {p}"))
-    if not base or not Path(base).expanduser().exists():
+    folder = base_folder(base, config.get("revision"), label=f"the base model {base} of {p}")
+    if folder is None:
         raise FileNotFoundError(f"{p / ADAPTER_CONFIG} names base model {base!r}, which does not exist here; set its "
                                 f"base_model_name_or_path to the base model's HF folder.")
-    return str(Path(base).expanduser())
+    return str(folder)
 
 
 def load_adapter_model(path: str | os.PathLike, cls: type) -> nn.Module:
@@ -293,6 +301,7 @@ __all__ = [
     "ADAPTER_WEIGHTS",
     "adapter_base",
     "adapter_state_dict",
+    "base_folder",
     "base_model",
     "check_targets",
     "head_modules",

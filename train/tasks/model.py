@@ -205,19 +205,18 @@ def load_checkpoint_model(step_path: Path, cls: Optional[type] = None, **overrid
 
 def load_lora_checkpoint(step_path: Path, cls: type, peft_meta: dict[str, Any], **overrides) -> nn.Module:
     """The merged model of a LoRA run's checkpoint (train/adapters/lora.py): the base its meta.json names (an HF folder,
-    one of our checkpoints or a hub id), the same adapters injected, the checkpoint's adapter and head weights loaded, merged.
+    one of our checkpoints or a hub id), the same adapters injected, the checkpoint's adapter and head weights
+    loaded, merged.
     Raises CheckpointError when the base is gone or the checkpoint lacks an adapter weight."""
     from types import SimpleNamespace
 
     from train.adapters import lora
 
-    from gpt2.hub import is_hub_id
-
     base = peft_meta.get("base_model")
-    if not base or not (Path(base).exists() or is_hub_id(base)):
+    src = lora.base_folder(base, peft_meta.get("base_revision"), label=f"the base model {base} of {step_path}")
+    if src is None:
         raise CheckpointError(f"{step_path} holds LoRA adapters of base model {base!r}, which does not exist here; "
                               f"use the run's merged hf/ folder, or put the base back at that path.")
-    src = init_source(base, peft_meta.get("base_revision"))  # a local folder, or a hub id's cached snapshot
     with warnings.catch_warnings():  # the head is not in the base: it comes from this checkpoint, checked below
         warnings.filterwarnings("ignore", message=".*newly initialized")
         if is_hf_folder(src):
