@@ -72,11 +72,12 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 def main(dcfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
 
+    overrides = HydraConfig.get().overrides.task  # the command line's, as the printed resume commands repeat them
     try:
         # run_dir is hydra's output dir: equal to ${run_dir} in a single run, the job's folder under -m
         dcfg.run_dir = HydraConfig.get().runtime.output_dir
         cfg = to_config(dcfg)  # a bad value fails here, before torch and Lightning are imported
-        check_overrides(cfg, HydraConfig.get().overrides.task)  # a data override the task would ignore
+        check_overrides(cfg, overrides)  # a data override the task would ignore
         checked = check_inputs(cfg)  # run dir, resume, data files, hardware: before Lightning's ~4 s import
         if checked.finished(cfg.trainer.max_steps):  # nothing to do: the run dir and its records stay as they are
             print(nothing_to_train_line(checked.resume_step, str(checked.run_dir)))
@@ -92,23 +93,23 @@ def main(dcfg: DictConfig) -> Optional[float]:
         sys.exit(1)
     except KeyboardInterrupt as e:
         print(f"stopped: {e or 'interrupted'}\n"
-              f"resume: {resume_command(HydraConfig.get().overrides.task, dcfg.run_dir)}", file=sys.stderr)
+              f"resume: {resume_command(overrides, dcfg.run_dir)}", file=sys.stderr)
         sys.exit(130)
     except RankLostError as e:
         if debug():
             raise
-        print(f"stopped: {e}\nresume: {resume_command(HydraConfig.get().overrides.task, dcfg.run_dir)}",
+        print(f"stopped: {e}\nresume: {resume_command(overrides, dcfg.run_dir)}",
               file=sys.stderr)
         sys.exit(1)
     if summary.get("preempted"):  # the command that continues it keeps this run's overrides (trainer.max_steps ...)
         requeued = " and requeued the SLURM job" if summary.get("requeued") else ""
         print(f"stopped: {summary['preempted']} at step {summary['global_step']}; saved {summary['checkpoint']}"
-              f"{requeued}\nresume: {resume_command(HydraConfig.get().overrides.task, summary['run_dir'])}",
+              f"{requeued}\nresume: {resume_command(overrides, summary['run_dir'])}",
               file=sys.stderr)
         # a requeued job's exit does not matter; a SIGTERM stop is 128+15, as if the signal had ended it
         sys.exit(0 if summary["preempted"] == "SIGUSR1" else 143)
     prompt = dcfg.sample.prompts[0] if dcfg.sample.prompts else ""
-    print("\n".join(outcome_lines(summary, prompt, HydraConfig.get().overrides.task)))
+    print("\n".join(outcome_lines(summary, prompt, overrides)))
     best = summary.get("best")
     # the value a sweeper optimises (hydra/sweeper=optuna_lr): the task's best metric, else the LM's val loss
     return best["value"] if best else summary.get("last_val_loss")
@@ -225,7 +226,7 @@ def cli() -> None:
         return
     try:
         run_hydra(main)
-    except Exception as e:  # hydra/launcher=slurm: submitit's errors (sbatch refused the job) reach the launching process
+    except Exception as e:  # hydra/launcher=slurm: submitit's errors (sbatch refused a job) reach this process
         if not type(e).__module__.startswith("submitit") or debug():
             raise
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]

@@ -60,8 +60,9 @@ def load_model(src: str | os.PathLike, device: str | torch.device = "cpu"):
     run dir.
 
     A run dir resolves to its newest complete checkpoint, or to its `hf/` export when it holds no checkpoint;
-    `run_dir` is the run the weights belong to (None for a standalone HF folder). Raises ValueError when the
-    path is not a model, or holds a fine-tuned head (GPT2ForSequenceClassification, ...) rather than a language model.
+    `run_dir` is the run the weights belong to (None for a standalone HF folder). Raises FileNotFoundError when
+    `src` is neither a path nor a hub id that can be had, ValueError when the path is not a model or holds a
+    fine-tuned head (GPT2ForSequenceClassification, ...) rather than a language model.
     """
     from gpt2 import GPT2LMHeadModel
 
