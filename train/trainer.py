@@ -66,6 +66,22 @@ class ValidateLastStep(Callback):
             trainer.should_stop = True
 
 
+def build_checkpoint_io(strategy: Any, async_save: bool):
+    """The Trainer's CheckpointIO plugin for `checkpoint.async_save` (the choice among train/checkpoint's writers).
+
+    False: DirCheckpointIO (synchronous). True: a strategy that writes its own layout (FSDP2's DCP shards, DeepSpeed's
+    ZeRO files) is switched to its background path through its `use_async_save()`, and keeps DirCheckpointIO for
+    what Lightning reads through the plugin; any other ("auto", DDP) gets AsyncDirCheckpointIO.
+    """
+    from train.checkpoint.async_io import AsyncDirCheckpointIO
+    from train.checkpoint.io import DirCheckpointIO
+
+    use_async_save = getattr(strategy, "use_async_save", None) if async_save else None
+    if use_async_save is not None:
+        use_async_save()
+    return AsyncDirCheckpointIO() if async_save and use_async_save is None else DirCheckpointIO()
+
+
 # ------------------------------------------------------------------------------------------------ the loss guard
 class GuardError(RuntimeError):
     """The run diverged: too many non-finite / spiking steps. The message names the steps and what to try."""
@@ -299,7 +315,7 @@ def build_trainer(trainer_cfg, guard_cfg, strategy: Any, precision: str, run_dir
         run_dir, loggers: where the run writes, and its loggers (train.callbacks.loggers.build_loggers).
         extra_callbacks: the run's own callbacks (checkpoints, evaluation, preemption), after the loss guard.
         async_save: `checkpoint.async_save`: checkpoints written by a background writer (the CheckpointIO plugin
-            of train.checkpoint.async_io.checkpoint_plugin), else synchronously (DirCheckpointIO).
+            `build_checkpoint_io` chooses), else synchronously (DirCheckpointIO).
 
     Callbacks, in order: StepSeed, RNGState, Throughput, the loss guard (before the checkpoint callbacks in
     `extra_callbacks`, so a step-N save holds a rolled-back state, not the spiking one), ValidateLastStep, then the
@@ -310,7 +326,6 @@ def build_trainer(trainer_cfg, guard_cfg, strategy: Any, precision: str, run_dir
     from train.callbacks.progress import StepProgressBar
     from train.callbacks.rng import RNGState, StepSeed
     from train.callbacks.throughput import Throughput
-    from train.checkpoint.async_io import checkpoint_plugin
     from train.strategies import build_plugins
 
     tcfg, fast = trainer_cfg, trainer_cfg.fast_dev_run
@@ -342,7 +357,7 @@ def build_trainer(trainer_cfg, guard_cfg, strategy: Any, precision: str, run_dir
         enable_progress_bar=tcfg.enable_progress_bar,
         enable_model_summary=tcfg.enable_progress_bar,
         # the CheckpointIO, + SLURMEnvironment(auto_requeue=False) under SLURM
-        plugins=[checkpoint_plugin(strategy, async_save), *build_plugins()],
+        plugins=[build_checkpoint_io(strategy, async_save), *build_plugins()],
         deterministic="warn" if tcfg.deterministic else None,  # torch.use_deterministic_algorithms(True, warn_only)
         profiler=build_profiler(tcfg.profiler, run_dir),
         default_root_dir=str(run_dir),
@@ -350,5 +365,5 @@ def build_trainer(trainer_cfg, guard_cfg, strategy: Any, precision: str, run_dir
     )
 
 
-__all__ = ["GuardError", "LossGuard", "ValidateLastStep", "build_guard", "build_profiler", "build_trainer",
-           "check_finite_weights"]
+__all__ = ["GuardError", "LossGuard", "ValidateLastStep", "build_checkpoint_io", "build_guard", "build_profiler",
+           "build_trainer", "check_finite_weights"]

@@ -128,29 +128,13 @@ class AsyncDirCheckpointIO(AsyncCheckpointIO):
         self.writer.close()
 
 
-def checkpoint_plugin(strategy: Any, async_save: bool) -> DirCheckpointIO:
-    """The run's CheckpointIO plugin for `checkpoint.async_save`.
-
-    False: DirCheckpointIO (synchronous). True: a strategy that writes its own layout (FSDP2's DCP shards, DeepSpeed's
-    ZeRO files) is switched to its background path through its `use_async_save()`, and keeps DirCheckpointIO for
-    what Lightning reads through the plugin; any other ("auto", DDP) gets AsyncDirCheckpointIO.
-    """
-    if not async_save:
-        return DirCheckpointIO()
-    use_async_save = getattr(strategy, "use_async_save", None)
-    if use_async_save is not None:
-        use_async_save()
-        return DirCheckpointIO()
-    return AsyncDirCheckpointIO()
-
-
 def writer_of(strategy: Any) -> Optional[BackgroundWriter]:
     """The BackgroundWriter this strategy's checkpoints go through, or None when it saves synchronously: the
     strategy's own `checkpoint_writer` (FSDP2, ZeRO) or its AsyncDirCheckpointIO plugin's (single device, DDP)."""
     writer = getattr(strategy, "checkpoint_writer", None)
     if writer is not None:
         return writer
-    io = getattr(strategy, "checkpoint_io", None)  # the plugin build_trainer gave the Trainer
+    io = getattr(strategy, "checkpoint_io", None)  # the plugin train.trainer.build_checkpoint_io gave the Trainer
     return io.writer if isinstance(io, AsyncDirCheckpointIO) else None
 
 
@@ -172,4 +156,4 @@ def wait_for_checkpoints(strategy: Any) -> None:
         writer.wait()
 
 
-__all__ = ["AsyncDirCheckpointIO", "BackgroundWriter", "after_save", "checkpoint_plugin", "snapshot", "wait_for_checkpoints", "writer_of"]
+__all__ = ["AsyncDirCheckpointIO", "BackgroundWriter", "after_save", "snapshot", "wait_for_checkpoints", "writer_of"]
