@@ -54,7 +54,7 @@ def test_deepspeed_builds_for_the_cpu(no_cuda, monkeypatch, name):
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     cfg = cfg_for(f"strategy={name}", "trainer.accelerator=cpu", "strategy.stage3_param_persistence_threshold=0")
-    s = build_strategy(cfg.strategy, cfg.trainer)
+    s = build_strategy(cfg.strategy, cfg.trainer, 1, check_hardware(cfg.strategy, cfg.trainer))
     assert isinstance(s, DeepSpeedStrategy)
     assert os.environ["DS_ACCELERATOR"] == "cpu"  # the ranks Lightning launches pick DeepSpeed's CPU accelerator
     if name.startswith("deepspeed_zero3"):
@@ -126,13 +126,15 @@ def test_ddp_and_fsdp_build_from_their_yaml(no_cuda):
     from lightning.pytorch.strategies import DDPStrategy
 
     cfg = cfg_for("strategy=ddp", "trainer.accelerator=cpu")
-    assert isinstance(build_strategy(cfg.strategy, cfg.trainer), DDPStrategy)
+    hardware = check_hardware(cfg.strategy, cfg.trainer)
+    assert isinstance(build_strategy(cfg.strategy, cfg.trainer, 1, hardware), DDPStrategy)
     cfg = cfg_for("strategy=fsdp", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed")
-    s = build_strategy(cfg.strategy, cfg.trainer)
+    s = build_strategy(cfg.strategy, cfg.trainer, 1, check_hardware(cfg.strategy, cfg.trainer))
     assert isinstance(s, FSDP2Strategy)
     assert s.wrap_class == "gpt2.modeling.GPT2Block" and s.reshard_after_forward and not s.offload
     assert s.param_precision == "bf16-mixed"
-    assert build_strategy(cfg_for().strategy, cfg_for().trainer) == "auto"
+    cfg = cfg_for()
+    assert build_strategy(cfg.strategy, cfg.trainer, 1, check_hardware(cfg.strategy, cfg.trainer)) == "auto"
 
 
 def test_mixed_precision_policy_follows_trainer_precision():
@@ -163,7 +165,7 @@ def test_deepspeed_config_comes_from_our_values(eight_gpus, name, stage, offload
     pytest.importorskip("deepspeed")
     cfg = cfg_for(f"strategy={name}", "data.batch_size=6", "trainer.accumulate_grad_batches=4",
                   "trainer.gradient_clip_val=0.5", "trainer.precision=bf16-mixed")
-    s = build_strategy(cfg.strategy, cfg.trainer, micro_batch_size=cfg.data.batch_size)
+    s = build_strategy(cfg.strategy, cfg.trainer, cfg.data.batch_size, check_hardware(cfg.strategy, cfg.trainer))
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     assert isinstance(s, DeepSpeedStrategy)

@@ -39,6 +39,8 @@ class CheckedInputs:
     resume_meta its meta.json. tokenizer: the tokenizer folder the run must use (model.init_from's), or None.
     init_dir: the folder model.init_from resolved to (a hub id's snapshot in the huggingface_hub cache), or None.
     hardware: `train.strategies.Hardware` (accelerator, resolved precision) of this machine for this config.
+    shape_compared: the model shape fields already compared with the resumed checkpoint (`layout.model_shape`: those
+    the config fixes); the built model's other fields are compared once it exists.
     """
 
     run_dir: Path
@@ -47,6 +49,7 @@ class CheckedInputs:
     resume_meta: dict[str, Any] = field(default_factory=dict)
     tokenizer: Optional[str] = None
     init_dir: Optional[Path] = None
+    shape_compared: tuple[str, ...] = ()
 
     @property
     def init_commit(self) -> Optional[str]:
@@ -97,12 +100,14 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     if cfg.resume == "auto" and resume_from is None and launch_rank() == 0:
         log.info("resume=auto: no complete checkpoint in %s; starting fresh", layout.checkpoints_dir(run_dir))
     meta: dict[str, Any] = {}
+    shape: dict[str, Any] = {}
     if resume_from is not None:
         meta = layout.read_meta(resume_from)
         layout.check_weights_file(resume_from / layout.WEIGHTS_NAME)
         layout.check_same_optimizer(resume_from, meta, cfg.optim.name)
         if not cfg.model.init_from:  # the shape the config fixes (vocab_size waits for the tokenizer unless set)
-            layout.check_compatible(resume_from, meta, layout.model_shape(cfg.model))
+            shape = layout.model_shape(cfg.model)
+            layout.check_compatible(resume_from, meta, shape)
     # model.init_from: a local folder, or a hub id fetched now into the huggingface_hub cache (one sentence offline)
     init_dir = layout.init_source(cfg.model.init_from, cfg.model.revision) if cfg.model.init_from else None
     tokenizer = layout.tokenizer_source(cfg.data.tokenizer, init_dir, resume_from)
@@ -123,7 +128,7 @@ def check_inputs(cfg: Config) -> CheckedInputs:
         from train.eval.evaluate import check_eval
 
         check_eval(cfg.eval, cfg.task.name)
-    return CheckedInputs(run_dir, hardware, resume_from, meta, tokenizer, init_dir)
+    return CheckedInputs(run_dir, hardware, resume_from, meta, tokenizer, init_dir, tuple(shape))
 
 
 def launch_rank(env: Optional[dict] = None) -> int:
@@ -174,12 +179,12 @@ def train(cfg: Config, checked: Optional[CheckedInputs] = None) -> dict[str, Any
     if tokenizer is not None and not (run_dir / "tokenizer" / "tokenizer.json").is_file():
         tokenizer.save_pretrained(str(run_dir / "tokenizer"))
 
-    # -- model: fresh or from model.init_from; a resumed checkpoint must hold the same head and vocabulary
-    model, init_report = task.build_model(cfg.model, cfg.attention, cfg.stability, dm)
-    model = lora.wrap(model, cfg.peft, base=lora.base_model(cfg.model.init_from, checked.init_dir),
-                      revision=checked.init_commit)  # peft=lora: adapters injected, the base frozen; else as it is
+    # -- model: fresh or from model.init_from (peft=lora: adapters injected, the base frozen); a resumed checkpoint
+    # must hold the same head and vocabulary
+    model, init_report = task.training_model(cfg.model, cfg.attention, cfg.stability, cfg.peft, dm, checked.init_dir)
     if checked.resume_from is not None:
-        layout.check_compatible(checked.resume_from, checked.resume_meta, model.config, type(model).__name__)
+        layout.check_compatible(checked.resume_from, checked.resume_meta, model.config, type(model).__name__,
+                                compared=checked.shape_compared)  # the head, and what the config left open
     task.check_sequence_length(model.config, cfg.data, cfg.task)
     # in every checkpoint's meta.json: the config (a resume compares it), the tokenizer, the task's fields, LoRA's
     meta = {"config": hparams, **({"tokenizer_dir": "../../tokenizer"} if tokenizer is not None else {}),

@@ -1,10 +1,11 @@
 """LoRA fine-tuning with the `peft` library (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
 
-`wrap` is the one hook: train/job.py hands it every model right after the task built it. With peft=lora it injects
-peft's LoRA layers into the model's nn.Linear projections in place (`peft.inject_adapter_in_model`: the model keeps
-its class, forward and config, so task and strategy code see the same network) and wraps the task head in peft's
-`ModulesToSaveWrapper` (modules_to_save: trained in full); every other weight is frozen (requires_grad=False), so
-the optimizer (train/module.py param_groups) holds state for the adapters and the head only.
+`wrap` is the one hook: `train.tasks.base.Task.training_model` hands it every model right after the task built it.
+With peft=lora it injects peft's LoRA layers into the model's nn.Linear projections in place
+(`peft.inject_adapter_in_model`: the model keeps its class, forward and config, so task and strategy code see the
+same network) and wraps the task head in peft's `ModulesToSaveWrapper` (modules_to_save: trained in full); every
+other weight is frozen (requires_grad=False), so the optimizer (train/module.py param_groups) holds state for the
+adapters and the head only.
 
 The head is every top-level module with parameters besides the trunk (`transformer`): score, classifier, qa_outputs,
 multiple_choice_head, or a head of a user's own class. A tied lm_head is the trunk's token embedding (wte), not a head

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from train.config import ConfigError
 
@@ -394,7 +394,8 @@ def model_shape(model_cfg) -> dict[str, Any]:
     return shape
 
 
-def check_compatible(step_path: Path, meta: dict[str, Any], model_config, model_class: Optional[str] = None) -> None:
+def check_compatible(step_path: Path, meta: dict[str, Any], model_config, model_class: Optional[str] = None,
+                     compared: Sequence[str] = ()) -> None:
     """A checkpoint of another model size or task head fails here with the difference named, not deep in
     load_state_dict.
 
@@ -403,10 +404,13 @@ def check_compatible(step_path: Path, meta: dict[str, Any], model_config, model_
         model_config: what this run builds: a GPT2Config, or a dict of some of its shape fields (`model_shape`:
             the fields the config fixes, checked before the tokenizer is known); fields it lacks are not compared.
         model_class: the class name this run builds (meta.json "task" names the checkpoint's).
+        compared: shape fields an earlier call compared already (the training job checks the config's shape before
+            torch is imported, then the built model's other fields); they are not compared again.
     Raises:
         ConfigError: naming the field, both values and the fix.
     """
     fields = model_config if isinstance(model_config, dict) else vars(model_config)
+    fields = {k: v for k, v in fields.items() if k not in compared}
     saved_task = meta.get("task")
     if model_class and saved_task and saved_task != model_class:
         raise ConfigError(

@@ -279,14 +279,13 @@ def check_resume(step_path: Path, strategy_cfg, meta: dict, trainer_cfg=None) ->
 
 
 # ------------------------------------------------------------------------------------------------ build
-def build_strategy(strategy_cfg, trainer_cfg, micro_batch_size: int = 1, hardware: Optional[Hardware] = None):
+def build_strategy(strategy_cfg, trainer_cfg, micro_batch_size: int, hardware: Hardware):
     """`strategy` group -> a Lightning strategy object (or "auto"), by the spec's `build`.
 
     micro_batch_size: the loader's batch (DeepSpeed's train_micro_batch_size_per_gpu; the Task says which).
-    hardware: what `check_hardware` resolved (the training job passes it: the checks ran before Lightning was
-    imported); None checks here. Its precision sets FSDP's MixedPrecisionPolicy and DeepSpeed's fp16/bf16 section.
+    hardware: what `check_hardware` resolved for these settings (the training job checks before Lightning is
+    imported). Its precision sets FSDP's MixedPrecisionPolicy and DeepSpeed's fp16/bf16 section.
     """
-    hardware = hardware or check_hardware(strategy_cfg, trainer_cfg)
     spec = get_spec(strategy_cfg.name)
     strategy = spec.build(strategy_cfg, trainer_cfg, micro_batch_size, hardware)
     if not isinstance(strategy, str):

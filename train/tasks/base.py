@@ -41,6 +41,21 @@ class Task:
         """(the model to train, what model.init_from gave it: {"source", "new", "reinitialized"} or None)."""
         raise NotImplementedError
 
+    def training_model(self, model_cfg, attention_cfg, stability_cfg, peft_cfg, dm,
+                       init_dir: Optional[Path] = None) -> tuple[nn.Module, Optional[dict[str, Any]]]:
+        """The model the run trains and `build_model`'s report: the task's model with the adapters of the `peft`
+        group injected (train.adapters.lora.wrap: with peft=lora the base is frozen; peft=none leaves it as built).
+        Every task goes through here, so a task, one defined outside the repository too, trains with LoRA without
+        code of its own. init_dir: the folder model.init_from resolved to (a hub snapshot: the adapter names the hub
+        id and its commit as its base model). Raises ConfigError for a LoRA target module the model does not have."""
+        from train.adapters import lora
+        from train.checkpoint.layout import hub_commit
+
+        model, report = self.build_model(model_cfg, attention_cfg, stability_cfg, dm)
+        base = lora.base_model(model_cfg.init_from, init_dir)
+        revision = hub_commit(init_dir) if init_dir is not None else None
+        return lora.wrap(model, peft_cfg, base=base, revision=revision), report
+
     def sequence_length(self, data_cfg, task_cfg) -> tuple[str, int]:
         """(config key, value) of the longest sequence the data produce; must fit the model's n_positions."""
         raise NotImplementedError
