@@ -40,6 +40,7 @@ from train.checkpoint.layout import (
     CONFIG_NAME,
     FORMAT,
     FORMAT_VERSION,
+    FULL_FAMILY,
     META_KEY,
     META_NAME,
     MODEL_CONFIG_KEY,
@@ -47,6 +48,7 @@ from train.checkpoint.layout import (
     STATE_NAME,
     WEIGHTS_NAME,
     CheckpointError,
+    family_of,
     latest_checkpoint,
     publish_dir,
     read_meta,
@@ -117,7 +119,7 @@ class DirCheckpointIO(CheckpointIO):
     ) -> dict[str, Any]:
         path = Path(path)
         meta = read_meta(path)
-        if (meta.get("strategy") or "full") != "full":
+        if family_of(meta) != FULL_FAMILY:
             # FSDP's DCP shards or ZeRO partitions: the universal training state, in the layout loaded below
             from train.checkpoint.universal import lightning_checkpoint, read_universal
 

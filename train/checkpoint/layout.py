@@ -30,6 +30,12 @@ META_NAME = "meta.json"
 SHARDED_DIR = "sharded"  # FSDP2's DCP shards of model + optimizer inside a step dir
 ZERO_DIR = "checkpoint"  # DeepSpeed's partitions inside a step dir (the tag Lightning's DeepSpeedStrategy saves under)
 LAST_NAME = "last"
+# Checkpoint families: which training state a step dir holds, as meta.json's "strategy" names it (the values are what
+# the checkpoints on disk already say). A strategy of the same family loads it with its engine's own loader; any other
+# through the universal form (train/checkpoint/universal.py). Each StrategySpec names its family with one of these.
+FULL_FAMILY = "full"  # one training_state.pt with the whole optimizer state (single device, DDP)
+DCP_FAMILY = "fsdp"  # torch.distributed.checkpoint shards of model + optimizer under SHARDED_DIR (FSDP2)
+ZERO_FAMILY = "deepspeed"  # DeepSpeed ZeRO partitions under ZERO_DIR
 # The LightningModule holds the network as `self.model`, so Lightning's state-dict keys are "model.<our key>".
 MODULE_PREFIX = "model."
 # Extra checkpoint keys our LightningModule adds in on_save_checkpoint; they go to config.json / meta.json.
@@ -138,6 +144,11 @@ def check_same_peft(peft_cfg: Any, init_dir: Optional[Path], resume_from: Option
             raise ConfigError(f"checkpoint {resume_from} holds adapters of peft.r={was['r']} on "
                               f"{was['target_modules']}, not peft.r={now['r']} on {now['target_modules']}; resume with "
                               f"the checkpoint's peft settings, or start a new run_dir.")
+
+
+def family_of(meta: dict[str, Any]) -> str:
+    """The checkpoint family (FULL_FAMILY, DCP_FAMILY, ZERO_FAMILY) of the checkpoint whose meta.json is `meta`."""
+    return meta.get("strategy") or FULL_FAMILY
 
 
 def read_meta(step_dir: Path) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from train.checkpoint.layout import (
+    DCP_FAMILY,
     META_KEY,
     MODEL_CONFIG_KEY,
     MODULE_PREFIX,
@@ -47,7 +48,9 @@ from train.checkpoint.layout import (
     STATE_NAME,
     WEIGHTS_NAME,
     ZERO_DIR,
+    ZERO_FAMILY,
     CheckpointError,
+    family_of,
 )
 from train.checkpoint.weights import load_weights
 
@@ -73,17 +76,17 @@ def read_universal(step_path: Path, meta: dict[str, Any], group_names: Optional[
     """The training state of checkpoint `step_path` (any family) as a `UniversalState`.
 
     meta: its meta.json (layout.read_meta). group_names: the parameter names of each optimizer group, in order, of
-    the model being resumed (train.module.optimizer_param_names); needed for a "full" checkpoint, whose optimizer
+    the model being resumed (train.module.optimizer_param_names); needed for a full-family checkpoint, whose optimizer
     state names parameters by position only (the same build_optimizer over the same model gives the same order).
     Raises CheckpointError naming what is missing.
     """
     step_path = Path(step_path)
-    family = meta.get("strategy") or "full"
+    family = family_of(meta)
     weights = load_weights(step_path / WEIGHTS_NAME)
     training = _training_state(step_path)
-    if family == "fsdp":
+    if family == DCP_FAMILY:
         optimizer = _fsdp_optimizer(step_path)
-    elif family == "deepspeed":
+    elif family == ZERO_FAMILY:
         optimizer = _zero_optimizer(step_path, {k: v.shape for k, v in weights.items()})
     else:
         states = training.get("optimizer_states") or []

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from gpt2.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION
+from train.checkpoint.layout import FULL_FAMILY, ZERO_FAMILY, family_of  # torch-free
 from train.config import ConfigError
 
 
@@ -55,9 +56,9 @@ class StrategySpec:
     name: `strategy.name` (= conf/strategy/<name>.yaml). config: its config dataclass (train.config: StrategyConfig
         or a subclass), which its YAML's defaults list names.
     build: (strategy_cfg, trainer_cfg, micro_batch_size, hardware) -> the Lightning strategy object, or "auto".
-    checkpoint_family: the training state its checkpoints hold: "full" (one file), "fsdp" (DCP shards) or
-        "deepspeed" (ZeRO partitions). A strategy of the same family loads them natively (`native_resume`); any
-        other through the universal training state (train/checkpoint/universal.py).
+    checkpoint_family: the training state its checkpoints hold (train.checkpoint.layout): FULL_FAMILY (one file),
+        DCP_FAMILY (DCP shards) or ZERO_FAMILY (ZeRO partitions). A strategy of the same family loads them natively
+        (`native_resume`); any other through the universal training state (train/checkpoint/universal.py).
     check_hardware: (strategy_cfg, trainer_cfg, hardware) -> None, raising ConfigError for what this machine cannot
         run with it (after the checks every strategy shares); None: nothing more to check.
     full_state_dict: (trainer, module) -> the full weights on rank 0 (None elsewhere) when the strategy shards
@@ -74,7 +75,7 @@ class StrategySpec:
     name: str
     config: type
     build: Callable[..., Any]
-    checkpoint_family: str = "full"
+    checkpoint_family: str = FULL_FAMILY
     check_hardware: Optional[Callable[..., None]] = None
     full_state_dict: Optional[Callable[..., Optional[dict]]] = None
     zero_stage: int = 0
@@ -194,7 +195,8 @@ def check_optimizer(strategy_cfg, optim_cfg) -> None:
 
 
 def checkpoint_family(strategy_name: str) -> str:
-    """Which training state a strategy writes: "fsdp" (DCP shards), "deepspeed" (ZeRO shards) or "full" (one file)."""
+    """Which training state a strategy writes: one of train.checkpoint.layout's FULL_FAMILY (one file), DCP_FAMILY
+    (DCP shards), ZERO_FAMILY (ZeRO partitions)."""
     return get_spec(strategy_name).checkpoint_family
 
 
@@ -207,11 +209,11 @@ def native_resume(meta: dict, strategy_name: str, world_size: int) -> bool:
     any world size by themselves; a full checkpoint loads anywhere. A ZeRO checkpoint whose meta.json does not name
     its stage and world size (written before they were recorded) keeps the native path within ZeRO.
     """
-    saved = meta.get("strategy") or "full"
+    saved = family_of(meta)
     spec = get_spec(strategy_name)
     if saved != spec.checkpoint_family:
         return False
-    if saved != "deepspeed" or "strategy_name" not in meta or "world_size" not in meta:
+    if saved != ZERO_FAMILY or "strategy_name" not in meta or "world_size" not in meta:
         return True
     writer = strategy_specs().get(meta["strategy_name"])
     return writer is not None and writer.zero_stage == spec.zero_stage and int(meta["world_size"]) == world_size
@@ -251,11 +253,11 @@ def check_resume(step_path: Path, strategy_cfg, meta: dict, trainer_cfg=None) ->
     """
     from train.checkpoint import layout
 
-    saved = meta.get("strategy") or "full"
+    saved = family_of(meta)
     world = requested_world_size(trainer_cfg) if trainer_cfg is not None else None
     writer = meta.get("strategy_name") or "|".join(s.name for s in strategy_specs().values()
                                                     if s.checkpoint_family == saved)
-    if saved == "deepspeed" and "world_size" not in meta:  # written before meta.json recorded it: count partitions
+    if saved == ZERO_FAMILY and "world_size" not in meta:  # written before meta.json recorded it: count partitions
         files = zero_partition_files(step_path)
         if files and world is not None and world != len(files) and checkpoint_family(strategy_cfg.name) == saved:
             raise ConfigError(
@@ -266,11 +268,11 @@ def check_resume(step_path: Path, strategy_cfg, meta: dict, trainer_cfg=None) ->
     if native_resume(meta, strategy_cfg.name, world if world is not None else int(meta.get("world_size", 0))):
         return
     how = f"resume it with strategy={writer}" + (f" on {meta['world_size']} ranks" if "world_size" in meta else "")
-    if saved == "deepspeed" and not (step_path / layout.STATE_NAME).is_file():
+    if saved == ZERO_FAMILY and not (step_path / layout.STATE_NAME).is_file():
         raise ConfigError(f"checkpoint {step_path} keeps its training state inside DeepSpeed's files only (written "
                           f"before universal checkpoints), so strategy={strategy_cfg.name} cannot resume it; {how}, "
                           f"or start a new run_dir with model.init_from={step_path}.")
-    if saved == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+    if saved == ZERO_FAMILY and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"checkpoint {step_path} holds ZeRO partitions, which only DeepSpeed's universal "
                           f"converter can read; install deepspeed (pip install -e '.[dev]') or {how}.")
     if str(meta.get("precision", "")).startswith("16"):

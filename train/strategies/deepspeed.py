@@ -6,6 +6,7 @@ source of truth); after each save rank 0 consolidates the shards into model.safe
 
 from __future__ import annotations
 
+from train.checkpoint.layout import ZERO_FAMILY
 from train.config import ConfigError, ZeROConfig
 from train.strategies import StrategySpec, timeout
 
@@ -93,7 +94,7 @@ def gather_zero3(trainer, module):
 
 
 def _zero(name: str, stage: int, offload: bool, plan_rank: int) -> StrategySpec:
-    return StrategySpec(name, ZeROConfig, build=build_zero, checkpoint_family="deepspeed", check_hardware=check_zero,
+    return StrategySpec(name, ZeROConfig, build=build_zero, checkpoint_family=ZERO_FAMILY, check_hardware=check_zero,
                         full_state_dict=gather_zero3 if stage == 3 else None, zero_stage=stage, engine="deepspeed",
                         offload=offload, plan_rank=plan_rank,
                         optimizer_params="flat 1-D partitions of the flattened parameters (ZeRO)")

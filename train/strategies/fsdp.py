@@ -5,6 +5,7 @@ shards of model + optimizer beside the consolidated model.safetensors."""
 
 from __future__ import annotations
 
+from train.checkpoint.layout import DCP_FAMILY
 from train.config import FSDPConfig
 from train.strategies import StrategySpec, timeout
 
@@ -32,6 +33,6 @@ def gather_fsdp(trainer, module):
 
 
 SPECS = (
-    StrategySpec("fsdp", FSDPConfig, build=build_fsdp, checkpoint_family="fsdp", full_state_dict=gather_fsdp,
+    StrategySpec("fsdp", FSDPConfig, build=build_fsdp, checkpoint_family=DCP_FAMILY, full_state_dict=gather_fsdp,
                  zero_stage=3, plan_rank=3, optimizer_params="row shards of each matrix (FSDP2 DTensors)"),
 )

@@ -144,7 +144,7 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
         sharded.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
         try:
             if self.is_global_zero:
-                meta = checkpoint[ck.META_KEY] = dict(checkpoint.get(ck.META_KEY) or {}, strategy="fsdp")
+                meta = checkpoint[ck.META_KEY] = dict(checkpoint.get(ck.META_KEY) or {}, strategy=ck.DCP_FAMILY)
                 net = self.lightning_module.model
                 if meta.get("task") == type(net).__name__:  # the model's class, not fully_shard's FSDP<class>
                     meta["task"] = plain_class(net).__name__
@@ -211,7 +211,7 @@ class FSDP2Strategy(AttemptProcessGroup, _model_parallel_base()):
 
         path = Path(self.broadcast(str(checkpoint_path)))
         meta = ck.read_meta(path)
-        if (meta.get("strategy") or "full") != "fsdp":
+        if ck.family_of(meta) != ck.DCP_FAMILY:
             return load_universal_fsdp(self, path, meta)  # another family's checkpoint
         shards = path / SHARDED_DIR
         if not (shards / ".metadata").is_file():

@@ -57,7 +57,7 @@ def finalize_zero_checkpoint(tmp: Path, path: Path, model_config: Optional[dict]
         (tmp / ck.CONFIG_NAME).write_text(json.dumps(to_plain(model_config), indent=2, sort_keys=True) + "\n")
     meta = dict(meta or {})
     meta.update(format=ck.FORMAT, format_version=ck.FORMAT_VERSION, global_step=int(global_step),
-                module_prefix=ck.MODULE_PREFIX, strategy="deepspeed")
+                module_prefix=ck.MODULE_PREFIX, strategy=ck.ZERO_FAMILY)
     (tmp / ck.META_NAME).write_text(json.dumps(to_plain(meta), indent=2, sort_keys=True) + "\n")
     return ck.publish_dir(tmp, path)
 
