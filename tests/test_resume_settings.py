@@ -92,8 +92,8 @@ def test_optimizer_settings_and_a_longer_horizon_take_effect_from_the_first_resu
                  r"GPT2ForSequenceClassification; resume with the task it was trained with"),
 ])
 def test_each_setting_a_resume_can_carry_is_applied_and_logged_or_refused(base, caplog, change, refused):
-    """The table in README ("What a resume does with your settings"): applied ones are listed by the change line and
-    recorded in config.yaml; refused ones stop the run with one sentence before anything trains."""
+    """The table in docs/checkpoints.md ("What a resume does with your settings"): applied ones are listed by the
+    change line and recorded in config.yaml; refused ones stop the run with one sentence before anything trains."""
     name = "t-" + change.replace("=", "-").replace(".", "-")
     if change == "data.path=OTHER":
         other = base["d"] / "other.txt"
