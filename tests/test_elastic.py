@@ -89,7 +89,10 @@ def rows(run_dir: Path) -> list[tuple]:
 # the second it arrives 8 s after rank 0, as a restarted training job's rank can (start-up and data on a busy machine).
 # With torch's own env:// init that second attempt fails in gloo's connectFullMesh ("Connection refused") or hangs
 # (rank 0 reads rank 1's address from the dead attempt; gloo's connect retries wait ~4 s): not run here, since a hang
-# would cost the suite its timeout.
+# would cost the suite its timeout. In the first attempt rank 0 then waits for torchrun to stop it: were it to run into
+# its dead peer, it could exit (code 1) before the agent's next poll on a busy machine, and the agent's log would name
+# that failure instead of rank 1's SIGKILL (torch/distributed/elastic/multiprocessing/api.py, `_poll`: the first
+# failure by a whole-second timestamp, ties to the lower local rank).
 WORKER = r"""
 import os, signal, time
 from datetime import timedelta
@@ -103,6 +106,8 @@ t = torch.ones(1)
 dist.all_reduce(t)
 if attempt == 0 and rank == 1:
     os.kill(os.getpid(), signal.SIGKILL)
+if attempt == 0:
+    time.sleep(120)  # rank 0: torchrun stops it (SIGTERM) once it sees rank 1 dead
 dist.all_reduce(t)
 print(f"attempt {attempt} rank {rank} all_reduce {t.item():.0f}", flush=True)
 """

@@ -39,6 +39,8 @@ def init_attempt_process_group(backend: str, timeout: timedelta, device: Optiona
     (TORCHELASTIC_RESTART_COUNT: the agent restarts its whole worker group, and a failure on one node fails the
     collectives of every other, so all workers of an attempt carry the same count).
 
+    The group is destroyed at interpreter exit (`atexit`), whatever the backend.
+
     device: the rank's accelerator (a CUDA device binds NCCL to it at once, as Lightning does); None / CPU: none.
     Raises what `init_process_group` raises (a peer that never arrives: DistStoreError after `timeout`).
     """
@@ -50,8 +52,13 @@ def init_attempt_process_group(backend: str, timeout: timedelta, device: Optiona
     dist.init_process_group(backend, store=dist.PrefixStore(prefix, client), rank=int(os.environ["RANK"]),
                             world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout,
                             device_id=device if device is not None and device.type != "cpu" else None)
-    if backend == "nccl":  # what Lightning's _init_dist_connection registers for the groups it opens itself
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    # Destroyed at exit for every backend, while the interpreter is still whole (atexit runs before finalization).
+    # Lightning's _init_dist_connection registers this for NCCL only, but a gloo group left to interpreter
+    # finalization can abort the process after its work is done: a gloo thread may still take the GIL then, and
+    # "grabbing the GIL ... will crash" once the interpreter has exited (torch 2.13's comment on the ProcessGroup
+    # dtor in destroy_process_group, torch/distributed/distributed_c10d.py:2386) - "terminate called without an
+    # active exception", SIGABRT, which torchrun counts as a failed attempt.
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return True
 
 
