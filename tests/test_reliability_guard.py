@@ -154,6 +154,20 @@ def test_nan_step_is_skipped_and_spike_rolls_back(monkeypatch, corpus, cache_dir
     assert summary["last_train_loss"] < summary["first_train_loss"]
 
 
+def test_a_small_loss_that_triples_is_not_a_spike(monkeypatch, corpus, cache_dir, tmp_path):
+    """A well-fitted classifier's loss sits near 0 and one batch can triple it (0.05 -> 0.25) without anything
+    diverging: above spike_factor x the running average, but not guard.spike_min_delta above it, so no rollback."""
+    run_dir = tmp_path / "run"
+    faults = {step: 0.01 for step in range(1, 31)}  # the LM's ~5.5 nats scaled to a fine-tune's ~0.06
+    faults.update({15: 0.05, 20: 0.05})  # 5x the running average, ~0.25 nats above it
+    inject(monkeypatch, faults)
+    summary = train(cfg_for(corpus, cache_dir, run_dir))
+    assert summary["global_step"] == 30
+    state = torch.load(run_dir / "checkpoints" / "step-30" / ck.STATE_NAME, weights_only=True)
+    assert state["callbacks"]["LossGuard"]["events"] == []
+    assert read_metrics(run_dir / "metrics.csv")[-1]["guard/rollbacks"] == 0
+
+
 def test_too_many_bad_steps_stop_the_run_naming_them(monkeypatch, corpus, cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     inject(monkeypatch, {3: float("inf"), 6: float("nan")})

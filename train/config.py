@@ -389,6 +389,9 @@ class GuardConfig:
 
     enabled: bool = True
     spike_factor: Optional[float] = 3.0  # loss > factor x running average -> roll back; null: no spike check
+    # ... and above the running average by at least this much (nats): a loss near 0, a classifier's late in training,
+    # triples on an ordinary batch (0.05 -> 0.2) without anything diverging
+    spike_min_delta: float = 1.0
     warmup_steps: int = 100  # optimizer steps before spikes are checked (the loss falls fast at first)
     ema_decay: float = 0.99  # running average's decay per step (~100 steps of memory)
     max_events: int = 5  # skipped + rolled-back steps after which the run stops
@@ -398,6 +401,7 @@ class GuardConfig:
             self.spike_factor is None or self.spike_factor > 1.0,
             f"guard.spike_factor={self.spike_factor} must be > 1 or null (no spike check).",
         )
+        _check(self.spike_min_delta >= 0, f"guard.spike_min_delta={self.spike_min_delta} must be >= 0.")
         _check(self.warmup_steps >= 0, f"guard.warmup_steps={self.warmup_steps} must be >= 0.")
         _check(0.0 < self.ema_decay < 1.0, f"guard.ema_decay={self.ema_decay} must be in (0, 1).")
         _check(self.max_events > 0, f"guard.max_events={self.max_events} must be positive.")

@@ -11,7 +11,8 @@ Per optimizer step it looks at two numbers, the step's mean loss and whether any
   torch optimizers skip parameters without a gradient, so the weights, AdamW's moments and its step count all stay
   as they were (zeroing the gradients would not do: AdamW would still move the weights by its momentum and weight
   decay). The LR schedule and the data position still advance, as with GradScaler's skipped steps.
-- a finite loss above `spike_factor` x its running average (an EMA, checked after `warmup_steps`): the update is
+- a finite loss above `spike_factor` x its running average (an EMA, checked after `warmup_steps`) and at least
+  `spike_min_delta` nats above it (a classifier's loss near 0 triples on an ordinary batch): the update is
   skipped too, and the model, optimizer and LR schedule are reloaded from `checkpoints/last`. The data are not
   rewound: the samples drawn between that checkpoint and the spike are skipped (PaLM §5.1 restarts ~100 steps before
   a spike and skips ~200-500 batches). The step counter keeps counting, so metrics.csv rows and step-N checkpoint
@@ -93,15 +94,18 @@ class LossGuard(Callback):
     Args:
         run_dir: the run directory (its checkpoints/last is the rollback target).
         spike_factor: a loss above spike_factor x running average is a spike; None: no spike detection.
+        spike_min_delta: ... if it is also at least this far above the running average (nats), so that the small
+            loss of a well-fitted classifier (0.05 -> 0.2 on one batch) is not taken for a divergence.
         warmup_steps: optimizer steps before spikes are checked (the loss falls fast at first).
         ema_decay: the running average's decay per optimizer step (0.99: ~100 steps of memory).
         max_events: skips + rollbacks after which the run stops.
     """
 
     def __init__(self, run_dir: str | Path, spike_factor: Optional[float] = 3.0, warmup_steps: int = 100,
-                 ema_decay: float = 0.99, max_events: int = 5):
+                 ema_decay: float = 0.99, max_events: int = 5, spike_min_delta: float = 1.0):
         self.run_dir = Path(run_dir)
         self.spike_factor = spike_factor
+        self.spike_min_delta = spike_min_delta
         self.warmup_steps = warmup_steps
         self.ema_decay = ema_decay
         self.max_events = max_events
@@ -192,6 +196,7 @@ class LossGuard(Callback):
             and self.ema is not None
             and self.n_good >= self.warmup_steps
             and loss > self.spike_factor * self.ema
+            and loss - self.ema >= self.spike_min_delta
         )
 
     @staticmethod
@@ -287,7 +292,8 @@ def build_guard(guard_cfg, run_dir: str | Path) -> list[Callback]:
     if not guard_cfg.enabled:
         return []
     return [LossGuard(run_dir, spike_factor=guard_cfg.spike_factor, warmup_steps=guard_cfg.warmup_steps,
-                      ema_decay=guard_cfg.ema_decay, max_events=guard_cfg.max_events)]
+                      ema_decay=guard_cfg.ema_decay, max_events=guard_cfg.max_events,
+                      spike_min_delta=guard_cfg.spike_min_delta)]
 
 
 def check_finite_weights(model: torch.nn.Module, step: int) -> None:
