@@ -183,17 +183,27 @@ def _check_shapes(model, ours: dict[str, torch.Tensor]) -> None:
 # folders
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(umask)
+    return umask
+
+
+# Read once, at import, before any checkpoint-writer thread exists: setting the umask to read it while another thread
+# creates a file would give that file mode 0666.
+_UMASK = _read_umask()
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str,
                      metadata: Optional[dict[str, str]] = None) -> None:
-    """`safetensors.torch.save_file`, then the file mode any file this process creates gets (0666 minus the umask).
+    """`safetensors.torch.save_file`, then the file mode any file this process creates gets (0666 minus the umask
+    the process had when this module was imported).
 
     safetensors (0.8) writes its file with mode 0600, readable by its owner alone, unlike the JSON and tokenizer files
     beside it; on a shared cluster another user (or a separate evaluation account) could not load the weights.
     """
     save_file(tensors, path, metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def weight_files(folder: str) -> list[str]:
