@@ -77,10 +77,13 @@ def build_checkpoint_io(strategy: Any, async_save: bool):
     from train.checkpoint.async_io import AsyncDirCheckpointIO
     from train.checkpoint.io import DirCheckpointIO
 
-    use_async_save = getattr(strategy, "use_async_save", None) if async_save else None
-    if use_async_save is not None:
-        use_async_save()
-    return AsyncDirCheckpointIO() if async_save and use_async_save is None else DirCheckpointIO()
+    if not async_save:
+        return DirCheckpointIO()
+    use_async_save = getattr(strategy, "use_async_save", None)
+    if use_async_save is None:
+        return AsyncDirCheckpointIO()
+    use_async_save()
+    return DirCheckpointIO()
 
 
 # ------------------------------------------------------------------------------------------------ the loss guard
