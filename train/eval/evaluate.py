@@ -128,19 +128,11 @@ def evaluate(
                                  show_progress=show_progress)
         names = _task_names(tasks)
         with _quiet_lm_eval(show_progress):
-            for task_manager in _task_managers(names, include_path):
-                try:
-                    results = simple_evaluate(
-                        model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
-                        bootstrap_iters=bootstrap_iters, log_samples=log_samples, random_seed=seeds[0],
-                        numpy_random_seed=seeds[1], torch_random_seed=seeds[1], fewshot_random_seed=seeds[1],
-                    )
-                    break
-                except KeyError:  # an include-path task names a built-in one: retry with the full index
-                    if task_manager is _TASK_MANAGERS.get(_manager_key(include_path, True)):
-                        raise
-                except ConnectionError as e:  # a task's hub dataset, offline and not in the datasets cache
-                    raise offline_dataset_error(names, e) from e
+            results = _with_task_manager(names, include_path, lambda task_manager: simple_evaluate(
+                model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
+                bootstrap_iters=bootstrap_iters, log_samples=log_samples, random_seed=seeds[0],
+                numpy_random_seed=seeds[1], torch_random_seed=seeds[1], fewshot_random_seed=seeds[1],
+            ))
     finally:
         _restore_random_states(states)
     if results is not None:
@@ -198,12 +190,22 @@ def check_task_data(names: list[str], include_path=None, *, option: str = "--inc
     evaluation, with the whole run's work lost. Raises FileNotFoundError (`offline_dataset_error`)."""
     from lm_eval.tasks import get_task_dict
 
-    manager = next(_task_managers(names, include_path, option))
-    try:
-        with _quiet_lm_eval(False):
-            get_task_dict(names, manager)
-    except ConnectionError as e:  # a task's hub dataset, offline or unreachable and not in the datasets cache
-        raise offline_dataset_error(names, e) from e
+    with _quiet_lm_eval(False):
+        _with_task_manager(names, include_path, lambda task_manager: get_task_dict(names, task_manager), option)
+
+
+def _with_task_manager(names: list[str], include_path, fn, option: str = "--include-path"):
+    """fn(task_manager) with the first of `_task_managers` that builds `names`: the include path's alone, then the
+    full index when an include-path task names a built-in one (lm_eval raises KeyError). A task's hub dataset that is
+    offline and not in the datasets cache raises `offline_dataset_error` (FileNotFoundError)."""
+    for task_manager in _task_managers(names, include_path, option):
+        try:
+            return fn(task_manager)
+        except KeyError:
+            if task_manager is _TASK_MANAGERS.get(_manager_key(include_path, True)):
+                raise
+        except ConnectionError as e:
+            raise offline_dataset_error(names, e) from e
 
 
 def _task_names(tasks: str | Sequence[str]) -> list[str]:
